@@ -1,0 +1,516 @@
+//! Plugin configuration: the JSON an operator writes, and the compiled form the filter uses.
+//!
+//! Parsing is strict (unknown fields are errors) and every error names the field it is about,
+//! e.g. `clients[3].key_sha256: expected 64 hex characters`, because the only place an operator
+//! sees it is an Envoy log line or `envoy --mode validate`.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::keys::{Digest, DigestKind, KeyIndex};
+
+/// Requests per minute for a client that sets no `requests_per_minute` and a config that sets no
+/// `default_requests_per_minute`.
+pub const DEFAULT_REQUESTS_PER_MINUTE: u32 = 60;
+
+/// Highest accepted per-minute limit; larger values are almost certainly typos.
+pub const MAX_PER_MINUTE: u32 = 1_000_000_000;
+
+/// Longest accepted client name. Names become metric labels and shared-data keys.
+pub const MAX_CLIENT_NAME_LEN: usize = 64;
+
+/// A configuration error: the dotted path of the offending field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Path of the field, e.g. `clients[3].key_sha256`; empty for the document itself.
+    pub field: String,
+    /// What is wrong, for a human.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------------
+// The document as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    clients: Vec<RawClient>,
+    #[serde(default)]
+    default_requests_per_minute: Option<u32>,
+    upstream: RawUpstream,
+    #[serde(default)]
+    limiter: Option<RawLimiter>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    name: String,
+    #[serde(default)]
+    key_sha256: Option<String>,
+    #[serde(default)]
+    key_md5: Option<String>,
+    #[serde(default)]
+    requests_per_minute: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    api_key_env: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "backend", rename_all = "snake_case")]
+enum RawLimiter {
+    Local {},
+}
+
+// ---------------------------------------------------------------------------------------------
+// The compiled form.
+
+/// Index of a client in [`Config::clients`]; stable for the life of one compiled config.
+pub type ClientId = usize;
+
+/// A client (a team or an application) with its own key and limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// Operator-chosen name; used in metric labels, logs and shared-data keys (never the key).
+    pub name: String,
+    /// Requests admitted per minute window.
+    pub requests_per_minute: u32,
+}
+
+/// Where limit counters live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimiterBackend {
+    /// Envoy shared data: one budget per Envoy process, shared by its workers.
+    Local,
+}
+
+/// How the provider is called.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Name of the environment variable the provider key came from (for messages; never the key).
+    pub api_key_env: String,
+    /// The complete `authorization` header value sent to the provider: `Bearer <provider key>`.
+    pub authorization: String,
+}
+
+impl fmt::Debug for Upstream {
+    // The provider key must never reach a log line, even a debug one.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("api_key_env", &self.api_key_env)
+            .field("authorization", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A validated, immutable configuration, built once per `on_configure`.
+#[derive(Debug)]
+pub struct Config {
+    /// Clients in configuration order; [`ClientId`] indexes this.
+    pub clients: Vec<Client>,
+    /// Digest lookup from a presented key to its client.
+    pub keys: KeyIndex,
+    /// Provider call settings.
+    pub upstream: Upstream,
+    /// Limit counter backend.
+    pub limiter: LimiterBackend,
+}
+
+impl Config {
+    /// Parses and validates a plugin configuration. `env` looks up environment variables (the
+    /// filter passes `std::env::var`; tests pass a fake).
+    pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        if json.iter().all(u8::is_ascii_whitespace) {
+            return Err(ConfigError::new(
+                "",
+                "the plugin configuration is empty; expected a JSON object with at least \
+                 `clients` and `upstream`",
+            ));
+        }
+        let de = &mut serde_json::Deserializer::from_slice(json);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { String::new() } else { path };
+            ConfigError::new(field, strip_position(&e.inner().to_string()))
+        })?;
+        compile(raw, env)
+    }
+
+    /// The client with this id.
+    pub fn client(&self, id: ClientId) -> Option<&Client> {
+        self.clients.get(id)
+    }
+}
+
+/// serde_json appends "at line 1 column 42"; the path says more, and the column of a
+/// one-line embedded JSON string helps nobody.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) => message.get(..at).unwrap_or(message).to_string(),
+        None => message.to_string(),
+    }
+}
+
+fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let default_rpm = match raw.default_requests_per_minute {
+        Some(v) => check_per_minute("default_requests_per_minute", v)?,
+        None => DEFAULT_REQUESTS_PER_MINUTE,
+    };
+
+    if raw.clients.is_empty() {
+        return Err(ConfigError::new(
+            "clients",
+            "at least one client is required (without clients every request is refused)",
+        ));
+    }
+
+    let mut clients = Vec::with_capacity(raw.clients.len());
+    let mut keys = KeyIndex::default();
+    for (i, c) in raw.clients.into_iter().enumerate() {
+        let at = |f: &str| format!("clients[{i}].{f}");
+        check_client_name(&c.name).map_err(|m| ConfigError::new(at("name"), m))?;
+        if let Some(first) = clients.iter().position(|x: &Client| x.name == c.name) {
+            return Err(ConfigError::new(
+                at("name"),
+                format!("duplicate client name {:?} (also clients[{first}])", c.name),
+            ));
+        }
+        let digest =
+            match (c.key_sha256, c.key_md5) {
+                (Some(hex), None) => Digest::from_hex(DigestKind::Sha256, &hex)
+                    .map_err(|m| ConfigError::new(at("key_sha256"), m))?,
+                (None, Some(hex)) => Digest::from_hex(DigestKind::Md5, &hex)
+                    .map_err(|m| ConfigError::new(at("key_md5"), m))?,
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new(
+                        at("key_md5"),
+                        "set either key_sha256 or key_md5, not both",
+                    ))
+                }
+                (None, None) => return Err(ConfigError::new(
+                    at("key_sha256"),
+                    "missing: every client needs key_sha256 (hex SHA-256 of its key) or key_md5",
+                )),
+            };
+        let field = match digest.kind() {
+            DigestKind::Sha256 => at("key_sha256"),
+            DigestKind::Md5 => at("key_md5"),
+        };
+        if let Some(other) = keys.insert(digest, clients.len()) {
+            return Err(ConfigError::new(
+                field,
+                format!("duplicate key digest (same key as clients[{other}])"),
+            ));
+        }
+        let requests_per_minute = match c.requests_per_minute {
+            Some(v) => check_per_minute(&at("requests_per_minute"), v)?,
+            None => default_rpm,
+        };
+        clients.push(Client {
+            name: c.name,
+            requests_per_minute,
+        });
+    }
+
+    let upstream = compile_upstream(raw.upstream, env)?;
+    let limiter = match raw.limiter {
+        None | Some(RawLimiter::Local {}) => LimiterBackend::Local,
+    };
+
+    Ok(Config {
+        clients,
+        keys,
+        upstream,
+        limiter,
+    })
+}
+
+fn compile_upstream(
+    raw: RawUpstream,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Upstream, ConfigError> {
+    let field = "upstream.api_key_env";
+    let name = raw.api_key_env;
+    if name.is_empty() {
+        return Err(ConfigError::new(field, "must name an environment variable"));
+    }
+    let key = env(&name).unwrap_or_default();
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "environment variable {name:?} is not set or empty in the wasm VM; set it in \
+                 Envoy's environment and list it in vm_config.environment_variables.host_env_keys"
+            ),
+        ));
+    }
+    // The value goes into a header; never echo it, only say what is wrong.
+    if !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "environment variable {name:?} holds characters not allowed in an API key \
+                 (spaces, control or non-ASCII characters)"
+            ),
+        ));
+    }
+    Ok(Upstream {
+        authorization: format!("Bearer {key}"),
+        api_key_env: name,
+    })
+}
+
+fn check_per_minute(field: &str, v: u32) -> Result<u32, ConfigError> {
+    if v == 0 || v > MAX_PER_MINUTE {
+        return Err(ConfigError::new(
+            field,
+            format!("must be between 1 and {MAX_PER_MINUTE}, got {v}"),
+        ));
+    }
+    Ok(v)
+}
+
+/// Client names become metric label values (`.` would split them) and shared-data keys.
+fn check_client_name(name: &str) -> Result<(), String> {
+    let ok_first = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphanumeric());
+    let ok_rest = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if name.is_empty() || name.len() > MAX_CLIENT_NAME_LEN || !ok_first || !ok_rest {
+        return Err(format!(
+            "{name:?} is not a valid client name: use 1-{MAX_CLIENT_NAME_LEN} letters, digits, \
+             '-' or '_', starting with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEMO_SHA: &str = "5a2e6c8e5a0b0c8e6f3f2d3c6c6a0f4c9d7f1b2a3c4d5e6f708192a3b4c5d6e7";
+
+    fn env(name: &str) -> Option<String> {
+        (name == "PROVIDER_KEY").then(|| "sk-provider-secret".to_string())
+    }
+
+    fn parse(json: &str) -> Result<Config, ConfigError> {
+        Config::parse(json.as_bytes(), &env)
+    }
+
+    fn minimal(clients: &str) -> String {
+        format!(r#"{{"clients":{clients},"upstream":{{"api_key_env":"PROVIDER_KEY"}}}}"#)
+    }
+
+    fn err(json: &str) -> String {
+        parse(json).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_uses_defaults() {
+        let c = parse(&minimal(&format!(
+            r#"[{{"name":"team-a","key_sha256":"{DEMO_SHA}"}}]"#
+        )))
+        .unwrap();
+        assert_eq!(c.clients[0].name, "team-a");
+        assert_eq!(
+            c.clients[0].requests_per_minute,
+            DEFAULT_REQUESTS_PER_MINUTE
+        );
+        assert_eq!(c.limiter, LimiterBackend::Local);
+        assert_eq!(c.upstream.authorization, "Bearer sk-provider-secret");
+    }
+
+    #[test]
+    fn per_client_limit_overrides_default() {
+        let json = format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}","requests_per_minute":5}},
+                {{"name":"b","key_md5":"0123456789abcdef0123456789ABCDEF"}}],
+               "default_requests_per_minute":7,
+               "upstream":{{"api_key_env":"PROVIDER_KEY"}},
+               "limiter":{{"backend":"local"}}}}"#
+        );
+        let c = parse(&json).unwrap();
+        assert_eq!(c.clients[0].requests_per_minute, 5);
+        assert_eq!(c.clients[1].requests_per_minute, 7);
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let json = format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}","rpm":5}}],
+               "upstream":{{"api_key_env":"PROVIDER_KEY"}}}}"#
+        );
+        let e = err(&json);
+        assert!(e.starts_with("clients[0].rpm: unknown field `rpm`"), "{e}");
+        let e = err(r#"{"clients":[],"upstream":{"api_key_env":"X"},"extra":1}"#);
+        assert!(e.starts_with("extra: unknown field `extra`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let json = format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}","requests_per_minute":"5"}}],
+               "upstream":{{"api_key_env":"PROVIDER_KEY"}}}}"#
+        );
+        let e = err(&json);
+        assert!(
+            e.starts_with("clients[0].requests_per_minute: invalid type"),
+            "{e}"
+        );
+        let e = err(
+            r#"{"clients":[],"upstream":{"api_key_env":"PROVIDER_KEY"},"default_requests_per_minute":-1}"#,
+        );
+        assert!(
+            e.starts_with("default_requests_per_minute: invalid value"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_digests_are_named() {
+        let e = err(&minimal(r#"[{"name":"a","key_sha256":"abc"}]"#));
+        assert_eq!(
+            e,
+            "clients[0].key_sha256: expected 64 hex characters (the SHA-256 of the whole key), got 3 characters"
+        );
+        let e = err(&minimal(&format!(
+            r#"[{{"name":"a","key_sha256":"{}"}}]"#,
+            "g".repeat(64)
+        )));
+        assert!(
+            e.starts_with("clients[0].key_sha256: not hexadecimal"),
+            "{e}"
+        );
+        let e = err(&minimal(r#"[{"name":"a"}]"#));
+        assert!(e.starts_with("clients[0].key_sha256: missing"), "{e}");
+        let e = err(&minimal(&format!(
+            r#"[{{"name":"a","key_sha256":"{DEMO_SHA}","key_md5":"{}"}}]"#,
+            "0".repeat(32)
+        )));
+        assert!(e.starts_with("clients[0].key_md5: set either"), "{e}");
+    }
+
+    #[test]
+    fn duplicates_are_errors() {
+        let e = err(&minimal(&format!(
+            r#"[{{"name":"a","key_sha256":"{DEMO_SHA}"}},{{"name":"a","key_md5":"{}"}}]"#,
+            "0".repeat(32)
+        )));
+        assert_eq!(
+            e,
+            "clients[1].name: duplicate client name \"a\" (also clients[0])"
+        );
+        let upper = DEMO_SHA.to_uppercase();
+        let e = err(&minimal(&format!(
+            r#"[{{"name":"a","key_sha256":"{DEMO_SHA}"}},{{"name":"b","key_sha256":"{upper}"}}]"#
+        )));
+        assert_eq!(
+            e,
+            "clients[1].key_sha256: duplicate key digest (same key as clients[0])"
+        );
+    }
+
+    #[test]
+    fn names_must_be_label_safe() {
+        for bad in ["", "a.b", "-a", "a b", "ä", &"x".repeat(65)] {
+            let e = err(&minimal(&format!(
+                r#"[{{"name":{bad:?},"key_sha256":"{DEMO_SHA}"}}]"#
+            )));
+            assert!(e.starts_with("clients[0].name: "), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn limits_must_be_positive() {
+        let e = err(&minimal(&format!(
+            r#"[{{"name":"a","key_sha256":"{DEMO_SHA}","requests_per_minute":0}}]"#
+        )));
+        assert_eq!(
+            e,
+            "clients[0].requests_per_minute: must be between 1 and 1000000000, got 0"
+        );
+    }
+
+    #[test]
+    fn provider_key_must_be_present_and_is_never_echoed() {
+        let json = format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],"upstream":{{"api_key_env":"MISSING"}}}}"#
+        );
+        let e = err(&json);
+        assert!(
+            e.starts_with("upstream.api_key_env: environment variable \"MISSING\" is not set"),
+            "{e}"
+        );
+
+        let bad_env = |_: &str| Some("sk-has space".to_string());
+        let json = format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],"upstream":{{"api_key_env":"K"}}}}"#
+        );
+        let e = Config::parse(json.as_bytes(), &bad_env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("upstream.api_key_env: "), "{e}");
+        assert!(!e.contains("sk-has"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_redacts_the_provider_key() {
+        let c = parse(&minimal(&format!(
+            r#"[{{"name":"a","key_sha256":"{DEMO_SHA}"}}]"#
+        )))
+        .unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("sk-provider-secret"), "{dbg}");
+    }
+
+    #[test]
+    fn empty_and_malformed_documents() {
+        assert!(err("").contains("empty"));
+        assert!(err("  ").contains("empty"));
+        let e = err("{not json");
+        assert!(e.contains("key must be a string"), "{e}");
+        let e = err(r#"{"clients":[],"upstream":{"api_key_env":"PROVIDER_KEY"}}"#);
+        assert!(e.starts_with("clients: at least one client"), "{e}");
+        let e = err(
+            r#"{"clients":[],"upstream":{"api_key_env":"PROVIDER_KEY"},"limiter":{"backend":"etcd"}}"#,
+        );
+        assert!(
+            e.starts_with("limiter.backend: unknown variant `etcd`"),
+            "{e}"
+        );
+        let e = err(r#"{"upstream":{"api_key_env":"PROVIDER_KEY"}}"#);
+        assert!(e.starts_with("missing field `clients`"), "{e}");
+    }
+}

@@ -1,0 +1,367 @@
+//! Client keys: extraction from `Authorization`, hashing, and constant-time lookup by digest.
+//!
+//! The configuration holds only digests. A presented key is hashed and looked up; the key itself
+//! is never stored, logged or forwarded. The lookup hashes the digest into a table and compares
+//! the candidate in constant time, so the time taken says nothing about how close a wrong key was
+//! to a right one (at most which table bucket its digest falls in, which needs a preimage to use).
+
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+
+use hashbrown::HashMap;
+use md5::Md5;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::ClientId;
+
+/// Longest bearer token accepted; real keys are far shorter, and this bounds hashing work.
+pub const MAX_KEY_LEN: usize = 512;
+
+/// Hash algorithm of a configured digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DigestKind {
+    /// SHA-256 (`key_sha256`), the default.
+    Sha256,
+    /// MD5 (`key_md5`), accepted for migrations from the older proxy, whose client ids were MD5.
+    Md5,
+}
+
+impl DigestKind {
+    fn len(self) -> usize {
+        match self {
+            DigestKind::Sha256 => 32,
+            DigestKind::Md5 => 16,
+        }
+    }
+}
+
+/// A key digest. Equality is constant-time in the digest bytes.
+#[derive(Debug, Clone, Copy, Eq)]
+pub struct Digest {
+    kind: DigestKind,
+    len: u8,
+    bytes: [u8; 32],
+}
+
+impl PartialEq for Digest {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && bool::from(self.as_bytes().ct_eq(other.as_bytes()))
+    }
+}
+
+impl Hash for Digest {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Digests are uniformly distributed already: eight bytes make a good table hash.
+        let mut first = [0u8; 8];
+        first.copy_from_slice(self.bytes.get(..8).unwrap_or(&[0; 8]));
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
+
+impl Digest {
+    /// Parses a hex digest (either case) of the given kind.
+    pub fn from_hex(kind: DigestKind, hex: &str) -> Result<Self, String> {
+        let want = kind.len() * 2;
+        let algo = match kind {
+            DigestKind::Sha256 => "SHA-256",
+            DigestKind::Md5 => "MD5",
+        };
+        if hex.len() != want {
+            return Err(format!(
+                "expected {want} hex characters (the {algo} of the whole key), got {} characters",
+                hex.chars().count()
+            ));
+        }
+        let mut bytes = [0u8; 32];
+        for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
+            let (Some(&hi), Some(&lo)) = (pair.first(), pair.get(1)) else {
+                return Err("not hexadecimal".into());
+            };
+            match (hex_val(hi), hex_val(lo), bytes.get_mut(i)) {
+                (Some(h), Some(l), Some(slot)) => *slot = h << 4 | l,
+                _ => return Err("not hexadecimal: use only 0-9 and a-f".into()),
+            }
+        }
+        Ok(Self {
+            kind,
+            len: kind.len() as u8,
+            bytes,
+        })
+    }
+
+    /// Digest of a presented key.
+    pub fn of_key(kind: DigestKind, key: &[u8]) -> Self {
+        let mut bytes = [0u8; 32];
+        match kind {
+            DigestKind::Sha256 => bytes.copy_from_slice(&Sha256::digest(key)),
+            DigestKind::Md5 => {
+                if let Some(dst) = bytes.get_mut(..16) {
+                    dst.copy_from_slice(&Md5::digest(key));
+                }
+            }
+        }
+        Self {
+            kind,
+            len: kind.len() as u8,
+            bytes,
+        }
+    }
+
+    /// Algorithm of this digest.
+    pub fn kind(&self) -> DigestKind {
+        self.kind
+    }
+
+    /// The raw digest bytes (16 or 32).
+    pub fn as_bytes(&self) -> &[u8] {
+        self.bytes.get(..self.len as usize).unwrap_or(&self.bytes)
+    }
+
+    /// Lowercase hex, as in the configuration.
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(self.as_bytes().len() * 2);
+        for b in self.as_bytes() {
+            for nibble in [b >> 4, b & 0xf] {
+                s.push(char::from_digit(u32::from(nibble), 16).unwrap_or('0'));
+            }
+        }
+        s
+    }
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Passes the precomputed table hash through (see `Hash for Digest`).
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// Maps key digests to clients.
+#[derive(Debug, Default)]
+pub struct KeyIndex {
+    by_digest: HashMap<Digest, ClientId, BuildHasherDefault<PassThrough>>,
+    has_md5: bool,
+}
+
+impl KeyIndex {
+    /// Adds a digest; returns the client that already has it, if any.
+    pub fn insert(&mut self, digest: Digest, client: ClientId) -> Option<ClientId> {
+        if let Some(&existing) = self.by_digest.get(&digest) {
+            return Some(existing);
+        }
+        self.has_md5 |= digest.kind == DigestKind::Md5;
+        self.by_digest.insert(digest, client);
+        None
+    }
+
+    /// Finds the client whose digest matches this presented key.
+    pub fn lookup(&self, key: &[u8]) -> Option<ClientId> {
+        let sha = Digest::of_key(DigestKind::Sha256, key);
+        if let Some(&id) = self.by_digest.get(&sha) {
+            return Some(id);
+        }
+        if self.has_md5 {
+            return self
+                .by_digest
+                .get(&Digest::of_key(DigestKind::Md5, key))
+                .copied();
+        }
+        None
+    }
+
+    /// Number of configured digests.
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    /// True when no digest is configured.
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+}
+
+/// Why a request carries no usable key. Clients get one answer for all of them (no oracle);
+/// the reason is for debug logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyError {
+    /// No `authorization` header.
+    Missing,
+    /// More than one `authorization` header.
+    Repeated,
+    /// Not `Bearer <token>`, or the token has characters a key cannot have.
+    Malformed,
+    /// Well-formed, but no client has it.
+    Unknown,
+}
+
+/// Extracts the bearer token from the `authorization` header values of a request.
+///
+/// `values` are all values of that header in order. The scheme is case-insensitive (RFC 9110);
+/// the token must be 1..=MAX_KEY_LEN visible ASCII characters.
+pub fn bearer_token<'a, I>(values: I) -> Result<&'a [u8], KeyError>
+where
+    I: IntoIterator<Item = &'a [u8]>,
+{
+    let mut it = values.into_iter();
+    let value = it.next().ok_or(KeyError::Missing)?;
+    if it.next().is_some() {
+        return Err(KeyError::Repeated);
+    }
+    let value = trim_ows(value);
+    let (scheme, rest) = match value.iter().position(|&b| b == b' ') {
+        Some(sp) => (
+            value.get(..sp).unwrap_or_default(),
+            value.get(sp..).unwrap_or_default(),
+        ),
+        None => return Err(KeyError::Malformed),
+    };
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return Err(KeyError::Malformed);
+    }
+    let token = trim_ows(rest);
+    if token.is_empty()
+        || token.len() > MAX_KEY_LEN
+        || !token.iter().all(|b| (0x21..=0x7e).contains(b))
+    {
+        return Err(KeyError::Malformed);
+    }
+    Ok(token)
+}
+
+fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sha_hex(key: &str) -> String {
+        Digest::of_key(DigestKind::Sha256, key.as_bytes()).to_hex()
+    }
+
+    #[test]
+    fn known_digests() {
+        // Values from `printf %s sk-tollgate-demo | sha256sum` and `| md5sum`.
+        assert_eq!(
+            sha_hex("sk-tollgate-demo"),
+            "179510ee3e248a7bfae1a518d344461ddef0e32bbf53b40845f2d3e157c5973f"
+        );
+        assert_eq!(
+            Digest::of_key(DigestKind::Md5, b"sk-tollgate-demo").to_hex(),
+            "32bd3c47e408828a22d81d4fe5f3c06d"
+        );
+    }
+
+    #[test]
+    fn hex_round_trip_and_case() {
+        let d = Digest::of_key(DigestKind::Sha256, b"k");
+        let upper = d.to_hex().to_uppercase();
+        assert_eq!(Digest::from_hex(DigestKind::Sha256, &upper).unwrap(), d);
+        assert!(Digest::from_hex(DigestKind::Md5, &d.to_hex()).is_err());
+    }
+
+    #[test]
+    fn index_finds_sha_and_md5_clients() {
+        let mut idx = KeyIndex::default();
+        assert_eq!(
+            idx.insert(Digest::of_key(DigestKind::Sha256, b"key-a"), 0),
+            None
+        );
+        assert_eq!(
+            idx.insert(Digest::of_key(DigestKind::Md5, b"key-b"), 1),
+            None
+        );
+        assert_eq!(
+            idx.insert(Digest::of_key(DigestKind::Sha256, b"key-a"), 2),
+            Some(0)
+        );
+        assert_eq!(idx.lookup(b"key-a"), Some(0));
+        assert_eq!(idx.lookup(b"key-b"), Some(1));
+        assert_eq!(idx.lookup(b"key-c"), None);
+        assert_eq!(idx.lookup(b""), None);
+    }
+
+    #[test]
+    fn same_bytes_different_kind_differ() {
+        let a = Digest::from_hex(DigestKind::Md5, &"ab".repeat(16)).unwrap();
+        let mut b = a;
+        b.kind = DigestKind::Sha256;
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        fn ok(v: &str) -> Result<&[u8], KeyError> {
+            bearer_token([v.as_bytes()])
+        }
+        assert_eq!(ok("Bearer sk-abc").unwrap(), b"sk-abc");
+        assert_eq!(ok("bearer   sk-abc  ").unwrap(), b"sk-abc");
+        assert_eq!(ok("BEARER\tsk").err(), Some(KeyError::Malformed));
+        assert_eq!(ok("Basic dXNlcjpwYXNz").err(), Some(KeyError::Malformed));
+        assert_eq!(ok("Bearer").err(), Some(KeyError::Malformed));
+        assert_eq!(ok("Bearer ").err(), Some(KeyError::Malformed));
+        assert_eq!(ok("Bearer a b").err(), Some(KeyError::Malformed));
+        assert_eq!(ok("Bearer sk-\u{e9}").err(), Some(KeyError::Malformed));
+        assert_eq!(ok("Bearer sk\x01").err(), Some(KeyError::Malformed));
+        assert_eq!(
+            ok(&format!("Bearer {}", "k".repeat(MAX_KEY_LEN + 1))).err(),
+            Some(KeyError::Malformed)
+        );
+        assert_eq!(
+            bearer_token(std::iter::empty()).err(),
+            Some(KeyError::Missing)
+        );
+        assert_eq!(
+            bearer_token([&b"Bearer a"[..], &b"Bearer b"[..]]).err(),
+            Some(KeyError::Repeated)
+        );
+        assert_eq!(
+            bearer_token([&b"Bearer \xff\xfe"[..]]).err(),
+            Some(KeyError::Malformed)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn bearer_never_panics_and_tokens_are_clean(v in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Ok(t) = bearer_token([&v[..]]) {
+                prop_assert!(!t.is_empty() && t.len() <= MAX_KEY_LEN);
+                prop_assert!(t.iter().all(|b| (0x21..=0x7e).contains(b)));
+            }
+        }
+
+        #[test]
+        fn hex_parser_never_panics(s in "\\PC{0,70}") {
+            let _ = Digest::from_hex(DigestKind::Sha256, &s);
+            let _ = Digest::from_hex(DigestKind::Md5, &s);
+        }
+    }
+}

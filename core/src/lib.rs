@@ -1,0 +1,15 @@
+//! Tollgate's core: everything that decides, with no proxy-wasm dependency.
+//!
+//! The filter crate (`filter/`) reads from Envoy, calls into this crate and applies what it
+//! returns. Everything here builds and is tested on the host target against small fakes, and is
+//! reused by the CLI and the benchmarks.
+
+pub mod config;
+pub mod headers;
+pub mod keys;
+pub mod limiter;
+pub mod metrics;
+pub mod openai;
+pub mod request;
+
+pub use config::{Client, ClientId, Config, ConfigError};

@@ -1,0 +1,112 @@
+//! Metric names. The proxy-wasm ABI has no labels, so labels are encoded in the name
+//! (`tollgate_requests_total.client=team-a.outcome=admitted`) and Envoy's `stats_tags` regexes in
+//! the provided bootstraps turn them back into Prometheus labels. Label values therefore never
+//! contain `.`; every value is a configured name or a fixed word, never request input.
+
+/// Client label for requests that did not authenticate (client names cannot start with `_`).
+pub const ANONYMOUS: &str = "_anonymous";
+
+/// Label names Tollgate encodes; the Envoy configs need one `stats_tags` entry per name.
+pub const LABELS: &[&str] = &["client", "outcome", "backend", "reason"];
+
+/// What happened to a request, for `tollgate_requests_total{client,outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Authenticated, within limits, forwarded upstream.
+    Admitted,
+    /// Missing, malformed or unknown key (401).
+    Unauthorized,
+    /// Over a limit (429).
+    RateLimited,
+    /// The filter failed (500).
+    Error,
+}
+
+impl Outcome {
+    /// Every outcome, for defining metrics up front.
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Admitted,
+        Outcome::Unauthorized,
+        Outcome::RateLimited,
+        Outcome::Error,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Admitted => "admitted",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::Error => "error",
+        }
+    }
+
+    /// Dense index, for metric-id tables.
+    pub fn index(self) -> usize {
+        match self {
+            Outcome::Admitted => 0,
+            Outcome::Unauthorized => 1,
+            Outcome::RateLimited => 2,
+            Outcome::Error => 3,
+        }
+    }
+}
+
+/// Makes a string safe as a label value: `.` separates labels, so it becomes `_`
+/// (`gpt-4.1` is exported as `gpt-4_1`); anything outside `[A-Za-z0-9_:-]` becomes `_` too.
+pub fn label_value(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// `tollgate_requests_total{client,outcome}`.
+pub fn requests_total(client: &str, outcome: Outcome) -> String {
+    format!(
+        "tollgate_requests_total.client={}.outcome={}",
+        label_value(client),
+        outcome.as_str()
+    )
+}
+
+/// `tollgate_limiter_errors_total{backend,reason}`.
+pub fn limiter_errors_total(backend: &str, reason: &str) -> String {
+    format!(
+        "tollgate_limiter_errors_total.backend={}.reason={}",
+        label_value(backend),
+        label_value(reason)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_encode_labels() {
+        assert_eq!(
+            requests_total("team-a", Outcome::RateLimited),
+            "tollgate_requests_total.client=team-a.outcome=rate_limited"
+        );
+        assert_eq!(
+            limiter_errors_total("local", "contention"),
+            "tollgate_limiter_errors_total.backend=local.reason=contention"
+        );
+    }
+
+    #[test]
+    fn label_values_never_contain_dots() {
+        assert_eq!(label_value("gpt-4.1"), "gpt-4_1");
+        assert_eq!(label_value("a b/c.d"), "a_b_c_d");
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(o.index(), i);
+            assert!(!o.as_str().contains('.'));
+        }
+    }
+}

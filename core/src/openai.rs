@@ -1,0 +1,221 @@
+//! What clients see when Tollgate answers itself: OpenAI-shaped error bodies and OpenAI's
+//! rate-limit headers, so OpenAI SDKs raise the same exceptions they raise against the provider.
+
+use serde::Serialize;
+
+/// A response the filter sends itself instead of forwarding the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers besides `content-type`.
+    pub headers: Vec<(&'static str, String)>,
+    /// JSON body.
+    pub body: String,
+}
+
+/// Every error Tollgate produces; one row each in `docs/errors.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// 401: no key, a malformed key or an unknown key (one answer for all, no oracle).
+    InvalidApiKey,
+    /// 429: the client's requests-per-minute budget is spent.
+    RequestsRateLimited,
+    /// 500: the filter could not do its job (a host call failed).
+    Internal,
+}
+
+impl ErrorKind {
+    /// HTTP status of this error.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorKind::InvalidApiKey => 401,
+            ErrorKind::RequestsRateLimited => 429,
+            ErrorKind::Internal => 500,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    pub fn error_type(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidApiKey => "invalid_request_error",
+            ErrorKind::RequestsRateLimited => "requests",
+            ErrorKind::Internal => "server_error",
+        }
+    }
+
+    /// OpenAI's `error.code`.
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidApiKey => "invalid_api_key",
+            ErrorKind::RequestsRateLimited => "rate_limit_exceeded",
+            ErrorKind::Internal => "internal_error",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    error_type: &'a str,
+    param: Option<&'a str>,
+    code: &'a str,
+}
+
+/// The JSON body `{"error":{"message","type","param","code"}}`.
+pub fn error_body(kind: ErrorKind, message: &str) -> String {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            message,
+            error_type: kind.error_type(),
+            param: None,
+            code: kind.code(),
+        },
+    };
+    // Serialising plain strings cannot fail; the fallback keeps the shape if it ever did.
+    serde_json::to_string(&body).unwrap_or_else(|_| {
+        format!(
+            r#"{{"error":{{"message":"error","type":"{}","param":null,"code":"{}"}}}}"#,
+            kind.error_type(),
+            kind.code()
+        )
+    })
+}
+
+/// 401 for every key failure, with the same body whatever was wrong.
+pub fn invalid_api_key() -> LocalReply {
+    LocalReply {
+        status: ErrorKind::InvalidApiKey.status(),
+        headers: vec![("www-authenticate", "Bearer".to_string())],
+        body: error_body(
+            ErrorKind::InvalidApiKey,
+            "Incorrect API key provided. Send your Tollgate client key as \
+             'Authorization: Bearer <key>'.",
+        ),
+    }
+}
+
+/// 429 with OpenAI's request-limit headers and `retry-after`.
+pub fn requests_rate_limited(client: &str, limit: u64, reset_ms: u64) -> LocalReply {
+    let mut headers = rate_limit_request_headers(limit, 0, reset_ms);
+    headers.push(("retry-after", retry_after_secs(reset_ms).to_string()));
+    LocalReply {
+        status: ErrorKind::RequestsRateLimited.status(),
+        headers,
+        body: error_body(
+            ErrorKind::RequestsRateLimited,
+            &format!(
+                "Rate limit reached for client {client} on requests per minute (RPM): \
+                 Limit {limit}, Used {limit}, Requested 1. Please try again in {}.",
+                openai_duration(reset_ms)
+            ),
+        ),
+    }
+}
+
+/// 500 when the filter itself failed.
+pub fn internal_error() -> LocalReply {
+    LocalReply {
+        status: ErrorKind::Internal.status(),
+        headers: Vec::new(),
+        body: error_body(
+            ErrorKind::Internal,
+            "The gateway could not process the request. Please retry; if the error persists, \
+             contact the gateway's operators.",
+        ),
+    }
+}
+
+/// `x-ratelimit-{limit,remaining,reset}-requests` for the client's own budget.
+pub fn rate_limit_request_headers(
+    limit: u64,
+    remaining: u64,
+    reset_ms: u64,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("x-ratelimit-limit-requests", limit.to_string()),
+        ("x-ratelimit-remaining-requests", remaining.to_string()),
+        ("x-ratelimit-reset-requests", openai_duration(reset_ms)),
+    ]
+}
+
+/// `retry-after` in whole seconds, rounded up, at least 1.
+pub fn retry_after_secs(reset_ms: u64) -> u64 {
+    reset_ms.div_ceil(1000).max(1)
+}
+
+/// OpenAI's duration format for reset headers (`17s`, `1m0s`, `250ms`), rounded up to whole
+/// seconds above one second so clients never retry early.
+pub fn openai_duration(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = ms.div_ceil(1000);
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn error_bodies_have_openai_shape() {
+        let r = invalid_api_key();
+        assert_eq!(r.status, 401);
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        let e = &v["error"];
+        assert_eq!(e["type"], "invalid_request_error");
+        assert_eq!(e["code"], "invalid_api_key");
+        assert!(e["param"].is_null());
+        assert!(e["message"].as_str().unwrap().contains("API key"));
+        assert_eq!(r.headers, vec![("www-authenticate", "Bearer".to_string())]);
+    }
+
+    #[test]
+    fn rate_limited_reply_carries_headers() {
+        let r = requests_rate_limited("team-a", 60, 16_200);
+        assert_eq!(r.status, 429);
+        let h: std::collections::HashMap<_, _> = r.headers.iter().cloned().collect();
+        assert_eq!(h["x-ratelimit-limit-requests"], "60");
+        assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+        assert_eq!(h["x-ratelimit-reset-requests"], "17s");
+        assert_eq!(h["retry-after"], "17");
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(v["error"]["type"], "requests");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(openai_duration(0), "0ms");
+        assert_eq!(openai_duration(999), "999ms");
+        assert_eq!(openai_duration(1000), "1s");
+        assert_eq!(openai_duration(1001), "2s");
+        assert_eq!(openai_duration(59_000), "59s");
+        assert_eq!(openai_duration(60_000), "1m0s");
+        assert_eq!(openai_duration(3_723_000), "1h2m3s");
+        assert_eq!(retry_after_secs(1), 1);
+        assert_eq!(retry_after_secs(0), 1);
+        assert_eq!(retry_after_secs(1500), 2);
+        assert_eq!(retry_after_secs(60_000), 60);
+    }
+
+    #[test]
+    fn messages_are_escaped() {
+        let b = error_body(ErrorKind::Internal, "quote \" and \\ newline \n");
+        let v: Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["error"]["message"], "quote \" and \\ newline \n");
+    }
+}
