@@ -155,9 +155,18 @@ impl Config {
         }
         let de = &mut serde_json::Deserializer::from_slice(json);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let inner = e.inner();
+            if inner.is_syntax() || inner.is_eof() {
+                // Broken JSON has no field yet; its line and column are what helps.
+                return ConfigError::new("", format!("not valid JSON: {inner}"));
+            }
             let path = e.path().to_string();
-            let field = if path == "." { String::new() } else { path };
-            ConfigError::new(field, strip_position(&e.inner().to_string()))
+            let field = if path == "." || path == "?" {
+                String::new()
+            } else {
+                path
+            };
+            ConfigError::new(field, strip_position(&inner.to_string()))
         })?;
         compile(raw, env)
     }
@@ -500,7 +509,9 @@ mod tests {
         assert!(err("").contains("empty"));
         assert!(err("  ").contains("empty"));
         let e = err("{not json");
-        assert!(e.contains("key must be a string"), "{e}");
+        assert_eq!(e, "not valid JSON: key must be a string at line 1 column 2");
+        let e = err(r#"{"clients": ["#);
+        assert!(e.starts_with("not valid JSON: EOF while parsing"), "{e}");
         let e = err(r#"{"clients":[],"upstream":{"api_key_env":"PROVIDER_KEY"}}"#);
         assert!(e.starts_with("clients: at least one client"), "{e}");
         let e = err(

@@ -81,9 +81,21 @@ fn len_u32(n: usize) -> u32 {
 /// Headers Tollgate owns: clients may not set them.
 pub const INTERNAL_PREFIX: &[u8] = b"x-tollgate-";
 
-/// True for a header name a client must not send upstream (ours, or the client's key).
+/// Credential headers removed from every forwarded request: the client's key travels in
+/// `authorization`, and clients of other providers' SDKs send keys in the others (Anthropic's
+/// `x-api-key`, Azure OpenAI's `api-key`). The provider gets only the key Tollgate injects.
+pub const CREDENTIAL_HEADERS: &[&[u8]] = &[
+    b"authorization",
+    b"proxy-authorization",
+    b"x-api-key",
+    b"api-key",
+];
+
+/// True for a header name a client must not send upstream (ours, or a credential).
 pub fn must_strip(name: &[u8]) -> bool {
-    name.eq_ignore_ascii_case(b"authorization")
+    CREDENTIAL_HEADERS
+        .iter()
+        .any(|c| name.eq_ignore_ascii_case(c))
         || (name.len() >= INTERNAL_PREFIX.len()
             && name
                 .get(..INTERNAL_PREFIX.len())
@@ -129,6 +141,9 @@ mod tests {
         assert!(must_strip(b"x-tollgate-client"));
         assert!(must_strip(b"X-Tollgate-Route"));
         assert!(must_strip(b"x-tollgate-"));
+        assert!(must_strip(b"x-api-key"));
+        assert!(must_strip(b"Api-Key"));
+        assert!(must_strip(b"proxy-authorization"));
         assert!(!must_strip(b"x-tollgat"));
         assert!(!must_strip(b"content-type"));
         assert!(!must_strip(b"x-request-id"));

@@ -28,7 +28,8 @@ pub enum Decision {
 /// Header changes for a forwarded request, and what to add to its response.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Forward {
-    /// Client-sent headers to remove (`x-tollgate-*`), lowercase, each once.
+    /// Client-sent headers to remove (`x-tollgate-*`, credentials other than `authorization`,
+    /// which is replaced), lowercase, each once.
     pub remove: Vec<Vec<u8>>,
     /// Headers to set, replacing any value (the provider's `authorization`).
     pub set: Vec<(&'static str, String)>,
@@ -191,6 +192,7 @@ mod tests {
                 ("x-tollgate-client", b"spoofed"),
                 ("X-Tollgate-Route", b"spoofed"),
                 ("x-tollgate-client", b"again"),
+                ("x-api-key", b"sk-team-a"),
                 ("content-type", b"application/json"),
             ]),
             NOW,
@@ -201,7 +203,11 @@ mod tests {
         let f = forward(&step);
         assert_eq!(
             f.remove,
-            vec![b"x-tollgate-client".to_vec(), b"x-tollgate-route".to_vec()]
+            vec![
+                b"x-tollgate-client".to_vec(),
+                b"x-tollgate-route".to_vec(),
+                b"x-api-key".to_vec()
+            ]
         );
         assert_eq!(
             f.set,

@@ -1,0 +1,54 @@
+# Tollgate: `make run` starts the demo gateway, `make test` runs every check.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   ?= .venv
+PYTHON := $(VENV)/bin/python
+WASM   := target/wasm32-wasip1/release/tollgate.wasm
+MOCK   := target/release/mock-provider
+
+.PHONY: help run test build deps toolchain lint unit e2e clean
+
+help:
+	@echo "make run    build and start the demo gateway (Envoy + Tollgate + mock provider)"
+	@echo "make test   install what the tests need and run everything (fmt, clippy, unit, end-to-end)"
+
+## Installation of what is missing: the wasm target and lint components, and a venv with Envoy.
+toolchain:
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+
+$(VENV)/.installed: tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	touch $@
+
+deps: toolchain $(VENV)/.installed
+
+build: toolchain
+	cargo build --release --target wasm32-wasip1 -p tollgate-filter
+	cargo build --release -p tollgate-mock-provider
+	@ls -l $(WASM) | awk '{print "tollgate.wasm: " $$5 " bytes"}'
+
+run: deps build
+	PYTHON=$(PYTHON) bash scripts/run-demo.sh
+
+## The filter crate is a cdylib of wasm imports: it is linted for its real target and has no
+## host tests (its logic lives in tollgate-core).
+lint: toolchain
+	cargo fmt --all -- --check
+	cargo clippy --workspace --exclude tollgate-filter --all-targets -- -D warnings
+	cargo clippy -p tollgate-filter --target wasm32-wasip1 -- -D warnings
+
+unit:
+	cargo test --workspace --exclude tollgate-filter
+
+e2e: deps build
+	cd tests && ../$(PYTHON) -m pytest -q
+
+test: deps lint unit build e2e
+
+clean:
+	cargo clean
+	rm -rf $(VENV) .run

@@ -1,0 +1,311 @@
+//! The only code that calls Envoy. Every host call returns `Result` and maps every status.
+//!
+//! We declare the proxy-wasm ABI imports ourselves instead of using the SDK's `hostcalls`
+//! wrappers: those `panic!` on any status they do not expect, and their map decoder indexes and
+//! unwraps; a panic kills the worker's VM and fails every later request on it. Statuses arrive
+//! as plain `u32`, so an unknown value cannot be undefined behaviour either.
+
+use std::ptr::{null, null_mut};
+
+use tollgate_core::headers::{self, Header};
+use tollgate_core::limiter::{CasStore, SetError, StoreError};
+
+/// A host call failed with this proxy-wasm status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostError {
+    /// The host call's name, for logs.
+    pub call: &'static str,
+    /// The raw proxy-wasm status (1 NotFound, 2 BadArgument, 8 CasMismatch, ...).
+    pub status: u32,
+}
+
+impl std::fmt::Display for HostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} failed with proxy-wasm status {}",
+            self.call, self.status
+        )
+    }
+}
+
+const OK: u32 = 0;
+const NOT_FOUND: u32 = 1;
+const CAS_MISMATCH: u32 = 8;
+
+const MAP_REQUEST_HEADERS: u32 = 0;
+const MAP_RESPONSE_HEADERS: u32 = 2;
+const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+const METRIC_COUNTER: u32 = 0;
+
+/// Which header map a call is about.
+#[derive(Debug, Clone, Copy)]
+pub enum Map {
+    /// The request headers (valid in the request-headers callback).
+    Request,
+    /// The response headers (valid in the response-headers callback).
+    Response,
+}
+
+impl Map {
+    fn id(self) -> u32 {
+        match self {
+            Map::Request => MAP_REQUEST_HEADERS,
+            Map::Response => MAP_RESPONSE_HEADERS,
+        }
+    }
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_close_stream(stream_type: u32) -> u32;
+    fn proxy_define_metric(
+        metric_type: u32,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+}
+
+fn check(call: &'static str, status: u32) -> Result<(), HostError> {
+    if status == OK {
+        Ok(())
+    } else {
+        Err(HostError { call, status })
+    }
+}
+
+/// Takes ownership of a buffer the host allocated through the SDK's `proxy_on_memory_allocate`
+/// (a boxed slice: capacity equals length).
+///
+/// # Safety
+/// `data` must be null or a host-returned allocation of exactly `size` bytes.
+unsafe fn take_host_buffer(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        Vec::new()
+    } else {
+        Vec::from_raw_parts(data, size, size)
+    }
+}
+
+/// Log levels of the proxy-wasm ABI.
+#[derive(Debug, Clone, Copy)]
+pub enum Level {
+    /// Debug.
+    Debug = 1,
+    /// Info.
+    Info = 2,
+    /// Warn.
+    Warn = 3,
+    /// Error.
+    Error = 4,
+    /// Critical.
+    Critical = 5,
+}
+
+/// Writes a line to Envoy's log (best effort: there is nowhere to report a failed log call).
+pub fn log(level: Level, message: &str) {
+    // SAFETY: pointer and length of a live &str.
+    unsafe {
+        proxy_log(level as u32, message.as_ptr(), message.len());
+    }
+}
+
+/// Wall-clock time in Unix milliseconds.
+pub fn now_ms() -> Result<u64, HostError> {
+    let mut nanos = 0u64;
+    // SAFETY: the host writes one u64 through a valid pointer.
+    check("proxy_get_current_time_nanoseconds", unsafe {
+        proxy_get_current_time_nanoseconds(&mut nanos)
+    })?;
+    Ok(nanos / 1_000_000)
+}
+
+/// The plugin configuration bytes.
+pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
+    let mut data = null_mut();
+    let mut size = 0usize;
+    // SAFETY: out-pointers are valid; the returned buffer is taken exactly once.
+    let status = unsafe {
+        proxy_get_buffer_bytes(
+            BUFFER_PLUGIN_CONFIGURATION,
+            0,
+            usize::MAX,
+            &mut data,
+            &mut size,
+        )
+    };
+    match status {
+        OK => Ok(unsafe { take_host_buffer(data, size) }),
+        NOT_FOUND => Ok(Vec::new()),
+        status => Err(HostError {
+            call: "proxy_get_buffer_bytes",
+            status,
+        }),
+    }
+}
+
+/// All headers of a map, values as raw bytes.
+pub fn headers(map: Map) -> Result<Vec<Header>, HostError> {
+    let mut data = null_mut();
+    let mut size = 0usize;
+    // SAFETY: out-pointers are valid; the returned buffer is taken exactly once.
+    check("proxy_get_header_map_pairs", unsafe {
+        proxy_get_header_map_pairs(map.id(), &mut data, &mut size)
+    })?;
+    let bytes = unsafe { take_host_buffer(data, size) };
+    headers::decode(&bytes).map_err(|_| HostError {
+        call: "proxy_get_header_map_pairs (malformed map)",
+        status: 0,
+    })
+}
+
+/// Sets a header, replacing every existing value.
+pub fn replace_header(map: Map, name: &str, value: &str) -> Result<(), HostError> {
+    // SAFETY: pointers and lengths of live slices.
+    check("proxy_replace_header_map_value", unsafe {
+        proxy_replace_header_map_value(
+            map.id(),
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
+/// Removes every value of a header.
+pub fn remove_header(map: Map, name: &[u8]) -> Result<(), HostError> {
+    // SAFETY: pointer and length of a live slice.
+    check("proxy_remove_header_map_value", unsafe {
+        proxy_remove_header_map_value(map.id(), name.as_ptr(), name.len())
+    })
+}
+
+/// Answers the request from the filter; `content-type: application/json` is added.
+pub fn send_json_reply(
+    status: u16,
+    extra_headers: &[(&str, String)],
+    body: &str,
+) -> Result<(), HostError> {
+    let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(extra_headers.len() + 1);
+    pairs.push(("content-type", "application/json"));
+    pairs.extend(extra_headers.iter().map(|(n, v)| (*n, v.as_str())));
+    let map = headers::encode(&pairs);
+    // SAFETY: pointers and lengths of live buffers.
+    check("proxy_send_local_response", unsafe {
+        proxy_send_local_response(
+            u32::from(status),
+            null(),
+            0,
+            body.as_ptr(),
+            body.len(),
+            map.as_ptr(),
+            map.len(),
+            -1,
+        )
+    })
+}
+
+/// Resets the request stream: the last resort when even a local reply cannot be sent.
+pub fn reset_request() -> Result<(), HostError> {
+    // SAFETY: no pointers.
+    check("proxy_close_stream", unsafe { proxy_close_stream(0) })
+}
+
+/// Defines (or finds, if another VM defined it) a counter and returns its id.
+pub fn define_counter(name: &str) -> Result<u32, HostError> {
+    let mut id = 0u32;
+    // SAFETY: pointer and length of a live &str; one u32 out-pointer.
+    check("proxy_define_metric", unsafe {
+        proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id)
+    })?;
+    Ok(id)
+}
+
+/// Adds one to a counter (best effort: a lost increment must not fail a request).
+pub fn increment(id: u32) {
+    // SAFETY: no pointers.
+    unsafe {
+        proxy_increment_metric(id, 1);
+    }
+}
+
+/// Envoy shared data: one map per Envoy process and VM id, shared by all workers.
+pub struct SharedData;
+
+impl CasStore for SharedData {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        let mut data = null_mut();
+        let mut size = 0usize;
+        let mut cas = 0u32;
+        // SAFETY: valid out-pointers; the returned buffer is taken exactly once.
+        let status = unsafe {
+            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
+        };
+        match status {
+            OK => Ok(Some((unsafe { take_host_buffer(data, size) }, cas))),
+            NOT_FOUND => Ok(None),
+            _ => Err(StoreError),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        // SAFETY: pointers and lengths of live slices.
+        let status = unsafe {
+            proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+        };
+        match status {
+            OK => Ok(()),
+            CAS_MISMATCH => Err(SetError::CasMismatch),
+            _ => Err(SetError::Store),
+        }
+    }
+}

