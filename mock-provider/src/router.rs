@@ -1,0 +1,603 @@
+//! From a parsed request to what to send: routing, auth, error injection and the request log.
+//! No I/O here; `server` carries out the returned plan (waits, chunks, aborts).
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::{self, Config};
+use crate::http::{Head, Response};
+use crate::ids::IdGen;
+use crate::log::{Entry, RequestLog};
+use crate::openai::{self, ApiError, Meta, Reply, Usage};
+
+pub struct State {
+    pub cfg: Config,
+    pub log: RequestLog,
+    pub ids: IdGen,
+}
+
+impl State {
+    pub fn new(cfg: Config) -> Self {
+        State {
+            cfg,
+            log: RequestLog::new(crate::log::CAPACITY),
+            ids: IdGen::new(),
+        }
+    }
+}
+
+pub struct Stream {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// Complete SSE events; each goes out as one HTTP chunk.
+    pub events: Vec<Vec<u8>>,
+    pub chunk_delay: Duration,
+    /// Send this many events, then drop the connection without the terminating chunk.
+    pub abort_after: Option<usize>,
+}
+
+pub enum Answer {
+    Full(Response),
+    Stream(Stream),
+}
+
+pub struct Plan {
+    /// Wait before the response head goes out.
+    pub delay: Duration,
+    pub answer: Answer,
+}
+
+impl Plan {
+    fn now(resp: Response) -> Self {
+        Plan {
+            delay: Duration::ZERO,
+            answer: Answer::Full(resp),
+        }
+    }
+}
+
+/// Per-request behaviour from `x-mock-*` headers, falling back to the CLI defaults.
+struct Injection {
+    status: u16,
+    error_body: Option<String>,
+    delay: Duration,
+    chunk_delay: Duration,
+    abort_after: Option<usize>,
+}
+
+impl Injection {
+    fn from_request(head: &Head, cfg: &Config) -> Result<Self, ApiError> {
+        let bad = |name: &str, expected: &str| {
+            ApiError::invalid_request(format!("Invalid {name} header: expected {expected}."))
+        };
+        let delay_header = |name: &str| -> Result<Option<Duration>, ApiError> {
+            head.header(name)
+                .map(|v| {
+                    config::parse_delay_ms(v).ok_or_else(|| {
+                        bad(
+                            name,
+                            &format!("an integer from 0 to {}", config::MAX_DELAY_MS),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let status = match head.header("x-mock-status") {
+            None => cfg.status,
+            Some(v) => config::parse_status(v)
+                .ok_or_else(|| bad("x-mock-status", "200 or an error status 400-599"))?,
+        };
+        let abort_after = head
+            .header("x-mock-stream-abort-after")
+            .map(|v| {
+                v.trim()
+                    .parse::<usize>()
+                    .map_err(|_| bad("x-mock-stream-abort-after", "a non-negative integer"))
+            })
+            .transpose()?;
+        Ok(Injection {
+            status,
+            error_body: head.header("x-mock-error-body").map(str::to_string),
+            delay: delay_header("x-mock-delay-ms")?.unwrap_or(cfg.delay),
+            chunk_delay: delay_header("x-mock-chunk-delay-ms")?.unwrap_or(Duration::ZERO),
+            abort_after,
+        })
+    }
+}
+
+fn is_v1(path: &str) -> bool {
+    path == "/v1" || path.starts_with("/v1/")
+}
+
+/// Records `/v1/*` requests. Also called for requests refused at the HTTP layer (413), so
+/// tests can see that they reached the provider.
+pub fn record(state: &State, head: &Head, body: &[u8]) {
+    if is_v1(head.path()) {
+        state.log.record(Entry {
+            method: head.method.clone(),
+            path: head.target.clone(),
+            headers: head.headers.clone(),
+            body: String::from_utf8_lossy(body).into_owned(),
+        });
+    }
+}
+
+fn json_headers(state: &State) -> Vec<(String, String)> {
+    vec![
+        ("content-type".into(), "application/json".into()),
+        ("x-mock-name".into(), state.cfg.name.clone()),
+    ]
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub fn handle(state: &State, head: &Head, body: &[u8], received: Instant) -> Plan {
+    let path = head.path();
+    let method = head.method.as_str();
+    match path {
+        "/__mock/health" if method == "GET" => Plan::now(Response::new(
+            200,
+            json_headers(state),
+            br#"{"status":"ok"}"#.to_vec(),
+        )),
+        "/__mock/requests" if method == "GET" => {
+            Plan::now(Response::new(200, json_headers(state), state.log.to_json()))
+        }
+        "/__mock/requests" if method == "DELETE" => {
+            state.log.clear();
+            Plan::now(Response::new(
+                204,
+                vec![("x-mock-name".into(), state.cfg.name.clone())],
+                Vec::new(),
+            ))
+        }
+        "/__mock/health" | "/__mock/requests" => {
+            let err = ApiError::invalid_method(method, path);
+            Plan::now(Response::new(err.status, json_headers(state), err.body()))
+        }
+        _ if is_v1(path) => {
+            record(state, head, body);
+            V1 {
+                state,
+                head,
+                body,
+                received,
+                request_id: state.ids.request_id(),
+            }
+            .handle()
+        }
+        _ => {
+            let err = ApiError::invalid_url(method, path);
+            Plan::now(Response::new(err.status, json_headers(state), err.body()))
+        }
+    }
+}
+
+/// One `/v1/*` request being answered.
+struct V1<'a> {
+    state: &'a State,
+    head: &'a Head,
+    body: &'a [u8],
+    received: Instant,
+    request_id: String,
+}
+
+impl V1<'_> {
+    fn handle(&self) -> Plan {
+        let inj = match Injection::from_request(self.head, &self.state.cfg) {
+            Ok(inj) => inj,
+            Err(err) => return self.full(Duration::ZERO, self.error(&err)),
+        };
+        let answer = self.route(&inj);
+        match answer {
+            Answer::Full(resp) => self.full(inj.delay, resp),
+            Answer::Stream(mut stream) => {
+                self.add_processing_ms(&mut stream.headers, inj.delay);
+                Plan {
+                    delay: inj.delay,
+                    answer: Answer::Stream(stream),
+                }
+            }
+        }
+    }
+
+    fn full(&self, delay: Duration, mut resp: Response) -> Plan {
+        self.add_processing_ms(&mut resp.headers, delay);
+        Plan {
+            delay,
+            answer: Answer::Full(resp),
+        }
+    }
+
+    /// Time from request received to headers sent, counting the injected wait.
+    fn add_processing_ms(&self, headers: &mut Vec<(String, String)>, delay: Duration) {
+        let ms = (self.received.elapsed() + delay).as_millis();
+        headers.push(("openai-processing-ms".into(), ms.to_string()));
+    }
+
+    fn route(&self, inj: &Injection) -> Answer {
+        if let Some(key) = &self.state.cfg.expect_key {
+            let auth = self.head.header("authorization");
+            if auth.and_then(|a| a.strip_prefix("Bearer ")) != Some(key.as_str()) {
+                return Answer::Full(self.error(&ApiError::invalid_api_key(auth)));
+            }
+        }
+        if let Some(body) = &inj.error_body {
+            return Answer::Full(Response::new(
+                inj.status,
+                self.headers(inj.status),
+                body.clone().into_bytes(),
+            ));
+        }
+        if inj.status != 200 {
+            let model = openai::parse_object(self.body)
+                .ok()
+                .and_then(|o| o.get("model").and_then(|m| m.as_str()).map(str::to_string));
+            return Answer::Full(self.error(&ApiError::injected(inj.status, model.as_deref())));
+        }
+
+        let path = self.head.path();
+        let method = self.head.method.as_str();
+        let (allowed, result) = match path {
+            "/v1/models" => ("GET", (method == "GET").then(|| Ok(self.models()))),
+            "/v1/chat/completions" => ("POST", (method == "POST").then(|| self.chat(inj))),
+            "/v1/completions" => ("POST", (method == "POST").then(|| self.completions(inj))),
+            "/v1/embeddings" => ("POST", (method == "POST").then(|| self.embeddings())),
+            _ => match path.strip_prefix("/v1/models/") {
+                Some(id) if !id.is_empty() && !id.contains('/') => {
+                    ("GET", (method == "GET").then(|| self.model(id)))
+                }
+                _ => return Answer::Full(self.error(&ApiError::invalid_url(method, path))),
+            },
+        };
+        match result {
+            Some(Ok(reply)) => reply,
+            Some(Err(err)) => Answer::Full(self.error(&err)),
+            None => {
+                let mut resp = self.error(&ApiError::invalid_method(method, path));
+                resp.headers.push(("allow".into(), allowed.into()));
+                Answer::Full(resp)
+            }
+        }
+    }
+
+    /// Headers of every `/v1/*` answer. Success and 429 also carry rate-limit headers the
+    /// way OpenAI sends them; the gateway is expected to replace them with its own.
+    fn headers(&self, status: u16) -> Vec<(String, String)> {
+        let mut h = json_headers(self.state);
+        h.push(("x-request-id".into(), self.request_id.clone()));
+        h.push(("openai-version".into(), "2020-10-01".into()));
+        if status == 200 || status == 429 {
+            let (remaining, reset) = if status == 429 {
+                ("0", "1s")
+            } else {
+                ("9999", "6ms")
+            };
+            h.extend(
+                [
+                    ("x-ratelimit-limit-requests", "10000"),
+                    ("x-ratelimit-remaining-requests", remaining),
+                    ("x-ratelimit-reset-requests", reset),
+                    ("x-ratelimit-limit-tokens", "30000000"),
+                    ("x-ratelimit-remaining-tokens", "29999000"),
+                    ("x-ratelimit-reset-tokens", "2ms"),
+                ]
+                .map(|(n, v)| (n.to_string(), v.to_string())),
+            );
+        }
+        if status == 429 {
+            h.push(("retry-after".into(), "1".into()));
+        }
+        h
+    }
+
+    fn error(&self, err: &ApiError) -> Response {
+        Response::new(err.status, self.headers(err.status), err.body())
+    }
+
+    fn ok(&self, body: Vec<u8>) -> Answer {
+        Answer::Full(Response::new(200, self.headers(200), body))
+    }
+
+    fn stream(&self, inj: &Injection, events: Vec<Vec<u8>>) -> Answer {
+        let mut headers = self.headers(200);
+        if let Some((_, v)) = headers.iter_mut().find(|(n, _)| n == "content-type") {
+            *v = "text/event-stream; charset=utf-8".into();
+        }
+        headers.push(("cache-control".into(), "no-cache".into()));
+        Answer::Stream(Stream {
+            status: 200,
+            headers,
+            events,
+            chunk_delay: inj.chunk_delay,
+            abort_after: inj.abort_after,
+        })
+    }
+
+    fn models(&self) -> Answer {
+        self.ok(openai::model_list(
+            &self.state.cfg.models,
+            &self.state.cfg.name,
+        ))
+    }
+
+    fn model(&self, id: &str) -> Result<Answer, ApiError> {
+        if !self.state.cfg.models.iter().any(|m| m == id) {
+            return Err(ApiError::model_not_found(id));
+        }
+        Ok(self.ok(openai::model(id, &self.state.cfg.name)))
+    }
+
+    fn chat(&self, inj: &Injection) -> Result<Answer, ApiError> {
+        let req = openai::parse_chat(self.body)?;
+        let reply = Reply::new(&self.state.cfg.name, &req.echo, req.max_tokens);
+        let usage = Usage::new(req.prompt_tokens, reply.completion_tokens());
+        let id = self.state.ids.object_id("chatcmpl-");
+        let meta = Meta {
+            id: &id,
+            created: unix_now(),
+            model: &req.model,
+        };
+        Ok(if req.stream {
+            self.stream(
+                inj,
+                openai::chat_stream(&meta, &reply, usage, req.include_usage),
+            )
+        } else {
+            self.ok(openai::chat_completion(&meta, &reply, usage))
+        })
+    }
+
+    fn completions(&self, inj: &Injection) -> Result<Answer, ApiError> {
+        let req = openai::parse_completion(self.body)?;
+        let replies: Vec<Reply> = req
+            .echoes
+            .iter()
+            .map(|echo| Reply::new(&self.state.cfg.name, echo, req.max_tokens))
+            .collect();
+        let completion_tokens = replies.iter().map(Reply::completion_tokens).sum();
+        let usage = Usage::new(req.prompt_tokens, completion_tokens);
+        let id = self.state.ids.object_id("cmpl-");
+        let meta = Meta {
+            id: &id,
+            created: unix_now(),
+            model: &req.model,
+        };
+        Ok(if req.stream {
+            self.stream(
+                inj,
+                openai::completion_stream(&meta, &replies, usage, req.include_usage),
+            )
+        } else {
+            self.ok(openai::completion(&meta, &replies, usage))
+        })
+    }
+
+    fn embeddings(&self) -> Result<Answer, ApiError> {
+        let req = openai::parse_embeddings(self.body)?;
+        Ok(self.ok(openai::embeddings(&req)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::{parse_head, Version};
+    use serde_json::Value;
+
+    fn state(cfg: Config) -> State {
+        State::new(cfg)
+    }
+
+    fn head(method: &str, target: &str, headers: &[(&str, &str)]) -> Head {
+        Head {
+            method: method.into(),
+            target: target.into(),
+            version: Version::Http11,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn full(plan: Plan) -> Response {
+        match plan.answer {
+            Answer::Full(r) => r,
+            Answer::Stream(_) => panic!("expected a full response"),
+        }
+    }
+
+    fn call(st: &State, h: &Head, body: &str) -> Response {
+        full(handle(st, h, body.as_bytes(), Instant::now()))
+    }
+
+    fn error_json(resp: &Response) -> Value {
+        serde_json::from_slice::<Value>(&resp.body).unwrap()["error"].clone()
+    }
+
+    const CHAT: &str =
+        r#"{"model":"gpt-4.1","messages":[{"role":"user","content":"hello world"}]}"#;
+
+    #[test]
+    fn chat_success_headers() {
+        let st = state(Config::default());
+        let resp = call(&st, &head("POST", "/v1/chat/completions", &[]), CHAT);
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("content-type"), Some("application/json"));
+        assert_eq!(resp.header("x-mock-name"), Some("mock"));
+        assert!(resp.header("x-request-id").unwrap().starts_with("req_"));
+        assert!(resp.header("openai-processing-ms").is_some());
+        assert_eq!(
+            resp.header("x-ratelimit-remaining-tokens"),
+            Some("29999000")
+        );
+        let body: Value = serde_json::from_slice(&resp.body).unwrap();
+        assert_eq!(body["model"], "gpt-4.1");
+        assert_eq!(
+            body["choices"][0]["message"]["content"],
+            "Mock reply from mock: hello world"
+        );
+        // One message of 11 chars: 4 + 3.
+        assert_eq!(body["usage"]["prompt_tokens"], 7);
+        assert_eq!(body["usage"]["completion_tokens"], 6);
+    }
+
+    #[test]
+    fn streaming_plan_carries_sse_headers_and_injection() {
+        let st = state(Config::default());
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#;
+        let h = head(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("x-mock-chunk-delay-ms", "5"),
+                ("x-mock-stream-abort-after", "2"),
+                ("x-mock-delay-ms", "7"),
+            ],
+        );
+        let plan = handle(&st, &h, body.as_bytes(), Instant::now());
+        assert_eq!(plan.delay, Duration::from_millis(7));
+        let Answer::Stream(s) = plan.answer else {
+            panic!("expected a stream")
+        };
+        assert_eq!(s.status, 200);
+        assert_eq!(s.chunk_delay, Duration::from_millis(5));
+        assert_eq!(s.abort_after, Some(2));
+        let ct = s.headers.iter().find(|(n, _)| n == "content-type").unwrap();
+        assert_eq!(ct.1, "text/event-stream; charset=utf-8");
+        assert!(s
+            .headers
+            .iter()
+            .any(|(n, v)| n == "cache-control" && v == "no-cache"));
+        assert_eq!(s.events.last().unwrap(), openai::SSE_DONE);
+    }
+
+    #[test]
+    fn auth_is_checked_and_logged() {
+        let st = state(Config {
+            expect_key: Some("sk-good-key-123456".into()),
+            ..Config::default()
+        });
+        let bad = head(
+            "GET",
+            "/v1/models",
+            &[("authorization", "Bearer sk-wrong-key-999999")],
+        );
+        let resp = call(&st, &bad, "");
+        assert_eq!(resp.status, 401);
+        let err = error_json(&resp);
+        assert_eq!(err["code"], "invalid_api_key");
+        assert!(!err["message"]
+            .as_str()
+            .unwrap()
+            .contains("sk-wrong-key-999999"));
+        let resp = call(&st, &head("GET", "/v1/models", &[]), "");
+        assert_eq!(resp.status, 401);
+        let good = head(
+            "GET",
+            "/v1/models",
+            &[("authorization", "Bearer sk-good-key-123456")],
+        );
+        assert_eq!(call(&st, &good, "").status, 200);
+        let log: Value = serde_json::from_slice(&st.log.to_json()).unwrap();
+        assert_eq!(log.as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn injected_errors() {
+        let st = state(Config::default());
+        let h = head("POST", "/v1/chat/completions", &[("x-mock-status", "429")]);
+        let resp = call(&st, &h, CHAT);
+        assert_eq!(resp.status, 429);
+        assert_eq!(resp.header("retry-after"), Some("1"));
+        assert_eq!(error_json(&resp)["type"], "requests");
+
+        let h = head("POST", "/v1/chat/completions", &[("x-mock-status", "404")]);
+        let msg = error_json(&call(&st, &h, CHAT))["message"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains("`gpt-4.1`"));
+
+        let h = head(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("x-mock-status", "502"),
+                ("x-mock-error-body", "upstream exploded"),
+            ],
+        );
+        let resp = call(&st, &h, CHAT);
+        assert_eq!(resp.status, 502);
+        assert_eq!(resp.body, b"upstream exploded");
+
+        for bad in [
+            ("x-mock-status", "302"),
+            ("x-mock-delay-ms", "soon"),
+            ("x-mock-stream-abort-after", "-1"),
+        ] {
+            let resp = call(&st, &head("GET", "/v1/models", &[bad]), "");
+            assert_eq!(resp.status, 400, "{bad:?}");
+        }
+
+        let st = state(Config {
+            status: 500,
+            ..Config::default()
+        });
+        assert_eq!(call(&st, &head("GET", "/v1/models", &[]), "").status, 500);
+        let h = head("GET", "/v1/models", &[("x-mock-status", "200")]);
+        assert_eq!(call(&st, &h, "").status, 200);
+    }
+
+    #[test]
+    fn unknown_paths_and_methods() {
+        let st = state(Config::default());
+        let resp = call(&st, &head("POST", "/v1/nope", &[]), "");
+        assert_eq!(resp.status, 404);
+        assert_eq!(error_json(&resp)["message"], "Invalid URL (POST /v1/nope)");
+        let resp = call(&st, &head("GET", "/v1/chat/completions", &[]), "");
+        assert_eq!(resp.status, 405);
+        assert_eq!(resp.header("allow"), Some("POST"));
+        assert_eq!(
+            call(&st, &head("GET", "/v1/models/gpt-4.1", &[]), "").status,
+            200
+        );
+        let resp = call(&st, &head("GET", "/v1/models/nope", &[]), "");
+        assert_eq!(error_json(&resp)["code"], "model_not_found");
+        assert_eq!(call(&st, &head("GET", "/other", &[]), "").status, 404);
+        assert_eq!(
+            call(&st, &head("POST", "/__mock/health", &[]), "").status,
+            405
+        );
+    }
+
+    #[test]
+    fn request_log_endpoints() {
+        let st = state(Config::default());
+        let h = parse_head(b"POST /v1/embeddings?x=1 HTTP/1.1\r\nB: 2\r\nA: 1\r\n\r\n").unwrap();
+        let resp = call(&st, &h, r#"{"model":"e","input":"hi"}"#);
+        assert_eq!(resp.status, 200);
+        call(&st, &head("GET", "/__mock/health", &[]), "");
+        let resp = call(&st, &head("GET", "/__mock/requests", &[]), "");
+        let log: Value = serde_json::from_slice(&resp.body).unwrap();
+        assert_eq!(
+            log,
+            serde_json::json!([{
+                "method": "POST",
+                "path": "/v1/embeddings?x=1",
+                "headers": [["b", "2"], ["a", "1"]],
+                "body": "{\"model\":\"e\",\"input\":\"hi\"}"
+            }])
+        );
+        assert_eq!(
+            call(&st, &head("DELETE", "/__mock/requests", &[]), "").status,
+            204
+        );
+        let resp = call(&st, &head("GET", "/__mock/requests", &[]), "");
+        assert_eq!(resp.body, b"[]");
+    }
+}
