@@ -82,10 +82,30 @@ struct RawUpstream {
     api_key_env: String,
 }
 
+// A plain struct rather than an internally tagged enum: serde buffers tagged enums and then
+// loses the path of errors inside them (`limiter: unknown variant` instead of
+// `limiter.on_error: unknown variant`).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, tag = "backend", rename_all = "snake_case")]
-enum RawLimiter {
-    Local {},
+#[serde(deny_unknown_fields)]
+struct RawLimiter {
+    backend: RawBackend,
+    #[serde(default)]
+    cluster: Option<String>,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u32>,
+    #[serde(default)]
+    basic_auth_env: Option<String>,
+    #[serde(default)]
+    on_error: Option<OnError>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawBackend {
+    Local,
+    Redis,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -103,11 +123,71 @@ pub struct Client {
     pub requests_per_minute: u32,
 }
 
+/// Default `limiter.timeout_ms` of the Redis backend.
+pub const DEFAULT_REDIS_TIMEOUT_MS: u32 = 100;
+
+/// Largest accepted `limiter.timeout_ms`: a limiter slower than this is down, not slow.
+pub const MAX_REDIS_TIMEOUT_MS: u32 = 10_000;
+
 /// Where limit counters live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimiterBackend {
     /// Envoy shared data: one budget per Envoy process, shared by its workers.
     Local,
+    /// Redis through Webdis: one budget shared by every Envoy replica.
+    Redis(RedisLimiter),
+}
+
+impl LimiterBackend {
+    /// Metric label value.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LimiterBackend::Local => "local",
+            LimiterBackend::Redis(_) => "redis",
+        }
+    }
+}
+
+/// What to do with a request when the Redis limiter cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Admit it (fail open).
+    Allow,
+    /// Refuse it with a 503 (fail closed).
+    Deny,
+    /// Count it in the local (shared-data) limiter instead, until Redis answers again.
+    Local,
+}
+
+/// The Redis (Webdis) limiter's settings.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisLimiter {
+    /// Envoy cluster of the Webdis service.
+    pub cluster: String,
+    /// `:authority` of callouts to Webdis.
+    pub authority: String,
+    /// Callout timeout.
+    pub timeout_ms: u32,
+    /// `authorization` header for Webdis's HTTP basic auth, if configured.
+    pub authorization: Option<String>,
+    /// Failure mode.
+    pub on_error: OnError,
+}
+
+impl fmt::Debug for RedisLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLimiter")
+            .field("cluster", &self.cluster)
+            .field("authority", &self.authority)
+            .field("timeout_ms", &self.timeout_ms)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .field("on_error", &self.on_error)
+            .finish()
+    }
 }
 
 /// How the provider is called.
@@ -249,7 +329,8 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
 
     let upstream = compile_upstream(raw.upstream, env)?;
     let limiter = match raw.limiter {
-        None | Some(RawLimiter::Local {}) => LimiterBackend::Local,
+        None => LimiterBackend::Local,
+        Some(l) => compile_limiter(l, env)?,
     };
 
     Ok(Config {
@@ -294,6 +375,84 @@ fn compile_upstream(
         authorization: format!("Bearer {key}"),
         api_key_env: name,
     })
+}
+
+fn compile_limiter(
+    raw: RawLimiter,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<LimiterBackend, ConfigError> {
+    if raw.backend == RawBackend::Local {
+        let redis_only = [
+            ("cluster", raw.cluster.is_some()),
+            ("authority", raw.authority.is_some()),
+            ("timeout_ms", raw.timeout_ms.is_some()),
+            ("basic_auth_env", raw.basic_auth_env.is_some()),
+            ("on_error", raw.on_error.is_some()),
+        ];
+        if let Some((field, _)) = redis_only.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::new(
+                format!("limiter.{field}"),
+                "only valid with \"backend\": \"redis\"",
+            ));
+        }
+        return Ok(LimiterBackend::Local);
+    }
+    let Some(cluster) = raw.cluster else {
+        return Err(ConfigError::new(
+            "limiter.cluster",
+            "required with \"backend\": \"redis\": the Envoy cluster of the Webdis service",
+        ));
+    };
+    let (authority, timeout_ms, basic_auth_env, on_error) = (
+        raw.authority,
+        raw.timeout_ms,
+        raw.basic_auth_env,
+        raw.on_error,
+    );
+    if cluster.is_empty() {
+        return Err(ConfigError::new(
+            "limiter.cluster",
+            "must name the Envoy cluster of the Webdis service",
+        ));
+    }
+    let authority = authority.unwrap_or_else(|| cluster.clone());
+    if authority.is_empty() || !authority.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(ConfigError::new(
+            "limiter.authority",
+            "must be a host name (visible ASCII, no spaces)",
+        ));
+    }
+    let timeout_ms = timeout_ms.unwrap_or(DEFAULT_REDIS_TIMEOUT_MS);
+    if timeout_ms == 0 || timeout_ms > MAX_REDIS_TIMEOUT_MS {
+        return Err(ConfigError::new(
+            "limiter.timeout_ms",
+            format!("must be between 1 and {MAX_REDIS_TIMEOUT_MS}, got {timeout_ms}"),
+        ));
+    }
+    let authorization = match basic_auth_env {
+        None => None,
+        Some(name) => {
+            let value = env(&name).unwrap_or_default();
+            if !value.contains(':') || !value.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+                return Err(ConfigError::new(
+                    "limiter.basic_auth_env",
+                    format!(
+                        "environment variable {name:?} must hold `user:password` for Webdis \
+                         (set it and list it in vm_config.environment_variables.host_env_keys)"
+                    ),
+                ));
+            }
+            Some(crate::webdis::basic_authorization(&value))
+        }
+    };
+    Ok(LimiterBackend::Redis(RedisLimiter {
+        cluster,
+        authority,
+        timeout_ms,
+        authorization,
+        // Local fallback keeps serving and still bounds spend (per replica) while Redis is down.
+        on_error: on_error.unwrap_or(OnError::Local),
+    }))
 }
 
 fn check_per_minute(field: &str, v: u32) -> Result<u32, ConfigError> {
@@ -502,6 +661,90 @@ mod tests {
         .unwrap();
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("sk-provider-secret"), "{dbg}");
+    }
+
+    fn with_limiter(limiter: &str) -> Result<Config, ConfigError> {
+        parse(&format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],
+                "upstream":{{"api_key_env":"PROVIDER_KEY"}},"limiter":{limiter}}}"#
+        ))
+    }
+
+    #[test]
+    fn redis_limiter_defaults_and_errors() {
+        let c = with_limiter(r#"{"backend":"redis","cluster":"webdis"}"#).unwrap();
+        let LimiterBackend::Redis(r) = &c.limiter else {
+            panic!("{:?}", c.limiter)
+        };
+        assert_eq!(r.authority, "webdis");
+        assert_eq!(r.timeout_ms, DEFAULT_REDIS_TIMEOUT_MS);
+        assert_eq!(r.on_error, OnError::Local);
+        assert_eq!(r.authorization, None);
+        assert_eq!(c.limiter.name(), "redis");
+
+        let c = with_limiter(
+            r#"{"backend":"redis","cluster":"webdis","authority":"webdis.svc","timeout_ms":25,
+                "on_error":"deny","basic_auth_env":"PROVIDER_KEY"}"#,
+        );
+        // PROVIDER_KEY holds no colon: not a user:password pair.
+        let e = c.unwrap_err().to_string();
+        assert!(e.starts_with("limiter.basic_auth_env: "), "{e}");
+        assert!(!e.contains("sk-provider-secret"), "{e}");
+
+        let auth_env = |n: &str| match n {
+            "PROVIDER_KEY" => Some("sk-p".to_string()),
+            "WEBDIS_AUTH" => Some("tollgate:s3cret".to_string()),
+            _ => None,
+        };
+        let json = format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],"upstream":{{"api_key_env":"PROVIDER_KEY"}},
+                "limiter":{{"backend":"redis","cluster":"webdis","on_error":"allow","basic_auth_env":"WEBDIS_AUTH"}}}}"#
+        );
+        let c = Config::parse(json.as_bytes(), &auth_env).unwrap();
+        let LimiterBackend::Redis(r) = &c.limiter else {
+            panic!()
+        };
+        assert_eq!(
+            r.authorization.as_deref(),
+            Some("Basic dG9sbGdhdGU6czNjcmV0")
+        );
+        assert_eq!(r.on_error, OnError::Allow);
+        assert!(!format!("{c:?}").contains("dG9sbGdhdGU6"));
+
+        for (limiter, want) in [
+            (r#"{"backend":"redis"}"#, "limiter.cluster: required with"),
+            (
+                r#"{"backend":"redis","cluster":""}"#,
+                "limiter.cluster: must name",
+            ),
+            (
+                r#"{"backend":"redis","cluster":"w","timeout_ms":0}"#,
+                "limiter.timeout_ms: must be between",
+            ),
+            (
+                r#"{"backend":"redis","cluster":"w","on_error":"retry"}"#,
+                "limiter.on_error: unknown variant `retry`",
+            ),
+            (
+                r#"{"backend":"redis","cluster":"w","authority":"a b"}"#,
+                "limiter.authority: must be",
+            ),
+            (
+                r#"{"backend":"local","cluster":"w"}"#,
+                "limiter.cluster: only valid with",
+            ),
+            (
+                r#"{"backend":"local","on_error":"deny"}"#,
+                "limiter.on_error: only valid with",
+            ),
+            (
+                r#"{"backend":"redis","cluster":"w","tmeout_ms":5}"#,
+                "limiter.tmeout_ms: unknown field",
+            ),
+        ] {
+            let e = with_limiter(limiter).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{limiter}: {e}");
+        }
     }
 
     #[test]

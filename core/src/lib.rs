@@ -11,5 +11,6 @@ pub mod limiter;
 pub mod metrics;
 pub mod openai;
 pub mod request;
+pub mod webdis;
 
 pub use config::{Client, ClientId, Config, ConfigError};

@@ -23,6 +23,8 @@ pub enum ErrorKind {
     RequestsRateLimited,
     /// 500: the filter could not do its job (a host call failed).
     Internal,
+    /// 503: the limiter cannot answer and `on_error` is `deny`.
+    LimiterUnavailable,
 }
 
 impl ErrorKind {
@@ -32,6 +34,7 @@ impl ErrorKind {
             ErrorKind::InvalidApiKey => 401,
             ErrorKind::RequestsRateLimited => 429,
             ErrorKind::Internal => 500,
+            ErrorKind::LimiterUnavailable => 503,
         }
     }
 
@@ -40,7 +43,7 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidApiKey => "invalid_request_error",
             ErrorKind::RequestsRateLimited => "requests",
-            ErrorKind::Internal => "server_error",
+            ErrorKind::Internal | ErrorKind::LimiterUnavailable => "server_error",
         }
     }
 
@@ -50,6 +53,7 @@ impl ErrorKind {
             ErrorKind::InvalidApiKey => "invalid_api_key",
             ErrorKind::RequestsRateLimited => "rate_limit_exceeded",
             ErrorKind::Internal => "internal_error",
+            ErrorKind::LimiterUnavailable => "limiter_unavailable",
         }
     }
 }
@@ -132,6 +136,19 @@ pub fn internal_error() -> LocalReply {
     }
 }
 
+/// 503 when the limiter is down and configured to fail closed.
+pub fn limiter_unavailable() -> LocalReply {
+    LocalReply {
+        status: ErrorKind::LimiterUnavailable.status(),
+        headers: vec![("retry-after", "1".to_string())],
+        body: error_body(
+            ErrorKind::LimiterUnavailable,
+            "The gateway's rate limiter is unavailable, so the request was not sent. \
+             Please retry shortly.",
+        ),
+    }
+}
+
 /// `x-ratelimit-{limit,remaining,reset}-requests` for the client's own budget.
 pub fn rate_limit_request_headers(
     limit: u64,
@@ -195,6 +212,16 @@ mod tests {
         let v: Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["error"]["code"], "rate_limit_exceeded");
         assert_eq!(v["error"]["type"], "requests");
+    }
+
+    #[test]
+    fn limiter_unavailable_is_a_retryable_503() {
+        let r = limiter_unavailable();
+        assert_eq!(r.status, 503);
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["error"]["code"], "limiter_unavailable");
+        assert_eq!(v["error"]["type"], "server_error");
+        assert_eq!(r.headers, vec![("retry-after", "1".to_string())]);
     }
 
     #[test]

@@ -1,20 +1,21 @@
 //! One request through Tollgate, decided without touching the host: the filter hands in what it
-//! read (headers, the time, a store) and applies the returned decision.
+//! read (headers, the time, a store, a limiter reply) and applies the returned decision.
 //!
 //! ```text
-//! request headers ──► authenticate ──► limit ──► rewrite headers ──► upstream
-//!                        │ 401            │ 429
-//!                        ▼                ▼
-//!                    local reply      local reply
+//! request headers ──► authenticate ──► limit ─────────────────────► rewrite headers ──► upstream
+//!                        │ 401            │ local: shared data (CAS)        ▲
+//!                        ▼                │ redis: callout to Webdis ──► on_limiter_reply
+//!                    local reply ◄────────┴─ 429 / 503 (on_error: deny)
 //! response headers ◄── x-ratelimit-*-requests (the client's own budget)
 //! ```
 
-use crate::config::{ClientId, Config, LimiterBackend};
+use crate::config::{ClientId, Config, LimiterBackend, OnError, RedisLimiter};
 use crate::headers::{must_strip, Header};
-use crate::keys::{bearer_token, KeyError};
-use crate::limiter::{self, CasStore, LimiterError, Verdict, Window};
+use crate::keys::{bearer_token, Digest, DigestKind, KeyError};
+use crate::limiter::{self, CasStore, Verdict, Window, WINDOW_MS};
 use crate::metrics::Outcome;
 use crate::openai::{self, LocalReply};
+use crate::webdis;
 
 /// What to do with a request after its headers.
 #[derive(Debug, PartialEq, Eq)]
@@ -38,6 +39,16 @@ pub struct Forward {
     pub window: Option<Window>,
 }
 
+/// A limiter failure that was handled by the failure policy, for
+/// `tollgate_limiter_errors_total{backend,reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimiterFailure {
+    /// `local` or `redis`.
+    pub backend: &'static str,
+    /// Why, e.g. `contention`, `timeout`, `redis_error`.
+    pub reason: &'static str,
+}
+
 /// The decision with what the filter records about it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Step {
@@ -47,10 +58,42 @@ pub struct Step {
     pub client: Option<ClientId>,
     /// For `tollgate_requests_total`.
     pub outcome: Outcome,
-    /// A limiter failure that was tolerated (fail open), for `tollgate_limiter_errors_total`.
-    pub limiter_error: Option<LimiterError>,
+    /// Limiter failures met on the way (at most one per backend).
+    pub limiter_errors: Vec<LimiterFailure>,
     /// Why authentication failed (debug logs and tests; never sent to the client).
     pub key_error: Option<KeyError>,
+}
+
+/// The first answer for a request: decided, or waiting for the Redis limiter.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Decided from the headers alone.
+    Done(Step),
+    /// Make this callout, pause the request, and pass the reply to [`on_limiter_reply`].
+    AskLimiter(Pending),
+}
+
+/// An HTTP callout for the host to dispatch.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Callout {
+    /// Envoy cluster.
+    pub cluster: String,
+    /// Headers, pseudo-headers first.
+    pub headers: Vec<(&'static str, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Timeout (never 0: Envoy reads 0 as no timeout).
+    pub timeout_ms: u32,
+}
+
+/// A request waiting for the limiter's reply.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Pending {
+    /// The callout to make.
+    pub call: Callout,
+    client: ClientId,
+    remove: Vec<Vec<u8>>,
+    sent_ms: u64,
 }
 
 /// Decides what to do with a request from its headers.
@@ -62,52 +105,206 @@ pub fn on_request_headers(
     headers: &[Header],
     now_ms: u64,
     store: &dyn CasStore,
-) -> Step {
+) -> Start {
     let auth_values = headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case(b"authorization"))
         .map(|(_, v)| v.as_slice());
-    let client = bearer_token(auth_values)
-        .and_then(|token| config.keys.lookup(token).ok_or(KeyError::Unknown));
-    let (client_id, client) = match client.map(|id| (id, config.client(id))) {
-        Ok((id, Some(c))) => (id, c),
-        Ok((_, None)) | Err(_) => {
-            return Step {
+    let authenticated = bearer_token(auth_values).and_then(|token| {
+        let id = config.keys.lookup(token).ok_or(KeyError::Unknown)?;
+        Ok((id, token))
+    });
+    let (client_id, token) = match authenticated {
+        Ok(found) => found,
+        Err(why) => {
+            return Start::Done(Step {
                 decision: Decision::Reply(openai::invalid_api_key()),
                 client: None,
                 outcome: Outcome::Unauthorized,
-                limiter_error: None,
-                key_error: Some(client.err().unwrap_or(KeyError::Unknown)),
-            }
+                limiter_errors: Vec::new(),
+                key_error: Some(why),
+            })
         }
     };
+    let remove = headers_to_remove(headers);
+    match &config.limiter {
+        LimiterBackend::Local => Start::Done(local_step(
+            config,
+            client_id,
+            remove,
+            now_ms,
+            store,
+            Vec::new(),
+        )),
+        LimiterBackend::Redis(redis) => {
+            let limit = requests_per_minute(config, client_id);
+            Start::AskLimiter(Pending {
+                call: redis_callout(redis, token, limit, now_ms),
+                client: client_id,
+                remove,
+                sent_ms: now_ms,
+            })
+        }
+    }
+}
 
-    let limit = u64::from(client.requests_per_minute);
-    let verdict = match config.limiter {
-        LimiterBackend::Local => {
-            limiter::check(store, &limiter::requests_key(client), limit, now_ms)
-        }
+/// Decides a request that waited for the Redis limiter. `status` is the callout's `:status`,
+/// `None` when Envoy called back without headers (the callout failed or timed out).
+pub fn on_limiter_reply(
+    config: &Config,
+    pending: Pending,
+    status: Option<u16>,
+    body: &[u8],
+    now_ms: u64,
+    store: &dyn CasStore,
+) -> Step {
+    let Pending {
+        call,
+        client,
+        remove,
+        sent_ms,
+    } = pending;
+    let on_error = match &config.limiter {
+        LimiterBackend::Redis(r) => r.on_error,
+        LimiterBackend::Local => OnError::Local,
     };
-    let (window, limiter_error) = match verdict {
-        Ok(Verdict::Admitted(w)) => (Some(w), None),
-        Ok(Verdict::Limited(w)) => {
-            return Step {
-                decision: Decision::Reply(openai::requests_rate_limited(
-                    &client.name,
-                    w.limit,
-                    w.reset_ms,
-                )),
-                client: Some(client_id),
-                outcome: Outcome::RateLimited,
-                limiter_error: None,
-                key_error: None,
+    let reply = webdis::parse_reply(status, body).map_err(|e| match e {
+        // Envoy reports a timed-out callout like any failed one; the clock tells them apart.
+        webdis::ReplyError::Unavailable
+            if now_ms.saturating_sub(sent_ms) >= u64::from(call.timeout_ms) =>
+        {
+            webdis::ReplyError::Timeout
+        }
+        other => other,
+    });
+    let limit = requests_per_minute(config, client);
+    match reply {
+        Ok(count) => {
+            let window = Window {
+                limit,
+                remaining: limit.saturating_sub(count.count),
+                reset_ms: limiter::window_of(now_ms).1,
+            };
+            if count.admitted {
+                forward_step(config, client, remove, Some(window), Vec::new())
+            } else {
+                limited_step(config, client, window, Vec::new())
             }
         }
+        Err(e) => {
+            let failure = vec![LimiterFailure {
+                backend: "redis",
+                reason: e.reason(),
+            }];
+            match on_error {
+                OnError::Allow => forward_step(config, client, remove, None, failure),
+                OnError::Deny => Step {
+                    decision: Decision::Reply(openai::limiter_unavailable()),
+                    client: Some(client),
+                    outcome: Outcome::Error,
+                    limiter_errors: failure,
+                    key_error: None,
+                },
+                OnError::Local => local_step(config, client, remove, now_ms, store, failure),
+            }
+        }
+    }
+}
+
+fn requests_per_minute(config: &Config, client: ClientId) -> u64 {
+    config
+        .client(client)
+        .map_or(1, |c| u64::from(c.requests_per_minute))
+}
+
+fn redis_callout(redis: &RedisLimiter, token: &[u8], limit: u64, now_ms: u64) -> Callout {
+    let (minute, reset_ms) = limiter::window_of(now_ms);
+    let key_md5 = Digest::of_key(DigestKind::Md5, token).to_hex();
+    let key = webdis::window_key(&key_md5, minute);
+    let mut headers = vec![
+        (":method", "POST".to_string()),
+        (":path", "/".to_string()),
+        (":authority", redis.authority.clone()),
+        ("content-type", "text/plain".to_string()),
+    ];
+    if let Some(auth) = &redis.authorization {
+        headers.push(("authorization", auth.clone()));
+    }
+    Callout {
+        cluster: redis.cluster.clone(),
+        headers,
+        // The key lives through its window and one more, so it outlasts clock skew between
+        // replicas and then frees itself.
+        body: webdis::check_command(&key, limit, reset_ms + WINDOW_MS),
+        timeout_ms: redis.timeout_ms,
+    }
+}
+
+/// Checks the local (shared-data) limiter. Its own failures admit the request (fail open).
+fn local_step(
+    config: &Config,
+    client: ClientId,
+    remove: Vec<Vec<u8>>,
+    now_ms: u64,
+    store: &dyn CasStore,
+    mut failures: Vec<LimiterFailure>,
+) -> Step {
+    let Some(c) = config.client(client) else {
+        return forward_step(config, client, remove, None, failures);
+    };
+    let limit = u64::from(c.requests_per_minute);
+    match limiter::check(store, &limiter::requests_key(c), limit, now_ms) {
+        Ok(Verdict::Admitted(w)) => forward_step(config, client, remove, Some(w), failures),
+        Ok(Verdict::Limited(w)) => limited_step(config, client, w, failures),
         // Fail open: a contended or failing local store must not turn away paying clients.
         // The error is counted, and at most one extra request per failure gets through.
-        Err(e) => (None, Some(e)),
-    };
+        Err(e) => {
+            failures.push(LimiterFailure {
+                backend: "local",
+                reason: e.reason(),
+            });
+            forward_step(config, client, remove, None, failures)
+        }
+    }
+}
 
+fn forward_step(
+    config: &Config,
+    client: ClientId,
+    remove: Vec<Vec<u8>>,
+    window: Option<Window>,
+    limiter_errors: Vec<LimiterFailure>,
+) -> Step {
+    Step {
+        decision: Decision::Forward(Forward {
+            remove,
+            set: vec![("authorization", config.upstream.authorization.clone())],
+            window,
+        }),
+        client: Some(client),
+        outcome: Outcome::Admitted,
+        limiter_errors,
+        key_error: None,
+    }
+}
+
+fn limited_step(
+    config: &Config,
+    client: ClientId,
+    w: Window,
+    limiter_errors: Vec<LimiterFailure>,
+) -> Step {
+    let name = config.client(client).map_or("", |c| c.name.as_str());
+    Step {
+        decision: Decision::Reply(openai::requests_rate_limited(name, w.limit, w.reset_ms)),
+        client: Some(client),
+        outcome: Outcome::RateLimited,
+        limiter_errors,
+        key_error: None,
+    }
+}
+
+fn headers_to_remove(headers: &[Header]) -> Vec<Vec<u8>> {
     let mut remove: Vec<Vec<u8>> = Vec::new();
     for (name, _) in headers {
         if must_strip(name)
@@ -117,17 +314,7 @@ pub fn on_request_headers(
             remove.push(name.to_ascii_lowercase());
         }
     }
-    Step {
-        decision: Decision::Forward(Forward {
-            remove,
-            set: vec![("authorization", config.upstream.authorization.clone())],
-            window,
-        }),
-        client: Some(client_id),
-        outcome: Outcome::Admitted,
-        limiter_error,
-        key_error: None,
-    }
+    remove
 }
 
 /// Response headers carrying the client's own request budget; they replace the provider's
@@ -173,6 +360,17 @@ mod tests {
             .collect()
     }
 
+    fn done_on(c: &Config, h: &[Header], now: u64, s: &dyn CasStore) -> Step {
+        done(on_request_headers(c, h, now, s))
+    }
+
+    fn done(start: Start) -> Step {
+        match start {
+            Start::Done(step) => step,
+            other => panic!("expected a decision, got {other:?}"),
+        }
+    }
+
     fn forward(step: &Step) -> &Forward {
         match &step.decision {
             Decision::Forward(f) => f,
@@ -184,7 +382,7 @@ mod tests {
     fn admitted_request_swaps_keys_and_strips_internal_headers() {
         let c = config(10);
         let s = FakeStore::default();
-        let step = on_request_headers(
+        let step = done_on(
             &c,
             &h(&[
                 (":path", b"/v1/chat/completions"),
@@ -219,7 +417,7 @@ mod tests {
     #[test]
     fn md5_clients_authenticate() {
         let c = config(10);
-        let step = on_request_headers(
+        let step = done_on(
             &c,
             &h(&[("authorization", b"Bearer legacy-key")]),
             NOW,
@@ -253,7 +451,7 @@ mod tests {
         ];
         let mut bodies = Vec::new();
         for (headers, why) in cases {
-            let step = on_request_headers(&c, &headers, NOW, &FakeStore::default());
+            let step = done_on(&c, &headers, NOW, &FakeStore::default());
             assert_eq!(step.outcome, Outcome::Unauthorized);
             assert_eq!(step.key_error, Some(why));
             assert_eq!(step.client, None);
@@ -275,12 +473,9 @@ mod tests {
         let s = FakeStore::default();
         let team = h(&[("authorization", b"Bearer sk-team-a")]);
         for _ in 0..2 {
-            assert_eq!(
-                on_request_headers(&c, &team, NOW, &s).outcome,
-                Outcome::Admitted
-            );
+            assert_eq!(done_on(&c, &team, NOW, &s).outcome, Outcome::Admitted);
         }
-        let step = on_request_headers(&c, &team, NOW, &s);
+        let step = done_on(&c, &team, NOW, &s);
         assert_eq!(step.outcome, Outcome::RateLimited);
         match step.decision {
             Decision::Reply(r) => {
@@ -293,10 +488,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let legacy = h(&[("authorization", b"Bearer legacy-key")]);
-        assert_eq!(
-            on_request_headers(&c, &legacy, NOW, &s).outcome,
-            Outcome::Admitted
-        );
+        assert_eq!(done_on(&c, &legacy, NOW, &s).outcome, Outcome::Admitted);
     }
 
     #[test]
@@ -304,10 +496,133 @@ mod tests {
         let c = config(2);
         let s = FakeStore::default();
         s.fail_get.set(true);
-        let step = on_request_headers(&c, &h(&[("authorization", b"Bearer sk-team-a")]), NOW, &s);
+        let step = done_on(&c, &h(&[("authorization", b"Bearer sk-team-a")]), NOW, &s);
         assert_eq!(step.outcome, Outcome::Admitted);
-        assert_eq!(step.limiter_error, Some(LimiterError::Store));
+        assert_eq!(
+            step.limiter_errors,
+            vec![LimiterFailure {
+                backend: "local",
+                reason: "store"
+            }]
+        );
         assert_eq!(forward(&step).window, None);
+    }
+
+    fn redis_config(on_error: &str) -> Config {
+        let sha = Digest::of_key(DigestKind::Sha256, b"sk-team-a").to_hex();
+        let json = format!(
+            r#"{{"clients":[{{"name":"team-a","key_sha256":"{sha}","requests_per_minute":5}}],
+                "upstream":{{"api_key_env":"K"}},
+                "limiter":{{"backend":"redis","cluster":"webdis","timeout_ms":40,"on_error":"{on_error}"}}}}"#
+        );
+        Config::parse(json.as_bytes(), &|_| Some("sk-provider".into())).unwrap()
+    }
+
+    fn ask(c: &Config) -> Pending {
+        let headers = h(&[
+            ("authorization", b"Bearer sk-team-a"),
+            ("x-tollgate-x", b"1"),
+        ]);
+        match on_request_headers(c, &headers, NOW, &FakeStore::default()) {
+            Start::AskLimiter(p) => p,
+            other => panic!("expected a limiter callout, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn redis_mode_asks_webdis_with_the_older_proxys_key() {
+        let c = redis_config("local");
+        let p = ask(&c);
+        assert_eq!(p.call.cluster, "webdis");
+        assert_eq!(p.call.timeout_ms, 40);
+        assert_eq!(
+            &p.call.headers[..3],
+            &[
+                (":method", "POST".to_string()),
+                (":path", "/".to_string()),
+                (":authority", "webdis".to_string()),
+            ]
+        );
+        let body = String::from_utf8(p.call.body.clone()).unwrap();
+        let md5 = Digest::of_key(DigestKind::Md5, b"sk-team-a").to_hex();
+        let minute = NOW / 60_000;
+        assert!(
+            body.contains(&format!("/1/rate%3A{md5}%3A{minute}/5/")),
+            "{body}"
+        );
+        assert!(!body.contains("sk-team-a"));
+    }
+
+    #[test]
+    fn redis_answers_admit_or_limit() {
+        let c = redis_config("deny");
+        let step = on_limiter_reply(
+            &c,
+            ask(&c),
+            Some(200),
+            br#"{"EVAL":[1,2,100000]}"#,
+            NOW,
+            &FakeStore::default(),
+        );
+        assert_eq!(step.outcome, Outcome::Admitted);
+        let f = forward(&step);
+        assert_eq!(f.window.unwrap().remaining, 3);
+        assert_eq!(f.remove, vec![b"x-tollgate-x".to_vec()]);
+        assert!(step.limiter_errors.is_empty());
+
+        let step = on_limiter_reply(
+            &c,
+            ask(&c),
+            Some(200),
+            br#"{"EVAL":[0,5,100000]}"#,
+            NOW,
+            &FakeStore::default(),
+        );
+        assert_eq!(step.outcome, Outcome::RateLimited);
+        assert!(matches!(step.decision, Decision::Reply(ref r) if r.status == 429));
+    }
+
+    #[test]
+    fn redis_failures_follow_on_error() {
+        let store = FakeStore::default();
+        let err = br#"{"EVAL":[false,"ERR boom"]}"#;
+        let redis_error = vec![LimiterFailure {
+            backend: "redis",
+            reason: "redis_error",
+        }];
+
+        let c = redis_config("allow");
+        let step = on_limiter_reply(&c, ask(&c), Some(200), err, NOW, &store);
+        assert_eq!(step.outcome, Outcome::Admitted);
+        assert_eq!(forward(&step).window, None);
+        assert_eq!(step.limiter_errors, redis_error);
+
+        let c = redis_config("deny");
+        let step = on_limiter_reply(&c, ask(&c), Some(200), err, NOW, &store);
+        assert_eq!(step.outcome, Outcome::Error);
+        assert!(matches!(step.decision, Decision::Reply(ref r) if r.status == 503));
+        assert_eq!(step.limiter_errors, redis_error);
+
+        // Local fallback: the shared-data budget applies while Redis is down.
+        let c = redis_config("local");
+        for i in 0..5 {
+            let step = on_limiter_reply(&c, ask(&c), None, b"", NOW + 1, &store);
+            assert_eq!(step.outcome, Outcome::Admitted, "request {i}");
+            assert_eq!(forward(&step).window.unwrap().remaining, 4 - i);
+            assert_eq!(step.limiter_errors[0].reason, "unavailable");
+        }
+        let step = on_limiter_reply(&c, ask(&c), Some(403), b"", NOW + 1, &store);
+        assert_eq!(step.outcome, Outcome::RateLimited);
+        assert_eq!(step.limiter_errors[0].reason, "forbidden");
+    }
+
+    #[test]
+    fn a_failed_callout_after_the_timeout_is_a_timeout() {
+        let c = redis_config("allow");
+        let step = on_limiter_reply(&c, ask(&c), None, b"", NOW + 40, &FakeStore::default());
+        assert_eq!(step.limiter_errors[0].reason, "timeout");
+        let step = on_limiter_reply(&c, ask(&c), None, b"", NOW + 39, &FakeStore::default());
+        assert_eq!(step.limiter_errors[0].reason, "unavailable");
     }
 
     #[test]

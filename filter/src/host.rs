@@ -35,7 +35,10 @@ const CAS_MISMATCH: u32 = 8;
 
 const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
+const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
+const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+const STREAM_HTTP_REQUEST: u32 = 0;
 const METRIC_COUNTER: u32 = 0;
 
 /// Which header map a call is about.
@@ -45,6 +48,8 @@ pub enum Map {
     Request,
     /// The response headers (valid in the response-headers callback).
     Response,
+    /// The headers of an HTTP callout's response (valid in `on_http_call_response`).
+    CallResponse,
 }
 
 impl Map {
@@ -52,6 +57,7 @@ impl Map {
         match self {
             Map::Request => MAP_REQUEST_HEADERS,
             Map::Response => MAP_RESPONSE_HEADERS,
+            Map::CallResponse => MAP_HTTP_CALL_RESPONSE_HEADERS,
         }
     }
 }
@@ -80,6 +86,26 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout_milliseconds: u32,
+        return_token: *mut u32,
+    ) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
         key_size: usize,
@@ -170,18 +196,19 @@ pub fn now_ms() -> Result<u64, HostError> {
 
 /// The plugin configuration bytes.
 pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
+    buffer(BUFFER_PLUGIN_CONFIGURATION, usize::MAX)
+}
+
+/// The body of an HTTP callout's response, up to `max` bytes.
+pub fn call_response_body(max: usize) -> Result<Vec<u8>, HostError> {
+    buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, max)
+}
+
+fn buffer(buffer_type: u32, max: usize) -> Result<Vec<u8>, HostError> {
     let mut data = null_mut();
     let mut size = 0usize;
     // SAFETY: out-pointers are valid; the returned buffer is taken exactly once.
-    let status = unsafe {
-        proxy_get_buffer_bytes(
-            BUFFER_PLUGIN_CONFIGURATION,
-            0,
-            usize::MAX,
-            &mut data,
-            &mut size,
-        )
-    };
+    let status = unsafe { proxy_get_buffer_bytes(buffer_type, 0, max, &mut data, &mut size) };
     match status {
         OK => Ok(unsafe { take_host_buffer(data, size) }),
         NOT_FOUND => Ok(Vec::new()),
@@ -204,6 +231,62 @@ pub fn headers(map: Map) -> Result<Vec<Header>, HostError> {
     headers::decode(&bytes).map_err(|_| HostError {
         call: "proxy_get_header_map_pairs (malformed map)",
         status: 0,
+    })
+}
+
+/// One header's value (the first, if repeated); `None` when absent.
+pub fn header(map: Map, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+    let mut data = null_mut();
+    let mut size = 0usize;
+    // SAFETY: valid pointers; the returned buffer is taken exactly once.
+    let status = unsafe {
+        proxy_get_header_map_value(map.id(), name.as_ptr(), name.len(), &mut data, &mut size)
+    };
+    match status {
+        OK => Ok(Some(unsafe { take_host_buffer(data, size) })),
+        NOT_FOUND => Ok(None),
+        status => Err(HostError {
+            call: "proxy_get_header_map_value",
+            status,
+        }),
+    }
+}
+
+/// Sends an HTTP request to an Envoy cluster; the answer arrives in `on_http_call_response`
+/// with the returned token.
+pub fn dispatch_http_call(
+    cluster: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+    timeout_ms: u32,
+) -> Result<u32, HostError> {
+    let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let map = headers::encode(&pairs);
+    let trailers = headers::encode::<&str, &str>(&[]);
+    let mut token = 0u32;
+    // SAFETY: pointers and lengths of live buffers; one u32 out-pointer.
+    check("proxy_http_call", unsafe {
+        proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            map.as_ptr(),
+            map.len(),
+            body.as_ptr(),
+            body.len(),
+            trailers.as_ptr(),
+            trailers.len(),
+            timeout_ms,
+            &mut token,
+        )
+    })?;
+    Ok(token)
+}
+
+/// Resumes a request paused in its headers callback.
+pub fn resume_request() -> Result<(), HostError> {
+    // SAFETY: no pointers.
+    check("proxy_continue_stream", unsafe {
+        proxy_continue_stream(STREAM_HTTP_REQUEST)
     })
 }
 
@@ -257,7 +340,9 @@ pub fn send_json_reply(
 /// Resets the request stream: the last resort when even a local reply cannot be sent.
 pub fn reset_request() -> Result<(), HostError> {
     // SAFETY: no pointers.
-    check("proxy_close_stream", unsafe { proxy_close_stream(0) })
+    check("proxy_close_stream", unsafe {
+        proxy_close_stream(STREAM_HTTP_REQUEST)
+    })
 }
 
 /// Defines (or finds, if another VM defined it) a counter and returns its id.

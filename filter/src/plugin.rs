@@ -6,13 +6,20 @@ use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
+use tollgate_core::config::LimiterBackend;
 use tollgate_core::limiter::{self, LimiterError, Window};
 use tollgate_core::metrics::{self, Outcome, ANONYMOUS};
 use tollgate_core::openai::{self, LocalReply};
-use tollgate_core::request::{self, Decision, Forward, PROVIDER_RATE_LIMIT_HEADERS};
+use tollgate_core::request::{
+    self, Decision, Forward, LimiterFailure, Pending, Start, Step, PROVIDER_RATE_LIMIT_HEADERS,
+};
+use tollgate_core::webdis::ReplyError;
 use tollgate_core::Config;
 
 use crate::host::{self, HostError, Map, SharedData};
+
+/// Webdis replies to a check are a few dozen bytes; anything longer is not a check reply.
+const MAX_LIMITER_REPLY_BYTES: usize = 4096;
 
 /// A compiled configuration with the metric ids it uses, shared by the VM's HTTP contexts.
 struct Plugin {
@@ -26,8 +33,8 @@ struct MetricIds {
     requests: Vec<[u32; 4]>,
     /// Requests without a known client: `[outcome]`.
     anonymous: [u32; 4],
-    /// `[contention, store]` for the local backend.
-    limiter_errors: [u32; 2],
+    /// `(backend, reason, id)` for every limiter failure this configuration can meet.
+    limiter_errors: Vec<(&'static str, &'static str, u32)>,
 }
 
 impl MetricIds {
@@ -44,16 +51,22 @@ impl MetricIds {
             .iter()
             .map(|c| per_outcome(&c.name))
             .collect::<Result<Vec<_>, _>>()?;
-        let limiter_errors = [
-            host::define_counter(&metrics::limiter_errors_total(
-                "local",
-                LimiterError::Contention.reason(),
-            ))?,
-            host::define_counter(&metrics::limiter_errors_total(
-                "local",
-                LimiterError::Store.reason(),
-            ))?,
-        ];
+        // The local limiter runs in every mode (as the Redis fallback too).
+        let mut failures: Vec<(&'static str, &'static str)> =
+            [LimiterError::Contention, LimiterError::Store]
+                .iter()
+                .map(|e| ("local", e.reason()))
+                .collect();
+        if let LimiterBackend::Redis(_) = config.limiter {
+            failures.extend(ReplyError::REASONS.iter().map(|r| ("redis", *r)));
+        }
+        let limiter_errors = failures
+            .into_iter()
+            .map(|(backend, reason)| {
+                host::define_counter(&metrics::limiter_errors_total(backend, reason))
+                    .map(|id| (backend, reason, id))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             requests,
             anonymous: per_outcome(ANONYMOUS)?,
@@ -70,12 +83,14 @@ impl MetricIds {
         }
     }
 
-    fn limiter_error(&self, e: LimiterError) {
-        let id = match e {
-            LimiterError::Contention => self.limiter_errors[0],
-            LimiterError::Store => self.limiter_errors[1],
-        };
-        host::increment(id);
+    fn limiter_error(&self, f: &LimiterFailure) {
+        let found = self
+            .limiter_errors
+            .iter()
+            .find(|(b, r, _)| *b == f.backend && *r == f.reason);
+        if let Some((_, _, id)) = found {
+            host::increment(*id);
+        }
     }
 }
 
@@ -119,9 +134,9 @@ impl RootContext for Root {
             }
         }
         info!(
-            "configured: {} clients, limiter {:?}",
+            "configured: {} clients, limiter {}",
             config.clients.len(),
-            config.limiter
+            config.limiter.name()
         );
         self.plugin = Some(Rc::new(Plugin { config, metrics }));
         true
@@ -130,6 +145,7 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Request {
             plugin: self.plugin.clone(),
+            pending: None,
             window: None,
             replied: false,
         }))
@@ -143,13 +159,49 @@ impl RootContext for Root {
 /// One HTTP request.
 struct Request {
     plugin: Option<Rc<Plugin>>,
+    /// Waiting for the Redis limiter's reply.
+    pending: Option<(u32, Pending)>,
     /// The client's window after admission, for the response headers.
     window: Option<Window>,
     /// The filter answered this request itself; leave the response alone.
     replied: bool,
 }
 
-impl Context for Request {}
+impl Context for Request {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        _body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let (Some(plugin), Some((expected, pending))) = (self.plugin.clone(), self.pending.take())
+        else {
+            return;
+        };
+        if token != expected {
+            warn!("unexpected callout token {token}");
+        }
+        // No headers: Envoy could not get an answer (refused, reset, timed out).
+        let status = if num_headers == 0 {
+            None
+        } else {
+            match host::header(Map::CallResponse, ":status") {
+                Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()),
+                _ => None,
+            }
+        };
+        let body = host::call_response_body(MAX_LIMITER_REPLY_BYTES).unwrap_or_default();
+        let now = host::now_ms().unwrap_or(0);
+        let step =
+            request::on_limiter_reply(&plugin.config, pending, status, &body, now, &SharedData);
+        if self.finish(&plugin, step) == Action::Continue {
+            if let Err(e) = host::resume_request() {
+                error!("cannot resume the request: {e}");
+            }
+        }
+    }
+}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -159,7 +211,7 @@ impl HttpContext for Request {
             error!("request without a configuration");
             return self.reply(&openai::internal_error());
         };
-        let step = match (host::headers(Map::Request), host::now_ms()) {
+        let start = match (host::headers(Map::Request), host::now_ms()) {
             (Ok(headers), Ok(now)) => {
                 request::on_request_headers(&plugin.config, &headers, now, &SharedData)
             }
@@ -169,29 +221,37 @@ impl HttpContext for Request {
                 return self.reply(&openai::internal_error());
             }
         };
-        if let Some(e) = step.limiter_error {
-            warn!("local limiter failed ({}); request admitted", e.reason());
-            plugin.metrics.limiter_error(e);
-        }
-        if let Some(why) = step.key_error {
-            debug!("unauthorized: {why:?}");
-        }
-        let (action, outcome) = match step.decision {
-            Decision::Reply(reply) => (self.reply(&reply), step.outcome),
-            Decision::Forward(forward) => match apply(&forward) {
-                Ok(()) => {
-                    self.window = forward.window;
-                    (Action::Continue, step.outcome)
+        match start {
+            Start::Done(step) => self.finish(&plugin, step),
+            Start::AskLimiter(pending) => {
+                let call = &pending.call;
+                match host::dispatch_http_call(
+                    &call.cluster,
+                    &call.headers,
+                    &call.body,
+                    call.timeout_ms,
+                ) {
+                    Ok(token) => {
+                        self.pending = Some((token, pending));
+                        Action::Pause
+                    }
+                    Err(e) => {
+                        // An unknown cluster or a bad callout: the limiter is unavailable.
+                        error!("cannot call the Redis limiter: {e}");
+                        let now = host::now_ms().unwrap_or(0);
+                        let step = request::on_limiter_reply(
+                            &plugin.config,
+                            pending,
+                            None,
+                            b"",
+                            now,
+                            &SharedData,
+                        );
+                        self.finish(&plugin, step)
+                    }
                 }
-                Err(e) => {
-                    // Never forward a request whose client key may still be on it.
-                    error!("cannot rewrite request headers: {e}");
-                    (self.reply(&openai::internal_error()), Outcome::Error)
-                }
-            },
-        };
-        plugin.metrics.request(step.client, outcome);
-        action
+            }
+        }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -215,6 +275,37 @@ impl HttpContext for Request {
 }
 
 impl Request {
+    /// Applies a decision: records its metrics, then answers or rewrites the request.
+    /// Returns Continue when the request may go upstream.
+    fn finish(&mut self, plugin: &Plugin, step: Step) -> Action {
+        for f in &step.limiter_errors {
+            warn!(
+                "{} limiter failed ({}); handled by its failure policy",
+                f.backend, f.reason
+            );
+            plugin.metrics.limiter_error(f);
+        }
+        if let Some(why) = step.key_error {
+            debug!("unauthorized: {why:?}");
+        }
+        let (action, outcome) = match step.decision {
+            Decision::Reply(reply) => (self.reply(&reply), step.outcome),
+            Decision::Forward(forward) => match apply(&forward) {
+                Ok(()) => {
+                    self.window = forward.window;
+                    (Action::Continue, step.outcome)
+                }
+                Err(e) => {
+                    // Never forward a request whose client key may still be on it.
+                    error!("cannot rewrite request headers: {e}");
+                    (self.reply(&openai::internal_error()), Outcome::Error)
+                }
+            },
+        };
+        plugin.metrics.request(step.client, outcome);
+        action
+    }
+
     /// Sends a local reply; if even that fails, resets the stream so nothing goes upstream.
     fn reply(&mut self, reply: &LocalReply) -> Action {
         self.replied = true;
