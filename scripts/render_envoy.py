@@ -7,6 +7,7 @@ configuration and the provider cluster change.
 
     render_envoy.py [--listen 127.0.0.1:10000] [--admin 127.0.0.1:9901]
                     [--provider-url http://127.0.0.1:10080 | https://api.example.com]
+                    [--limiter local|redis] [--webdis 127.0.0.1:7379]
                     [--wasm PATH] [--plugin-config FILE] [-o OUT]
 """
 
@@ -51,6 +52,21 @@ def plugin_config(cfg: dict) -> dict:
 def set_plugin_config(cfg: dict, plugin: dict | str) -> None:
     value = plugin if isinstance(plugin, str) else json.dumps(plugin, indent=2)
     wasm_config(cfg)["configuration"]["value"] = value
+
+
+def use_redis_limiter(cfg: dict, **settings) -> None:
+    """Switch the plugin configuration to the Redis limiter through the `webdis` cluster."""
+    plugin = plugin_config(cfg)
+    plugin["limiter"] = {"backend": "redis", "cluster": "webdis", "timeout_ms": 100,
+                         "on_error": "local", **settings}
+    set_plugin_config(cfg, plugin)
+
+
+def set_webdis(cfg: dict, hostport: str) -> None:
+    """Point the `webdis` cluster at Webdis."""
+    _cluster(cfg, "webdis")["load_assignment"]["endpoints"] = [
+        {"lb_endpoints": [{"endpoint": {"address": _addr(hostport)}}]}
+    ]
 
 
 def set_wasm(cfg: dict, path: str) -> None:
@@ -154,6 +170,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--listen")
     p.add_argument("--admin")
     p.add_argument("--provider-url")
+    p.add_argument("--limiter", choices=("local", "redis"))
+    p.add_argument("--webdis", help="host:port of Webdis")
     p.add_argument("--wasm")
     p.add_argument("--plugin-config", help="file holding the plugin configuration JSON")
     p.add_argument("-o", "--output", default="-")
@@ -165,6 +183,10 @@ def main(argv: list[str]) -> int:
         set_admin(cfg, a.admin)
     if a.provider_url:
         set_provider(cfg, a.provider_url)
+    if a.limiter == "redis":
+        use_redis_limiter(cfg)
+    if a.webdis:
+        set_webdis(cfg, a.webdis)
     if a.wasm:
         set_wasm(cfg, a.wasm)
     if a.plugin_config:

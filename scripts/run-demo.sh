@@ -7,6 +7,9 @@
 #   TOLLGATE_LISTEN         gateway address (default 127.0.0.1:10000)
 #   TOLLGATE_ADMIN          Envoy admin address (default 127.0.0.1:9901)
 #   TOLLGATE_MOCK_LISTEN    mock provider address (default 127.0.0.1:10080)
+#   LIMITER                 local (default) or redis: Redis + Webdis on loopback, shared counters
+#   TOLLGATE_REDIS_PORT     Redis port with LIMITER=redis (default 16379)
+#   TOLLGATE_WEBDIS_PORT    Webdis port with LIMITER=redis (default 7379)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,8 +43,31 @@ else
   provider_desc="mock provider on $MOCK_LISTEN (set TOLLGATE_PROVIDER_URL and TOLLGATE_PROVIDER_KEY for a real one)"
 fi
 
+limiter_args=()
+limiter_desc="local (Envoy shared data)"
+if [[ "${LIMITER:-local}" == redis ]]; then
+  redis_port=${TOLLGATE_REDIS_PORT:-16379}
+  webdis_port=${TOLLGATE_WEBDIS_PORT:-7379}
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$RUN_DIR" --logfile redis.log &
+  pids+=($!)
+  cat > "$RUN_DIR/webdis.json" <<JSON
+{"redis_host": "127.0.0.1", "redis_port": $redis_port, "http_host": "127.0.0.1", "http_port": $webdis_port,
+ "threads": 2, "pool_size": 8, "daemonize": false, "database": 0,
+ "acl": [{"disabled": ["*"]}, {"enabled": ["EVAL"]}],
+ "verbosity": 3, "logfile": "$PWD/$RUN_DIR/webdis.log"}
+JSON
+  webdis "$RUN_DIR/webdis.json" &
+  pids+=($!)
+  limiter_args=(--limiter redis --webdis "127.0.0.1:$webdis_port")
+  limiter_desc="redis (Redis on 127.0.0.1:$redis_port via Webdis on 127.0.0.1:$webdis_port)"
+elif [[ "${LIMITER:-local}" != local ]]; then
+  echo "LIMITER must be local or redis, not ${LIMITER}" >&2
+  exit 2
+fi
+
 "$PYTHON" scripts/render_envoy.py --listen "$LISTEN" --admin "$ADMIN" \
-  --provider-url "$provider_url" -o "$RUN_DIR/envoy.yaml"
+  --provider-url "$provider_url" "${limiter_args[@]}" -o "$RUN_DIR/envoy.yaml"
 
 "$ENVOY" -c "$RUN_DIR/envoy.yaml" --concurrency 2 --disable-hot-restart \
   --log-level warning --component-log-level wasm:info &
@@ -62,6 +88,7 @@ PY
 cat <<MSG
 
 Tollgate is running on http://$LISTEN  (provider: $provider_desc)
+  limiter:          $limiter_desc
   demo client key:  sk-tollgate-demo  (60 requests per minute)
 
   curl -s http://$LISTEN/v1/chat/completions \\

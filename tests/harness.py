@@ -159,6 +159,76 @@ class MockProvider:
         self._stderr.close()
 
 
+REDIS_PASSWORD = "tollgate-test-redis-password"
+
+
+class RedisServer:
+    """redis-server (Debian package) on a free loopback port, password-protected, no persistence."""
+
+    def __init__(self, workdir: pathlib.Path, port: int | None = None):
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.log_path = workdir / f"redis-{self.port}.log"
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--requirepass", REDIS_PASSWORD,
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir), "--logfile", str(self.log_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: self.cli("PING") == "PONG", "Redis to answer PING", proc=self.proc)
+
+    def cli(self, *args: str) -> str:
+        r = subprocess.run(["redis-cli", "-p", str(self.port), "--no-auth-warning", "-a", REDIS_PASSWORD, *args],
+                           capture_output=True, text=True, timeout=10)
+        return r.stdout.strip()
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+class Webdis:
+    """Webdis (Debian package) in front of a RedisServer. Its ACL allows EVAL only, as in the
+    deployment docs. `basic_auth` ("user:password") makes it require HTTP basic auth."""
+
+    def __init__(self, workdir: pathlib.Path, redis: RedisServer, basic_auth: str | None = None):
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        acl = [{"disabled": ["*"]}]
+        if basic_auth:
+            acl.append({"http_basic_auth": basic_auth, "enabled": ["EVAL"]})
+        else:
+            acl.append({"enabled": ["EVAL"]})
+        conf = {
+            "redis_host": "127.0.0.1", "redis_port": redis.port, "redis_auth": REDIS_PASSWORD,
+            "http_host": "127.0.0.1", "http_port": self.port, "threads": 2, "pool_size": 8,
+            "daemonize": False, "database": 0, "acl": acl,
+            "verbosity": 3, "logfile": str(workdir / f"webdis-{self.port}.log"),
+        }
+        self.config_path = workdir / f"webdis-{self.port}.json"
+        self.config_path.write_text(json.dumps(conf))
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["webdis", str(self.config_path)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: socket.create_connection(("127.0.0.1", self.port), timeout=1).close() or True,
+                   "Webdis to listen", proc=self.proc)
+
+    def pause(self) -> None:
+        """Freeze Webdis: connections are accepted by the kernel but never answered (a slow Webdis)."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+        stop(self.proc)
+
+
 def default_plugin_config(clients: list[dict], **extra) -> dict:
     return {"clients": clients, "upstream": {"api_key_env": PROVIDER_KEY_ENV}, **extra}
 
@@ -173,6 +243,8 @@ class Gateway:
     env: dict = field(default_factory=dict)
     concurrency: int = 2
     name: str = "envoy"
+    webdis: str | None = None
+    host_env_keys: list[str] | None = None
 
     def __post_init__(self):
         self.port = free_port()
@@ -183,6 +255,10 @@ class Gateway:
         render_envoy.set_provider(cfg, self.provider_url)
         render_envoy.set_wasm(cfg, str(WASM))
         render_envoy.set_plugin_config(cfg, self.plugin)
+        if self.webdis:
+            render_envoy.set_webdis(cfg, self.webdis)
+        if self.host_env_keys:
+            render_envoy.set_host_env_keys(cfg, self.host_env_keys)
         self.config_path = self.log_dir / f"{self.name}.yaml"
         self.config_path.write_text(render_envoy.dump(cfg))
         self.log_path = self.log_dir / f"{self.name}.log"
@@ -238,7 +314,8 @@ class Gateway:
         return 0
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:

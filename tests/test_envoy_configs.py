@@ -100,3 +100,10 @@ def test_https_example_is_the_rendered_demo():
     cfg = render_envoy.load()
     render_envoy.set_provider(cfg, "https://api.openai.com")
     assert render_envoy.load(ROOT / "envoy" / "provider-https.yaml") == cfg
+
+
+def test_redis_example_is_the_rendered_demo():
+    """envoy/demo-redis.yaml must not drift from the demo it is generated from."""
+    cfg = render_envoy.load()
+    render_envoy.use_redis_limiter(cfg)
+    assert render_envoy.load(ROOT / "envoy" / "demo-redis.yaml") == cfg

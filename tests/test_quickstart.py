@@ -7,19 +7,27 @@ import os
 import signal
 import subprocess
 import sys
+import time
+
+import pytest
 
 import harness
-from harness import ROOT, chat_body
+from harness import ROOT, chat_body, md5_hex
 
 
-def test_demo_serves_the_demo_key_and_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("limiter", ["local", "redis"])
+def test_demo_serves_the_demo_key_and_stops_on_ctrl_c(limiter, tmp_path):
     listen, admin, mock = (f"127.0.0.1:{harness.free_port()}" for _ in range(3))
+    redis_port, webdis_port = harness.free_port(), harness.free_port()
     env = {
         **os.environ,
         "PYTHON": sys.executable,
+        "LIMITER": limiter,
         "TOLLGATE_LISTEN": listen,
         "TOLLGATE_ADMIN": admin,
         "TOLLGATE_MOCK_LISTEN": mock,
+        "TOLLGATE_REDIS_PORT": str(redis_port),
+        "TOLLGATE_WEBDIS_PORT": str(webdis_port),
     }
     env.pop("TOLLGATE_PROVIDER_URL", None)
     env.pop("TOLLGATE_PROVIDER_KEY", None)
@@ -40,11 +48,17 @@ def test_demo_serves_the_demo_key_and_stops_on_ctrl_c(tmp_path):
                     for _ in range(61)]
         assert statuses[:60] == [200] * 60
         assert statuses[60] == 429
+        if limiter == "redis":
+            assert "limiter:          redis" in banner
+            key = f"rate:{md5_hex('sk-tollgate-demo')}:{int(time.time() // 60)}"
+            count = subprocess.run(["redis-cli", "-p", str(redis_port), "GET", key],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            assert count == "60"
 
         # Ctrl-C (SIGINT to the foreground process group) stops Envoy and the mock provider.
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=30) == 0
-        for addr in (listen, admin, mock):
+        for addr in (listen, admin, mock, f"127.0.0.1:{redis_port}", f"127.0.0.1:{webdis_port}"):
             host, port = addr.rsplit(":", 1)
             try:
                 harness.socket.create_connection((host, int(port)), timeout=1).close()

@@ -63,7 +63,8 @@ pub struct Count {
 /// Why a Webdis reply is not a usable answer. Each is a limiter error, handled by `on_error`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplyError {
-    /// No response: connection refused or reset, no healthy host (Envoy calls back with no headers).
+    /// No response: connection refused or reset, no healthy host (Envoy calls back with no
+    /// headers, or answers itself with a 503 saying so).
     Unavailable,
     /// No response within `timeout_ms`.
     Timeout,
@@ -105,6 +106,17 @@ pub fn parse_reply(status: Option<u16>, body: &[u8]) -> Result<Count, ReplyError
     match status {
         None => return Err(ReplyError::Unavailable),
         Some(200) => {}
+        // Envoy answers a callout itself when it cannot reach Webdis; its local replies say so in
+        // their body, which Webdis's own errors never do.
+        Some(_) if body.starts_with(b"upstream request timeout") => {
+            return Err(ReplyError::Timeout)
+        }
+        Some(_)
+            if body.starts_with(b"upstream connect error")
+                || body.starts_with(b"no healthy upstream") =>
+        {
+            return Err(ReplyError::Unavailable)
+        }
         Some(s) => return Err(ReplyError::Status(s)),
     }
     let value: serde_json::Value =
@@ -205,6 +217,20 @@ mod tests {
         assert_eq!(ReplyError::Status(403).reason(), "forbidden");
         assert_eq!(parse_reply(Some(503), b"x"), Err(ReplyError::Status(503)));
         assert_eq!(parse_reply(None, b""), Err(ReplyError::Unavailable));
+        // Envoy's own answers when Webdis cannot be reached.
+        let refused = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+        assert_eq!(
+            parse_reply(Some(503), refused),
+            Err(ReplyError::Unavailable)
+        );
+        assert_eq!(
+            parse_reply(Some(503), b"no healthy upstream"),
+            Err(ReplyError::Unavailable)
+        );
+        assert_eq!(
+            parse_reply(Some(504), b"upstream request timeout"),
+            Err(ReplyError::Timeout)
+        );
         for bad in [
             &b""[..],
             b"not json",

@@ -3,9 +3,11 @@
 //! We declare the proxy-wasm ABI imports ourselves instead of using the SDK's `hostcalls`
 //! wrappers: those `panic!` on any status they do not expect, and their map decoder indexes and
 //! unwraps; a panic kills the worker's VM and fails every later request on it. Statuses arrive
-//! as plain `u32`, so an unknown value cannot be undefined behaviour either.
+//! as plain `u32`, so an unknown value cannot be undefined behaviour either. The exception is
+//! `dispatch_http_call` (see there).
 
 use std::ptr::{null, null_mut};
+use std::time::Duration;
 
 use tollgate_core::headers::{self, Header};
 use tollgate_core::limiter::{CasStore, SetError, StoreError};
@@ -92,18 +94,6 @@ extern "C" {
         key_size: usize,
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
-    ) -> u32;
-    fn proxy_http_call(
-        upstream_data: *const u8,
-        upstream_size: usize,
-        headers_data: *const u8,
-        headers_size: usize,
-        body_data: *const u8,
-        body_size: usize,
-        trailers_data: *const u8,
-        trailers_size: usize,
-        timeout_milliseconds: u32,
-        return_token: *mut u32,
     ) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_get_shared_data(
@@ -254,6 +244,11 @@ pub fn header(map: Map, name: &str) -> Result<Option<Vec<u8>>, HostError> {
 
 /// Sends an HTTP request to an Envoy cluster; the answer arrives in `on_http_call_response`
 /// with the returned token.
+///
+/// The one host call made through the SDK: its dispatcher routes `on_http_call_response` to
+/// the calling context only for tokens its own `dispatch_http_call` registered. It maps the
+/// statuses Envoy's `proxy_http_call` returns (Ok, BadArgument for an unknown cluster or missing
+/// pseudo-headers, InternalFailure) to `Result`.
 pub fn dispatch_http_call(
     cluster: &str,
     headers: &[(&str, String)],
@@ -261,25 +256,17 @@ pub fn dispatch_http_call(
     timeout_ms: u32,
 ) -> Result<u32, HostError> {
     let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    let map = headers::encode(&pairs);
-    let trailers = headers::encode::<&str, &str>(&[]);
-    let mut token = 0u32;
-    // SAFETY: pointers and lengths of live buffers; one u32 out-pointer.
-    check("proxy_http_call", unsafe {
-        proxy_http_call(
-            cluster.as_ptr(),
-            cluster.len(),
-            map.as_ptr(),
-            map.len(),
-            body.as_ptr(),
-            body.len(),
-            trailers.as_ptr(),
-            trailers.len(),
-            timeout_ms,
-            &mut token,
-        )
-    })?;
-    Ok(token)
+    proxy_wasm::hostcalls::dispatch_http_call(
+        cluster,
+        pairs,
+        Some(body),
+        Vec::new(),
+        Duration::from_millis(u64::from(timeout_ms)),
+    )
+    .map_err(|status| HostError {
+        call: "proxy_http_call",
+        status: status as u32,
+    })
 }
 
 /// Resumes a request paused in its headers callback.
