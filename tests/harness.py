@@ -337,6 +337,33 @@ def parse_prometheus(text: str):
             yield m.group(1), labels, float(m.group(3))
 
 
+def burst(gateways: list["Gateway"], key: str, connections: int, per_connection: int) -> list[int]:
+    """Many concurrent clients, each on its own keep-alive connection, started together and
+    spread round-robin over `gateways`; returns every response status."""
+    import threading
+
+    statuses: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(connections)
+
+    def client(i: int):
+        gw = gateways[i % len(gateways)]
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        start.wait()
+        mine = [gw.post(key=key, conn=conn).status for _ in range(per_connection)]
+        conn.close()
+        with lock:
+            statuses.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(statuses) == connections * per_connection, "a client thread failed"
+    return statuses
+
+
 def wait_for_fresh_window(margin_s: float = 15.0) -> float:
     """Limits use wall-clock minute windows. A test that counts exactly within one window starts
     with at least `margin_s` left in the current minute; returns the minute it runs in."""

@@ -3,9 +3,7 @@ What is asserted is what a client and the provider actually see."""
 
 from __future__ import annotations
 
-import http.client
 import re
-import threading
 import time
 
 import pytest
@@ -160,26 +158,9 @@ def test_exactly_the_limit_is_admitted_under_concurrency_across_both_workers(sta
     limit, connections, per_connection = 300, 32, 25
     gw = start_gateway(config(rpm_a=limit), mock.url)
     minute = harness.wait_for_fresh_window()
-    statuses: list[int] = []
-    lock = threading.Lock()
-    start = threading.Barrier(connections)
-
-    def client():
-        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
-        start.wait()
-        mine = [gw.post(key=TEAM_A, conn=conn).status for _ in range(per_connection)]
-        conn.close()
-        with lock:
-            statuses.extend(mine)
-
-    threads = [threading.Thread(target=client) for _ in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    statuses = harness.burst([gw], TEAM_A, connections, per_connection)
     assert time.time() // 60 == minute, "the burst crossed a minute boundary; rerun"
 
-    assert len(statuses) == connections * per_connection
     assert statuses.count(200) == limit
     assert statuses.count(429) == connections * per_connection - limit
     assert len(mock.requests()) == limit

@@ -3,8 +3,6 @@ Envoy processes, and what each failure mode does with each `on_error` setting.""
 
 from __future__ import annotations
 
-import http.client
-import threading
 import time
 
 import pytest
@@ -46,24 +44,7 @@ def test_two_envoys_share_one_budget_exactly(start_gateway, mock, redis, webdis)
     limit, connections, per_connection = 60, 24, 10
     gateways = [start_gateway(plugin(limit), mock.url, webdis=webdis.addr) for _ in range(2)]
     minute = harness.wait_for_fresh_window()
-    statuses: list[int] = []
-    lock = threading.Lock()
-    start = threading.Barrier(connections)
-
-    def client(i: int):
-        gw = gateways[i % 2]
-        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
-        start.wait()
-        mine = [gw.post(key=KEY, conn=conn).status for _ in range(per_connection)]
-        conn.close()
-        with lock:
-            statuses.extend(mine)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    statuses = harness.burst(gateways, KEY, connections, per_connection)
     assert time.time() // 60 == minute, "the burst crossed a minute boundary; rerun"
 
     assert statuses.count(200) == limit
