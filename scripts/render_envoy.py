@@ -24,6 +24,20 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "envoy" / "demo.yaml"
 WASM_FILTER = "envoy.filters.http.wasm"
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+ROUTE_HEADER = "x-tollgate-route"
+# Envoy's own errors (no healthy upstream, connect failure, timeouts, overflow) in OpenAI's shape,
+# keyed by the response flag Envoy sets; Tollgate's own replies carry no such flag.
+ENVOY_ERRORS = [
+    ("UT", "upstream_timeout", "The provider did not answer in time."),
+    ("UH", "no_healthy_upstream", "No provider is available for this request."),
+    ("UF", "upstream_connect_error", "The gateway could not connect to the provider."),
+    ("URX", "upstream_retries_exhausted", "Every provider for this model failed."),
+    ("UO", "upstream_overflow", "The gateway is overloaded; retry shortly."),
+    ("UC", "upstream_connection_terminated", "The provider closed the connection."),
+    ("UR", "upstream_reset", "The provider reset the request."),
+    ("NR", "no_route", "No route serves this request."),
+]
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
@@ -38,11 +52,22 @@ def _hcm(cfg: dict) -> dict:
 
 
 def wasm_config(cfg: dict) -> dict:
-    """The PluginConfig of the Tollgate wasm filter."""
+    """The PluginConfig of the Tollgate wasm filter on the listener."""
     for f in _hcm(cfg)["http_filters"]:
         if f["name"] == WASM_FILTER:
             return f["typed_config"]["config"]
     raise KeyError("no wasm filter in the Envoy config")
+
+
+def _all_wasm_configs(cfg: dict):
+    """The listener's Tollgate PluginConfig and those of the upstream filters of provider
+    clusters (routing mode), which must stay identical but for name and root_id."""
+    yield wasm_config(cfg)
+    for c in cfg["static_resources"]["clusters"]:
+        opts = c.get("typed_extension_protocol_options", {}).get(HTTP_OPTIONS, {})
+        for f in opts.get("http_filters", []):
+            if f["name"] == WASM_FILTER:
+                yield f["typed_config"]["config"]
 
 
 def plugin_config(cfg: dict) -> dict:
@@ -51,7 +76,8 @@ def plugin_config(cfg: dict) -> dict:
 
 def set_plugin_config(cfg: dict, plugin: dict | str) -> None:
     value = plugin if isinstance(plugin, str) else json.dumps(plugin, indent=2)
-    wasm_config(cfg)["configuration"]["value"] = value
+    for w in _all_wasm_configs(cfg):
+        w["configuration"]["value"] = value
 
 
 def use_redis_limiter(cfg: dict, **settings) -> None:
@@ -70,11 +96,13 @@ def set_webdis(cfg: dict, hostport: str) -> None:
 
 
 def set_wasm(cfg: dict, path: str) -> None:
-    wasm_config(cfg)["vm_config"]["code"]["local"]["filename"] = str(path)
+    for w in _all_wasm_configs(cfg):
+        w["vm_config"]["code"]["local"]["filename"] = str(path)
 
 
 def set_host_env_keys(cfg: dict, keys: list[str]) -> None:
-    wasm_config(cfg)["vm_config"]["environment_variables"]["host_env_keys"] = list(keys)
+    for w in _all_wasm_configs(cfg):
+        w["vm_config"]["environment_variables"]["host_env_keys"] = list(keys)
 
 
 def _addr(hostport: str) -> dict:
@@ -152,6 +180,194 @@ class _Dumper(yaml.SafeDumper):
     """Writes multi-line strings (the plugin configuration JSON) as readable literal blocks."""
 
 
+def _endpoint_cluster(name: str, url: str, connect_timeout_ms: int = 2000) -> dict:
+    """A cluster for the origin of `url`: plain for http, TLS with SNI and SAN checks for https."""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"provider URL must be http(s)://host[:port], got {url!r}")
+    tls = u.scheme == "https"
+    host, port = u.hostname, u.port or (443 if tls else 80)
+    is_ip = host.replace(".", "").isdigit() or ":" in host
+    cluster = {
+        "name": name,
+        "type": "STATIC" if is_ip else "LOGICAL_DNS",
+        "connect_timeout": f"{connect_timeout_ms / 1000:g}s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(f"{host}:{port}")}}]}],
+        },
+    }
+    if not is_ip:
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    if tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": host,
+                "common_tls_context": {
+                    "validation_context": {
+                        "trusted_ca": {"filename": CA_BUNDLE},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}],
+                    }
+                },
+            },
+        }
+    return cluster
+
+
+def configure_routing(cfg: dict, plugin: dict, providers: dict[str, dict]) -> None:
+    """Build the routes and clusters of model routing from a plugin configuration.
+
+    `providers` maps each provider name to `{"url": ..., "connect_timeout_ms": ..., "timeout_ms":
+    ..., "idle_timeout_ms": ...}` (Envoy-side settings the plugin configuration does not hold).
+    For every provider: a cluster whose upstream filter chain runs Tollgate again, once per
+    attempt, to set that provider's key, host, path prefix and model name. For every model rule:
+    a route on `x-tollgate-route: r<i>` to the provider, or to an aggregate cluster of its
+    providers in order with a retry policy that moves to the next one on connect failure,
+    reset, 5xx or 429. Requests the filter did not route get a 404 from the catch-all.
+    """
+    set_plugin_config(cfg, plugin)
+    base = wasm_config(cfg)
+    clusters = [c for c in cfg["static_resources"]["clusters"]
+                if c["name"] not in ("provider",) and not c["name"].startswith("tollgate_")
+                and c["name"] not in {p["cluster"] for p in plugin["providers"]}]
+    upstream = json.loads(json.dumps(base))
+    upstream["name"] = "tollgate-upstream"
+    upstream["root_id"] = "tollgate_upstream"
+    # Envoy runs the upstream filters of the cluster a route names: the provider's cluster for
+    # one-provider rules, the aggregate cluster for rules with fallbacks.
+    upstream_options = {HTTP_OPTIONS: {
+        "@type": f"type.googleapis.com/{HTTP_OPTIONS}",
+        "explicit_http_config": {"http_protocol_options": {}},
+        "http_filters": [
+            {"name": WASM_FILTER, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": upstream}},
+            {"name": "envoy.filters.http.upstream_codec", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}},
+        ],
+    }}
+    for p in plugin["providers"]:
+        settings = providers[p["name"]]
+        cluster = _endpoint_cluster(p["cluster"], settings["url"], settings.get("connect_timeout_ms", 2000))
+        cluster["typed_extension_protocol_options"] = json.loads(json.dumps(upstream_options))
+        clusters.append(cluster)
+    by_name = {p["name"]: p for p in plugin["providers"]}
+    routes = []
+    targets = [(f"r{i}", rule["providers"]) for i, rule in enumerate(plugin["models"])]
+    if plugin.get("default_provider"):
+        targets.append(("default", [plugin["default_provider"]]))
+    for route_id, names in targets:
+        first = providers[names[0]]
+        route = {
+            "timeout": f"{first.get('timeout_ms', 600_000) / 1000:g}s",
+            "idle_timeout": f"{first.get('idle_timeout_ms', 120_000) / 1000:g}s",
+        }
+        if len(names) == 1:
+            route["cluster"] = by_name[names[0]]["cluster"]
+        else:
+            agg = f"tollgate_route_{route_id}"
+            clusters.append({
+                "name": agg,
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": json.loads(json.dumps(upstream_options)),
+                "lb_policy": "CLUSTER_PROVIDED",
+                "cluster_type": {"name": "envoy.clusters.aggregate", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                    "clusters": [by_name[n]["cluster"] for n in names]}},
+            })
+            route["cluster"] = agg
+            route["retry_policy"] = {
+                "retry_on": "connect-failure,refused-stream,reset,5xx,retriable-status-codes",
+                "retriable_status_codes": [429],
+                "num_retries": len(names) - 1,
+                "retry_priority": {"name": "envoy.retry_priorities.previous_priorities", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                    "update_frequency": 1}},
+            }
+        routes.append({"match": {"prefix": "/", "headers": [
+            {"name": ROUTE_HEADER, "string_match": {"exact": route_id}}]}, "route": route})
+    routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string":
+        '{"error":{"message":"No route serves this request.","type":"invalid_request_error",'
+        '"param":null,"code":null}}'}}})
+    vhost = _hcm(cfg)["route_config"]["virtual_hosts"][0]
+    vhost["routes"] = routes
+    # The upstream filter maps attempt N to the rule's N-th provider.
+    vhost["include_request_attempt_count"] = True
+    vhost.pop("response_headers_to_add", None)
+    cfg["static_resources"]["clusters"] = clusters
+    # The filter pauses the request headers to read the body (model), then resumes.
+    for w in _all_wasm_configs(cfg):
+        w["allow_on_headers_stop_iteration"] = True
+    limit = plugin.get("max_body_bytes", 1 << 20)
+    for listener in cfg["static_resources"]["listeners"]:
+        listener["per_connection_buffer_limit_bytes"] = max(limit, 1 << 20) + 65536
+    set_local_replies(cfg)
+
+
+DEMO_PROVIDERS = {
+    "relay": {"url": "http://127.0.0.1:10080"},
+    "backup": {"url": "http://127.0.0.1:10081"},
+}
+
+
+def configure_single(cfg: dict, plugin: dict, url: str) -> None:
+    """One provider for everything (`upstream` in the plugin configuration): one route to the
+    `provider` cluster, which the filter's key injection serves."""
+    set_plugin_config(cfg, plugin)
+    keep = [c for c in cfg["static_resources"]["clusters"]
+            if c["name"] == "webdis"]
+    cfg["static_resources"]["clusters"] = [_endpoint_cluster("provider", url)] + keep
+    route = {"cluster": "provider", "timeout": "600s", "idle_timeout": "120s"}
+    host = urllib.parse.urlsplit(url)
+    if host.scheme == "https":
+        route["host_rewrite_literal"] = host.hostname
+    vhost = _hcm(cfg)["route_config"]["virtual_hosts"][0]
+    vhost["routes"] = [{"match": {"prefix": "/"}, "route": route}]
+    vhost.pop("include_request_attempt_count", None)
+    for w in _all_wasm_configs(cfg):
+        w.pop("allow_on_headers_stop_iteration", None)
+    for listener in cfg["static_resources"]["listeners"]:
+        listener.pop("per_connection_buffer_limit_bytes", None)
+    set_local_replies(cfg)
+
+
+def configure(cfg: dict, plugin: dict, providers: dict[str, dict] | str) -> None:
+    """Single-provider or routing layout, whichever the plugin configuration asks for."""
+    if "providers" in plugin:
+        configure_routing(cfg, plugin, providers)
+    else:
+        configure_single(cfg, plugin, providers if isinstance(providers, str) else providers["url"])
+
+
+def _provider_urls(cfg: dict, plugin: dict) -> dict[str, dict]:
+    """The current address of each provider's cluster, as `configure_routing` input."""
+    urls = {}
+    for p in plugin["providers"]:
+        c = _cluster(cfg, p["cluster"])
+        sa = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+        scheme = "https" if "transport_socket" in c else "http"
+        urls[p["name"]] = {"url": f"{scheme}://{sa['address']}:{sa['port_value']}"}
+    return urls
+
+
+def set_local_replies(cfg: dict) -> None:
+    """Envoy's own errors in OpenAI's JSON error shape (SDKs retry or raise on them as they would
+    against the provider); Tollgate's replies pass unchanged (no response flag)."""
+    mappers = []
+    for flag, code, message in ENVOY_ERRORS:
+        mappers.append({
+            "filter": {"response_flag_filter": {"flags": [flag]}},
+            "body_format_override": {
+                "json_format": {"error": {"message": message, "type": "server_error",
+                                          "param": None, "code": code}},
+                "content_type": "application/json",
+            },
+        })
+    _hcm(cfg)["local_reply_config"] = {"mappers": mappers}
+
+
 def _str(dumper: yaml.SafeDumper, s: str):
     style = "|" if "\n" in s else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", s, style=style)
@@ -169,7 +385,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--template", default=str(TEMPLATE))
     p.add_argument("--listen")
     p.add_argument("--admin")
-    p.add_argument("--provider-url")
+    p.add_argument("--provider-url", help="URL of the first provider (the demo's \"relay\")")
+    p.add_argument("--provider", action="append", default=[], metavar="NAME=URL",
+                   help="URL of a named provider (routing configs); repeatable")
     p.add_argument("--limiter", choices=("local", "redis"))
     p.add_argument("--webdis", help="host:port of Webdis")
     p.add_argument("--wasm")
@@ -181,8 +399,26 @@ def main(argv: list[str]) -> int:
         set_listen(cfg, a.listen)
     if a.admin:
         set_admin(cfg, a.admin)
+    if a.provider:
+        plugin = plugin_config(cfg)
+        urls = _provider_urls(cfg, plugin)
+        for item in a.provider:
+            name, _, url = item.partition("=")
+            urls[name] = {"url": url}
+        configure_routing(cfg, plugin, urls)
     if a.provider_url:
-        set_provider(cfg, a.provider_url)
+        plugin = plugin_config(cfg)
+        if "providers" in plugin:
+            # The demo's first provider ("relay") goes to the given URL; the others keep theirs.
+            urls = _provider_urls(cfg, plugin)
+            first = plugin["providers"][0]
+            urls[first["name"]] = {"url": a.provider_url}
+            host = urllib.parse.urlsplit(a.provider_url).hostname or ""
+            if not host.replace(".", "").isdigit():
+                first["authority"] = host  # the provider's own Host, set per attempt
+            configure_routing(cfg, plugin, urls)
+        else:
+            set_provider(cfg, a.provider_url)
     if a.limiter == "redis":
         use_redis_limiter(cfg)
     if a.webdis:

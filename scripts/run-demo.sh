@@ -6,7 +6,9 @@
 #   TOLLGATE_PROVIDER_KEY   that provider's API key (required with TOLLGATE_PROVIDER_URL)
 #   TOLLGATE_LISTEN         gateway address (default 127.0.0.1:10000)
 #   TOLLGATE_ADMIN          Envoy admin address (default 127.0.0.1:9901)
-#   TOLLGATE_MOCK_LISTEN    mock provider address (default 127.0.0.1:10080)
+#   TOLLGATE_MOCK_LISTEN    mock "relay" provider address (default 127.0.0.1:10080)
+#   TOLLGATE_BACKUP_LISTEN  mock "backup" provider address (default 127.0.0.1:10081)
+#   TOLLGATE_BACKUP_KEY     the backup mock's key (default sk-mock-backup-key)
 #   LIMITER                 local (default) or redis: Redis + Webdis on loopback, shared counters
 #   TOLLGATE_REDIS_PORT     Redis port with LIMITER=redis (default 16379)
 #   TOLLGATE_WEBDIS_PORT    Webdis port with LIMITER=redis (default 7379)
@@ -17,6 +19,8 @@ PYTHON=${PYTHON:-.venv/bin/python}
 LISTEN=${TOLLGATE_LISTEN:-127.0.0.1:10000}
 ADMIN=${TOLLGATE_ADMIN:-127.0.0.1:9901}
 MOCK_LISTEN=${TOLLGATE_MOCK_LISTEN:-127.0.0.1:10080}
+BACKUP_LISTEN=${TOLLGATE_BACKUP_LISTEN:-127.0.0.1:10081}
+export TOLLGATE_BACKUP_KEY=${TOLLGATE_BACKUP_KEY:-sk-mock-backup-key}
 RUN_DIR=.run
 mkdir -p "$RUN_DIR"
 ENVOY=$("$PYTHON" -c 'import envoy, pathlib; print(pathlib.Path(envoy.__file__).parent / "_bin" / "envoy")')
@@ -42,6 +46,10 @@ else
   provider_url="http://$MOCK_LISTEN"
   provider_desc="mock provider on $MOCK_LISTEN (set TOLLGATE_PROVIDER_URL and TOLLGATE_PROVIDER_KEY for a real one)"
 fi
+# The second provider (fallback for gpt-4.1, and the one behind the alias "fast") is a mock.
+target/release/mock-provider --listen "$BACKUP_LISTEN" --name backup \
+  --expect-key "$TOLLGATE_BACKUP_KEY" > "$RUN_DIR/mock-backup.log" 2>&1 &
+pids+=($!)
 
 limiter_args=()
 limiter_desc="local (Envoy shared data)"
@@ -67,7 +75,8 @@ elif [[ "${LIMITER:-local}" != local ]]; then
 fi
 
 "$PYTHON" scripts/render_envoy.py --listen "$LISTEN" --admin "$ADMIN" \
-  --provider-url "$provider_url" "${limiter_args[@]}" -o "$RUN_DIR/envoy.yaml"
+  --provider "backup=http://$BACKUP_LISTEN" --provider-url "$provider_url" \
+  "${limiter_args[@]}" -o "$RUN_DIR/envoy.yaml"
 
 "$ENVOY" -c "$RUN_DIR/envoy.yaml" --concurrency 2 --disable-hot-restart \
   --log-level warning --component-log-level wasm:info &
@@ -95,6 +104,9 @@ Tollgate is running on http://$LISTEN  (provider: $provider_desc)
     -H 'authorization: Bearer sk-tollgate-demo' -H 'content-type: application/json' \\
     -d '{"model":"gpt-4.1","messages":[{"role":"user","content":"Hello!"}]}'
 
+  models:   gpt-4.1 (relay, falls back to backup), gpt-4.1-* (relay),
+            fast (an alias: backup receives "deepseek-chat")
+            curl -s http://$LISTEN/v1/models -H 'authorization: Bearer sk-tollgate-demo'
   metrics:  curl -s http://$ADMIN/stats/prometheus | grep tollgate_
   Ctrl-C stops everything.
 

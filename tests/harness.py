@@ -26,6 +26,8 @@ WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "tollgate.wasm"
 MOCK_BIN = ROOT / "target" / "release" / "mock-provider"
 PROVIDER_KEY = "sk-provider-test-key-0123456789"
 PROVIDER_KEY_ENV = "TOLLGATE_PROVIDER_KEY"
+BACKUP_KEY = "sk-backup-provider-key-9876543210"
+BACKUP_KEY_ENV = "TOLLGATE_BACKUP_KEY"
 STARTUP_TIMEOUT_S = 30
 
 
@@ -237,7 +239,7 @@ def default_plugin_config(clients: list[dict], **extra) -> dict:
 class Gateway:
     """Envoy (two workers) running tollgate.wasm from envoy/demo.yaml, rendered for this test."""
 
-    provider_url: str
+    provider_url: str | dict
     plugin: dict | str
     log_dir: pathlib.Path
     env: dict = field(default_factory=dict)
@@ -252,9 +254,13 @@ class Gateway:
         cfg = render_envoy.load()
         render_envoy.set_listen(cfg, f"127.0.0.1:{self.port}")
         render_envoy.set_admin(cfg, f"127.0.0.1:{self.admin_port}")
-        render_envoy.set_provider(cfg, self.provider_url)
+        if isinstance(self.plugin, dict):
+            # provider_url: one URL (single provider), or {provider name: {"url": ...}} (routing).
+            render_envoy.configure(cfg, self.plugin, self.provider_url)
+        else:
+            render_envoy.configure_single(cfg, render_envoy.plugin_config(cfg), self.provider_url)
+            render_envoy.set_plugin_config(cfg, self.plugin)
         render_envoy.set_wasm(cfg, str(WASM))
-        render_envoy.set_plugin_config(cfg, self.plugin)
         if self.webdis:
             render_envoy.set_webdis(cfg, self.webdis)
         if self.host_env_keys:
@@ -264,7 +270,7 @@ class Gateway:
         self.log_path = self.log_dir / f"{self.name}.log"
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
-        env = {**os.environ, PROVIDER_KEY_ENV: PROVIDER_KEY, **self.env}
+        env = {**os.environ, PROVIDER_KEY_ENV: PROVIDER_KEY, BACKUP_KEY_ENV: BACKUP_KEY, **self.env}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [

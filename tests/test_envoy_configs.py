@@ -11,13 +11,13 @@ import pytest
 
 import harness
 import render_envoy
-from harness import PROVIDER_KEY, PROVIDER_KEY_ENV, ROOT, sha256_hex
+from harness import BACKUP_KEY, BACKUP_KEY_ENV, PROVIDER_KEY, PROVIDER_KEY_ENV, ROOT, sha256_hex
 
 ENVOY_YAMLS = sorted(p.relative_to(ROOT) for p in (ROOT / "envoy").rglob("*.yaml"))
 
 
 def validate(path, env_extra=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, PROVIDER_KEY_ENV: PROVIDER_KEY, **(env_extra or {})}
+    env = {**os.environ, PROVIDER_KEY_ENV: PROVIDER_KEY, BACKUP_KEY_ENV: BACKUP_KEY, **(env_extra or {})}
     return subprocess.run(
         [harness.envoy_bin(), "--mode", "validate", "-c", str(path), "-l", "warning"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
@@ -36,12 +36,14 @@ def test_repo_envoy_config_is_valid(path):
 
 def test_rendered_https_provider_config_is_valid(tmp_path):
     cfg = render_envoy.load()
-    render_envoy.set_provider(cfg, "https://api.holysheep.ai/v1")
+    plugin = render_envoy.plugin_config(cfg)
+    render_envoy.configure_routing(cfg, plugin, {**render_envoy.DEMO_PROVIDERS,
+                                                 "relay": {"url": "https://api.holysheep.ai/v1"}})
     out = tmp_path / "https.yaml"
     out.write_text(render_envoy.dump(cfg))
     r = validate(out)
     assert r.returncode == 0, r.stdout + r.stderr
-    cluster = cfg["static_resources"]["clusters"][0]
+    cluster = render_envoy._cluster(cfg, "provider_relay")
     assert cluster["transport_socket"]["typed_config"]["sni"] == "api.holysheep.ai"
 
 
@@ -95,10 +97,22 @@ def test_invalid_plugin_config_is_refused_naming_the_field(case, tmp_path):
     assert "sk-set-but-not-listed" not in log and PROVIDER_KEY not in log
 
 
+def test_demo_routes_are_generated_from_its_plugin_config():
+    """envoy/demo.yaml's routes and clusters are what configure_routing makes of its own plugin
+    configuration, so the tests (which render the same way) run what the demo runs."""
+    cfg = render_envoy.load()
+    regenerated = render_envoy.load()
+    render_envoy.configure_routing(regenerated, render_envoy.plugin_config(cfg), render_envoy.DEMO_PROVIDERS)
+    assert regenerated == cfg
+
+
 def test_https_example_is_the_rendered_demo():
     """envoy/provider-https.yaml must not drift from the demo it is generated from."""
     cfg = render_envoy.load()
-    render_envoy.set_provider(cfg, "https://api.openai.com")
+    plugin = render_envoy.plugin_config(cfg)
+    plugin["providers"][0]["authority"] = "api.openai.com"
+    render_envoy.configure_routing(cfg, plugin, {
+        **render_envoy.DEMO_PROVIDERS, "relay": {"url": "https://api.openai.com"}})
     assert render_envoy.load(ROOT / "envoy" / "provider-https.yaml") == cfg
 
 

@@ -17,7 +17,7 @@ from harness import ROOT, chat_body, md5_hex
 
 @pytest.mark.parametrize("limiter", ["local", "redis"])
 def test_demo_serves_the_demo_key_and_stops_on_ctrl_c(limiter, tmp_path):
-    listen, admin, mock = (f"127.0.0.1:{harness.free_port()}" for _ in range(3))
+    listen, admin, mock, backup = (f"127.0.0.1:{harness.free_port()}" for _ in range(4))
     redis_port, webdis_port = harness.free_port(), harness.free_port()
     env = {
         **os.environ,
@@ -26,6 +26,7 @@ def test_demo_serves_the_demo_key_and_stops_on_ctrl_c(limiter, tmp_path):
         "TOLLGATE_LISTEN": listen,
         "TOLLGATE_ADMIN": admin,
         "TOLLGATE_MOCK_LISTEN": mock,
+        "TOLLGATE_BACKUP_LISTEN": backup,
         "TOLLGATE_REDIS_PORT": str(redis_port),
         "TOLLGATE_WEBDIS_PORT": str(webdis_port),
     }
@@ -48,6 +49,10 @@ def test_demo_serves_the_demo_key_and_stops_on_ctrl_c(limiter, tmp_path):
                     for _ in range(61)]
         assert statuses[:60] == [200] * 60
         assert statuses[60] == 429
+        # The alias and the second provider (the 429 window is per client, so use the models
+        # list, which is answered by the gateway).
+        models = harness.request(url, "GET", "/v1/models", demo).json()
+        assert [m["id"] for m in models["data"]] == ["gpt-4.1", "fast"]
         if limiter == "redis":
             assert "limiter:          redis" in banner
             key = f"rate:{md5_hex('sk-tollgate-demo')}:{int(time.time() // 60)}"
@@ -58,7 +63,7 @@ def test_demo_serves_the_demo_key_and_stops_on_ctrl_c(limiter, tmp_path):
         # Ctrl-C (SIGINT to the foreground process group) stops Envoy and the mock provider.
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=30) == 0
-        for addr in (listen, admin, mock, f"127.0.0.1:{redis_port}", f"127.0.0.1:{webdis_port}"):
+        for addr in (listen, admin, mock, backup, f"127.0.0.1:{redis_port}", f"127.0.0.1:{webdis_port}"):
             host, port = addr.rsplit(":", 1)
             try:
                 harness.socket.create_connection((host, int(port)), timeout=1).close()

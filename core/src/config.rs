@@ -9,6 +9,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::keys::{Digest, DigestKind, KeyIndex};
+use crate::routing::{Pattern, Provider, Routing, Rule, Target};
 
 /// Requests per minute for a client that sets no `requests_per_minute` and a config that sets no
 /// `default_requests_per_minute`.
@@ -59,9 +60,44 @@ struct RawConfig {
     clients: Vec<RawClient>,
     #[serde(default)]
     default_requests_per_minute: Option<u32>,
-    upstream: RawUpstream,
+    #[serde(default)]
+    upstream: Option<RawUpstream>,
     #[serde(default)]
     limiter: Option<RawLimiter>,
+    #[serde(default)]
+    providers: Option<Vec<RawProvider>>,
+    #[serde(default)]
+    models: Option<Vec<RawRule>>,
+    #[serde(default)]
+    default_provider: Option<String>,
+    #[serde(default)]
+    max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    name: String,
+    cluster: String,
+    api_key_env: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    path_prefix: Option<String>,
+    #[serde(default)]
+    headers: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(rename = "match")]
+    pattern: String,
+    providers: Vec<String>,
+    #[serde(default)]
+    upstream_model: Option<String>,
+    #[serde(default)]
+    upstream_models: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +110,8 @@ struct RawClient {
     key_md5: Option<String>,
     #[serde(default)]
     requests_per_minute: Option<u32>,
+    #[serde(default)]
+    models: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +159,8 @@ pub struct Client {
     pub name: String,
     /// Requests admitted per minute window.
     pub requests_per_minute: u32,
+    /// Models this client may use (exact names and globs); `None`: all.
+    pub models: Option<Vec<Pattern>>,
 }
 
 /// Default `limiter.timeout_ms` of the Redis backend.
@@ -216,10 +256,19 @@ pub struct Config {
     pub clients: Vec<Client>,
     /// Digest lookup from a presented key to its client.
     pub keys: KeyIndex,
-    /// Provider call settings.
-    pub upstream: Upstream,
+    /// How requests reach the provider(s).
+    pub mode: Mode,
     /// Limit counter backend.
     pub limiter: LimiterBackend,
+}
+
+/// One provider for everything, or routing by model.
+#[derive(Debug)]
+pub enum Mode {
+    /// `upstream`: every request goes to the one route of the Envoy config with this key.
+    Single(Upstream),
+    /// `providers` + `models`: the body's `model` picks the providers.
+    Routed(Routing),
 }
 
 impl Config {
@@ -321,13 +370,63 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
             Some(v) => check_per_minute(&at("requests_per_minute"), v)?,
             None => default_rpm,
         };
+        let models = match c.models {
+            None => None,
+            Some(list) => Some(compile_patterns(&at("models"), &list)?),
+        };
         clients.push(Client {
             name: c.name,
             requests_per_minute,
+            models,
         });
     }
 
-    let upstream = compile_upstream(raw.upstream, env)?;
+    let mode = match (raw.upstream, raw.providers) {
+        (Some(upstream), None) => {
+            for (field, set) in [
+                ("models", raw.models.is_some()),
+                ("default_provider", raw.default_provider.is_some()),
+                ("max_body_bytes", raw.max_body_bytes.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::new(
+                        field,
+                        "only valid with `providers` (model routing); `upstream` sends every \
+                         request to one provider",
+                    ));
+                }
+            }
+            Mode::Single(compile_upstream(upstream, env)?)
+        }
+        (None, Some(providers)) => Mode::Routed(compile_routing(
+            providers,
+            raw.models,
+            raw.default_provider,
+            raw.max_body_bytes,
+            env,
+        )?),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "upstream",
+                "set either `upstream` (one provider) or `providers` and `models` (routing), \
+                 not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ConfigError::new(
+                "upstream",
+                "missing: set `upstream` (one provider) or `providers` and `models` (routing)",
+            ))
+        }
+    };
+    if let Mode::Single(_) = mode {
+        if let Some(i) = clients.iter().position(|c| c.models.is_some()) {
+            return Err(ConfigError::new(
+                format!("clients[{i}].models"),
+                "model allow-lists need model routing (`providers` and `models`)",
+            ));
+        }
+    }
     let limiter = match raw.limiter {
         None => LimiterBackend::Local,
         Some(l) => compile_limiter(l, env)?,
@@ -336,21 +435,238 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
     Ok(Config {
         clients,
         keys,
-        upstream,
+        mode,
         limiter,
     })
+}
+
+/// Default `max_body_bytes`: the size of Envoy's default connection buffer.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Largest accepted `max_body_bytes`.
+pub const MAX_MAX_BODY_BYTES: u64 = 64 << 20;
+
+fn compile_patterns(field: &str, list: &[String]) -> Result<Vec<Pattern>, ConfigError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if p.is_empty()
+                || p.len() > crate::body::MAX_MODEL_LEN
+                || p.chars().any(char::is_control)
+            {
+                Err(ConfigError::new(
+                    format!("{field}[{i}]"),
+                    "must be a model name or glob of 1-256 printable characters",
+                ))
+            } else {
+                Ok(Pattern::new(p))
+            }
+        })
+        .collect()
+}
+
+fn compile_routing(
+    raw_providers: Vec<RawProvider>,
+    raw_rules: Option<Vec<RawRule>>,
+    default_provider: Option<String>,
+    max_body_bytes: Option<u64>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Routing, ConfigError> {
+    if raw_providers.is_empty() {
+        return Err(ConfigError::new(
+            "providers",
+            "at least one provider is required",
+        ));
+    }
+    let mut providers: Vec<Provider> = Vec::with_capacity(raw_providers.len());
+    for (i, p) in raw_providers.into_iter().enumerate() {
+        let at = |f: &str| format!("providers[{i}].{f}");
+        check_client_name(&p.name)
+            .map_err(|m| ConfigError::new(at("name"), m.replace("client name", "provider name")))?;
+        if let Some(first) = providers.iter().position(|x| x.name == p.name) {
+            return Err(ConfigError::new(
+                at("name"),
+                format!(
+                    "duplicate provider name {:?} (also providers[{first}])",
+                    p.name
+                ),
+            ));
+        }
+        if p.cluster.is_empty() {
+            return Err(ConfigError::new(
+                at("cluster"),
+                "must name an Envoy cluster",
+            ));
+        }
+        let authorization = provider_key(&at("api_key_env"), &p.api_key_env, env)?;
+        if let Some(a) = &p.authority {
+            if !is_header_value(a) || a.is_empty() || a.contains(' ') {
+                return Err(ConfigError::new(at("authority"), "must be a host name"));
+            }
+        }
+        let path_prefix = p.path_prefix.unwrap_or_default();
+        if !path_prefix.is_empty()
+            && (!path_prefix.starts_with('/')
+                || path_prefix.ends_with('/')
+                || !is_header_value(&path_prefix))
+        {
+            return Err(ConfigError::new(
+                at("path_prefix"),
+                "must start with '/' and not end with '/', e.g. \"/openai\"",
+            ));
+        }
+        let mut headers = Vec::new();
+        for (name, value) in p.headers.unwrap_or_default() {
+            let lower = name.to_ascii_lowercase();
+            let token = !lower.is_empty()
+                && lower
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !token || crate::headers::must_strip(lower.as_bytes()) || lower == "host" {
+                return Err(ConfigError::new(
+                    format!("providers[{i}].headers.{name}"),
+                    "not a header Tollgate may set (invalid name, a credential header, or x-tollgate-*)",
+                ));
+            }
+            if !is_header_value(&value) {
+                return Err(ConfigError::new(
+                    format!("providers[{i}].headers.{name}"),
+                    "the value has control characters",
+                ));
+            }
+            headers.push((lower, value));
+        }
+        providers.push(Provider {
+            name: p.name,
+            cluster: p.cluster,
+            authorization,
+            api_key_env: p.api_key_env,
+            authority: p.authority,
+            path_prefix,
+            headers,
+        });
+    }
+    let find = |name: &str| providers.iter().position(|p| p.name == name);
+
+    let raw_rules = raw_rules.unwrap_or_default();
+    if raw_rules.is_empty() {
+        return Err(ConfigError::new(
+            "models",
+            "at least one model rule is required with `providers`",
+        ));
+    }
+    let mut rules: Vec<Rule> = Vec::with_capacity(raw_rules.len());
+    for (i, r) in raw_rules.into_iter().enumerate() {
+        let at = |f: &str| format!("models[{i}].{f}");
+        let pattern = compile_patterns(&at("match"), std::slice::from_ref(&r.pattern))
+            .map_err(|e| ConfigError::new(at("match"), e.message))?
+            .pop()
+            .ok_or_else(|| ConfigError::new(at("match"), "missing"))?;
+        if let Some(first) = rules.iter().position(|x| x.pattern == pattern) {
+            return Err(ConfigError::new(
+                at("match"),
+                format!("duplicate rule {:?} (also models[{first}])", r.pattern),
+            ));
+        }
+        if r.providers.is_empty() {
+            return Err(ConfigError::new(
+                at("providers"),
+                "at least one provider is required",
+            ));
+        }
+        let overrides = r.upstream_models.unwrap_or_default();
+        for name in overrides.keys() {
+            if !r.providers.contains(name) {
+                return Err(ConfigError::new(
+                    format!("models[{i}].upstream_models.{name}"),
+                    "not one of this rule's providers",
+                ));
+            }
+        }
+        let mut targets = Vec::with_capacity(r.providers.len());
+        for (j, name) in r.providers.iter().enumerate() {
+            let provider = find(name).ok_or_else(|| {
+                ConfigError::new(
+                    format!("models[{i}].providers[{j}]"),
+                    format!("unknown provider {name:?}"),
+                )
+            })?;
+            if targets.iter().any(|t: &Target| t.provider == provider) {
+                return Err(ConfigError::new(
+                    format!("models[{i}].providers[{j}]"),
+                    format!("provider {name:?} is listed twice"),
+                ));
+            }
+            let model = overrides.get(name).or(r.upstream_model.as_ref()).cloned();
+            if let Some(m) = &model {
+                if m.is_empty() || m.chars().any(char::is_control) {
+                    return Err(ConfigError::new(
+                        at("upstream_model"),
+                        "must be a model name",
+                    ));
+                }
+            }
+            targets.push(Target { provider, model });
+        }
+        if pattern.is_glob() && (r.upstream_model.is_some() || !overrides.is_empty()) {
+            return Err(ConfigError::new(
+                at("upstream_model"),
+                "a glob rule cannot rename models (which of the matched models would it be?)",
+            ));
+        }
+        rules.push(Rule { pattern, targets });
+    }
+    let default_provider = match default_provider {
+        None => None,
+        Some(name) => Some(find(&name).ok_or_else(|| {
+            ConfigError::new("default_provider", format!("unknown provider {name:?}"))
+        })?),
+    };
+    let max_body_bytes = match max_body_bytes {
+        None => DEFAULT_MAX_BODY_BYTES,
+        Some(v) if (1024..=MAX_MAX_BODY_BYTES).contains(&v) => {
+            usize::try_from(v).unwrap_or(DEFAULT_MAX_BODY_BYTES)
+        }
+        Some(v) => {
+            return Err(ConfigError::new(
+                "max_body_bytes",
+                format!("must be between 1024 and {MAX_MAX_BODY_BYTES}, got {v}"),
+            ))
+        }
+    };
+    Ok(Routing {
+        providers,
+        rules,
+        default_provider,
+        max_body_bytes,
+    })
+}
+
+fn is_header_value(s: &str) -> bool {
+    s.bytes().all(|b| b == b'\t' || (0x20..=0x7e).contains(&b))
 }
 
 fn compile_upstream(
     raw: RawUpstream,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Upstream, ConfigError> {
-    let field = "upstream.api_key_env";
-    let name = raw.api_key_env;
+    let authorization = provider_key("upstream.api_key_env", &raw.api_key_env, env)?;
+    Ok(Upstream {
+        authorization,
+        api_key_env: raw.api_key_env,
+    })
+}
+
+/// `Bearer <key>` from the named environment variable.
+fn provider_key(
+    field: &str,
+    name: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
     if name.is_empty() {
         return Err(ConfigError::new(field, "must name an environment variable"));
     }
-    let key = env(&name).unwrap_or_default();
+    let key = env(name).unwrap_or_default();
     let key = key.trim();
     if key.is_empty() {
         return Err(ConfigError::new(
@@ -371,10 +687,7 @@ fn compile_upstream(
             ),
         ));
     }
-    Ok(Upstream {
-        authorization: format!("Bearer {key}"),
-        api_key_env: name,
-    })
+    Ok(format!("Bearer {key}"))
 }
 
 fn compile_limiter(
@@ -517,7 +830,10 @@ mod tests {
             DEFAULT_REQUESTS_PER_MINUTE
         );
         assert_eq!(c.limiter, LimiterBackend::Local);
-        assert_eq!(c.upstream.authorization, "Bearer sk-provider-secret");
+        let Mode::Single(upstream) = &c.mode else {
+            panic!("{:?}", c.mode)
+        };
+        assert_eq!(upstream.authorization, "Bearer sk-provider-secret");
     }
 
     #[test]

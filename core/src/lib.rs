@@ -4,6 +4,7 @@
 //! returns. Everything here builds and is tested on the host target against small fakes, and is
 //! reused by the CLI and the benchmarks.
 
+pub mod body;
 pub mod config;
 pub mod headers;
 pub mod keys;
@@ -11,6 +12,8 @@ pub mod limiter;
 pub mod metrics;
 pub mod openai;
 pub mod request;
+pub mod routing;
+pub mod upstream;
 pub mod webdis;
 
 pub use config::{Client, ClientId, Config, ConfigError};

@@ -7,7 +7,12 @@
 pub const ANONYMOUS: &str = "_anonymous";
 
 /// Label names Tollgate encodes; the Envoy configs need one `stats_tags` entry per name.
-pub const LABELS: &[&str] = &["client", "outcome", "backend", "reason"];
+pub const LABELS: &[&str] = &[
+    "client", "outcome", "backend", "reason", "provider", "model", "from", "to",
+];
+
+/// Model label of requests on the default route (no model rule).
+pub const DEFAULT_MODEL: &str = "_default";
 
 /// What happened to a request, for `tollgate_requests_total{client,outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -18,16 +23,20 @@ pub enum Outcome {
     Unauthorized,
     /// Over a limit (429).
     RateLimited,
-    /// The filter failed (500).
+    /// Refused before any upstream call: malformed body, unknown or forbidden model, too
+    /// large, unknown URL (400, 403, 404, 413).
+    Invalid,
+    /// The filter or a dependency failed (500, 503).
     Error,
 }
 
 impl Outcome {
     /// Every outcome, for defining metrics up front.
-    pub const ALL: [Outcome; 4] = [
+    pub const ALL: [Outcome; 5] = [
         Outcome::Admitted,
         Outcome::Unauthorized,
         Outcome::RateLimited,
+        Outcome::Invalid,
         Outcome::Error,
     ];
 
@@ -37,6 +46,7 @@ impl Outcome {
             Outcome::Admitted => "admitted",
             Outcome::Unauthorized => "unauthorized",
             Outcome::RateLimited => "rate_limited",
+            Outcome::Invalid => "invalid",
             Outcome::Error => "error",
         }
     }
@@ -47,7 +57,8 @@ impl Outcome {
             Outcome::Admitted => 0,
             Outcome::Unauthorized => 1,
             Outcome::RateLimited => 2,
-            Outcome::Error => 3,
+            Outcome::Invalid => 3,
+            Outcome::Error => 4,
         }
     }
 }
@@ -81,6 +92,25 @@ pub fn limiter_errors_total(backend: &str, reason: &str) -> String {
         "tollgate_limiter_errors_total.backend={}.reason={}",
         label_value(backend),
         label_value(reason)
+    )
+}
+
+/// `tollgate_upstream_requests_total{provider,model}`: attempts sent to a provider.
+pub fn upstream_requests_total(provider: &str, model: &str) -> String {
+    format!(
+        "tollgate_upstream_requests_total.provider={}.model={}",
+        label_value(provider),
+        label_value(model)
+    )
+}
+
+/// `tollgate_fallbacks_total{model,from,to}`: attempts that fell back from one provider to the next.
+pub fn fallbacks_total(model: &str, from: &str, to: &str) -> String {
+    format!(
+        "tollgate_fallbacks_total.model={}.from={}.to={}",
+        label_value(model),
+        label_value(from),
+        label_value(to)
     )
 }
 

@@ -25,6 +25,18 @@ pub enum ErrorKind {
     Internal,
     /// 503: the limiter cannot answer and `on_error` is `deny`.
     LimiterUnavailable,
+    /// 400: the body is not JSON (OpenAI: code null).
+    MalformedBody,
+    /// 400: no `model` (OpenAI: code null, param "model").
+    MissingModel,
+    /// 403: the client may not use this model.
+    ModelNotAllowed,
+    /// 404: no rule serves this model.
+    ModelNotFound,
+    /// 404: not an endpoint this gateway serves (OpenAI: code null).
+    UnknownUrl,
+    /// 413: the body is larger than `max_body_bytes`.
+    BodyTooLarge,
 }
 
 impl ErrorKind {
@@ -35,25 +47,49 @@ impl ErrorKind {
             ErrorKind::RequestsRateLimited => 429,
             ErrorKind::Internal => 500,
             ErrorKind::LimiterUnavailable => 503,
+            ErrorKind::MalformedBody | ErrorKind::MissingModel => 400,
+            ErrorKind::ModelNotAllowed => 403,
+            ErrorKind::ModelNotFound | ErrorKind::UnknownUrl => 404,
+            ErrorKind::BodyTooLarge => 413,
         }
     }
 
     /// OpenAI's `error.type`.
     pub fn error_type(self) -> &'static str {
         match self {
-            ErrorKind::InvalidApiKey => "invalid_request_error",
+            ErrorKind::InvalidApiKey
+            | ErrorKind::MalformedBody
+            | ErrorKind::MissingModel
+            | ErrorKind::ModelNotAllowed
+            | ErrorKind::ModelNotFound
+            | ErrorKind::UnknownUrl
+            | ErrorKind::BodyTooLarge => "invalid_request_error",
             ErrorKind::RequestsRateLimited => "requests",
             ErrorKind::Internal | ErrorKind::LimiterUnavailable => "server_error",
         }
     }
 
-    /// OpenAI's `error.code`.
-    pub fn code(self) -> &'static str {
+    /// OpenAI's `error.code` (null for some errors, as OpenAI sends them).
+    pub fn code(self) -> Option<&'static str> {
         match self {
-            ErrorKind::InvalidApiKey => "invalid_api_key",
-            ErrorKind::RequestsRateLimited => "rate_limit_exceeded",
-            ErrorKind::Internal => "internal_error",
-            ErrorKind::LimiterUnavailable => "limiter_unavailable",
+            ErrorKind::InvalidApiKey => Some("invalid_api_key"),
+            ErrorKind::RequestsRateLimited => Some("rate_limit_exceeded"),
+            ErrorKind::Internal => Some("internal_error"),
+            ErrorKind::LimiterUnavailable => Some("limiter_unavailable"),
+            ErrorKind::ModelNotAllowed => Some("model_not_allowed"),
+            ErrorKind::ModelNotFound => Some("model_not_found"),
+            ErrorKind::BodyTooLarge => Some("request_too_large"),
+            ErrorKind::MalformedBody | ErrorKind::MissingModel | ErrorKind::UnknownUrl => None,
+        }
+    }
+
+    /// OpenAI's `error.param`.
+    pub fn param(self) -> Option<&'static str> {
+        match self {
+            ErrorKind::MissingModel | ErrorKind::ModelNotAllowed | ErrorKind::ModelNotFound => {
+                Some("model")
+            }
+            _ => None,
         }
     }
 }
@@ -69,7 +105,7 @@ struct ErrorDetail<'a> {
     #[serde(rename = "type")]
     error_type: &'a str,
     param: Option<&'a str>,
-    code: &'a str,
+    code: Option<&'a str>,
 }
 
 /// The JSON body `{"error":{"message","type","param","code"}}`.
@@ -78,16 +114,15 @@ pub fn error_body(kind: ErrorKind, message: &str) -> String {
         error: ErrorDetail {
             message,
             error_type: kind.error_type(),
-            param: None,
+            param: kind.param(),
             code: kind.code(),
         },
     };
     // Serialising plain strings cannot fail; the fallback keeps the shape if it ever did.
     serde_json::to_string(&body).unwrap_or_else(|_| {
         format!(
-            r#"{{"error":{{"message":"error","type":"{}","param":null,"code":"{}"}}}}"#,
-            kind.error_type(),
-            kind.code()
+            r#"{{"error":{{"message":"error","type":"{}","param":null,"code":null}}}}"#,
+            kind.error_type()
         )
     })
 }
@@ -134,6 +169,75 @@ pub fn internal_error() -> LocalReply {
              contact the gateway's operators.",
         ),
     }
+}
+
+fn error(kind: ErrorKind, message: &str) -> LocalReply {
+    LocalReply {
+        status: kind.status(),
+        headers: Vec::new(),
+        body: error_body(kind, message),
+    }
+}
+
+/// A 200 JSON answer made by the gateway (`GET /v1/models`).
+pub fn json_ok(body: String) -> LocalReply {
+    LocalReply {
+        status: 200,
+        headers: Vec::new(),
+        body,
+    }
+}
+
+/// 400: the body is not a JSON object.
+pub fn malformed_body(why: &str) -> LocalReply {
+    error(
+        ErrorKind::MalformedBody,
+        &format!(
+            "We could not parse the JSON body of your request. (HINT: This likely means you \
+             aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.) \
+             Parser: {why}"
+        ),
+    )
+}
+
+/// 400: no usable `model`.
+pub fn missing_model() -> LocalReply {
+    error(
+        ErrorKind::MissingModel,
+        "you must provide a model parameter (a non-empty string)",
+    )
+}
+
+/// 403: the client's allow-list does not include the model.
+pub fn model_not_allowed(client: &str, model: &str) -> LocalReply {
+    error(
+        ErrorKind::ModelNotAllowed,
+        &format!("Client {client} is not allowed to use model `{model}`."),
+    )
+}
+
+/// 404: no rule serves the model.
+pub fn model_not_found(model: &str) -> LocalReply {
+    error(
+        ErrorKind::ModelNotFound,
+        &format!("The model `{model}` does not exist or you do not have access to it."),
+    )
+}
+
+/// 404: not an endpoint this gateway serves.
+pub fn unknown_url(method: &str, path: &str) -> LocalReply {
+    error(
+        ErrorKind::UnknownUrl,
+        &format!("Invalid URL ({method} {path})"),
+    )
+}
+
+/// 413: the body is over `max_body_bytes`.
+pub fn body_too_large(max: usize) -> LocalReply {
+    error(
+        ErrorKind::BodyTooLarge,
+        &format!("The request body is larger than this gateway accepts ({max} bytes)."),
+    )
 }
 
 /// 503 when the limiter is down and configured to fail closed.
@@ -222,6 +326,35 @@ mod tests {
         assert_eq!(v["error"]["code"], "limiter_unavailable");
         assert_eq!(v["error"]["type"], "server_error");
         assert_eq!(r.headers, vec![("retry-after", "1".to_string())]);
+    }
+
+    #[test]
+    fn routing_errors_match_openai() {
+        let cases = [
+            (malformed_body("EOF"), 400, None, None),
+            (missing_model(), 400, None, Some("model")),
+            (
+                model_not_allowed("a", "gpt-4.1"),
+                403,
+                Some("model_not_allowed"),
+                Some("model"),
+            ),
+            (
+                model_not_found("gpt-9"),
+                404,
+                Some("model_not_found"),
+                Some("model"),
+            ),
+            (unknown_url("POST", "/v1/nope"), 404, None, None),
+            (body_too_large(1024), 413, Some("request_too_large"), None),
+        ];
+        for (r, status, code, param) in cases {
+            assert_eq!(r.status, status);
+            let v: Value = serde_json::from_str(&r.body).unwrap();
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+            assert_eq!(v["error"]["code"].as_str(), code);
+            assert_eq!(v["error"]["param"].as_str(), param);
+        }
     }
 
     #[test]

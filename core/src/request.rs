@@ -1,23 +1,34 @@
 //! One request through Tollgate, decided without touching the host: the filter hands in what it
-//! read (headers, the time, a store, a limiter reply) and applies the returned decision.
+//! read (headers, body, the time, a store, a limiter reply) and applies the returned decision.
 //!
 //! ```text
-//! request headers ──► authenticate ──► limit ─────────────────────► rewrite headers ──► upstream
-//!                        │ 401            │ local: shared data (CAS)        ▲
-//!                        ▼                │ redis: callout to Webdis ──► on_limiter_reply
-//!                    local reply ◄────────┴─ 429 / 503 (on_error: deny)
+//! headers ─► authenticate ─┬─ single provider ─────────────────────┐
+//!              │ 401        └─ routing: GET /v1/models (answered)   │
+//!              ▼               POST model endpoint ─► body ─► model ─► allow-list ─► rule
+//!          local reply           413 / 400 / 403 / 404 ◄──┘          │
+//!                                                                   ▼
+//!                         limit: local (shared data) or redis (Webdis callout ─► reply)
+//!                           │ 429 / 503                             │
+//!                           ▼                                       ▼
+//!                       local reply                rewrite headers (route, keys) ─► upstream
 //! response headers ◄── x-ratelimit-*-requests (the client's own budget)
 //! ```
 
-use crate::config::{ClientId, Config, LimiterBackend, OnError, RedisLimiter};
+use crate::body::{self, BodyError};
+use crate::config::{ClientId, Config, LimiterBackend, Mode, OnError, RedisLimiter};
 use crate::headers::{must_strip, Header};
 use crate::keys::{bearer_token, Digest, DigestKind, KeyError};
 use crate::limiter::{self, CasStore, Verdict, Window, WINDOW_MS};
 use crate::metrics::Outcome;
 use crate::openai::{self, LocalReply};
+use crate::routing::{self, Routing, DEFAULT_ROUTE, MODEL_ENDPOINTS};
 use crate::webdis;
 
-/// What to do with a request after its headers.
+/// Header carrying the chosen route (`r<rule index>` or `default`) to Envoy's route table and to
+/// the upstream filter instances.
+pub const ROUTE_HEADER: &str = "x-tollgate-route";
+
+/// What to do with a request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
     /// Answer the client now; the request goes no further.
@@ -27,13 +38,14 @@ pub enum Decision {
 }
 
 /// Header changes for a forwarded request, and what to add to its response.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
-    /// Client-sent headers to remove (`x-tollgate-*`, credentials other than `authorization`,
-    /// which is replaced), lowercase, each once.
+    /// Client-sent headers to remove (`x-tollgate-*`, credentials), lowercase, each once.
     pub remove: Vec<Vec<u8>>,
-    /// Headers to set, replacing any value (the provider's `authorization`).
+    /// Headers to set, replacing any value (the provider key, or the route).
     pub set: Vec<(&'static str, String)>,
+    /// The route changed: Envoy must pick the route again (`clear_route_cache`).
+    pub reroute: bool,
     /// The client's window, for the response's `x-ratelimit-*` headers; `None` when the limiter
     /// failed open.
     pub window: Option<Window>,
@@ -64,13 +76,27 @@ pub struct Step {
     pub key_error: Option<KeyError>,
 }
 
-/// The first answer for a request: decided, or waiting for the Redis limiter.
+/// What the filter does next with a request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Start {
-    /// Decided from the headers alone.
+    /// Decided.
     Done(Step),
-    /// Make this callout, pause the request, and pass the reply to [`on_limiter_reply`].
+    /// Pause the request, read the whole body (at most `max_bytes`), pass it to
+    /// [`on_request_body`].
+    ReadBody(AwaitBody),
+    /// Make this callout, keep the request paused, and pass the reply to [`on_limiter_reply`].
     AskLimiter(Pending),
+}
+
+/// A request waiting for its body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AwaitBody {
+    /// Bodies larger than this get a 413.
+    pub max_bytes: usize,
+    client: ClientId,
+    /// MD5 hex of the client key, for the Redis limiter's key (the key itself is not kept).
+    key_md5: Option<String>,
+    remove: Vec<Vec<u8>>,
 }
 
 /// An HTTP callout for the host to dispatch.
@@ -92,8 +118,15 @@ pub struct Pending {
     /// The callout to make.
     pub call: Callout,
     client: ClientId,
-    remove: Vec<Vec<u8>>,
+    forward: Forward,
     sent_ms: u64,
+}
+
+/// An authenticated request, before its limit is checked.
+struct Admission {
+    client: ClientId,
+    key_md5: Option<String>,
+    forward: Forward,
 }
 
 /// Decides what to do with a request from its headers.
@@ -114,38 +147,157 @@ pub fn on_request_headers(
         let id = config.keys.lookup(token).ok_or(KeyError::Unknown)?;
         Ok((id, token))
     });
-    let (client_id, token) = match authenticated {
+    let (client, token) = match authenticated {
         Ok(found) => found,
         Err(why) => {
             return Start::Done(Step {
-                decision: Decision::Reply(openai::invalid_api_key()),
-                client: None,
-                outcome: Outcome::Unauthorized,
-                limiter_errors: Vec::new(),
                 key_error: Some(why),
+                ..reply(None, Outcome::Unauthorized, openai::invalid_api_key())
             })
         }
     };
-    let remove = headers_to_remove(headers);
-    match &config.limiter {
-        LimiterBackend::Local => Start::Done(local_step(
-            config,
-            client_id,
-            remove,
-            now_ms,
-            store,
-            Vec::new(),
-        )),
-        LimiterBackend::Redis(redis) => {
-            let limit = requests_per_minute(config, client_id);
-            Start::AskLimiter(Pending {
-                call: redis_callout(redis, token, limit, now_ms),
-                client: client_id,
+    // The Redis limiter's key is derived from the client key; keep only that digest.
+    let key_md5 = match config.limiter {
+        LimiterBackend::Redis(_) => Some(Digest::of_key(DigestKind::Md5, token).to_hex()),
+        LimiterBackend::Local => None,
+    };
+    let mut remove = headers_to_remove(headers);
+    let routing = match &config.mode {
+        Mode::Single(upstream) => {
+            let forward = Forward {
                 remove,
-                sent_ms: now_ms,
-            })
+                set: vec![("authorization", upstream.authorization.clone())],
+                reroute: false,
+                window: None,
+            };
+            return limit(
+                config,
+                Admission {
+                    client,
+                    key_md5,
+                    forward,
+                },
+                now_ms,
+                store,
+            );
         }
+        Mode::Routed(routing) => routing,
+    };
+    // With routing, each provider's key is set by the upstream filter of its cluster, per
+    // attempt; the client's key is removed here.
+    remove.push(b"authorization".to_vec());
+    let method = header(headers, b":method").unwrap_or_default();
+    let path = header(headers, b":path").unwrap_or_default();
+    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+    if method == b"GET" && path == b"/v1/models" {
+        let allow = config.client(client).and_then(|c| c.models.as_deref());
+        return Start::Done(reply(
+            Some(client),
+            Outcome::Admitted,
+            openai::json_ok(routing::models_list(routing, allow)),
+        ));
     }
+    if method == b"POST" && MODEL_ENDPOINTS.iter().any(|e| e.as_bytes() == path) {
+        let declared = header(headers, b"content-length")
+            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > routing.max_body_bytes as u64) {
+            return Start::Done(reply(
+                Some(client),
+                Outcome::Invalid,
+                openai::body_too_large(routing.max_body_bytes),
+            ));
+        }
+        return Start::ReadBody(AwaitBody {
+            max_bytes: routing.max_body_bytes,
+            client,
+            key_md5,
+            remove,
+        });
+    }
+    match routing.default_provider {
+        Some(_) => {
+            let forward = Forward {
+                remove,
+                set: vec![(ROUTE_HEADER, DEFAULT_ROUTE.to_string())],
+                reroute: true,
+                window: None,
+            };
+            limit(
+                config,
+                Admission {
+                    client,
+                    key_md5,
+                    forward,
+                },
+                now_ms,
+                store,
+            )
+        }
+        None => Start::Done(reply(
+            Some(client),
+            Outcome::Invalid,
+            openai::unknown_url(
+                &String::from_utf8_lossy(method),
+                &String::from_utf8_lossy(path),
+            ),
+        )),
+    }
+}
+
+/// Decides a routed request from its complete body.
+pub fn on_request_body(
+    config: &Config,
+    awaiting: AwaitBody,
+    body: &[u8],
+    now_ms: u64,
+    store: &dyn CasStore,
+) -> Start {
+    let AwaitBody {
+        max_bytes,
+        client,
+        key_md5,
+        remove,
+    } = awaiting;
+    let Mode::Routed(routing) = &config.mode else {
+        return Start::Done(reply(
+            Some(client),
+            Outcome::Error,
+            openai::internal_error(),
+        ));
+    };
+    let invalid = |r: LocalReply| Start::Done(reply(Some(client), Outcome::Invalid, r));
+    if body.len() > max_bytes {
+        return invalid(openai::body_too_large(max_bytes));
+    }
+    let request = match body::parse(body) {
+        Ok(r) => r,
+        Err(BodyError::Malformed(why)) => return invalid(openai::malformed_body(&why)),
+        Err(BodyError::NoModel) => return invalid(openai::missing_model()),
+    };
+    let allow = config.client(client).and_then(|c| c.models.as_deref());
+    if !routing::allowed(allow, &request.model) {
+        let name = config.client(client).map_or("", |c| c.name.as_str());
+        return invalid(openai::model_not_allowed(name, &request.model));
+    }
+    let Some(rule) = routing.rule_for(&request.model) else {
+        return invalid(openai::model_not_found(&request.model));
+    };
+    let forward = Forward {
+        remove,
+        set: vec![(ROUTE_HEADER, Routing::route_id(rule))],
+        reroute: true,
+        window: None,
+    };
+    limit(
+        config,
+        Admission {
+            client,
+            key_md5,
+            forward,
+        },
+        now_ms,
+        store,
+    )
 }
 
 /// Decides a request that waited for the Redis limiter. `status` is the callout's `:status`,
@@ -161,14 +313,14 @@ pub fn on_limiter_reply(
     let Pending {
         call,
         client,
-        remove,
+        forward,
         sent_ms,
     } = pending;
     let on_error = match &config.limiter {
         LimiterBackend::Redis(r) => r.on_error,
         LimiterBackend::Local => OnError::Local,
     };
-    let reply = webdis::parse_reply(status, body).map_err(|e| match e {
+    let reply_or_error = webdis::parse_reply(status, body).map_err(|e| match e {
         // Envoy reports a timed-out callout like any failed one; the clock tells them apart.
         webdis::ReplyError::Unavailable
             if now_ms.saturating_sub(sent_ms) >= u64::from(call.timeout_ms) =>
@@ -178,7 +330,7 @@ pub fn on_limiter_reply(
         other => other,
     });
     let limit = requests_per_minute(config, client);
-    match reply {
+    match reply_or_error {
         Ok(count) => {
             let window = Window {
                 limit,
@@ -186,7 +338,7 @@ pub fn on_limiter_reply(
                 reset_ms: limiter::window_of(now_ms).1,
             };
             if count.admitted {
-                forward_step(config, client, remove, Some(window), Vec::new())
+                forward_step(client, forward, Some(window), Vec::new())
             } else {
                 limited_step(config, client, window, Vec::new())
             }
@@ -197,17 +349,55 @@ pub fn on_limiter_reply(
                 reason: e.reason(),
             }];
             match on_error {
-                OnError::Allow => forward_step(config, client, remove, None, failure),
+                OnError::Allow => forward_step(client, forward, None, failure),
                 OnError::Deny => Step {
-                    decision: Decision::Reply(openai::limiter_unavailable()),
-                    client: Some(client),
-                    outcome: Outcome::Error,
                     limiter_errors: failure,
-                    key_error: None,
+                    ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
                 },
-                OnError::Local => local_step(config, client, remove, now_ms, store, failure),
+                OnError::Local => local_step(config, client, forward, now_ms, store, failure),
             }
         }
+    }
+}
+
+fn limit(config: &Config, a: Admission, now_ms: u64, store: &dyn CasStore) -> Start {
+    match (&config.limiter, a.key_md5) {
+        (LimiterBackend::Redis(redis), Some(key_md5)) => Start::AskLimiter(Pending {
+            call: redis_callout(
+                redis,
+                &key_md5,
+                requests_per_minute(config, a.client),
+                now_ms,
+            ),
+            client: a.client,
+            forward: a.forward,
+            sent_ms: now_ms,
+        }),
+        _ => Start::Done(local_step(
+            config,
+            a.client,
+            a.forward,
+            now_ms,
+            store,
+            Vec::new(),
+        )),
+    }
+}
+
+fn header<'a>(headers: &'a [Header], name: &[u8]) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(n, _)| n.as_slice() == name)
+        .map(|(_, v)| v.as_slice())
+}
+
+fn reply(client: Option<ClientId>, outcome: Outcome, r: LocalReply) -> Step {
+    Step {
+        decision: Decision::Reply(r),
+        client,
+        outcome,
+        limiter_errors: Vec::new(),
+        key_error: None,
     }
 }
 
@@ -217,10 +407,9 @@ fn requests_per_minute(config: &Config, client: ClientId) -> u64 {
         .map_or(1, |c| u64::from(c.requests_per_minute))
 }
 
-fn redis_callout(redis: &RedisLimiter, token: &[u8], limit: u64, now_ms: u64) -> Callout {
+fn redis_callout(redis: &RedisLimiter, key_md5: &str, limit: u64, now_ms: u64) -> Callout {
     let (minute, reset_ms) = limiter::window_of(now_ms);
-    let key_md5 = Digest::of_key(DigestKind::Md5, token).to_hex();
-    let key = webdis::window_key(&key_md5, minute);
+    let key = webdis::window_key(key_md5, minute);
     let mut headers = vec![
         (":method", "POST".to_string()),
         (":path", "/".to_string()),
@@ -244,17 +433,17 @@ fn redis_callout(redis: &RedisLimiter, token: &[u8], limit: u64, now_ms: u64) ->
 fn local_step(
     config: &Config,
     client: ClientId,
-    remove: Vec<Vec<u8>>,
+    forward: Forward,
     now_ms: u64,
     store: &dyn CasStore,
     mut failures: Vec<LimiterFailure>,
 ) -> Step {
     let Some(c) = config.client(client) else {
-        return forward_step(config, client, remove, None, failures);
+        return forward_step(client, forward, None, failures);
     };
     let limit = u64::from(c.requests_per_minute);
     match limiter::check(store, &limiter::requests_key(c), limit, now_ms) {
-        Ok(Verdict::Admitted(w)) => forward_step(config, client, remove, Some(w), failures),
+        Ok(Verdict::Admitted(w)) => forward_step(client, forward, Some(w), failures),
         Ok(Verdict::Limited(w)) => limited_step(config, client, w, failures),
         // Fail open: a contended or failing local store must not turn away paying clients.
         // The error is counted, and at most one extra request per failure gets through.
@@ -263,24 +452,20 @@ fn local_step(
                 backend: "local",
                 reason: e.reason(),
             });
-            forward_step(config, client, remove, None, failures)
+            forward_step(client, forward, None, failures)
         }
     }
 }
 
 fn forward_step(
-    config: &Config,
     client: ClientId,
-    remove: Vec<Vec<u8>>,
+    mut forward: Forward,
     window: Option<Window>,
     limiter_errors: Vec<LimiterFailure>,
 ) -> Step {
+    forward.window = window;
     Step {
-        decision: Decision::Forward(Forward {
-            remove,
-            set: vec![("authorization", config.upstream.authorization.clone())],
-            window,
-        }),
+        decision: Decision::Forward(forward),
         client: Some(client),
         outcome: Outcome::Admitted,
         limiter_errors,
@@ -296,11 +481,12 @@ fn limited_step(
 ) -> Step {
     let name = config.client(client).map_or("", |c| c.name.as_str());
     Step {
-        decision: Decision::Reply(openai::requests_rate_limited(name, w.limit, w.reset_ms)),
-        client: Some(client),
-        outcome: Outcome::RateLimited,
         limiter_errors,
-        key_error: None,
+        ..reply(
+            Some(client),
+            Outcome::RateLimited,
+            openai::requests_rate_limited(name, w.limit, w.reset_ms),
+        )
     }
 }
 

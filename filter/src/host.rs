@@ -38,6 +38,7 @@ const CAS_MISMATCH: u32 = 8;
 const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
 const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
+const BUFFER_HTTP_REQUEST_BODY: u32 = 0;
 const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 const STREAM_HTTP_REQUEST: u32 = 0;
@@ -96,6 +97,27 @@ extern "C" {
         return_value_size: *mut usize,
     ) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_set_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        size: usize,
+        buffer_data: *const u8,
+        buffer_size: usize,
+    ) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_call_foreign_function(
+        function_name_data: *const u8,
+        function_name_size: usize,
+        arguments_data: *const u8,
+        arguments_size: usize,
+        results_data: *mut *mut u8,
+        results_size: *mut usize,
+    ) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
         key_size: usize,
@@ -187,6 +209,56 @@ pub fn now_ms() -> Result<u64, HostError> {
 /// The plugin configuration bytes.
 pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
     buffer(BUFFER_PLUGIN_CONFIGURATION, usize::MAX)
+}
+
+/// The request body received so far, up to `max` bytes.
+pub fn request_body(max: usize) -> Result<Vec<u8>, HostError> {
+    buffer(BUFFER_HTTP_REQUEST_BODY, max)
+}
+
+/// Replaces the whole request body buffered so far (`size`: its current length).
+pub fn replace_request_body(size: usize, body: &[u8]) -> Result<(), HostError> {
+    // SAFETY: pointer and length of a live slice.
+    check("proxy_set_buffer_bytes", unsafe {
+        proxy_set_buffer_bytes(BUFFER_HTTP_REQUEST_BODY, 0, size, body.as_ptr(), body.len())
+    })
+}
+
+/// A property of the plugin or the stream, e.g. `["plugin_name"]`; `None` when absent.
+pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+    let mut serialized = Vec::new();
+    for (i, part) in path.iter().enumerate() {
+        if i > 0 {
+            serialized.push(0);
+        }
+        serialized.extend_from_slice(part.as_bytes());
+    }
+    let mut data = null_mut();
+    let mut size = 0usize;
+    // SAFETY: valid pointers; the returned buffer is taken exactly once.
+    let status =
+        unsafe { proxy_get_property(serialized.as_ptr(), serialized.len(), &mut data, &mut size) };
+    match status {
+        OK => Ok(Some(unsafe { take_host_buffer(data, size) })),
+        NOT_FOUND => Ok(None),
+        status => Err(HostError {
+            call: "proxy_get_property",
+            status,
+        }),
+    }
+}
+
+/// Makes Envoy pick the route again after a routing header changed.
+pub fn clear_route_cache() -> Result<(), HostError> {
+    let name = "clear_route_cache";
+    let mut data = null_mut();
+    let mut size = 0usize;
+    // SAFETY: valid pointers; any returned buffer is taken exactly once.
+    let status = unsafe {
+        proxy_call_foreign_function(name.as_ptr(), name.len(), null(), 0, &mut data, &mut size)
+    };
+    drop(unsafe { take_host_buffer(data, size) });
+    check("proxy_call_foreign_function(clear_route_cache)", status)
 }
 
 /// The body of an HTTP callout's response, up to `max` bytes.

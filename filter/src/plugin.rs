@@ -6,13 +6,17 @@ use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use tollgate_core::config::LimiterBackend;
+use tollgate_core::body;
+use tollgate_core::config::{LimiterBackend, Mode};
 use tollgate_core::limiter::{self, LimiterError, Window};
 use tollgate_core::metrics::{self, Outcome, ANONYMOUS};
 use tollgate_core::openai::{self, LocalReply};
 use tollgate_core::request::{
-    self, Decision, Forward, LimiterFailure, Pending, Start, Step, PROVIDER_RATE_LIMIT_HEADERS,
+    self, AwaitBody, Decision, Forward, LimiterFailure, Pending, Start, Step,
+    PROVIDER_RATE_LIMIT_HEADERS,
 };
+use tollgate_core::routing::{ProviderId, Routing};
+use tollgate_core::upstream;
 use tollgate_core::webdis::ReplyError;
 use tollgate_core::Config;
 
@@ -21,26 +25,128 @@ use crate::host::{self, HostError, Map, SharedData};
 /// Webdis replies to a check are a few dozen bytes; anything longer is not a check reply.
 const MAX_LIMITER_REPLY_BYTES: usize = 4096;
 
+/// Root id of the plugin instances that run as upstream filters of provider clusters.
+const UPSTREAM_ROOT_ID: &[u8] = b"tollgate_upstream";
+
 /// A compiled configuration with the metric ids it uses, shared by the VM's HTTP contexts.
 struct Plugin {
     config: Config,
     metrics: MetricIds,
 }
 
+/// The upstream role: prepares each attempt on the clusters the model routes use.
+struct UpstreamPlugin {
+    config: Config,
+    /// `[rule][position]` attempts, and the default route's.
+    attempts: Vec<Vec<u32>>,
+    default_attempts: Option<u32>,
+    /// `[rule][position]` fallbacks into that position (`None` at position 0).
+    fallbacks: Vec<Vec<Option<u32>>>,
+}
+
+impl UpstreamPlugin {
+    fn new(config: Config) -> Result<Self, String> {
+        let Mode::Routed(routing) = &config.mode else {
+            return Err(
+                "runs as an upstream filter but the configuration has no `providers`".into(),
+            );
+        };
+        let counter = |name: String| host::define_counter(&name).map_err(|e| e.to_string());
+        let mut attempts = Vec::with_capacity(routing.rules.len());
+        let mut fallbacks = Vec::with_capacity(routing.rules.len());
+        for rule in &routing.rules {
+            let model = rule.pattern.as_str();
+            let mut per_position = Vec::new();
+            let mut fb = Vec::new();
+            for (k, t) in rule.targets.iter().enumerate() {
+                let name = provider_name(routing, t.provider);
+                per_position.push(counter(metrics::upstream_requests_total(name, model))?);
+                fb.push(match k.checked_sub(1).and_then(|j| rule.targets.get(j)) {
+                    Some(prev) => Some(counter(metrics::fallbacks_total(
+                        model,
+                        provider_name(routing, prev.provider),
+                        name,
+                    ))?),
+                    None => None,
+                });
+            }
+            attempts.push(per_position);
+            fallbacks.push(fb);
+        }
+        let default_attempts = match routing.default_provider {
+            Some(p) => Some(counter(metrics::upstream_requests_total(
+                provider_name(routing, p),
+                metrics::DEFAULT_MODEL,
+            ))?),
+            None => None,
+        };
+        Ok(Self {
+            attempts,
+            default_attempts,
+            fallbacks,
+            config,
+        })
+    }
+
+    fn routing(&self) -> Option<&Routing> {
+        match &self.config.mode {
+            Mode::Routed(r) => Some(r),
+            Mode::Single(_) => None,
+        }
+    }
+
+    fn record(&self, attempt: &upstream::Attempt) {
+        let Some(rule) = attempt.rule else {
+            if attempt.provider.is_some() {
+                if let Some(id) = self.default_attempts {
+                    host::increment(id);
+                }
+            }
+            return;
+        };
+        if let Some(&id) = self
+            .attempts
+            .get(rule)
+            .and_then(|r| r.get(attempt.position))
+        {
+            host::increment(id);
+        }
+        if let Some(Some(id)) = self
+            .fallbacks
+            .get(rule)
+            .and_then(|r| r.get(attempt.position))
+        {
+            host::increment(*id);
+        }
+    }
+}
+
+fn provider_name(routing: &Routing, id: ProviderId) -> &str {
+    routing.providers.get(id).map_or("", |p| p.name.as_str())
+}
+
+/// Which role this plugin instance has.
+enum Role {
+    /// On the listener: authenticate, limit, route.
+    Gateway(Rc<Plugin>),
+    /// On a provider cluster: prepare each attempt for that provider.
+    Upstream(Rc<UpstreamPlugin>),
+}
+
 /// Counter ids, defined once per configuration so the request path never builds a name.
 struct MetricIds {
     /// `[client][outcome]` for configured clients.
-    requests: Vec<[u32; 4]>,
+    requests: Vec<[u32; 5]>,
     /// Requests without a known client: `[outcome]`.
-    anonymous: [u32; 4],
+    anonymous: [u32; 5],
     /// `(backend, reason, id)` for every limiter failure this configuration can meet.
     limiter_errors: Vec<(&'static str, &'static str, u32)>,
 }
 
 impl MetricIds {
     fn define(config: &Config) -> Result<Self, HostError> {
-        let per_outcome = |client: &str| -> Result<[u32; 4], HostError> {
-            let mut ids = [0u32; 4];
+        let per_outcome = |client: &str| -> Result<[u32; 5], HostError> {
+            let mut ids = [0u32; 5];
             for (slot, outcome) in ids.iter_mut().zip(Outcome::ALL) {
                 *slot = host::define_counter(&metrics::requests_total(client, outcome))?;
             }
@@ -94,10 +200,10 @@ impl MetricIds {
     }
 }
 
-/// The plugin's root context: one per VM (each worker, and the main thread).
+/// The plugin's root context: one per plugin instance and VM (each worker, and the main thread).
 #[derive(Default)]
 pub struct Root {
-    plugin: Option<Rc<Plugin>>,
+    role: Option<Role>,
 }
 
 impl Context for Root {}
@@ -119,6 +225,23 @@ impl RootContext for Root {
                 return false;
             }
         };
+        let root_id = host::property(&["plugin_root_id"])
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if root_id == UPSTREAM_ROOT_ID {
+            return match UpstreamPlugin::new(config) {
+                Ok(p) => {
+                    info!("configured: upstream filter (provider keys, hosts, model names)");
+                    self.role = Some(Role::Upstream(Rc::new(p)));
+                    true
+                }
+                Err(e) => {
+                    error!("invalid plugin configuration: {e}");
+                    false
+                }
+            };
+        }
         let metrics = match MetricIds::define(&config) {
             Ok(m) => m,
             Err(e) => {
@@ -134,21 +257,43 @@ impl RootContext for Root {
             }
         }
         info!(
-            "configured: {} clients, limiter {}",
+            "configured: {} clients, limiter {}, {}",
             config.clients.len(),
-            config.limiter.name()
+            config.limiter.name(),
+            match &config.mode {
+                Mode::Single(_) => "one provider".to_string(),
+                Mode::Routed(r) => format!(
+                    "{} providers, {} model rules",
+                    r.providers.len(),
+                    r.rules.len()
+                ),
+            }
         );
-        self.plugin = Some(Rc::new(Plugin { config, metrics }));
+        self.role = Some(Role::Gateway(Rc::new(Plugin { config, metrics })));
         true
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request {
-            plugin: self.plugin.clone(),
-            pending: None,
-            window: None,
-            replied: false,
-        }))
+        match &self.role {
+            Some(Role::Upstream(p)) => Some(Box::new(AttemptContext {
+                plugin: p.clone(),
+                rename: None,
+            })),
+            Some(Role::Gateway(p)) => Some(Box::new(Request {
+                plugin: Some(p.clone()),
+                awaiting: None,
+                pending: None,
+                window: None,
+                replied: false,
+            })),
+            None => Some(Box::new(Request {
+                plugin: None,
+                awaiting: None,
+                pending: None,
+                window: None,
+                replied: false,
+            })),
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -159,6 +304,8 @@ impl RootContext for Root {
 /// One HTTP request.
 struct Request {
     plugin: Option<Rc<Plugin>>,
+    /// Waiting for the body (model routing).
+    awaiting: Option<AwaitBody>,
     /// Waiting for the Redis limiter's reply.
     pending: Option<(u32, Pending)>,
     /// The client's window after admission, for the response headers.
@@ -221,8 +368,64 @@ impl HttpContext for Request {
                 return self.reply(&openai::internal_error());
             }
         };
+        self.proceed(&plugin, start)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let (Some(plugin), Some(awaiting)) = (self.plugin.clone(), self.awaiting.take()) else {
+            return Action::Continue;
+        };
+        if body_size > awaiting.max_bytes {
+            plugin.metrics.request(None, Outcome::Invalid);
+            return self.reply(&openai::body_too_large(awaiting.max_bytes));
+        }
+        if !end_of_stream {
+            // Envoy buffers the body until the end of the stream.
+            self.awaiting = Some(awaiting);
+            return Action::Pause;
+        }
+        let body = match host::request_body(body_size) {
+            Ok(b) => b,
+            Err(e) => {
+                error!("cannot read the request body: {e}");
+                plugin.metrics.request(None, Outcome::Error);
+                return self.reply(&openai::internal_error());
+            }
+        };
+        let now = host::now_ms().unwrap_or(0);
+        let start = request::on_request_body(&plugin.config, awaiting, &body, now, &SharedData);
+        self.proceed(&plugin, start)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.replied {
+            return Action::Continue;
+        }
+        for name in PROVIDER_RATE_LIMIT_HEADERS {
+            if let Err(e) = host::remove_header(Map::Response, name.as_bytes()) {
+                warn!("cannot remove response header {name}: {e}");
+            }
+        }
+        if let Some(window) = &self.window {
+            for (name, value) in request::response_headers(window) {
+                if let Err(e) = host::replace_header(Map::Response, name, &value) {
+                    warn!("cannot set response header {name}: {e}");
+                }
+            }
+        }
+        Action::Continue
+    }
+}
+
+impl Request {
+    /// Carries out the core's next step for this request.
+    fn proceed(&mut self, plugin: &Rc<Plugin>, start: Start) -> Action {
         match start {
-            Start::Done(step) => self.finish(&plugin, step),
+            Start::Done(step) => self.finish(plugin, step),
+            Start::ReadBody(awaiting) => {
+                self.awaiting = Some(awaiting);
+                Action::Pause
+            }
             Start::AskLimiter(pending) => {
                 let call = &pending.call;
                 match host::dispatch_http_call(
@@ -247,34 +450,13 @@ impl HttpContext for Request {
                             now,
                             &SharedData,
                         );
-                        self.finish(&plugin, step)
+                        self.finish(plugin, step)
                     }
                 }
             }
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if self.replied {
-            return Action::Continue;
-        }
-        for name in PROVIDER_RATE_LIMIT_HEADERS {
-            if let Err(e) = host::remove_header(Map::Response, name.as_bytes()) {
-                warn!("cannot remove response header {name}: {e}");
-            }
-        }
-        if let Some(window) = &self.window {
-            for (name, value) in request::response_headers(window) {
-                if let Err(e) = host::replace_header(Map::Response, name, &value) {
-                    warn!("cannot set response header {name}: {e}");
-                }
-            }
-        }
-        Action::Continue
-    }
-}
-
-impl Request {
     /// Applies a decision: records its metrics, then answers or rewrites the request.
     /// Returns Continue when the request may go upstream.
     fn finish(&mut self, plugin: &Plugin, step: Step) -> Action {
@@ -324,5 +506,96 @@ fn apply(forward: &Forward) -> Result<(), HostError> {
     for (name, value) in &forward.set {
         host::replace_header(Map::Request, name, value)?;
     }
+    if forward.reroute {
+        host::clear_route_cache()?;
+    }
     Ok(())
+}
+
+/// One attempt to one provider (the upstream role).
+struct AttemptContext {
+    plugin: Rc<UpstreamPlugin>,
+    /// The body's `model` must become this name before the attempt is sent.
+    rename: Option<String>,
+}
+
+impl Context for AttemptContext {}
+
+impl HttpContext for AttemptContext {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(routing) = self.plugin.routing() else {
+            return Action::Continue;
+        };
+        let headers = match host::headers(Map::Request) {
+            Ok(h) => h,
+            Err(e) => {
+                // Without its key the attempt would fail at the provider anyway; say why here.
+                error!("upstream: cannot read request headers: {e}");
+                return Action::Continue;
+            }
+        };
+        let attempt = upstream::on_attempt_headers(routing, &headers);
+        debug!(
+            "attempt {} to {}: rule {:?}, rename {:?}",
+            attempt.position + 1,
+            attempt
+                .provider
+                .map_or("none", |p| provider_name(routing, p)),
+            attempt.rule,
+            attempt.rename_model
+        );
+        self.plugin.record(&attempt);
+        for name in &attempt.remove {
+            if let Err(e) = host::remove_header(Map::Request, name) {
+                warn!(
+                    "upstream: cannot remove {}: {e}",
+                    String::from_utf8_lossy(name)
+                );
+            }
+        }
+        for (name, value) in &attempt.set {
+            if let Err(e) = host::replace_header(Map::Request, name, value) {
+                error!("upstream: cannot set {name}: {e}");
+            }
+        }
+        match attempt.rename_model {
+            Some(model) if !end_of_stream => {
+                self.rename = Some(model);
+                Action::Pause
+            }
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.rename.is_none() {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let Some(model) = self.rename.take() else {
+            return Action::Continue;
+        };
+        let body = match host::request_body(body_size) {
+            Ok(b) => b,
+            Err(e) => {
+                error!("upstream: cannot read the body to rename the model: {e}");
+                return Action::Continue;
+            }
+        };
+        match body::replace_model(&body, &model) {
+            Some(renamed) => {
+                if let Err(e) = host::replace_request_body(body.len(), &renamed) {
+                    error!("upstream: cannot replace the body: {e}");
+                } else if let Err(e) =
+                    host::replace_header(Map::Request, "content-length", &renamed.len().to_string())
+                {
+                    error!("upstream: cannot update content-length: {e}");
+                }
+            }
+            None => warn!("upstream: no top-level model to rename"),
+        }
+        Action::Continue
+    }
 }

@@ -1,0 +1,237 @@
+//! Reading and rewriting the JSON body of a model request without re-serialising it.
+//!
+//! The body is validated by serde_json (so malformed JSON is refused), but only `model` and
+//! `stream` are extracted; other fields are skipped without being built. A rename (an alias)
+//! replaces the bytes of the top-level `model` value and nothing else, so the provider receives
+//! the client's body byte for byte apart from that value.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+/// Longest accepted model name.
+pub const MAX_MODEL_LEN: usize = 256;
+
+/// What routing needs from a request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRequest {
+    /// The requested model.
+    pub model: String,
+    /// `stream: true`.
+    pub stream: bool,
+}
+
+/// Why a body cannot be routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyError {
+    /// Not JSON, or not a JSON object.
+    Malformed(String),
+    /// No `model`, or not a non-empty string of printable characters.
+    NoModel,
+}
+
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+/// Parses the body of a model request.
+pub fn parse(body: &[u8]) -> Result<ModelRequest, BodyError> {
+    let fields: Fields<'_> = serde_json::from_slice(body).map_err(|e| {
+        BodyError::Malformed(if e.is_data() {
+            "the request body must be a JSON object".to_string()
+        } else {
+            e.to_string()
+        })
+    })?;
+    let model = fields.model.ok_or(BodyError::NoModel)?;
+    if model.is_empty() || model.len() > MAX_MODEL_LEN || model.chars().any(|c| c.is_control()) {
+        return Err(BodyError::NoModel);
+    }
+    Ok(ModelRequest {
+        model: model.into_owned(),
+        stream: fields.stream.unwrap_or(false),
+    })
+}
+
+/// Replaces the value of the top-level `model` member with `new_model`; `None` if the body has
+/// no such member (callers parse first, so that does not happen for routed requests).
+pub fn replace_model(body: &[u8], new_model: &str) -> Option<Vec<u8>> {
+    let (start, end) = top_level_value_span(body, b"model")?;
+    let encoded = serde_json::to_string(new_model).ok()?;
+    let mut out = Vec::with_capacity(body.len() + encoded.len());
+    out.extend_from_slice(body.get(..start)?);
+    out.extend_from_slice(encoded.as_bytes());
+    out.extend_from_slice(body.get(end..)?);
+    Some(out)
+}
+
+/// Byte span of the value of a top-level member whose key is exactly `key` (no escapes in it).
+/// The body must be valid JSON (checked by [`parse`] first); on anything unexpected, `None`.
+fn top_level_value_span(body: &[u8], key: &[u8]) -> Option<(usize, usize)> {
+    let mut i = skip_ws(body, 0);
+    if body.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        i = skip_ws(body, i);
+        match body.get(i) {
+            Some(b'"') => {}
+            _ => return None,
+        }
+        let key_end = string_end(body, i)?;
+        let this_key = body.get(i + 1..key_end - 1)?;
+        i = skip_ws(body, key_end);
+        if body.get(i) != Some(&b':') {
+            return None;
+        }
+        let value_start = skip_ws(body, i + 1);
+        let value_end = value_end(body, value_start)?;
+        if this_key == key {
+            return Some((value_start, value_end));
+        }
+        i = skip_ws(body, value_end);
+        match body.get(i) {
+            Some(b',') => i += 1,
+            _ => return None,
+        }
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// Index just past the closing quote of the string starting at `i`.
+fn string_end(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    loop {
+        match b.get(j)? {
+            b'\\' => j += 2,
+            b'"' => return Some(j + 1),
+            _ => j += 1,
+        }
+    }
+}
+
+/// Index just past the JSON value starting at `i` (strings, numbers, literals, nesting).
+fn value_end(b: &[u8], i: usize) -> Option<usize> {
+    match b.get(i)? {
+        b'"' => string_end(b, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match b.get(j)? {
+                    b'"' => {
+                        j = string_end(b, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let mut j = i;
+            while let Some(c) = b.get(j) {
+                if matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+                    break;
+                }
+                j += 1;
+            }
+            Some(j)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn extracts_model_and_stream() {
+        let r = parse(
+            br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4.1","stream":true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            ModelRequest {
+                model: "gpt-4.1".into(),
+                stream: true
+            }
+        );
+        let r = parse(br#"{"model":"a\u00e9"}"#).unwrap();
+        assert_eq!(r.model, "a\u{e9}");
+        assert!(!r.stream);
+    }
+
+    #[test]
+    fn refuses_bad_bodies() {
+        assert!(matches!(parse(b"{"), Err(BodyError::Malformed(_))));
+        assert!(matches!(parse(b""), Err(BodyError::Malformed(_))));
+        assert!(matches!(parse(b"[1,2]"), Err(BodyError::Malformed(_))));
+        assert!(matches!(
+            parse(br#"{"model":"a"} x"#),
+            Err(BodyError::Malformed(_))
+        ));
+        assert_eq!(parse(b"{}"), Err(BodyError::NoModel));
+        assert_eq!(parse(br#"{"model":""}"#), Err(BodyError::NoModel));
+        assert_eq!(parse(br#"{"model":"a\nb"}"#), Err(BodyError::NoModel));
+        assert!(matches!(
+            parse(br#"{"model":5}"#),
+            Err(BodyError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(br#"{"model":"a","stream":"yes"}"#),
+            Err(BodyError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn replaces_only_the_top_level_model() {
+        let body = br#"{ "messages": [{"model": "inner", "x": {"model": "deep"}}], "model" : "fast", "n": 1 }"#;
+        let out = replace_model(body, "deepseek-chat").unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{ "messages": [{"model": "inner", "x": {"model": "deep"}}], "model" : "deepseek-chat", "n": 1 }"#
+        );
+        let out = replace_model(br#"{"a":"}\"{","model":"m"}"#, "x\"y").unwrap();
+        assert_eq!(out, br#"{"a":"}\"{","model":"x\"y"}"#);
+        assert_eq!(replace_model(br#"{"other":1}"#, "x"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = parse(&body);
+            let _ = replace_model(&body, "m");
+        }
+
+        #[test]
+        fn rename_round_trips(model in "\\PC{1,30}", other in "\\PC{0,30}", new in "\\PC{1,30}") {
+            let v = serde_json::json!({"messages": [{"content": other, "model": "x"}], "model": model, "temperature": 0.5});
+            let body = serde_json::to_vec(&v).unwrap();
+            let out = replace_model(&body, &new).unwrap();
+            let mut want = v.clone();
+            want["model"] = serde_json::Value::String(new.clone());
+            prop_assert_eq!(serde_json::from_slice::<serde_json::Value>(&out).unwrap(), want);
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The filter's second role: an upstream HTTP filter on the clusters the model routes use, run by
+//! Envoy once per attempt. It gives the attempt its provider's credentials, host, path prefix
+//! and model name, so a fallback to the next provider (Envoy's retry into the next cluster of an
+//! aggregate cluster) is a complete, correct request to that provider.
+//!
+//! Which provider an attempt goes to follows from the route and the attempt number: the route's
+//! aggregate cluster lists the rule's providers as priorities, and its retry policy
+//! (`previous_priorities`) sends attempt N to the N-th. Envoy runs the upstream filters of the
+//! cluster the route names (the aggregate), not those of the cluster that serves the attempt,
+//! so the filter cannot learn the provider from its own configuration.
+//!
+//! Envoy hands every attempt the same request header map, so what one attempt changes, the next
+//! one sees. Each attempt therefore sets everything from scratch: the key, the host, the path
+//! without any provider's prefix, the extra headers of every provider removed but its own, and
+//! the model name. For the same reason the route header stays on the request (the next attempt
+//! needs it): providers see `x-tollgate-route: r<N>`, a rule number and nothing else.
+
+use crate::headers::Header;
+use crate::request::ROUTE_HEADER;
+use crate::routing::{ProviderId, Routing, DEFAULT_ROUTE};
+
+/// What to do with one attempt's request headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// Headers to remove (other providers' extra headers), lowercase.
+    pub remove: Vec<Vec<u8>>,
+    /// Headers to set, replacing any value.
+    pub set: Vec<(String, String)>,
+    /// Replace the body's `model` with this name (pause for the body first).
+    pub rename_model: Option<String>,
+    /// The rule this attempt serves (`None`: the default route, or an unknown route).
+    pub rule: Option<usize>,
+    /// The provider this attempt goes to.
+    pub provider: Option<ProviderId>,
+    /// Position of this provider in the rule's list: 0 first choice, 1 first fallback, ...
+    pub position: usize,
+}
+
+/// Envoy's attempt counter on upstream requests (`include_request_attempt_count`), from 1.
+pub const ATTEMPT_HEADER: &[u8] = b"x-envoy-attempt-count";
+
+/// Prepares one attempt from the request headers the downstream role and Envoy's router left.
+pub fn on_attempt_headers(routing: &Routing, headers: &[Header]) -> Attempt {
+    let mut remove: Vec<Vec<u8>> = Vec::new();
+    let mut route: Option<&[u8]> = None;
+    let mut path: Option<&[u8]> = None;
+    let mut attempt = 1usize;
+    for (name, value) in headers {
+        if name.eq_ignore_ascii_case(ROUTE_HEADER.as_bytes()) {
+            route = Some(value);
+        } else if name.as_slice() == b":path" {
+            path = Some(value);
+        } else if name.as_slice() == ATTEMPT_HEADER {
+            attempt = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(1);
+        }
+    }
+    let route = route
+        .and_then(|r| std::str::from_utf8(r).ok())
+        .unwrap_or("");
+    let rule = routing.rule_of_route(route);
+    let position = attempt.saturating_sub(1);
+    let (provider, rename_model) = match rule.and_then(|r| routing.rules.get(r)) {
+        // Past the last provider (more retries than providers): stay on the last one.
+        Some(r) => match r.targets.get(position).or(r.targets.last()) {
+            Some(t) => {
+                // A rule that renames for some provider names the model back for the others,
+                // undoing an earlier attempt's rename (exact rules only; globs cannot rename).
+                let renames = r.targets.iter().any(|t| t.model.is_some());
+                let undo = renames && position > 0;
+                let name = t
+                    .model
+                    .clone()
+                    .or_else(|| undo.then(|| r.pattern.as_str().to_string()));
+                (Some(t.provider), name)
+            }
+            None => (None, None),
+        },
+        None if route == DEFAULT_ROUTE => (routing.default_provider, None),
+        None => (None, None),
+    };
+
+    let mut set = Vec::new();
+    if let Some(p) = provider.and_then(|id| routing.providers.get(id)) {
+        set.push(("authorization".to_string(), p.authorization.clone()));
+        if let Some(a) = &p.authority {
+            set.push((":authority".to_string(), a.clone()));
+        }
+        if let Some(path) = path.map(String::from_utf8_lossy) {
+            let bare = routing
+                .providers
+                .iter()
+                .filter(|o| !o.path_prefix.is_empty())
+                .find_map(|o| path.strip_prefix(o.path_prefix.as_str()))
+                .filter(|rest| rest.starts_with('/'))
+                .unwrap_or(&path);
+            let wanted = format!("{}{bare}", p.path_prefix);
+            if wanted != path {
+                set.push((":path".to_string(), wanted));
+            }
+        }
+        for other in &routing.providers {
+            for (name, _) in &other.headers {
+                let own = p.headers.iter().any(|(n, _)| n == name);
+                if !own && !remove.iter().any(|r| r == name.as_bytes()) {
+                    remove.push(name.as_bytes().to_vec());
+                }
+            }
+        }
+        set.extend(p.headers.iter().cloned());
+    }
+    Attempt {
+        remove,
+        set,
+        rename_model,
+        rule,
+        provider,
+        position,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Mode};
+
+    fn routing() -> Routing {
+        let sha = crate::keys::Digest::of_key(crate::keys::DigestKind::Sha256, b"k").to_hex();
+        let json = format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{sha}"}}],
+               "providers":[
+                 {{"name":"relay","cluster":"relay","api_key_env":"RELAY_KEY","authority":"api.relay.example","path_prefix":"/openai","headers":{{"X-Org":"team"}}}},
+                 {{"name":"deepseek","cluster":"deepseek","api_key_env":"DS_KEY"}}],
+               "models":[
+                 {{"match":"gpt-4.1","providers":["relay","deepseek"],"upstream_models":{{"deepseek":"deepseek-chat"}}}},
+                 {{"match":"fast","providers":["deepseek"],"upstream_model":"deepseek-chat"}}],
+               "default_provider":"relay"}}"#
+        );
+        let env = |n: &str| Some(format!("sk-{n}"));
+        match Config::parse(json.as_bytes(), &env).unwrap().mode {
+            Mode::Routed(r) => r,
+            Mode::Single(_) => panic!(),
+        }
+    }
+
+    fn h(pairs: &[(&str, &str)]) -> Vec<Header> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn first_choice_gets_its_key_host_prefix_and_headers() {
+        let r = routing();
+        let a = on_attempt_headers(
+            &r,
+            &h(&[
+                (":path", "/v1/chat/completions"),
+                ("x-tollgate-route", "r0"),
+            ]),
+        );
+        assert!(a.remove.is_empty());
+        assert_eq!(
+            a.set,
+            vec![
+                ("authorization".into(), "Bearer sk-RELAY_KEY".into()),
+                (":authority".into(), "api.relay.example".into()),
+                (":path".into(), "/openai/v1/chat/completions".into()),
+                ("x-org".into(), "team".into()),
+            ]
+        );
+        assert_eq!(
+            (a.rule, a.provider, a.position, a.rename_model),
+            (Some(0), Some(0), 0, None)
+        );
+    }
+
+    #[test]
+    fn fallback_gets_its_own_key_and_model_name() {
+        let r = routing();
+        let a = on_attempt_headers(
+            &r,
+            &h(&[
+                (":path", "/v1/chat/completions"),
+                ("x-tollgate-route", "r0"),
+                ("x-envoy-attempt-count", "2"),
+            ]),
+        );
+        assert_eq!(
+            a.set,
+            vec![("authorization".into(), "Bearer sk-DS_KEY".into())]
+        );
+        // Undo what the first attempt changed in the shared header map.
+        let a = on_attempt_headers(
+            &r,
+            &h(&[
+                (":path", "/openai/v1/chat/completions"),
+                ("x-org", "team"),
+                ("x-tollgate-route", "r0"),
+                ("x-envoy-attempt-count", "2"),
+            ]),
+        );
+        assert_eq!(a.remove, vec![b"x-org".to_vec()]);
+        assert_eq!(
+            a.set,
+            vec![
+                ("authorization".into(), "Bearer sk-DS_KEY".into()),
+                (":path".into(), "/v1/chat/completions".into())
+            ]
+        );
+
+        assert_eq!(a.position, 1);
+        assert_eq!(a.rename_model.as_deref(), Some("deepseek-chat"));
+        let a = on_attempt_headers(&r, &h(&[("x-tollgate-route", "r1")]));
+        assert_eq!(
+            (a.rule, a.position, a.rename_model.as_deref()),
+            (Some(1), 0, Some("deepseek-chat"))
+        );
+    }
+
+    #[test]
+    fn default_and_unknown_routes_keep_the_body() {
+        let r = routing();
+        let a = on_attempt_headers(&r, &h(&[("x-tollgate-route", "default")]));
+        assert_eq!((a.rule, a.provider, a.rename_model), (None, Some(0), None));
+        assert_eq!(a.set[0].1, "Bearer sk-RELAY_KEY");
+        // Unknown routes get no credentials at all: the provider refuses them.
+        for route in ["r9", "", "x"] {
+            let a = on_attempt_headers(&r, &h(&[("x-tollgate-route", route)]));
+            assert_eq!((a.rule, a.provider), (None, None), "{route}");
+            assert!(a.set.is_empty());
+        }
+        // More attempts than providers stay on the last provider.
+        let a = on_attempt_headers(
+            &r,
+            &h(&[("x-tollgate-route", "r0"), ("x-envoy-attempt-count", "7")]),
+        );
+        assert_eq!(a.provider, Some(1));
+    }
+}
