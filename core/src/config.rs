@@ -608,6 +608,23 @@ fn compile_routing(
             }
             targets.push(Target { provider, model });
         }
+        // Every attempt of a request shares one header map: a provider without `authority`
+        // after one with it would inherit the previous attempt's host.
+        let with_authority = targets
+            .iter()
+            .filter(|t| {
+                providers
+                    .get(t.provider)
+                    .is_some_and(|p| p.authority.is_some())
+            })
+            .count();
+        if with_authority != 0 && with_authority != targets.len() {
+            return Err(ConfigError::new(
+                at("providers"),
+                "the providers of one rule must all set `authority`, or none of them (a \
+                 fallback would otherwise reach its provider with the previous one's host)",
+            ));
+        }
         if pattern.is_glob() && (r.upstream_model.is_some() || !overrides.is_empty()) {
             return Err(ConfigError::new(
                 at("upstream_model"),
@@ -1061,6 +1078,103 @@ mod tests {
             let e = with_limiter(limiter).unwrap_err().to_string();
             assert!(e.starts_with(want), "{limiter}: {e}");
         }
+    }
+
+    fn routed(extra: &str) -> Result<Config, ConfigError> {
+        parse(&format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],
+                "providers":[{{"name":"p1","cluster":"c1","api_key_env":"PROVIDER_KEY"}},
+                             {{"name":"p2","cluster":"c2","api_key_env":"PROVIDER_KEY"}}],
+                {extra}}}"#
+        ))
+    }
+
+    #[test]
+    fn routing_config() {
+        let c = routed(
+            r#""models":[{"match":"m","providers":["p1","p2"],"upstream_models":{"p2":"m2"}},
+                         {"match":"g-*","providers":["p2"]}],"default_provider":"p1""#,
+        )
+        .unwrap();
+        let Mode::Routed(r) = &c.mode else { panic!() };
+        assert_eq!(r.rule_for("m"), Some(0));
+        assert_eq!(r.rule_for("g-1"), Some(1));
+        assert_eq!(r.rule_for("x"), None);
+        assert_eq!(r.rules[0].targets[1].model.as_deref(), Some("m2"));
+        assert_eq!(r.default_provider, Some(0));
+        assert_eq!(r.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+
+        for (extra, want) in [
+            (
+                r#""models":[{"match":"m","providers":["p3"]}]"#,
+                "models[0].providers[0]: unknown provider \"p3\"",
+            ),
+            (
+                r#""models":[{"match":"m","providers":["p1","p1"]}]"#,
+                "models[0].providers[1]: provider \"p1\" is listed twice",
+            ),
+            (
+                r#""models":[{"match":"m","providers":[]}]"#,
+                "models[0].providers: at least one",
+            ),
+            (
+                r#""models":[{"match":"g*","providers":["p1"],"upstream_model":"x"}]"#,
+                "models[0].upstream_model: a glob rule cannot rename",
+            ),
+            (
+                r#""models":[{"match":"m","providers":["p1"]},{"match":"m","providers":["p2"]}]"#,
+                "models[1].match: duplicate rule",
+            ),
+            (
+                r#""models":[{"match":"m","providers":["p1"],"upstream_models":{"p2":"x"}}]"#,
+                "models[0].upstream_models.p2: not one of",
+            ),
+            (
+                r#""models":[{"match":"m","providers":["p1"]}],"default_provider":"nope""#,
+                "default_provider: unknown provider",
+            ),
+            (
+                r#""models":[{"match":"m","providers":["p1"]}],"max_body_bytes":10"#,
+                "max_body_bytes: must be between 1024",
+            ),
+            (r#""models":[]"#, "models: at least one model rule"),
+            (
+                r#""models":[{"match":"m","providers":["p1"]}],"upstream":{"api_key_env":"PROVIDER_KEY"}"#,
+                "upstream: set either",
+            ),
+            (
+                r#""models":[{"match":"m","prviders":["p1"]}]"#,
+                "models[0].prviders: unknown field",
+            ),
+        ] {
+            let e = routed(extra).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{extra}: {e}");
+        }
+        // A mix of providers with and without `authority` in one rule.
+        let e = parse(&format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],
+                "providers":[{{"name":"p1","cluster":"c1","api_key_env":"PROVIDER_KEY","authority":"a.example"}},
+                             {{"name":"p2","cluster":"c2","api_key_env":"PROVIDER_KEY"}}],
+                "models":[{{"match":"m","providers":["p1","p2"]}}]}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("models[0].providers: the providers of one rule must all set"),
+            "{e}"
+        );
+        // Allow-lists and routing-only fields need routing.
+        let e = err(&minimal(&format!(
+            r#"[{{"name":"a","key_sha256":"{DEMO_SHA}","models":["m"]}}]"#
+        )));
+        assert!(
+            e.starts_with("clients[0].models: model allow-lists need"),
+            "{e}"
+        );
+        let e = err(&format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],"upstream":{{"api_key_env":"PROVIDER_KEY"}},"models":[]}}"#
+        ));
+        assert!(e.starts_with("models: only valid with `providers`"), "{e}");
     }
 
     #[test]

@@ -811,6 +811,96 @@ mod tests {
         assert_eq!(step.limiter_errors[0].reason, "unavailable");
     }
 
+    fn routed_config() -> Config {
+        let sha = Digest::of_key(DigestKind::Sha256, b"sk-team-a").to_hex();
+        let json = format!(
+            r#"{{"clients":[{{"name":"team-a","key_sha256":"{sha}","requests_per_minute":5,"models":["gpt-*"]}}],
+                "providers":[{{"name":"p","cluster":"c","api_key_env":"K"}}],
+                "models":[{{"match":"gpt-4.1","providers":["p"]}},{{"match":"o1","providers":["p"]}}],
+                "max_body_bytes":2048}}"#
+        );
+        Config::parse(json.as_bytes(), &|_| Some("sk-provider".into())).unwrap()
+    }
+
+    fn routed_start(c: &Config, method: &[u8], path: &[u8], len: Option<&[u8]>) -> Start {
+        let mut headers = h(&[
+            (":method", method),
+            (":path", path),
+            ("authorization", b"Bearer sk-team-a"),
+        ]);
+        if let Some(len) = len {
+            headers.push((b"content-length".to_vec(), len.to_vec()));
+        }
+        on_request_headers(c, &headers, NOW, &FakeStore::default())
+    }
+
+    fn status(start: Start) -> u16 {
+        match done(start).decision {
+            Decision::Reply(r) => r.status,
+            Decision::Forward(_) => 0,
+        }
+    }
+
+    #[test]
+    fn routed_requests_read_the_body_and_route_by_model() {
+        let c = routed_config();
+        let Start::ReadBody(wait) =
+            routed_start(&c, b"POST", b"/v1/chat/completions?x=1", Some(b"100"))
+        else {
+            panic!("expected to read the body")
+        };
+        let step = done(on_request_body(
+            &c,
+            wait,
+            br#"{"model":"gpt-4.1"}"#,
+            NOW,
+            &FakeStore::default(),
+        ));
+        let f = forward(&step);
+        assert_eq!(f.set, vec![(ROUTE_HEADER, "r0".to_string())]);
+        assert!(f.reroute);
+        assert!(f.remove.contains(&b"authorization".to_vec()));
+        assert_eq!(f.window.unwrap().limit, 5);
+
+        let body_status = |body: &[u8]| {
+            let Start::ReadBody(wait) = routed_start(&c, b"POST", b"/v1/chat/completions", None)
+            else {
+                panic!()
+            };
+            status(on_request_body(&c, wait, body, NOW, &FakeStore::default()))
+        };
+        assert_eq!(
+            body_status(br#"{"model":"o1"}"#),
+            403,
+            "not on the allow-list"
+        );
+        assert_eq!(body_status(br#"{"model":"gpt-5"}"#), 404, "no rule");
+        assert_eq!(body_status(b"{"), 400);
+        assert_eq!(body_status(br#"{"messages":[]}"#), 400);
+        assert_eq!(body_status(&vec![b' '; 4096]), 413);
+
+        assert_eq!(
+            status(routed_start(
+                &c,
+                b"POST",
+                b"/v1/chat/completions",
+                Some(b"4096")
+            )),
+            413
+        );
+        assert_eq!(status(routed_start(&c, b"POST", b"/v1/files", None)), 404);
+        let models = done(routed_start(&c, b"GET", b"/v1/models", None));
+        match models.decision {
+            Decision::Reply(r) => {
+                assert_eq!(r.status, 200);
+                let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+                assert_eq!(v["data"][0]["id"], "gpt-4.1");
+                assert_eq!(v["data"].as_array().unwrap().len(), 1, "o1 is not allowed");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn response_headers_show_the_clients_budget() {
         let w = Window {

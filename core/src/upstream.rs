@@ -132,7 +132,7 @@ mod tests {
             r#"{{"clients":[{{"name":"a","key_sha256":"{sha}"}}],
                "providers":[
                  {{"name":"relay","cluster":"relay","api_key_env":"RELAY_KEY","authority":"api.relay.example","path_prefix":"/openai","headers":{{"X-Org":"team"}}}},
-                 {{"name":"deepseek","cluster":"deepseek","api_key_env":"DS_KEY"}}],
+                 {{"name":"deepseek","cluster":"deepseek","api_key_env":"DS_KEY","authority":"api.deepseek.example"}}],
                "models":[
                  {{"match":"gpt-4.1","providers":["relay","deepseek"],"upstream_models":{{"deepseek":"deepseek-chat"}}}},
                  {{"match":"fast","providers":["deepseek"],"upstream_model":"deepseek-chat"}}],
@@ -191,7 +191,10 @@ mod tests {
         );
         assert_eq!(
             a.set,
-            vec![("authorization".into(), "Bearer sk-DS_KEY".into())]
+            vec![
+                ("authorization".into(), "Bearer sk-DS_KEY".into()),
+                (":authority".into(), "api.deepseek.example".into())
+            ]
         );
         // Undo what the first attempt changed in the shared header map.
         let a = on_attempt_headers(
@@ -208,6 +211,7 @@ mod tests {
             a.set,
             vec![
                 ("authorization".into(), "Bearer sk-DS_KEY".into()),
+                (":authority".into(), "api.deepseek.example".into()),
                 (":path".into(), "/v1/chat/completions".into())
             ]
         );
