@@ -341,6 +341,15 @@ def configure(cfg: dict, plugin: dict, providers: dict[str, dict] | str) -> None
         configure_single(cfg, plugin, providers if isinstance(providers, str) else providers["url"])
 
 
+def set_authorities(plugin: dict, urls: dict[str, dict]) -> None:
+    """Give every provider its own URL's host as `authority` (a real provider needs its Host;
+    the providers of a rule must all set one or none)."""
+    for p in plugin["providers"]:
+        u = urllib.parse.urlsplit(urls[p["name"]]["url"])
+        default_port = {"http": 80, "https": 443}[u.scheme]
+        p["authority"] = u.hostname if u.port in (None, default_port) else f"{u.hostname}:{u.port}"
+
+
 def _provider_urls(cfg: dict, plugin: dict) -> dict[str, dict]:
     """The current address of each provider's cluster, as `configure_routing` input."""
     urls = {}
@@ -413,9 +422,7 @@ def main(argv: list[str]) -> int:
             urls = _provider_urls(cfg, plugin)
             first = plugin["providers"][0]
             urls[first["name"]] = {"url": a.provider_url}
-            host = urllib.parse.urlsplit(a.provider_url).hostname or ""
-            if not host.replace(".", "").isdigit():
-                first["authority"] = host  # the provider's own Host, set per attempt
+            set_authorities(plugin, urls)
             configure_routing(cfg, plugin, urls)
         else:
             set_provider(cfg, a.provider_url)

@@ -110,9 +110,10 @@ def test_https_example_is_the_rendered_demo():
     """envoy/provider-https.yaml must not drift from the demo it is generated from."""
     cfg = render_envoy.load()
     plugin = render_envoy.plugin_config(cfg)
-    plugin["providers"][0]["authority"] = "api.openai.com"
-    render_envoy.configure_routing(cfg, plugin, {
-        **render_envoy.DEMO_PROVIDERS, "relay": {"url": "https://api.openai.com"}})
+    urls = {**render_envoy.DEMO_PROVIDERS, "relay": {"url": "https://api.openai.com"}}
+    render_envoy.set_authorities(plugin, urls)
+    assert [p["authority"] for p in plugin["providers"]] == ["api.openai.com", "127.0.0.1:10081"]
+    render_envoy.configure_routing(cfg, plugin, urls)
     assert render_envoy.load(ROOT / "envoy" / "provider-https.yaml") == cfg
 
 
