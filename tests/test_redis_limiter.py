@@ -164,3 +164,26 @@ def test_webdis_basic_auth(start_gateway, mock, workdir, redis):
             assert secret not in gw.log() and secret not in gw.stats_text()
     finally:
         webdis.stop()
+
+
+def test_routed_requests_are_limited_in_redis(start_gateway, workdir, redis, webdis):
+    """With model routing the limit is checked after the body is read: the Redis callout is
+    made from the body callback and the request resumes from its reply."""
+    relay = harness.MockProvider(workdir, name="relay", expect_key=harness.PROVIDER_KEY)
+    try:
+        config = {
+            "clients": [{"name": "shared", "key_sha256": sha256_hex(KEY), "requests_per_minute": 2}],
+            "providers": [{"name": "relay", "cluster": "provider_relay", "api_key_env": harness.PROVIDER_KEY_ENV}],
+            "models": [{"match": "gpt-4.1", "providers": ["relay"]}],
+            "limiter": {"backend": "redis", "cluster": "webdis", "on_error": "deny"},
+        }
+        gw = start_gateway(config, {"relay": {"url": relay.url}}, webdis=webdis.addr)
+        minute = harness.wait_for_fresh_window()
+        statuses = [gw.post(key=KEY).status for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        assert redis.cli("GET", redis_key(minute)) == "2"
+        assert len(relay.requests()) == 2
+        assert gw.post(key=KEY, body=b"{broken").status == 400, "refused before the limiter"
+        assert redis.cli("GET", redis_key(minute)) == "2"
+    finally:
+        relay.stop()
