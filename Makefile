@@ -32,7 +32,7 @@ deps: system-packages toolchain $(VENV)/.installed
 
 build: toolchain
 	cargo build --release --target wasm32-wasip1 -p tollgate-filter
-	cargo build --release -p tollgate-mock-provider
+	cargo build --release -p tollgate-mock-provider -p tollgate-cli
 	@ls -l $(WASM) | awk '{print "tollgate.wasm: " $$5 " bytes"}'
 
 LIMITER ?= local
@@ -58,3 +58,20 @@ test: deps lint unit build e2e
 clean:
 	cargo clean
 	rm -rf $(VENV) .run
+
+## Benchmark (not part of `make test`; see docs/benchmark.md). `make bench` starts every peer on
+## loopback, measures, stops everything and writes bench/results/; BENCH_ARGS adds options of
+## bench/run.py (e.g. BENCH_ARGS="--repeats 5"). `make bench-smoke` checks it end to end in
+## seconds (results in target/bench-smoke/, numbers meaningless).
+BENCH_EMPTY_FILTER := cargo build --release --locked --target wasm32-wasip1 \
+	--manifest-path bench/empty-filter/Cargo.toml --target-dir target/bench-empty-filter
+
+.PHONY: bench bench-smoke
+
+bench: deps build
+	$(BENCH_EMPTY_FILTER)
+	BENCH_COMMAND="make bench$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" $(PYTHON) bench/run.py $(BENCH_ARGS)
+
+bench-smoke: deps build
+	$(BENCH_EMPTY_FILTER)
+	$(PYTHON) bench/run.py --smoke $(BENCH_ARGS)

@@ -14,6 +14,7 @@ pub mod openai;
 pub mod request;
 pub mod routing;
 pub mod upstream;
+pub mod usage;
 pub mod webdis;
 
 pub use config::{Client, ClientId, Config, ConfigError};

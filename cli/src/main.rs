@@ -1,0 +1,430 @@
+//! `tollgate`: the operator's command for the Tollgate gateway, built on the filter's own core.
+//!
+//! - `tollgate keys new`: a new client key and its config entry (the key's digest only);
+//! - `tollgate keys hash`: the digests of an existing key, read from standard input;
+//! - `tollgate config check`: the filter's parser on a plugin configuration or an Envoy bootstrap.
+//!
+//! Exit codes: 0 success, 1 an invalid configuration or a refused key, 2 a usage or I/O error.
+
+mod args;
+mod check;
+mod envoy;
+mod explain;
+mod keys;
+
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::process::ExitCode;
+
+use args::{flag, value, Opt, Parsed};
+
+/// Everything a command touches outside itself, so that tests can supply their own.
+pub struct Ctx<'a> {
+    /// Environment variable lookup (`std::env::var` outside tests).
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// Fills a buffer from a secure random source (`getrandom` outside tests).
+    pub random: &'a dyn Fn(&mut [u8]) -> Result<(), String>,
+    /// Standard input.
+    pub stdin: &'a mut dyn BufRead,
+    /// Whether standard input is a terminal (then a key is read up to the end of the line).
+    pub stdin_is_terminal: bool,
+    /// Standard output: results.
+    pub out: &'a mut dyn Write,
+    /// Standard error: errors, warnings, notes.
+    pub err: &'a mut dyn Write,
+}
+
+/// Why a command did not succeed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The command line is wrong (exit 2, with the usage line).
+    Usage(String),
+    /// A file or stream could not be read or written (exit 2).
+    Io(String),
+    /// The input was refused, for this reason (exit 1).
+    Refused(String),
+    /// The check failed and has said why already (exit 1).
+    Failed,
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Self {
+        Failure::Io(e.to_string())
+    }
+}
+
+/// Exit code of a usage or I/O error.
+const EXIT_USAGE: u8 = 2;
+/// Exit code of an invalid configuration or refused input.
+const EXIT_INVALID: u8 = 1;
+
+type Run = fn(&Parsed, &mut Ctx) -> Result<(), Failure>;
+
+/// A command: its two words, usage line, help text, options and implementation.
+struct Command {
+    words: [&'static str; 2],
+    usage: &'static str,
+    help: &'static str,
+    opts: &'static [Opt],
+    run: Run,
+}
+
+const ENTRY_OPTS: [Opt; 4] = [
+    value("name", "NAME"),
+    value("rpm", "N"),
+    value("tpm", "N"),
+    value("models", "M1,M2"),
+];
+
+const COMMANDS: &[Command] = &[
+    Command {
+        words: ["keys", "new"],
+        usage: "tollgate keys new --name NAME [--rpm N] [--tpm N] [--models M1,M2] [--json]",
+        help: "\
+Makes a new client key from the operating system's secure random source: `sk-tg-` and 43 base62
+characters (256 bits). The key is printed once and stored nowhere; then the client's entry for
+the plugin configuration's \"clients\", which holds only the key's SHA-256.
+
+Options:
+  --name NAME     the client's name (1-64 letters, digits, '-' or '_'; required)
+  --rpm N         requests per minute (default: the configuration's default_requests_per_minute)
+  --tpm N         tokens per minute, as tokens_per_minute in the entry (a later configuration
+                  version: a note says when this version does not accept it)
+  --models M1,M2  models the client may use (names or globs), as models in the entry: an
+                  allow-list, which needs a configuration with model routing (a note says so)
+  --json          print one JSON object {\"key\": ..., \"entry\": {...}}, for scripts
+
+Exit codes: 0 made, 2 usage error (e.g. a name the filter would refuse).",
+        opts: &[
+            ENTRY_OPTS[0],
+            ENTRY_OPTS[1],
+            ENTRY_OPTS[2],
+            ENTRY_OPTS[3],
+            flag("json"),
+        ],
+        run: keys::new,
+    },
+    Command {
+        words: ["keys", "hash"],
+        usage: "printf %s \"$KEY\" | tollgate keys hash [--name NAME [--rpm N] [--tpm N] [--models M1,M2]] [--json]",
+        help: "\
+Prints the SHA-256 and MD5 digests (hex) of a key read from standard input, and with --name a
+config entry for it. The key is never taken from an argument, so it stays out of shell history
+and process lists. One trailing newline is removed; nothing else is. A key the filter could never
+read from `Authorization: Bearer` (empty, spaces, control or non-ASCII characters, more than 512
+characters) is refused. From a terminal, the key is read up to Enter and not echoed.
+
+Options:
+  --name NAME     also print the client's config entry (key_sha256)
+  --rpm, --tpm, --models   as for `tollgate keys new`
+  --json          print one JSON object {\"key_sha256\", \"key_md5\"[, \"entry\"]}
+
+Exit codes: 0 done, 1 key refused, 2 usage error.",
+        opts: &[
+            ENTRY_OPTS[0],
+            ENTRY_OPTS[1],
+            ENTRY_OPTS[2],
+            ENTRY_OPTS[3],
+            flag("json"),
+        ],
+        run: keys::hash,
+    },
+    Command {
+        words: ["config", "check"],
+        usage: "tollgate config check FILE [--explain] [--strict-env]",
+        help: "\
+Checks a Tollgate configuration with the filter's own parser: the verdict and the error message
+are the ones the filter logs after `invalid plugin configuration: `. FILE (`-` for standard
+input) is the plugin configuration (JSON) or an Envoy bootstrap (YAML, or JSON with
+static_resources), in which every envoy.filters.http.wasm filter is checked and named by its
+path: those of the listeners' HTTP connection managers and the upstream filters of clusters.
+
+Environment variables the configuration names (api_key_env of upstream or providers,
+limiter.basic_auth_env) rarely exist where the check runs: one that is not set here is replaced
+by a placeholder, with a warning. In a bootstrap, a variable missing from the filter's
+host_env_keys is a warning too.
+
+Options:
+  --explain     print what the configuration means: clients and limits, the provider side
+                (upstream, or providers and model routes), the limiter
+  --strict-env  use this environment exactly as the filter would (only host_env_keys and
+                key_values of a bootstrap's filter), so a missing variable is an error
+
+Exit codes: 0 valid, 1 invalid, 2 usage or I/O error.",
+        opts: &[flag("explain"), flag("strict-env")],
+        run: check::run,
+    },
+];
+
+fn top_help() -> String {
+    let mut s = format!(
+        "tollgate {}: client keys and configuration checks for the Tollgate gateway\n\nUsage:\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for c in COMMANDS {
+        s.push_str("  ");
+        s.push_str(c.usage);
+        s.push('\n');
+    }
+    s.push_str(
+        "  tollgate help [COMMAND] | tollgate --version\n\n\
+         `tollgate COMMAND --help` explains a command. Exit codes: 0 success, 1 an invalid\n\
+         configuration or a refused key, 2 a usage or I/O error.\n",
+    );
+    s
+}
+
+fn group_help(group: &str) -> String {
+    let mut s = String::from("Usage:\n");
+    for c in COMMANDS.iter().filter(|c| c.words[0] == group) {
+        s.push_str("  ");
+        s.push_str(c.usage);
+        s.push('\n');
+    }
+    s
+}
+
+fn command_help(c: &Command) -> String {
+    format!("Usage: {}\n\n{}\n", c.usage, c.help)
+}
+
+/// Runs the command line `args` (without the program name); returns the exit code.
+pub fn run(args: &[String], ctx: &mut Ctx) -> u8 {
+    match dispatch(args, ctx) {
+        Ok(()) => 0,
+        Err((failure, command)) => {
+            // If standard error is gone there is no one left to tell.
+            let _ = report(&failure, command, ctx);
+            match failure {
+                Failure::Usage(_) | Failure::Io(_) => EXIT_USAGE,
+                Failure::Refused(_) | Failure::Failed => EXIT_INVALID,
+            }
+        }
+    }
+}
+
+fn report(failure: &Failure, command: Option<&Command>, ctx: &mut Ctx) -> io::Result<()> {
+    match failure {
+        Failure::Usage(m) => {
+            writeln!(ctx.err, "error: {m}\n")?;
+            match command {
+                Some(c) => writeln!(
+                    ctx.err,
+                    "Usage: {}\n`tollgate {} {} --help` tells more.",
+                    c.usage, c.words[0], c.words[1]
+                ),
+                None => write!(ctx.err, "{}", top_help()),
+            }
+        }
+        Failure::Io(m) | Failure::Refused(m) => writeln!(ctx.err, "error: {m}"),
+        Failure::Failed => Ok(()),
+    }
+}
+
+type Dispatched = Result<(), (Failure, Option<&'static Command>)>;
+
+fn dispatch(args: &[String], ctx: &mut Ctx) -> Dispatched {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let print = |ctx: &mut Ctx, text: &str| -> Dispatched {
+        write!(ctx.out, "{text}").map_err(|e| (e.into(), None))
+    };
+    let find = |group: &str, name: &str| {
+        COMMANDS
+            .iter()
+            .find(|c| c.words[0] == group && c.words[1] == name)
+    };
+    let is_group = |w: &str| COMMANDS.iter().any(|c| c.words[0] == w);
+    match words.as_slice() {
+        [] => Err((Failure::Usage("a command is required".into()), None)),
+        ["-h" | "--help"] | ["help"] => print(ctx, &top_help()),
+        ["-V" | "--version"] => print(ctx, &format!("tollgate {}\n", env!("CARGO_PKG_VERSION"))),
+        ["help", group] if is_group(group) => print(ctx, &group_help(group)),
+        ["help", group, name] => match find(group, name) {
+            Some(c) => print(ctx, &command_help(c)),
+            None => Err((
+                Failure::Usage(format!("no command \"{group} {name}\"")),
+                None,
+            )),
+        },
+        ["help", ..] => Err((Failure::Usage("no such command".into()), None)),
+        [group, "-h" | "--help"] if is_group(group) => print(ctx, &group_help(group)),
+        [group] if is_group(group) => Err((
+            Failure::Usage(format!("\"{group}\" needs a subcommand")),
+            None,
+        )),
+        [group, name, ..] if is_group(group) => {
+            let Some(c) = find(group, name) else {
+                return Err((
+                    Failure::Usage(format!("no command \"{group} {name}\"")),
+                    None,
+                ));
+            };
+            let rest = args.get(2..).unwrap_or_default();
+            let parsed = args::parse(rest, c.opts).map_err(|m| (Failure::Usage(m), Some(c)))?;
+            if parsed.help {
+                return print(ctx, &command_help(c));
+            }
+            (c.run)(&parsed, ctx).map_err(|f| (f, Some(c)))
+        }
+        [other, ..] => Err((Failure::Usage(format!("no command {other:?}")), None)),
+    }
+}
+
+fn main() -> ExitCode {
+    let mut args = Vec::new();
+    for arg in std::env::args_os().skip(1) {
+        match arg.into_string() {
+            Ok(a) => args.push(a),
+            Err(a) => {
+                eprintln!("error: argument {a:?} is not valid UTF-8");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
+    let stdin = io::stdin();
+    let stdin_is_terminal = stdin.is_terminal();
+    let mut stdin = stdin.lock();
+    let mut out = io::stdout().lock();
+    let mut err = io::stderr().lock();
+    let env = |name: &str| std::env::var(name).ok();
+    let random = |buf: &mut [u8]| getrandom::fill(buf).map_err(|e| e.to_string());
+    let mut ctx = Ctx {
+        env: &env,
+        random: &random,
+        stdin: &mut stdin,
+        stdin_is_terminal,
+        out: &mut out,
+        err: &mut err,
+    };
+    let mut code = run(&args, &mut ctx);
+    if out.flush().is_err() && code == 0 {
+        code = EXIT_USAGE;
+    }
+    ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a command line against fakes; returns (exit code, stdout, stderr).
+    fn run_with(line: &str, stdin: &str) -> (u8, String, String) {
+        let args: Vec<String> = line.split_whitespace().map(String::from).collect();
+        let env = |name: &str| (name == "TOLLGATE_PROVIDER_KEY").then(|| "sk-p".to_string());
+        let random = |buf: &mut [u8]| {
+            buf.fill(7);
+            Ok(())
+        };
+        let mut input = stdin.as_bytes();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut ctx = Ctx {
+            env: &env,
+            random: &random,
+            stdin: &mut input,
+            stdin_is_terminal: false,
+            out: &mut out,
+            err: &mut err,
+        };
+        let code = run(&args, &mut ctx);
+        (
+            code,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    }
+
+    #[test]
+    fn help_and_version() {
+        let (code, out, _) = run_with("--help", "");
+        assert_eq!(code, 0);
+        for c in COMMANDS {
+            assert!(out.contains(c.usage), "{out}");
+        }
+        let (code, out, _) = run_with("keys new --help", "");
+        assert_eq!(code, 0);
+        assert!(out.starts_with("Usage: tollgate keys new"), "{out}");
+        assert_eq!(
+            run_with("help config check", "").1,
+            command_help(&COMMANDS[2])
+        );
+        assert_eq!(run_with("keys --help", "").0, 0);
+        let (code, out, _) = run_with("--version", "");
+        assert_eq!((code, out.trim()), (0, "tollgate 0.1.0"));
+    }
+
+    #[test]
+    fn usage_errors_exit_2_on_stderr() {
+        for line in [
+            "",
+            "frobnicate",
+            "keys",
+            "keys rotate",
+            "keys new",
+            "keys new --name",
+            "keys new --name a --rpm five",
+            "keys new --name a extra",
+            "keys hash sk-secret",
+            "config check",
+            "config check a b",
+            "config check --strict",
+            "keys hash --rpm 5",
+            "keys new --name a --models ,",
+            "help nothing here",
+        ] {
+            let (code, out, err) = run_with(line, "k");
+            assert_eq!(code, 2, "{line}: {err}");
+            assert!(out.is_empty(), "{line}: {out}");
+            assert!(err.starts_with("error: "), "{line}: {err}");
+        }
+        let (_, _, err) = run_with("keys hash sk-secret", "");
+        assert!(err.contains("standard input"), "{err}");
+        assert!(!err.contains("sk-secret"), "the key is not echoed: {err}");
+        let (_, _, err) = run_with("keys new --nme a", "");
+        assert!(err.contains("Usage: tollgate keys new"), "{err}");
+    }
+
+    #[test]
+    fn keys_new_uses_the_injected_random_source() {
+        let (code, out, err) = run_with("keys new --name team-a --rpm 5 --json", "");
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["key"], format!("sk-tg-{}", "7".repeat(43)));
+        assert_eq!(v["entry"]["name"], "team-a");
+        assert_eq!(v["entry"]["requests_per_minute"], 5);
+    }
+
+    #[test]
+    fn keys_hash_reads_stdin() {
+        let (code, out, _) = run_with("keys hash", "sk-tollgate-demo\n");
+        assert_eq!(code, 0);
+        assert_eq!(
+            out,
+            "key_sha256 179510ee3e248a7bfae1a518d344461ddef0e32bbf53b40845f2d3e157c5973f\n\
+             key_md5 32bd3c47e408828a22d81d4fe5f3c06d\n"
+        );
+        let (code, _, err) = run_with("keys hash", "\n");
+        assert_eq!(code, 1);
+        assert!(err.contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn config_check_of_standard_input() {
+        let json = r#"{"clients":[{"name":"a","key_md5":"32bd3c47e408828a22d81d4fe5f3c06d"}],
+                       "upstream":{"api_key_env":"TOLLGATE_PROVIDER_KEY"}}"#;
+        let (code, out, err) = run_with("config check - --strict-env", json);
+        assert_eq!((code, err.as_str()), (0, ""));
+        assert_eq!(out, "<stdin>: OK (1 client, limiter local)\n");
+        // Byte for byte the core's message, whatever it is in this version of the core.
+        let broken = r#"{"clients":[{"name":"a","key_sha256":"abc"}],"upstream":{"api_key_env":"TOLLGATE_PROVIDER_KEY"}}"#;
+        let expected = tollgate_core::Config::parse(broken.as_bytes(), &|_| Some("k".into()))
+            .unwrap_err()
+            .to_string();
+        let (code, out, err) = run_with("config check -", broken);
+        assert_eq!(code, 1);
+        assert!(out.is_empty());
+        assert_eq!(
+            err,
+            format!("<stdin>: invalid plugin configuration: {expected}\n")
+        );
+        assert!(expected.starts_with("clients[0].key_sha256: expected 64 hex characters"));
+    }
+}

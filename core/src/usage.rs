@@ -1,0 +1,315 @@
+//! Token usage from provider responses: a JSON body (`chat.completion`, `text_completion`,
+//! embeddings, the Responses API) or a Server-Sent Events stream, where usage arrives in the
+//! final chunk when `stream_options.include_usage` is set (or in `response.completed`).
+//!
+//! The SSE reader is incremental and bounded: it sees each body callback's bytes once, keeps at
+//! most one unfinished event, and works on bytes, so events and multi-byte UTF-8 characters
+//! split across callbacks are reassembled before anything is decoded.
+
+use serde::Deserialize;
+
+/// Tokens a response used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt (input) tokens.
+    pub prompt_tokens: u64,
+    /// Completion (output) tokens; 0 for embeddings.
+    pub completion_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct RawUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+}
+
+impl RawUsage {
+    fn usage(&self) -> Option<Usage> {
+        let prompt = self.prompt_tokens.or(self.input_tokens)?;
+        Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: self.completion_tokens.or(self.output_tokens).unwrap_or(0),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    #[serde(default)]
+    usage: Option<RawUsage>,
+    /// The Responses API nests it: `{"type":"response.completed","response":{"usage":...}}`.
+    #[serde(default)]
+    response: Option<Box<WithUsage>>,
+}
+
+impl WithUsage {
+    fn usage(&self) -> Option<Usage> {
+        self.usage
+            .as_ref()
+            .and_then(RawUsage::usage)
+            .or_else(|| self.response.as_ref().and_then(|r| r.usage()))
+    }
+}
+
+/// Usage of a JSON response body; `None` if it has none (or is not JSON).
+pub fn from_json(body: &[u8]) -> Option<Usage> {
+    serde_json::from_slice::<WithUsage>(body).ok()?.usage()
+}
+
+/// Longest SSE event kept while waiting for its end; longer events are skipped (and counted),
+/// so a provider that never ends an event cannot grow the filter's memory.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+
+/// Incremental reader of an SSE stream that records the usage it carries.
+#[derive(Debug, Default)]
+pub struct SseUsage {
+    pending: Vec<u8>,
+    skipping: bool,
+    /// The last usage seen (the final usage chunk, or `response.completed`).
+    pub usage: Option<Usage>,
+    /// Events read.
+    pub events: u64,
+    /// Events longer than [`MAX_EVENT_BYTES`], skipped.
+    pub oversized: u64,
+    /// `data: [DONE]` was seen.
+    pub done: bool,
+}
+
+impl SseUsage {
+    /// Feeds the next bytes of the stream.
+    pub fn push(&mut self, chunk: &[u8]) {
+        // A separator may have begun in the last bytes already pending.
+        let mut scan = self.pending.len().saturating_sub(3);
+        let mut buf = std::mem::take(&mut self.pending);
+        buf.extend_from_slice(chunk);
+        let mut start = 0;
+        while let Some((at, len)) =
+            (scan..buf.len()).find_map(|i| separator_at(&buf, i).map(|l| (i, l)))
+        {
+            if !self.skipping {
+                self.event(buf.get(start..at).unwrap_or_default());
+            }
+            self.skipping = false;
+            start = at + len;
+            scan = start;
+        }
+        buf.drain(..start.min(buf.len()));
+        if buf.len() > MAX_EVENT_BYTES {
+            // Too long to be an event we need: drop it, keep only what may start a separator.
+            if !self.skipping {
+                self.oversized += 1;
+            }
+            self.skipping = true;
+            let keep_from = buf.len() - 3;
+            buf.drain(..keep_from);
+        }
+        self.pending = buf;
+    }
+
+    /// Ends the stream: an unterminated last event is read too.
+    pub fn finish(&mut self) {
+        if !self.skipping && !self.pending.is_empty() {
+            let event = std::mem::take(&mut self.pending);
+            self.event(&event);
+        }
+        self.pending.clear();
+    }
+
+    fn event(&mut self, event: &[u8]) {
+        self.events += 1;
+        let mut data: Vec<u8> = Vec::new();
+        for line in event.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(value) = line.strip_prefix(b"data:") {
+                let value = value.strip_prefix(b" ").unwrap_or(value);
+                if !data.is_empty() {
+                    data.push(b'\n');
+                }
+                data.extend_from_slice(value);
+            }
+            // `event:`, `id:`, `retry:` and `:` comments carry no usage.
+        }
+        if data.is_empty() {
+            return;
+        }
+        if data == b"[DONE]" {
+            self.done = true;
+            return;
+        }
+        if let Some(u) = from_json(&data) {
+            self.usage = Some(u);
+        }
+    }
+}
+
+fn separator_at(b: &[u8], i: usize) -> Option<usize> {
+    let rest = b.get(i..)?;
+    if rest.starts_with(b"\r\n\r\n") {
+        Some(4)
+    } else if rest.starts_with(b"\n\n") || rest.starts_with(b"\r\r") {
+        Some(2)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const STREAM: &str = concat!(
+        ": keep-alive comment\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"h\u{e9}llo \u{1F600} \"}}],\"usage\":null}\n\n",
+        "event: message\ndata: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":5,\"total_tokens\":17}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn read(chunks: &[&[u8]]) -> SseUsage {
+        let mut r = SseUsage::default();
+        for c in chunks {
+            r.push(c);
+        }
+        r.finish();
+        r
+    }
+
+    #[test]
+    fn whole_stream() {
+        let r = read(&[STREAM.as_bytes()]);
+        assert_eq!(
+            r.usage,
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 5
+            })
+        );
+        assert!(r.done);
+        assert_eq!(r.events, 6);
+    }
+
+    #[test]
+    fn one_byte_at_a_time() {
+        let chunks: Vec<&[u8]> = STREAM.as_bytes().chunks(1).collect();
+        let r = read(&chunks);
+        assert_eq!(
+            r.usage,
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 5
+            })
+        );
+        assert_eq!(r.events, 6);
+    }
+
+    #[test]
+    fn crlf_separators_and_no_usage() {
+        let s = "data: {\"choices\":[]}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let chunks: Vec<&[u8]> = s.as_bytes().chunks(3).collect();
+        let r = read(&chunks);
+        assert_eq!(r.usage, None);
+        assert!(r.done);
+        assert_eq!(r.events, 2);
+    }
+
+    #[test]
+    fn responses_api_completed_event() {
+        let s = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":4}}}\n\n";
+        assert_eq!(
+            read(&[s.as_bytes()]).usage,
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4
+            })
+        );
+    }
+
+    #[test]
+    fn oversized_events_are_skipped_and_the_stream_recovers() {
+        let big = format!("data: {}\n\n", "x".repeat(MAX_EVENT_BYTES + 5000));
+        let mut r = SseUsage::default();
+        for c in big.as_bytes().chunks(1000) {
+            r.push(c);
+        }
+        r.push(STREAM.as_bytes());
+        r.finish();
+        assert_eq!(r.oversized, 1);
+        assert_eq!(
+            r.usage,
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 5
+            })
+        );
+    }
+
+    #[test]
+    fn json_bodies() {
+        let chat = br#"{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}"#;
+        assert_eq!(
+            from_json(chat),
+            Some(Usage {
+                prompt_tokens: 9,
+                completion_tokens: 2
+            })
+        );
+        let emb = br#"{"object":"list","data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}"#;
+        assert_eq!(
+            from_json(emb),
+            Some(Usage {
+                prompt_tokens: 4,
+                completion_tokens: 0
+            })
+        );
+        let resp = br#"{"object":"response","usage":{"input_tokens":5,"output_tokens":6,"total_tokens":11}}"#;
+        assert_eq!(
+            from_json(resp),
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 6
+            })
+        );
+        assert_eq!(from_json(br#"{"error":{"message":"x"}}"#), None);
+        assert_eq!(from_json(b"not json"), None);
+        assert_eq!(from_json(br#"{"usage":null}"#), None);
+    }
+
+    proptest! {
+        /// Any split of the stream into chunks gives the same events and usage.
+        #[test]
+        fn any_split_gives_the_same_answer(cuts in proptest::collection::vec(0usize..STREAM.len(), 0..20)) {
+            let bytes = STREAM.as_bytes();
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut chunks = Vec::new();
+            let mut at = 0;
+            for c in cuts {
+                chunks.push(&bytes[at..c]);
+                at = c;
+            }
+            chunks.push(&bytes[at..]);
+            let r = read(&chunks);
+            prop_assert_eq!(r.usage, Some(Usage { prompt_tokens: 12, completion_tokens: 5 }));
+            prop_assert_eq!(r.events, 6);
+            prop_assert!(r.done);
+        }
+
+        #[test]
+        fn never_panics(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16)) {
+            let mut r = SseUsage::default();
+            for c in &chunks {
+                r.push(c);
+            }
+            r.finish();
+        }
+    }
+}
