@@ -719,7 +719,7 @@ mod tests {
     #[test]
     fn enforces_size_limits() {
         let mut big_head = b"GET / HTTP/1.1\r\nx: ".to_vec();
-        big_head.extend(std::iter::repeat(b'a').take(MAX_HEAD_BYTES));
+        big_head.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES));
         big_head.extend_from_slice(b"\r\n\r\n");
         let mut c = conn(&big_head, READ_SIZE);
         assert!(matches!(c.read_head(), Err(HttpError::HeadTooLarge)));
