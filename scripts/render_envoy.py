@@ -361,6 +361,35 @@ def _provider_urls(cfg: dict, plugin: dict) -> dict[str, dict]:
     return urls
 
 
+ACCESS_LOG_FIELDS = {
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "client": "%FILTER_STATE(wasm.tollgate_client:PLAIN)%",
+    "model": "%FILTER_STATE(wasm.tollgate_model:PLAIN)%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "prompt_tokens": "%FILTER_STATE(wasm.tollgate_prompt_tokens:PLAIN)%",
+    "completion_tokens": "%FILTER_STATE(wasm.tollgate_completion_tokens:PLAIN)%",
+    "duration_ms": "%DURATION%",
+    "response_flags": "%RESPONSE_FLAGS%",
+}
+
+
+def set_access_log(cfg: dict) -> None:
+    """One JSON line per request on stdout, with what the filter recorded (client name, model
+    rule, token usage) next to Envoy's own fields. Never a key: the filter records none."""
+    _hcm(cfg)["access_log"] = [{
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": {"json_format": dict(ACCESS_LOG_FIELDS)},
+        },
+    }]
+
+
 def set_local_replies(cfg: dict) -> None:
     """Envoy's own errors in OpenAI's JSON error shape (SDKs retry or raise on them as they would
     against the provider); Tollgate's replies pass unchanged (no response flag)."""
@@ -375,6 +404,7 @@ def set_local_replies(cfg: dict) -> None:
             },
         })
     _hcm(cfg)["local_reply_config"] = {"mappers": mappers}
+    set_access_log(cfg)
 
 
 def _str(dumper: yaml.SafeDumper, s: str):

@@ -79,7 +79,7 @@ fi
   "${limiter_args[@]}" -o "$RUN_DIR/envoy.yaml"
 
 "$ENVOY" -c "$RUN_DIR/envoy.yaml" --concurrency 2 --disable-hot-restart \
-  --log-level warning --component-log-level wasm:info &
+  --log-level warning --component-log-level wasm:info --file-flush-interval-msec 1000 &
 pids+=($!)
 
 "$PYTHON" - "$ADMIN" <<'PY'

@@ -276,6 +276,8 @@ class Gateway:
             [
                 envoy_bin(), "-c", str(self.config_path), "--concurrency", str(self.concurrency),
                 "--disable-hot-restart", "--log-level", "info", "--component-log-level", "wasm:debug",
+                # Access-log lines reach the log within 0.1 s instead of Envoy's default 10 s.
+                "--file-flush-interval-msec", "100",
             ],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
         )

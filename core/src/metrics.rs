@@ -8,7 +8,7 @@ pub const ANONYMOUS: &str = "_anonymous";
 
 /// Label names Tollgate encodes; the Envoy configs need one `stats_tags` entry per name.
 pub const LABELS: &[&str] = &[
-    "client", "outcome", "backend", "reason", "provider", "model", "from", "to",
+    "client", "outcome", "backend", "reason", "provider", "model", "from", "to", "kind",
 ];
 
 /// Model label of requests on the default route (no model rule).
@@ -111,6 +111,17 @@ pub fn fallbacks_total(model: &str, from: &str, to: &str) -> String {
         label_value(model),
         label_value(from),
         label_value(to)
+    )
+}
+
+/// `tollgate_tokens_total{client,model,kind}`: tokens providers reported, `kind` `prompt` or
+/// `completion`.
+pub fn tokens_total(client: &str, model: &str, kind: &str) -> String {
+    format!(
+        "tollgate_tokens_total.client={}.model={}.kind={}",
+        label_value(client),
+        label_value(model),
+        label_value(kind)
     )
 }
 

@@ -49,6 +49,8 @@ pub struct Forward {
     /// The client's window, for the response's `x-ratelimit-*` headers; `None` when the limiter
     /// failed open.
     pub window: Option<Window>,
+    /// The model rule that routed the request (`None`: one provider, or the default route).
+    pub rule: Option<usize>,
 }
 
 /// A limiter failure that was handled by the failure policy, for
@@ -169,6 +171,7 @@ pub fn on_request_headers(
                 set: vec![("authorization", upstream.authorization.clone())],
                 reroute: false,
                 window: None,
+                rule: None,
             };
             return limit(
                 config,
@@ -221,6 +224,7 @@ pub fn on_request_headers(
                 set: vec![(ROUTE_HEADER, DEFAULT_ROUTE.to_string())],
                 reroute: true,
                 window: None,
+                rule: None,
             };
             limit(
                 config,
@@ -287,6 +291,7 @@ pub fn on_request_body(
         set: vec![(ROUTE_HEADER, Routing::route_id(rule))],
         reroute: true,
         window: None,
+        rule: Some(rule),
     };
     limit(
         config,
@@ -493,7 +498,9 @@ fn limited_step(
 fn headers_to_remove(headers: &[Header]) -> Vec<Vec<u8>> {
     let mut remove: Vec<Vec<u8>> = Vec::new();
     for (name, _) in headers {
-        if must_strip(name)
+        // Usage is read from the response body: it must come back uncompressed.
+        let compressed = name.eq_ignore_ascii_case(b"accept-encoding");
+        if (must_strip(name) || compressed)
             && !name.eq_ignore_ascii_case(b"authorization")
             && !remove.iter().any(|r| r.eq_ignore_ascii_case(name))
         {

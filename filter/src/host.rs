@@ -39,6 +39,7 @@ const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
 const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 const BUFFER_HTTP_REQUEST_BODY: u32 = 0;
+const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
 const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 const STREAM_HTTP_REQUEST: u32 = 0;
@@ -103,6 +104,12 @@ extern "C" {
         size: usize,
         buffer_data: *const u8,
         buffer_size: usize,
+    ) -> u32;
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
     ) -> u32;
     fn proxy_get_property(
         path_data: *const u8,
@@ -214,6 +221,21 @@ pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
 /// The request body received so far, up to `max` bytes.
 pub fn request_body(max: usize) -> Result<Vec<u8>, HostError> {
     buffer(BUFFER_HTTP_REQUEST_BODY, max)
+}
+
+/// The response body bytes of this callback (responses are never paused, so each callback
+/// holds only new bytes), up to `max`.
+pub fn response_body_chunk(max: usize) -> Result<Vec<u8>, HostError> {
+    buffer(BUFFER_HTTP_RESPONSE_BODY, max)
+}
+
+/// Sets a stream property; Envoy keeps it as filter state `wasm.<name>`, which access logs read
+/// with `%FILTER_STATE(wasm.<name>:PLAIN)%`.
+pub fn set_property(name: &str, value: &[u8]) -> Result<(), HostError> {
+    // SAFETY: pointers and lengths of live slices.
+    check("proxy_set_property", unsafe {
+        proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len())
+    })
 }
 
 /// Replaces the whole request body buffered so far (`size`: its current length).
@@ -416,9 +438,17 @@ pub fn define_counter(name: &str) -> Result<u32, HostError> {
 
 /// Adds one to a counter (best effort: a lost increment must not fail a request).
 pub fn increment(id: u32) {
-    // SAFETY: no pointers.
-    unsafe {
-        proxy_increment_metric(id, 1);
+    increment_by(id, 1);
+}
+
+/// Adds `n` (> 0) to a counter.
+pub fn increment_by(id: u32, n: u64) {
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    if n > 0 {
+        // SAFETY: no pointers.
+        unsafe {
+            proxy_increment_metric(id, n);
+        }
     }
 }
 

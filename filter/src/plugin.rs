@@ -1,5 +1,7 @@
 //! Root and HTTP contexts: the request flow, top to bottom.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use log::{debug, error, info, warn};
@@ -17,6 +19,7 @@ use tollgate_core::request::{
 };
 use tollgate_core::routing::{ProviderId, Routing};
 use tollgate_core::upstream;
+use tollgate_core::usage::{self, SseUsage, Usage};
 use tollgate_core::webdis::ReplyError;
 use tollgate_core::Config;
 
@@ -28,10 +31,67 @@ const MAX_LIMITER_REPLY_BYTES: usize = 4096;
 /// Root id of the plugin instances that run as upstream filters of provider clusters.
 const UPSTREAM_ROOT_ID: &[u8] = b"tollgate_upstream";
 
+/// JSON responses longer than this are not read for usage (no provider sends such a body for a
+/// completion; it bounds the copy the filter keeps).
+const MAX_USAGE_BODY_BYTES: usize = 8 << 20;
+
 /// A compiled configuration with the metric ids it uses, shared by the VM's HTTP contexts.
 struct Plugin {
     config: Config,
     metrics: MetricIds,
+    /// `tollgate_tokens_total` ids by (client, rule, kind), defined on first use: the label set
+    /// is bounded by the configuration, but defining every combination up front would not be.
+    tokens: RefCell<HashMap<TokenSeries, u32>>,
+}
+
+/// (client, rule, completion?) of a `tollgate_tokens_total` series.
+type TokenSeries = (usize, Option<usize>, bool);
+
+impl Plugin {
+    fn model_label(&self, rule: Option<usize>) -> &str {
+        match (&self.config.mode, rule) {
+            (Mode::Routed(r), Some(i)) => r.rules.get(i).map_or("", |r| r.pattern.as_str()),
+            _ => metrics::DEFAULT_MODEL,
+        }
+    }
+
+    fn count_tokens(&self, client: usize, rule: Option<usize>, completion: bool, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let key = (client, rule, completion);
+        let cached = self.tokens.borrow().get(&key).copied();
+        let id = match cached {
+            Some(id) => id,
+            None => {
+                let name = self.config.client(client).map_or("", |c| c.name.as_str());
+                let kind = if completion { "completion" } else { "prompt" };
+                match host::define_counter(&metrics::tokens_total(
+                    name,
+                    self.model_label(rule),
+                    kind,
+                )) {
+                    Ok(id) => {
+                        self.tokens.borrow_mut().insert(key, id);
+                        id
+                    }
+                    Err(e) => {
+                        warn!("cannot define a token counter: {e}");
+                        return;
+                    }
+                }
+            }
+        };
+        host::increment_by(id, n);
+    }
+}
+
+/// How a response is read for its token usage.
+enum UsageReader {
+    /// A JSON body, copied up to `MAX_USAGE_BODY_BYTES`.
+    Json(Vec<u8>),
+    /// A Server-Sent Events stream, read event by event as it passes.
+    Sse(SseUsage),
 }
 
 /// The upstream role: prepares each attempt on the clusters the model routes use.
@@ -269,7 +329,11 @@ impl RootContext for Root {
                 ),
             }
         );
-        self.role = Some(Role::Gateway(Rc::new(Plugin { config, metrics })));
+        self.role = Some(Role::Gateway(Rc::new(Plugin {
+            config,
+            metrics,
+            tokens: RefCell::new(HashMap::new()),
+        })));
         true
     }
 
@@ -279,20 +343,8 @@ impl RootContext for Root {
                 plugin: p.clone(),
                 rename: None,
             })),
-            Some(Role::Gateway(p)) => Some(Box::new(Request {
-                plugin: Some(p.clone()),
-                awaiting: None,
-                pending: None,
-                window: None,
-                replied: false,
-            })),
-            None => Some(Box::new(Request {
-                plugin: None,
-                awaiting: None,
-                pending: None,
-                window: None,
-                replied: false,
-            })),
+            Some(Role::Gateway(p)) => Some(Box::new(Request::new(Some(p.clone())))),
+            None => Some(Box::new(Request::new(None))),
         }
     }
 
@@ -312,6 +364,11 @@ struct Request {
     window: Option<Window>,
     /// The filter answered this request itself; leave the response alone.
     replied: bool,
+    /// The admitted client and the rule that routed the request, for usage.
+    client: Option<usize>,
+    rule: Option<usize>,
+    /// Reading the response for token usage.
+    usage: Option<UsageReader>,
 }
 
 impl Context for Request {
@@ -413,11 +470,94 @@ impl HttpContext for Request {
                 }
             }
         }
+        if self.client.is_some() {
+            let content_type = host::header(Map::Response, "content-type")
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            self.usage = if content_type.starts_with(b"text/event-stream") {
+                Some(UsageReader::Sse(SseUsage::default()))
+            } else if content_type.windows(4).any(|w| w == b"json") {
+                Some(UsageReader::Json(Vec::new()))
+            } else {
+                None
+            };
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // Never Pause here: a stream must reach the client as it arrives.
+        let Some(reader) = self.usage.as_mut() else {
+            return Action::Continue;
+        };
+        if body_size > 0 {
+            match host::response_body_chunk(body_size) {
+                Ok(chunk) => match reader {
+                    UsageReader::Sse(sse) => sse.push(&chunk),
+                    UsageReader::Json(body) => {
+                        if body.len() + chunk.len() > MAX_USAGE_BODY_BYTES {
+                            self.usage = None;
+                            return Action::Continue;
+                        }
+                        body.extend_from_slice(&chunk);
+                    }
+                },
+                Err(e) => {
+                    debug!("cannot read the response body: {e}");
+                    self.usage = None;
+                    return Action::Continue;
+                }
+            }
+        }
+        if end_of_stream {
+            let found = match self.usage.take() {
+                Some(UsageReader::Sse(mut sse)) => {
+                    sse.finish();
+                    sse.usage
+                }
+                Some(UsageReader::Json(body)) => usage::from_json(&body),
+                None => None,
+            };
+            if let Some(u) = found {
+                self.record_usage(u);
+            }
+        }
         Action::Continue
     }
 }
 
 impl Request {
+    fn new(plugin: Option<Rc<Plugin>>) -> Self {
+        Self {
+            plugin,
+            awaiting: None,
+            pending: None,
+            window: None,
+            replied: false,
+            client: None,
+            rule: None,
+            usage: None,
+        }
+    }
+
+    /// Records a response's usage: token counters and the access log's filter state.
+    fn record_usage(&self, usage: Usage) {
+        let (Some(plugin), Some(client)) = (&self.plugin, self.client) else {
+            return;
+        };
+        plugin.count_tokens(client, self.rule, false, usage.prompt_tokens);
+        plugin.count_tokens(client, self.rule, true, usage.completion_tokens);
+        for (name, n) in [
+            ("tollgate_prompt_tokens", usage.prompt_tokens),
+            ("tollgate_completion_tokens", usage.completion_tokens),
+        ] {
+            if let Err(e) = host::set_property(name, n.to_string().as_bytes()) {
+                debug!("cannot set {name}: {e}");
+            }
+        }
+    }
+
     /// Carries out the core's next step for this request.
     fn proceed(&mut self, plugin: &Rc<Plugin>, start: Start) -> Action {
         match start {
@@ -475,6 +615,20 @@ impl Request {
             Decision::Forward(forward) => match apply(&forward) {
                 Ok(()) => {
                     self.window = forward.window;
+                    self.client = step.client;
+                    self.rule = forward.rule;
+                    if let Some(client) = step.client.and_then(|c| plugin.config.client(c)) {
+                        // For the access log (`%FILTER_STATE(wasm.tollgate_client:PLAIN)%`).
+                        let model = plugin.model_label(forward.rule).to_string();
+                        for (name, value) in [
+                            ("tollgate_client", client.name.as_str()),
+                            ("tollgate_model", &model),
+                        ] {
+                            if let Err(e) = host::set_property(name, value.as_bytes()) {
+                                debug!("cannot set {name}: {e}");
+                            }
+                        }
+                    }
                     (Action::Continue, step.outcome)
                 }
                 Err(e) => {

@@ -1,0 +1,89 @@
+"""End to end: token usage read from JSON and SSE responses, counted per client, model and
+kind, and written to the JSON access log with the client's name (never its key)."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+import harness
+from harness import BACKUP_KEY, PROVIDER_KEY, chat_body, sha256_hex
+
+KEY = "sk-usage-team-77aa"
+
+
+def routed() -> dict:
+    return {
+        "clients": [{"name": "usage-team", "key_sha256": sha256_hex(KEY), "requests_per_minute": 1000}],
+        "providers": [
+            {"name": "relay", "cluster": "provider_relay", "api_key_env": harness.PROVIDER_KEY_ENV},
+            {"name": "backup", "cluster": "provider_backup", "api_key_env": harness.BACKUP_KEY_ENV},
+        ],
+        "models": [{"match": "gpt-4.1", "providers": ["relay", "backup"]}],
+    }
+
+
+@pytest.fixture
+def setup(start_gateway, workdir):
+    relay = harness.MockProvider(workdir, name="relay", expect_key=PROVIDER_KEY)
+    backup = harness.MockProvider(workdir, name="backup", expect_key=BACKUP_KEY)
+    gw = start_gateway(routed(), {"relay": {"url": relay.url}, "backup": {"url": backup.url}})
+    yield gw, relay
+    relay.stop()
+    backup.stop()
+
+
+def tokens(gw, kind: str) -> float:
+    return gw.counter("tollgate_tokens_total", client="usage-team", model="gpt-4_1", kind=kind)
+
+
+def access_log(gw, path: str, count: int) -> list[dict]:
+    """The access-log lines for `path`, once `count` of them are written (Envoy flushes its
+    access log about once a second)."""
+    def lines():
+        found = [json.loads(l) for l in gw.log().splitlines() if l.startswith("{")]
+        found = [l for l in found if l["path"] == path]
+        return found if len(found) >= count else None
+    return harness.wait_until(lines, f"{count} access-log lines for {path}", timeout_s=15)
+
+
+def test_json_and_stream_usage_is_counted_and_logged(setup):
+    gw, relay = setup
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+    r = c.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "count my tokens please"}])
+    prompt, completion = r.usage.prompt_tokens, r.usage.completion_tokens
+    assert prompt > 0 and completion > 0
+    assert (tokens(gw, "prompt"), tokens(gw, "completion")) == (prompt, completion)
+
+    chunks = list(c.chat.completions.create(
+        model="gpt-4.1", messages=[{"role": "user", "content": "and stream them"}], stream=True,
+        stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert (tokens(gw, "prompt"), tokens(gw, "completion")) == (
+        prompt + usage.prompt_tokens, completion + usage.completion_tokens)
+
+    logs = access_log(gw, "/v1/chat/completions", 2)
+    assert len(logs) == 2
+    for line, u in zip(logs, [r.usage, usage]):
+        assert line["client"] == "usage-team"
+        assert line["model"] == "gpt-4.1"
+        assert line["status"] == 200
+        assert int(line["prompt_tokens"]) == u.prompt_tokens
+        assert int(line["completion_tokens"]) == u.completion_tokens
+        assert line["upstream_cluster"] == "tollgate_route_r0"
+    assert KEY not in gw.log() and PROVIDER_KEY not in gw.log()
+    # The provider got an uncompressed response to read: accept-encoding is not forwarded.
+    for req in relay.requests():
+        assert "accept-encoding" not in [n for n, _ in req["headers"]]
+
+
+def test_refused_requests_are_logged_without_tokens(setup):
+    gw, _ = setup
+    assert gw.post(key="sk-nope").status == 401
+    assert gw.post(key=KEY, body=chat_body("unknown")).status == 404
+    logs = access_log(gw, "/v1/chat/completions", 2)
+    assert [l["status"] for l in logs] == [401, 404]
+    assert logs[0]["client"] in (None, "-")
+    assert logs[1]["prompt_tokens"] in (None, "-")
