@@ -28,7 +28,15 @@ $(VENV)/.installed: tests/requirements.txt
 system-packages:
 	@bash scripts/install-system-packages.sh
 
-deps: system-packages toolchain $(VENV)/.installed
+DEPLOY_VENV ?= .venv-deploy
+
+## Offline validators of the deploy artifacts (checkov needs packaging<24, pytest 9 >=24: own venv).
+$(DEPLOY_VENV)/.installed: deploy/requirements.txt
+	python3 -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install --quiet --disable-pip-version-check -r deploy/requirements.txt
+	touch $@
+
+deps: system-packages toolchain $(VENV)/.installed $(DEPLOY_VENV)/.installed
 
 build: toolchain
 	cargo build --release --target wasm32-wasip1 -p tollgate-filter
@@ -57,7 +65,7 @@ test: deps lint unit build e2e
 
 clean:
 	cargo clean
-	rm -rf $(VENV) .run
+	rm -rf $(VENV) $(DEPLOY_VENV) .run
 
 ## Benchmark (not part of `make test`; see docs/benchmark.md). `make bench` starts every peer on
 ## loopback, measures, stops everything and writes bench/results/; BENCH_ARGS adds options of

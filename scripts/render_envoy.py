@@ -229,9 +229,14 @@ def configure_routing(cfg: dict, plugin: dict, providers: dict[str, dict]) -> No
     """
     set_plugin_config(cfg, plugin)
     base = wasm_config(cfg)
-    clusters = [c for c in cfg["static_resources"]["clusters"]
-                if c["name"] not in ("provider",) and not c["name"].startswith("tollgate_")
-                and c["name"] not in {p["cluster"] for p in plugin["providers"]}]
+    # Keep the clusters that are not ours (e.g. webdis); drop the single-provider cluster, the
+    # aggregates and every cluster that runs the upstream filter (the previous providers).
+    def ours(c: dict) -> bool:
+        filters = c.get("typed_extension_protocol_options", {}).get(HTTP_OPTIONS, {}).get("http_filters", [])
+        return (c["name"] == "provider" or c["name"].startswith("tollgate_")
+                or c["name"] in {p["cluster"] for p in plugin["providers"]}
+                or any(f["name"] == WASM_FILTER for f in filters))
+    clusters = [c for c in cfg["static_resources"]["clusters"] if not ours(c)]
     upstream = json.loads(json.dumps(base))
     upstream["name"] = "tollgate-upstream"
     upstream["root_id"] = "tollgate_upstream"

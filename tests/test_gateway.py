@@ -209,3 +209,10 @@ def test_keys_never_appear_in_envoy_logs(gw):
     assert "configured: 2 clients" in log  # the filter does log (debug level is on)
     for secret in (TEAM_A, "sk-leak-check-wrong-key", PROVIDER_KEY):
         assert secret not in log
+
+
+def test_health_answers_without_a_key_and_is_not_counted(gw, mock):
+    r = harness.request(gw.url, "GET", "/health")
+    assert r.status == 200
+    assert mock.requests() == []
+    assert gw.counter("tollgate_requests_total", client="_anonymous", outcome="unauthorized") == 0
