@@ -125,55 +125,10 @@ def _cluster(cfg: dict, name: str) -> dict:
     raise KeyError(f"no cluster {name!r}")
 
 
-def _route(cfg: dict) -> dict:
-    return _hcm(cfg)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
-
-
 def set_provider(cfg: dict, url: str) -> None:
-    """Point the `provider` cluster at a URL's origin.
-
-    `http://host:port` gives a plain cluster (the mock provider); `https://host[:port]` gives a
-    TLS cluster with SNI and certificate checks against the system CA bundle, and the provider's
-    host sent as `:authority`. A path (e.g. `/v1`) is ignored: clients already send `/v1/...`.
-    """
-    u = urllib.parse.urlsplit(url)
-    if u.scheme not in ("http", "https") or not u.hostname:
-        raise ValueError(f"provider URL must be http(s)://host[:port], got {url!r}")
-    if u.path not in ("", "/", "/v1", "/v1/"):
-        raise ValueError(f"provider URL path must be empty or /v1, got {u.path!r}")
-    tls = u.scheme == "https"
-    port = u.port or (443 if tls else 80)
-    host = u.hostname
-    cluster = _cluster(cfg, "provider")
-    is_ip = host.replace(".", "").isdigit() or ":" in host
-    cluster["type"] = "STATIC" if is_ip else "LOGICAL_DNS"
-    if not is_ip:
-        cluster["dns_lookup_family"] = "V4_PREFERRED"
-    cluster["load_assignment"] = {
-        "cluster_name": "provider",
-        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(f"{host}:{port}")}}]}],
-    }
-    route = _route(cfg)
-    if tls:
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": host,
-                "common_tls_context": {
-                    "validation_context": {
-                        "trusted_ca": {"filename": CA_BUNDLE},
-                        "match_typed_subject_alt_names": [
-                            {"san_type": "DNS", "matcher": {"exact": host}}
-                        ],
-                    }
-                },
-            },
-        }
-        route["host_rewrite_literal"] = host
-    else:
-        cluster.pop("transport_socket", None)
-        route.pop("host_rewrite_literal", None)
+    """One provider at `url` for everything (the single-provider layout): a plain cluster for
+    http, TLS with SNI and certificate checks for https, and the provider's host as :authority."""
+    configure_single(cfg, plugin_config(cfg), url)
 
 
 class _Dumper(yaml.SafeDumper):
