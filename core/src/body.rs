@@ -19,6 +19,8 @@ pub struct ModelRequest {
     pub model: String,
     /// `stream: true`.
     pub stream: bool,
+    /// `max_completion_tokens`, else `max_tokens` (else `max_output_tokens`, Responses API).
+    pub max_tokens: Option<u64>,
 }
 
 /// Why a body cannot be routed.
@@ -36,6 +38,12 @@ struct Fields<'a> {
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
 }
 
 /// Parses the body of a model request.
@@ -54,6 +62,10 @@ pub fn parse(body: &[u8]) -> Result<ModelRequest, BodyError> {
     Ok(ModelRequest {
         model: model.into_owned(),
         stream: fields.stream.unwrap_or(false),
+        max_tokens: fields
+            .max_completion_tokens
+            .or(fields.max_tokens)
+            .or(fields.max_output_tokens),
     })
 }
 
@@ -174,9 +186,12 @@ mod tests {
             r,
             ModelRequest {
                 model: "gpt-4.1".into(),
-                stream: true
+                stream: true,
+                max_tokens: None
             }
         );
+        let r = parse(br#"{"model":"m","max_tokens":7,"max_completion_tokens":9}"#).unwrap();
+        assert_eq!(r.max_tokens, Some(9));
         let r = parse(br#"{"model":"a\u00e9"}"#).unwrap();
         assert_eq!(r.model, "a\u{e9}");
         assert!(!r.stream);

@@ -61,6 +61,8 @@ struct RawConfig {
     #[serde(default)]
     default_requests_per_minute: Option<u32>,
     #[serde(default)]
+    default_tokens_per_minute: Option<u32>,
+    #[serde(default)]
     upstream: Option<RawUpstream>,
     #[serde(default)]
     limiter: Option<RawLimiter>,
@@ -111,6 +113,8 @@ struct RawClient {
     #[serde(default)]
     requests_per_minute: Option<u32>,
     #[serde(default)]
+    tokens_per_minute: Option<u32>,
+    #[serde(default)]
     models: Option<Vec<String>>,
 }
 
@@ -159,6 +163,8 @@ pub struct Client {
     pub name: String,
     /// Requests admitted per minute window.
     pub requests_per_minute: u32,
+    /// Tokens (prompt + completion) per minute window; `None`: no token limit.
+    pub tokens_per_minute: Option<u32>,
     /// Models this client may use (exact names and globs); `None`: all.
     pub models: Option<Vec<Pattern>>,
 }
@@ -320,6 +326,10 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
         Some(v) => check_per_minute("default_requests_per_minute", v)?,
         None => DEFAULT_REQUESTS_PER_MINUTE,
     };
+    let default_tpm = match raw.default_tokens_per_minute {
+        Some(v) => Some(check_per_minute("default_tokens_per_minute", v)?),
+        None => None,
+    };
 
     if raw.clients.is_empty() {
         return Err(ConfigError::new(
@@ -374,9 +384,14 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
             None => None,
             Some(list) => Some(compile_patterns(&at("models"), &list)?),
         };
+        let tokens_per_minute = match c.tokens_per_minute {
+            Some(v) => Some(check_per_minute(&at("tokens_per_minute"), v)?),
+            None => default_tpm,
+        };
         clients.push(Client {
             name: c.name,
             requests_per_minute,
+            tokens_per_minute,
             models,
         });
     }
@@ -431,6 +446,20 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
         None => LimiterBackend::Local,
         Some(l) => compile_limiter(l, env)?,
     };
+    if let LimiterBackend::Redis(_) = limiter {
+        if let Some(i) = clients.iter().position(|c| c.tokens_per_minute.is_some()) {
+            let field = if default_tpm.is_some() {
+                "default_tokens_per_minute".to_string()
+            } else {
+                format!("clients[{i}].tokens_per_minute")
+            };
+            return Err(ConfigError::new(
+                field,
+                "token limits work with the local limiter only in this version (the Redis \
+                 limiter counts requests)",
+            ));
+        }
+    }
 
     Ok(Config {
         clients,

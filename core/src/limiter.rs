@@ -25,6 +25,9 @@ pub const CAS_ATTEMPTS: u32 = 32;
 /// Shared-data key prefix of the request-rate records.
 pub const REQUESTS_KEY_PREFIX: &str = "tollgate.v1.rpm.";
 
+/// Shared-data key prefix of the token-rate records.
+pub const TOKENS_KEY_PREFIX: &str = "tollgate.v1.tpm.";
+
 /// Window length in milliseconds.
 pub const WINDOW_MS: u64 = 60_000;
 
@@ -98,6 +101,11 @@ pub fn requests_key(client: &Client) -> String {
     format!("{REQUESTS_KEY_PREFIX}{}", client.name)
 }
 
+/// Shared-data key of a client's token-rate record.
+pub fn tokens_key(client: &Client) -> String {
+    format!("{TOKENS_KEY_PREFIX}{}", client.name)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Record {
     window: u64,
@@ -160,27 +168,36 @@ pub fn check(
     limit: u64,
     now_ms: u64,
 ) -> Result<Verdict, LimiterError> {
+    check_cost(store, key, limit, 1, now_ms)
+}
+
+/// Counts `cost` units (a request, or a token estimate) against `limit` in the current window:
+/// admitted when the window's count plus `cost` stays within `limit`; a refusal writes nothing.
+pub fn check_cost(
+    store: &dyn CasStore,
+    key: &str,
+    limit: u64,
+    cost: u64,
+    now_ms: u64,
+) -> Result<Verdict, LimiterError> {
     let (window, reset_ms) = window_of(now_ms);
     for _ in 0..CAS_ATTEMPTS {
-        let (current, cas) = match store.get(key).map_err(|_| LimiterError::Store)? {
-            Some((bytes, cas)) => (Record::decode(&bytes), cas),
-            // Not created at configure time (should not happen): insert, accepting the race.
-            None => (None, 0),
-        };
+        let (current, cas) = read(store, key)?;
         let count = match current {
             Some(r) if r.window == window => r.count,
             _ => 0,
         };
-        if count >= limit {
+        // A zero cost (nothing to reserve) still needs budget left.
+        if count.saturating_add(cost.max(1)) > limit {
             return Ok(Verdict::Limited(Window {
                 limit,
-                remaining: 0,
+                remaining: limit.saturating_sub(count),
                 reset_ms,
             }));
         }
         let next = Record {
             window,
-            count: count + 1,
+            count: count + cost,
         };
         match store.set(key, &next.encode(), cas) {
             Ok(()) => {
@@ -195,6 +212,44 @@ pub fn check(
         }
     }
     Err(LimiterError::Contention)
+}
+
+/// Adds `delta` (negative: gives back) to the count of minute `window`, if that window is still
+/// the record's; a window that has passed is left alone (its budget is gone anyway).
+pub fn adjust(
+    store: &dyn CasStore,
+    key: &str,
+    window: u64,
+    delta: i64,
+) -> Result<(), LimiterError> {
+    if delta == 0 {
+        return Ok(());
+    }
+    for _ in 0..CAS_ATTEMPTS {
+        let (current, cas) = read(store, key)?;
+        let Some(r) = current.filter(|r| r.window == window) else {
+            return Ok(());
+        };
+        let count = if delta < 0 {
+            r.count.saturating_sub(delta.unsigned_abs())
+        } else {
+            r.count.saturating_add(delta.unsigned_abs())
+        };
+        match store.set(key, &Record { window, count }.encode(), cas) {
+            Ok(()) => return Ok(()),
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Store) => return Err(LimiterError::Store),
+        }
+    }
+    Err(LimiterError::Contention)
+}
+
+fn read(store: &dyn CasStore, key: &str) -> Result<(Option<Record>, u32), LimiterError> {
+    Ok(match store.get(key).map_err(|_| LimiterError::Store)? {
+        Some((bytes, cas)) => (Record::decode(&bytes), cas),
+        // Not created at configure time (should not happen): insert, accepting the race.
+        None => (None, 0),
+    })
 }
 
 #[cfg(test)]
@@ -357,6 +412,45 @@ pub(crate) mod tests {
             count: 9,
         };
         assert_eq!(Record::decode(&r.encode()), Some(r));
+    }
+
+    #[test]
+    fn costs_reserve_and_adjust() {
+        let s = FakeStore::default();
+        let (window, _) = window_of(T0);
+        let w = admitted(check_cost(&s, K, 100, 60, T0).unwrap());
+        assert_eq!(w.remaining, 40);
+        // 60 + 50 > 100: refused, nothing written.
+        assert_eq!(
+            check_cost(&s, K, 100, 50, T0).unwrap(),
+            Verdict::Limited(Window {
+                limit: 100,
+                remaining: 40,
+                reset_ms: 20_000
+            })
+        );
+        // The response used 20 tokens, not 60: give 40 back.
+        adjust(&s, K, window, -40).unwrap();
+        assert_eq!(
+            admitted(check_cost(&s, K, 100, 50, T0).unwrap()).remaining,
+            30
+        );
+        adjust(&s, K, window, -1000).unwrap();
+        assert_eq!(
+            admitted(check_cost(&s, K, 100, 0, T0).unwrap()).remaining,
+            100
+        );
+        // A passed window is not touched.
+        adjust(&s, K, window - 1, 500).unwrap();
+        assert_eq!(
+            admitted(check_cost(&s, K, 100, 100, T0).unwrap()).remaining,
+            0
+        );
+        // Zero cost with nothing left is refused.
+        assert!(matches!(
+            check_cost(&s, K, 100, 0, T0).unwrap(),
+            Verdict::Limited(_)
+        ));
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub enum ErrorKind {
     InvalidApiKey,
     /// 429: the client's requests-per-minute budget is spent.
     RequestsRateLimited,
+    /// 429: the client's tokens-per-minute budget cannot cover the request.
+    TokensRateLimited,
     /// 500: the filter could not do its job (a host call failed).
     Internal,
     /// 503: the limiter cannot answer and `on_error` is `deny`.
@@ -44,7 +46,7 @@ impl ErrorKind {
     pub fn status(self) -> u16 {
         match self {
             ErrorKind::InvalidApiKey => 401,
-            ErrorKind::RequestsRateLimited => 429,
+            ErrorKind::RequestsRateLimited | ErrorKind::TokensRateLimited => 429,
             ErrorKind::Internal => 500,
             ErrorKind::LimiterUnavailable => 503,
             ErrorKind::MalformedBody | ErrorKind::MissingModel => 400,
@@ -65,6 +67,7 @@ impl ErrorKind {
             | ErrorKind::UnknownUrl
             | ErrorKind::BodyTooLarge => "invalid_request_error",
             ErrorKind::RequestsRateLimited => "requests",
+            ErrorKind::TokensRateLimited => "tokens",
             ErrorKind::Internal | ErrorKind::LimiterUnavailable => "server_error",
         }
     }
@@ -73,7 +76,9 @@ impl ErrorKind {
     pub fn code(self) -> Option<&'static str> {
         match self {
             ErrorKind::InvalidApiKey => Some("invalid_api_key"),
-            ErrorKind::RequestsRateLimited => Some("rate_limit_exceeded"),
+            ErrorKind::RequestsRateLimited | ErrorKind::TokensRateLimited => {
+                Some("rate_limit_exceeded")
+            }
             ErrorKind::Internal => Some("internal_error"),
             ErrorKind::LimiterUnavailable => Some("limiter_unavailable"),
             ErrorKind::ModelNotAllowed => Some("model_not_allowed"),
@@ -156,6 +161,44 @@ pub fn requests_rate_limited(client: &str, limit: u64, reset_ms: u64) -> LocalRe
             ),
         ),
     }
+}
+
+/// 429 for tokens, with OpenAI's token-limit headers and `retry-after`.
+pub fn tokens_rate_limited(
+    client: &str,
+    limit: u64,
+    remaining: u64,
+    requested: u64,
+    reset_ms: u64,
+) -> LocalReply {
+    let mut headers = rate_limit_token_headers(limit, remaining, reset_ms);
+    headers.push(("retry-after", retry_after_secs(reset_ms).to_string()));
+    LocalReply {
+        status: ErrorKind::TokensRateLimited.status(),
+        headers,
+        body: error_body(
+            ErrorKind::TokensRateLimited,
+            &format!(
+                "Rate limit reached for client {client} on tokens per minute (TPM): Limit \
+                 {limit}, Used {}, Requested {requested}. Please try again in {}.",
+                limit.saturating_sub(remaining),
+                openai_duration(reset_ms)
+            ),
+        ),
+    }
+}
+
+/// `x-ratelimit-{limit,remaining,reset}-tokens` for the client's own token budget.
+pub fn rate_limit_token_headers(
+    limit: u64,
+    remaining: u64,
+    reset_ms: u64,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("x-ratelimit-limit-tokens", limit.to_string()),
+        ("x-ratelimit-remaining-tokens", remaining.to_string()),
+        ("x-ratelimit-reset-tokens", openai_duration(reset_ms)),
+    ]
 }
 
 /// 500 when the filter itself failed.

@@ -18,7 +18,7 @@ use crate::body::{self, BodyError};
 use crate::config::{ClientId, Config, LimiterBackend, Mode, OnError, RedisLimiter};
 use crate::headers::{must_strip, Header};
 use crate::keys::{bearer_token, Digest, DigestKind, KeyError};
-use crate::limiter::{self, CasStore, Verdict, Window, WINDOW_MS};
+use crate::limiter::{self, CasStore, LimiterError, Verdict, Window, WINDOW_MS};
 use crate::metrics::Outcome;
 use crate::openai::{self, LocalReply};
 use crate::routing::{self, Routing, DEFAULT_ROUTE, MODEL_ENDPOINTS};
@@ -51,6 +51,19 @@ pub struct Forward {
     pub window: Option<Window>,
     /// The model rule that routed the request (`None`: one provider, or the default route).
     pub rule: Option<usize>,
+    /// Tokens reserved for this request, settled when its usage is known.
+    pub tokens: Option<TokenReservation>,
+}
+
+/// Tokens held for a request from admission until its response reports what it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenReservation {
+    /// The minute window the estimate was counted in.
+    pub window: u64,
+    /// Tokens reserved: the estimate.
+    pub estimate: u64,
+    /// The client's window after the reservation, for `x-ratelimit-*-tokens`.
+    pub state: Window,
 }
 
 /// A limiter failure that was handled by the failure policy, for
@@ -129,6 +142,8 @@ struct Admission {
     client: ClientId,
     key_md5: Option<String>,
     forward: Forward,
+    /// Tokens to reserve (0 when the body was not read).
+    token_estimate: u64,
 }
 
 /// Decides what to do with a request from its headers.
@@ -172,6 +187,7 @@ pub fn on_request_headers(
                 reroute: false,
                 window: None,
                 rule: None,
+                tokens: None,
             };
             return limit(
                 config,
@@ -179,6 +195,7 @@ pub fn on_request_headers(
                     client,
                     key_md5,
                     forward,
+                    token_estimate: 0,
                 },
                 now_ms,
                 store,
@@ -225,6 +242,7 @@ pub fn on_request_headers(
                 reroute: true,
                 window: None,
                 rule: None,
+                tokens: None,
             };
             limit(
                 config,
@@ -232,6 +250,7 @@ pub fn on_request_headers(
                     client,
                     key_md5,
                     forward,
+                    token_estimate: 0,
                 },
                 now_ms,
                 store,
@@ -292,6 +311,7 @@ pub fn on_request_body(
         reroute: true,
         window: None,
         rule: Some(rule),
+        tokens: None,
     };
     limit(
         config,
@@ -299,6 +319,7 @@ pub fn on_request_body(
             client,
             key_md5,
             forward,
+            token_estimate: estimate_tokens(body.len(), request.max_tokens),
         },
         now_ms,
         store,
@@ -359,7 +380,7 @@ pub fn on_limiter_reply(
                     limiter_errors: failure,
                     ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
                 },
-                OnError::Local => local_step(config, client, forward, now_ms, store, failure),
+                OnError::Local => local_step(config, client, forward, 0, now_ms, store, failure),
             }
         }
     }
@@ -382,6 +403,7 @@ fn limit(config: &Config, a: Admission, now_ms: u64, store: &dyn CasStore) -> St
             config,
             a.client,
             a.forward,
+            a.token_estimate,
             now_ms,
             store,
             Vec::new(),
@@ -434,11 +456,21 @@ fn redis_callout(redis: &RedisLimiter, key_md5: &str, limit: u64, now_ms: u64) -
     }
 }
 
-/// Checks the local (shared-data) limiter. Its own failures admit the request (fail open).
+/// A request's token estimate: its body at about four bytes a token (JSON syntax and
+/// non-English text make this an overestimate as often as not), plus the completion it may
+/// produce (`max_completion_tokens` / `max_tokens`; 0 when unset, settled after the response).
+pub fn estimate_tokens(body_len: usize, max_tokens: Option<u64>) -> u64 {
+    (body_len as u64).div_ceil(4) + max_tokens.unwrap_or(0)
+}
+
+/// Checks the local (shared-data) limiter: the token budget first (a refusal there writes
+/// nothing), then the request count (a refusal there gives the reserved tokens back). Its own
+/// failures admit the request (fail open).
 fn local_step(
     config: &Config,
     client: ClientId,
-    forward: Forward,
+    mut forward: Forward,
+    token_estimate: u64,
     now_ms: u64,
     store: &dyn CasStore,
     mut failures: Vec<LimiterFailure>,
@@ -446,10 +478,48 @@ fn local_step(
     let Some(c) = config.client(client) else {
         return forward_step(client, forward, None, failures);
     };
+    if let Some(tpm) = c.tokens_per_minute {
+        let key = limiter::tokens_key(c);
+        match limiter::check_cost(store, &key, u64::from(tpm), token_estimate, now_ms) {
+            Ok(Verdict::Admitted(state)) => {
+                forward.tokens = Some(TokenReservation {
+                    window: limiter::window_of(now_ms).0,
+                    estimate: token_estimate,
+                    state,
+                });
+            }
+            Ok(Verdict::Limited(w)) => {
+                return Step {
+                    limiter_errors: failures,
+                    ..reply(
+                        Some(client),
+                        Outcome::RateLimited,
+                        openai::tokens_rate_limited(
+                            &c.name,
+                            w.limit,
+                            w.remaining,
+                            token_estimate,
+                            w.reset_ms,
+                        ),
+                    )
+                };
+            }
+            Err(e) => failures.push(LimiterFailure {
+                backend: "local",
+                reason: e.reason(),
+            }),
+        }
+    }
     let limit = u64::from(c.requests_per_minute);
     match limiter::check(store, &limiter::requests_key(c), limit, now_ms) {
         Ok(Verdict::Admitted(w)) => forward_step(client, forward, Some(w), failures),
-        Ok(Verdict::Limited(w)) => limited_step(config, client, w, failures),
+        Ok(Verdict::Limited(w)) => {
+            if let Some(t) = forward.tokens {
+                let give_back = i64::try_from(t.estimate).unwrap_or(i64::MAX);
+                let _ = limiter::adjust(store, &limiter::tokens_key(c), t.window, -give_back);
+            }
+            limited_step(config, client, w, failures)
+        }
         // Fail open: a contended or failing local store must not turn away paying clients.
         // The error is counted, and at most one extra request per failure gets through.
         Err(e) => {
@@ -460,6 +530,31 @@ fn local_step(
             forward_step(client, forward, None, failures)
         }
     }
+}
+
+/// Settles a reservation once the response is complete: the estimate is replaced by the usage
+/// the provider reported; with no usage, a failed response gives the estimate back and a
+/// successful one keeps it (the tokens were likely spent, and unknown is not zero).
+pub fn settle_tokens(
+    config: &Config,
+    client: ClientId,
+    reservation: &TokenReservation,
+    used: Option<u64>,
+    succeeded: bool,
+    store: &dyn CasStore,
+) -> Result<(), LimiterError> {
+    let Some(c) = config.client(client) else {
+        return Ok(());
+    };
+    let estimate = i64::try_from(reservation.estimate).unwrap_or(i64::MAX);
+    let delta = match used {
+        Some(n) => i64::try_from(n)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(estimate),
+        None if succeeded => 0,
+        None => -estimate,
+    };
+    limiter::adjust(store, &limiter::tokens_key(c), reservation.window, delta)
 }
 
 fn forward_step(
@@ -514,6 +609,11 @@ fn headers_to_remove(headers: &[Header]) -> Vec<Vec<u8>> {
 /// `x-ratelimit-*` headers, which describe the shared provider key, not this client.
 pub fn response_headers(window: &Window) -> Vec<(&'static str, String)> {
     openai::rate_limit_request_headers(window.limit, window.remaining, window.reset_ms)
+}
+
+/// The client's token budget after this request's reservation.
+pub fn token_headers(t: &TokenReservation) -> Vec<(&'static str, String)> {
+    openai::rate_limit_token_headers(t.state.limit, t.state.remaining, t.state.reset_ms)
 }
 
 /// Provider rate-limit headers removed from every forwarded response: they describe the
@@ -906,6 +1006,80 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn token_budget_reserves_estimates_and_settles_to_usage() {
+        let sha = Digest::of_key(DigestKind::Sha256, b"sk-team-a").to_hex();
+        let json = format!(
+            r#"{{"clients":[{{"name":"team-a","key_sha256":"{sha}","tokens_per_minute":100}}],
+                "providers":[{{"name":"p","cluster":"c","api_key_env":"K"}}],
+                "models":[{{"match":"m","providers":["p"]}}]}}"#
+        );
+        let c = Config::parse(json.as_bytes(), &|_| Some("sk-provider".into())).unwrap();
+        let store = FakeStore::default();
+        let send = |body: &[u8]| {
+            let start = on_request_headers(
+                &c,
+                &h(&[
+                    (":method", b"POST"),
+                    (":path", b"/v1/chat/completions"),
+                    ("authorization", b"Bearer sk-team-a"),
+                ]),
+                NOW,
+                &store,
+            );
+            let Start::ReadBody(wait) = start else {
+                panic!()
+            };
+            done(on_request_body(&c, wait, body, NOW, &store))
+        };
+        // 29 bytes -> 8 tokens, + max_tokens 50 = 58 reserved.
+        let body = br#"{"model":"m","max_tokens":50}"#;
+        assert_eq!(estimate_tokens(body.len(), Some(50)), 58);
+        let step = send(body);
+        let t = forward(&step).tokens.unwrap();
+        assert_eq!(
+            (t.estimate, t.state.limit, t.state.remaining),
+            (58, 100, 42)
+        );
+        // A second one does not fit: 429 for tokens, with the token headers.
+        let step = send(body);
+        match &step.decision {
+            Decision::Reply(r) => {
+                assert_eq!(r.status, 429);
+                assert!(r
+                    .headers
+                    .contains(&("x-ratelimit-remaining-tokens", "42".into())));
+                assert!(r.body.contains("\"type\":\"tokens\""));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The first used 10 tokens: 48 come back, so the next one fits.
+        settle_tokens(&c, 0, &t, Some(10), true, &store).unwrap();
+        let step = send(body);
+        assert_eq!(
+            forward(&step).tokens.unwrap().state.remaining,
+            100 - 10 - 58
+        );
+        // A failed response with no usage gives its whole estimate back.
+        let t2 = forward(&step).tokens.unwrap();
+        settle_tokens(&c, 0, &t2, None, false, &store).unwrap();
+        assert_eq!(
+            forward(&send(body)).tokens.unwrap().state.remaining,
+            100 - 10 - 58
+        );
+    }
+
+    #[test]
+    fn token_limits_need_the_local_limiter() {
+        let sha = Digest::of_key(DigestKind::Sha256, b"k").to_hex();
+        let json = format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{sha}","tokens_per_minute":5}}],
+                "upstream":{{"api_key_env":"K"}},"limiter":{{"backend":"redis","cluster":"w"}}}}"#
+        );
+        let e = Config::parse(json.as_bytes(), &|_| Some("x".into())).unwrap_err();
+        assert_eq!(e.field, "clients[0].tokens_per_minute");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tollgate_core::limiter::{self, LimiterError, Window};
 use tollgate_core::metrics::{self, Outcome, ANONYMOUS};
 use tollgate_core::openai::{self, LocalReply};
 use tollgate_core::request::{
-    self, AwaitBody, Decision, Forward, LimiterFailure, Pending, Start, Step,
+    self, AwaitBody, Decision, Forward, LimiterFailure, Pending, Start, Step, TokenReservation,
     PROVIDER_RATE_LIMIT_HEADERS,
 };
 use tollgate_core::routing::{ProviderId, Routing};
@@ -312,8 +312,14 @@ impl RootContext for Root {
         // Create every client's limit record now, before workers take traffic with this
         // configuration (see `limiter::ensure_record`).
         for client in &config.clients {
-            if limiter::ensure_record(&SharedData, &limiter::requests_key(client)).is_err() {
-                warn!("cannot create the limit record of client {}", client.name);
+            let mut keys = vec![limiter::requests_key(client)];
+            if client.tokens_per_minute.is_some() {
+                keys.push(limiter::tokens_key(client));
+            }
+            for key in keys {
+                if limiter::ensure_record(&SharedData, &key).is_err() {
+                    warn!("cannot create the limit record {key}");
+                }
             }
         }
         info!(
@@ -369,6 +375,11 @@ struct Request {
     rule: Option<usize>,
     /// Reading the response for token usage.
     usage: Option<UsageReader>,
+    /// Tokens reserved at admission, settled when the stream ends.
+    tokens: Option<TokenReservation>,
+    /// Usage the response reported, and whether it was a success (2xx).
+    used: Option<Usage>,
+    succeeded: bool,
 }
 
 impl Context for Request {
@@ -470,7 +481,18 @@ impl HttpContext for Request {
                 }
             }
         }
+        if let Some(t) = &self.tokens {
+            for (name, value) in request::token_headers(t) {
+                if let Err(e) = host::replace_header(Map::Response, name, &value) {
+                    warn!("cannot set response header {name}: {e}");
+                }
+            }
+        }
         if self.client.is_some() {
+            self.succeeded = host::header(Map::Response, ":status")
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.starts_with(b"2"));
             let content_type = host::header(Map::Response, "content-type")
                 .ok()
                 .flatten()
@@ -525,6 +547,35 @@ impl HttpContext for Request {
         }
         Action::Continue
     }
+
+    fn on_log(&mut self) {
+        // The stream is over (complete, failed or reset): replace the token estimate by what
+        // the provider reported.
+        let (Some(plugin), Some(client), Some(t)) = (&self.plugin, self.client, self.tokens.take())
+        else {
+            return;
+        };
+        let used = self
+            .used
+            .map(|u| u.prompt_tokens.saturating_add(u.completion_tokens));
+        if let Err(e) = request::settle_tokens(
+            &plugin.config,
+            client,
+            &t,
+            used,
+            self.succeeded,
+            &SharedData,
+        ) {
+            warn!(
+                "cannot settle token usage ({}); the estimate stays counted",
+                e.reason()
+            );
+            plugin.metrics.limiter_error(&LimiterFailure {
+                backend: "local",
+                reason: e.reason(),
+            });
+        }
+    }
 }
 
 impl Request {
@@ -538,11 +589,15 @@ impl Request {
             client: None,
             rule: None,
             usage: None,
+            tokens: None,
+            used: None,
+            succeeded: false,
         }
     }
 
     /// Records a response's usage: token counters and the access log's filter state.
-    fn record_usage(&self, usage: Usage) {
+    fn record_usage(&mut self, usage: Usage) {
+        self.used = Some(usage);
         let (Some(plugin), Some(client)) = (&self.plugin, self.client) else {
             return;
         };
@@ -617,6 +672,7 @@ impl Request {
                     self.window = forward.window;
                     self.client = step.client;
                     self.rule = forward.rule;
+                    self.tokens = forward.tokens;
                     if let Some(client) = step.client.and_then(|c| plugin.config.client(c)) {
                         // For the access log (`%FILTER_STATE(wasm.tollgate_client:PLAIN)%`).
                         let model = plugin.model_label(forward.rule).to_string();
