@@ -98,7 +98,7 @@ cat <<MSG
 
 Tollgate is running on http://$LISTEN  (provider: $provider_desc)
   limiter:          $limiter_desc
-  demo client key:  sk-tollgate-demo  (60 requests per minute)
+  demo client key:  sk-tollgate-demo  (60 requests and 20000 tokens per minute)
 
   curl -s http://$LISTEN/v1/chat/completions \\
     -H 'authorization: Bearer sk-tollgate-demo' -H 'content-type: application/json' \\
