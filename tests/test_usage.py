@@ -120,3 +120,41 @@ def test_token_budget_refuses_what_it_cannot_cover(start_gateway, workdir):
     finally:
         relay.stop()
         backup.stop()
+
+
+def events(raw: bytes) -> list:
+    """A stream's data events, without the fields that differ between responses."""
+    out = []
+    for block in raw.decode().split("\n\n"):
+        if not block.startswith("data: "):
+            continue
+        data = block.removeprefix("data: ")
+        if data == "[DONE]":
+            out.append(data)
+            continue
+        chunk = json.loads(data)
+        for volatile in ("id", "created"):
+            chunk.pop(volatile, None)
+        out.append(chunk)
+    return out
+
+
+def test_every_stream_reports_usage_and_the_client_sees_its_own_stream(setup):
+    gw, relay = setup
+    body = chat_body("gpt-4.1", content="stream without asking for usage", stream=True)
+    through = gw.post(key=KEY, body=body)
+    assert through.status == 200
+    (seen,) = relay.requests()
+    sent = json.loads(seen["body"])
+    assert sent["stream_options"] == {"include_usage": True}, "the gateway asked for usage"
+    direct = harness.request(relay.url, "POST", "/v1/chat/completions",
+                             [("authorization", f"Bearer {PROVIDER_KEY}")], body)
+    assert events(through.body) == events(direct.body), "chunk for chunk what the client asked for"
+    assert all(isinstance(e, str) or "usage" not in e for e in events(through.body))
+    # ... and the tokens were counted all the same.
+    assert tokens(gw, "prompt") > 0 and tokens(gw, "completion") > 0
+
+    # A client that asks for usage gets the usage chunk.
+    asked = gw.post(key=KEY, body=chat_body("gpt-4.1", stream=True, stream_options={"include_usage": True}))
+    chunks = events(asked.body)
+    assert chunks[-2]["choices"] == [] and chunks[-2]["usage"]["total_tokens"] > 0

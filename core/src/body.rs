@@ -81,6 +81,57 @@ pub fn replace_model(body: &[u8], new_model: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// For a streaming request whose client did not ask for usage, the body with
+/// `stream_options.include_usage: true` (so the stream reports its tokens); `None` when nothing
+/// needs to change (not streaming, or usage already asked for).
+pub fn with_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
+    #[derive(Deserialize)]
+    struct Stream {
+        #[serde(default)]
+        stream: Option<bool>,
+        #[serde(default)]
+        stream_options: Option<serde_json::Value>,
+    }
+    let s: Stream = serde_json::from_slice(body).ok()?;
+    if s.stream != Some(true) {
+        return None;
+    }
+    match s.stream_options {
+        Some(serde_json::Value::Object(mut options)) => {
+            if options.get("include_usage") == Some(&serde_json::Value::Bool(true)) {
+                return None;
+            }
+            options.insert("include_usage".into(), serde_json::Value::Bool(true));
+            let encoded = serde_json::to_string(&options).ok()?;
+            let (start, end) = top_level_value_span(body, b"stream_options")?;
+            let mut out = Vec::with_capacity(body.len() + 24);
+            out.extend_from_slice(body.get(..start)?);
+            out.extend_from_slice(encoded.as_bytes());
+            out.extend_from_slice(body.get(end..)?);
+            Some(out)
+        }
+        // null or absent: add the member right after the opening brace.
+        _ => {
+            let open = body.iter().position(|&b| b == b'{')?;
+            let (start, end) = match top_level_value_span(body, b"stream_options") {
+                Some(span) => span,
+                None => {
+                    let mut out = Vec::with_capacity(body.len() + 40);
+                    out.extend_from_slice(body.get(..=open)?);
+                    out.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
+                    out.extend_from_slice(body.get(open + 1..)?);
+                    return Some(out);
+                }
+            };
+            let mut out = Vec::with_capacity(body.len() + 24);
+            out.extend_from_slice(body.get(..start)?);
+            out.extend_from_slice(br#"{"include_usage":true}"#);
+            out.extend_from_slice(body.get(end..)?);
+            Some(out)
+        }
+    }
+}
+
 /// Byte span of the value of a top-level member whose key is exactly `key` (no escapes in it).
 /// The body must be valid JSON (checked by [`parse`] first); on anything unexpected, `None`.
 fn top_level_value_span(body: &[u8], key: &[u8]) -> Option<(usize, usize)> {
@@ -232,11 +283,39 @@ mod tests {
         assert_eq!(replace_model(br#"{"other":1}"#, "x"), None);
     }
 
+    #[test]
+    fn streams_get_usage_asked_for() {
+        let v = |b: &[u8]| -> serde_json::Value { serde_json::from_slice(b).unwrap() };
+        let out = with_stream_usage(br#"{"model":"m","stream":true}"#).unwrap();
+        assert_eq!(v(&out)["stream_options"]["include_usage"], true);
+        assert_eq!(v(&out)["model"], "m");
+        let out =
+            with_stream_usage(br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#).unwrap();
+        assert_eq!(
+            v(&out)["stream_options"],
+            serde_json::json!({"x":1,"include_usage":true})
+        );
+        let out =
+            with_stream_usage(br#"{"stream":true,"stream_options":null,"model":"m"}"#).unwrap();
+        assert_eq!(v(&out)["stream_options"]["include_usage"], true);
+        let out = with_stream_usage(br#"{"stream":true,"stream_options":{"include_usage":false}}"#)
+            .unwrap();
+        assert_eq!(v(&out)["stream_options"]["include_usage"], true);
+        assert_eq!(
+            with_stream_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#),
+            None
+        );
+        assert_eq!(with_stream_usage(br#"{"model":"m"}"#), None);
+        assert_eq!(with_stream_usage(br#"{"model":"m","stream":false}"#), None);
+        assert_eq!(with_stream_usage(b"{"), None);
+    }
+
     proptest! {
         #[test]
         fn never_panics(body in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = parse(&body);
             let _ = replace_model(&body, "m");
+            let _ = with_stream_usage(&body);
         }
 
         #[test]

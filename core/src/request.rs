@@ -53,6 +53,10 @@ pub struct Forward {
     pub rule: Option<usize>,
     /// Tokens reserved for this request, settled when its usage is known.
     pub tokens: Option<TokenReservation>,
+    /// Replace the request body with this (a stream that now asks for usage).
+    pub body: Option<Vec<u8>>,
+    /// The gateway asked for the stream's usage chunk; remove it from what the client gets.
+    pub strip_usage_chunk: bool,
 }
 
 /// Tokens held for a request from admission until its response reports what it used.
@@ -188,6 +192,8 @@ pub fn on_request_headers(
                 window: None,
                 rule: None,
                 tokens: None,
+                body: None,
+                strip_usage_chunk: false,
             };
             return limit(
                 config,
@@ -243,6 +249,8 @@ pub fn on_request_headers(
                 window: None,
                 rule: None,
                 tokens: None,
+                body: None,
+                strip_usage_chunk: false,
             };
             limit(
                 config,
@@ -305,14 +313,23 @@ pub fn on_request_body(
     let Some(rule) = routing.rule_for(&request.model) else {
         return invalid(openai::model_not_found(&request.model));
     };
-    let forward = Forward {
+    let mut forward = Forward {
         remove,
         set: vec![(ROUTE_HEADER, Routing::route_id(rule))],
         reroute: true,
         window: None,
         rule: Some(rule),
         tokens: None,
+        // Every stream reports its usage: ask for it when the client did not, and take the
+        // extra chunk out again on the way back, so the client sees the stream it asked for.
+        body: if request.stream {
+            body::with_stream_usage(body)
+        } else {
+            None
+        },
+        strip_usage_chunk: false,
     };
+    forward.strip_usage_chunk = forward.body.is_some();
     limit(
         config,
         Admission {

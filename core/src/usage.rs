@@ -79,11 +79,56 @@ pub struct SseUsage {
     pub oversized: u64,
     /// `data: [DONE]` was seen.
     pub done: bool,
+    /// Drop the usage-only chunk from what is forwarded (the gateway asked for it, the client
+    /// did not): see [`SseUsage::push_filtered`].
+    strip_usage_chunk: bool,
 }
 
 impl SseUsage {
+    /// A reader that also removes the usage-only chunk (`"choices":[]` with `usage`) from the
+    /// stream, for clients that did not ask for it.
+    pub fn stripping_usage_chunk() -> Self {
+        Self {
+            strip_usage_chunk: true,
+            ..Self::default()
+        }
+    }
+
+    /// Like [`SseUsage::push`], and returns the bytes to forward: every complete event but the
+    /// usage-only one, byte for byte; an unfinished event is held until it completes (events
+    /// are small: the first token's event completes in the chunk that carries it).
+    pub fn push_filtered(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(chunk.len() + self.pending.len());
+        let strip = self.strip_usage_chunk;
+        self.scan(chunk, &mut |event: &[u8], raw: &[u8]| {
+            if !strip {
+                out.extend_from_slice(raw);
+            } else if !is_usage_only(event) {
+                // With include_usage, providers add `"usage":null` to every chunk; without it
+                // they do not, and neither does the gateway.
+                out.extend_from_slice(&without_null_usage(raw));
+            }
+        });
+        out
+    }
+
+    /// The bytes still held at the end of the stream (an unterminated last event).
+    pub fn finish_filtered(&mut self) -> Vec<u8> {
+        let rest = std::mem::take(&mut self.pending);
+        if !self.skipping && !rest.is_empty() {
+            self.event(&rest);
+        }
+        rest
+    }
+
     /// Feeds the next bytes of the stream.
     pub fn push(&mut self, chunk: &[u8]) {
+        self.scan(chunk, &mut |_, _| {});
+    }
+
+    /// Splits the stream into events; calls `each(event, raw bytes with separator)` for every
+    /// complete event after reading it.
+    fn scan(&mut self, chunk: &[u8], each: &mut dyn FnMut(&[u8], &[u8])) {
         // A separator may have begun in the last bytes already pending.
         let mut scan = self.pending.len().saturating_sub(3);
         let mut buf = std::mem::take(&mut self.pending);
@@ -92,9 +137,11 @@ impl SseUsage {
         while let Some((at, len)) =
             (scan..buf.len()).find_map(|i| separator_at(&buf, i).map(|l| (i, l)))
         {
+            let event = buf.get(start..at).unwrap_or_default();
             if !self.skipping {
-                self.event(buf.get(start..at).unwrap_or_default());
+                self.event(event);
             }
+            each(event, buf.get(start..at + len).unwrap_or_default());
             self.skipping = false;
             start = at + len;
             scan = start;
@@ -146,6 +193,48 @@ impl SseUsage {
             self.usage = Some(u);
         }
     }
+}
+
+/// An event's bytes without the `,"usage":null` that ends its JSON payload, if it has one.
+fn without_null_usage(raw: &[u8]) -> Vec<u8> {
+    const NULL_USAGE: &[u8] = b",\"usage\":null}";
+    match raw.windows(NULL_USAGE.len()).rposition(|w| w == NULL_USAGE) {
+        // Only when the payload ends right there (the `}` closes the chunk object).
+        Some(at)
+            if raw
+                .get(at + NULL_USAGE.len()..)
+                .is_some_and(|rest| rest.iter().all(|b| matches!(b, b'\r' | b'\n'))) =>
+        {
+            let mut out = Vec::with_capacity(raw.len());
+            out.extend_from_slice(raw.get(..at).unwrap_or_default());
+            out.push(b'}');
+            out.extend_from_slice(raw.get(at + NULL_USAGE.len()..).unwrap_or_default());
+            out
+        }
+        _ => raw.to_vec(),
+    }
+}
+
+/// The final usage chunk of a chat stream: `"choices": []` and a `usage` object.
+fn is_usage_only(event: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+        #[serde(default)]
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    let Some(data) = event
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"data:"))
+    else {
+        return false;
+    };
+    let data = data.strip_suffix(b"\r").unwrap_or(data);
+    matches!(
+        serde_json::from_slice::<Chunk>(data),
+        Ok(Chunk { choices: Some(c), usage: Some(_) }) if c.is_empty()
+    )
 }
 
 fn separator_at(b: &[u8], i: usize) -> Option<usize> {
@@ -280,6 +369,39 @@ mod tests {
         assert_eq!(from_json(br#"{"error":{"message":"x"}}"#), None);
         assert_eq!(from_json(b"not json"), None);
         assert_eq!(from_json(br#"{"usage":null}"#), None);
+    }
+
+    #[test]
+    fn the_usage_chunk_is_removed_and_nothing_else() {
+        let mut r = SseUsage::stripping_usage_chunk();
+        let mut out = Vec::new();
+        for c in STREAM.as_bytes().chunks(7) {
+            out.extend(r.push_filtered(c));
+        }
+        out.extend(r.finish_filtered());
+        let expected = STREAM
+            .replace(
+                "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":5,\"total_tokens\":17}}\n\n",
+                "",
+            )
+            .replace(",\"usage\":null}", "}");
+        assert_ne!(expected, STREAM);
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        assert_eq!(
+            r.usage,
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 5
+            })
+        );
+        // Without stripping, every byte passes.
+        let mut r = SseUsage::default();
+        let out: Vec<u8> = STREAM
+            .as_bytes()
+            .chunks(5)
+            .flat_map(|c| r.push_filtered(c))
+            .collect();
+        assert_eq!(out, STREAM.as_bytes());
     }
 
     proptest! {

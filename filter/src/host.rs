@@ -229,6 +229,20 @@ pub fn response_body_chunk(max: usize) -> Result<Vec<u8>, HostError> {
     buffer(BUFFER_HTTP_RESPONSE_BODY, max)
 }
 
+/// Replaces this callback's response body bytes (`size`: their length) with `body`.
+pub fn replace_response_body_chunk(size: usize, body: &[u8]) -> Result<(), HostError> {
+    // SAFETY: pointer and length of a live slice.
+    check("proxy_set_buffer_bytes", unsafe {
+        proxy_set_buffer_bytes(
+            BUFFER_HTTP_RESPONSE_BODY,
+            0,
+            size,
+            body.as_ptr(),
+            body.len(),
+        )
+    })
+}
+
 /// Sets a stream property; Envoy keeps it as filter state `wasm.<name>`, which access logs read
 /// with `%FILTER_STATE(wasm.<name>:PLAIN)%`.
 pub fn set_property(name: &str, value: &[u8]) -> Result<(), HostError> {

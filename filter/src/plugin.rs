@@ -375,6 +375,8 @@ struct Request {
     rule: Option<usize>,
     /// Reading the response for token usage.
     usage: Option<UsageReader>,
+    /// The gateway asked for the stream's usage chunk: take it out of the response.
+    strip_usage_chunk: bool,
     /// Tokens reserved at admission, settled when the stream ends.
     tokens: Option<TokenReservation>,
     /// Usage the response reported, and whether it was a success (2xx).
@@ -498,7 +500,11 @@ impl HttpContext for Request {
                 .flatten()
                 .unwrap_or_default();
             self.usage = if content_type.starts_with(b"text/event-stream") {
-                Some(UsageReader::Sse(SseUsage::default()))
+                Some(UsageReader::Sse(if self.strip_usage_chunk {
+                    SseUsage::stripping_usage_chunk()
+                } else {
+                    SseUsage::default()
+                }))
             } else if content_type.windows(4).any(|w| w == b"json") {
                 Some(UsageReader::Json(Vec::new()))
             } else {
@@ -513,9 +519,20 @@ impl HttpContext for Request {
         let Some(reader) = self.usage.as_mut() else {
             return Action::Continue;
         };
-        if body_size > 0 {
+        if body_size > 0 || end_of_stream {
             match host::response_body_chunk(body_size) {
                 Ok(chunk) => match reader {
+                    UsageReader::Sse(sse) if self.strip_usage_chunk => {
+                        let mut out = sse.push_filtered(&chunk);
+                        if end_of_stream {
+                            out.extend(sse.finish_filtered());
+                        }
+                        if out != chunk {
+                            if let Err(e) = host::replace_response_body_chunk(chunk.len(), &out) {
+                                warn!("cannot rewrite the stream: {e}");
+                            }
+                        }
+                    }
                     UsageReader::Sse(sse) => sse.push(&chunk),
                     UsageReader::Json(body) => {
                         if body.len() + chunk.len() > MAX_USAGE_BODY_BYTES {
@@ -589,6 +606,7 @@ impl Request {
             client: None,
             rule: None,
             usage: None,
+            strip_usage_chunk: false,
             tokens: None,
             used: None,
             succeeded: false,
@@ -673,6 +691,7 @@ impl Request {
                     self.client = step.client;
                     self.rule = forward.rule;
                     self.tokens = forward.tokens;
+                    self.strip_usage_chunk = forward.strip_usage_chunk;
                     if let Some(client) = step.client.and_then(|c| plugin.config.client(c)) {
                         // For the access log (`%FILTER_STATE(wasm.tollgate_client:PLAIN)%`).
                         let model = plugin.model_label(forward.rule).to_string();
@@ -715,6 +734,12 @@ fn apply(forward: &Forward) -> Result<(), HostError> {
     }
     for (name, value) in &forward.set {
         host::replace_header(Map::Request, name, value)?;
+    }
+    if let Some(body) = &forward.body {
+        // Called from the body callback, with the whole body buffered and the headers held.
+        let size = host::request_body(usize::MAX).map(|b| b.len())?;
+        host::replace_request_body(size, body)?;
+        host::replace_header(Map::Request, "content-length", &body.len().to_string())?;
     }
     if forward.reroute {
         host::clear_route_cache()?;
