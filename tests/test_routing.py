@@ -156,6 +156,8 @@ def test_fallback_to_the_second_provider_with_its_own_key(failure, start_gateway
             assert_no_client_keys(relay)
         assert_no_client_keys(backup)
         assert gw.counter("tollgate_fallbacks_total", model="gpt-4_1", **{"from": "relay", "to": "backup"}) == 1
+        if relay:
+            assert gw.counter("tollgate_upstream_errors_total", provider="relay", status=failure) == 1
     finally:
         backup.stop()
         if relay:

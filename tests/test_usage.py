@@ -158,3 +158,21 @@ def test_every_stream_reports_usage_and_the_client_sees_its_own_stream(setup):
     asked = gw.post(key=KEY, body=chat_body("gpt-4.1", stream=True, stream_options={"include_usage": True}))
     chunks = events(asked.body)
     assert chunks[-2]["choices"] == [] and chunks[-2]["usage"]["total_tokens"] > 0
+
+
+def test_durations_are_histograms_by_model(setup):
+    gw, _ = setup
+    assert gw.post(key=KEY, body=chat_body("gpt-4.1")).status == 200
+    assert gw.post(key=KEY, body=chat_body("gpt-4.1", stream=True)).status == 200
+
+    def histograms():
+        text = gw.stats_text()
+        names = ("tollgate_request_duration_ms_count", "tollgate_stream_first_byte_ms_count")
+        found = {n: v for fam, labels, v in harness.parse_prometheus(text)
+                 for n in names if fam == n and labels.get("model") == "gpt-4_1"}
+        want = {"tollgate_request_duration_ms_count": 2, "tollgate_stream_first_byte_ms_count": 1}
+        return found if found == want else None
+
+    # Envoy publishes histogram samples at its stats flush (every 5 s by default); the bound
+    # fails the test if the samples never arrive or their counts are wrong.
+    harness.wait_until(histograms, "2 request durations and 1 first-byte time for gpt-4_1", timeout_s=20)

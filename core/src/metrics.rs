@@ -8,7 +8,7 @@ pub const ANONYMOUS: &str = "_anonymous";
 
 /// Label names Tollgate encodes; the Envoy configs need one `stats_tags` entry per name.
 pub const LABELS: &[&str] = &[
-    "client", "outcome", "backend", "reason", "provider", "model", "from", "to", "kind",
+    "client", "outcome", "backend", "reason", "provider", "model", "from", "to", "kind", "status",
 ];
 
 /// Model label of requests on the default route (no model rule).
@@ -122,6 +122,26 @@ pub fn tokens_total(client: &str, model: &str, kind: &str) -> String {
         label_value(client),
         label_value(model),
         label_value(kind)
+    )
+}
+
+/// `tollgate_request_duration_ms{model}` (histogram): admitted requests, from their headers to
+/// the end of the response.
+pub fn request_duration_ms(model: &str) -> String {
+    format!("tollgate_request_duration_ms.model={}", label_value(model))
+}
+
+/// `tollgate_stream_first_byte_ms{model}` (histogram): streamed responses, from the request's
+/// headers to the response's headers (the provider's time to first token, plus the gateway).
+pub fn stream_first_byte_ms(model: &str) -> String {
+    format!("tollgate_stream_first_byte_ms.model={}", label_value(model))
+}
+
+/// `tollgate_upstream_errors_total{provider,status}`: error answers (4xx, 5xx) per provider.
+pub fn upstream_errors_total(provider: &str, status: u16) -> String {
+    format!(
+        "tollgate_upstream_errors_total.provider={}.status={status}",
+        label_value(provider)
     )
 }
 

@@ -44,6 +44,7 @@ const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 const STREAM_HTTP_REQUEST: u32 = 0;
 const METRIC_COUNTER: u32 = 0;
+const METRIC_HISTOGRAM: u32 = 2;
 
 /// Which header map a call is about.
 #[derive(Debug, Clone, Copy)]
@@ -157,6 +158,7 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
 }
 
 fn check(call: &'static str, status: u32) -> Result<(), HostError> {
@@ -448,6 +450,24 @@ pub fn define_counter(name: &str) -> Result<u32, HostError> {
         proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id)
     })?;
     Ok(id)
+}
+
+/// Defines (or finds) a histogram and returns its id.
+pub fn define_histogram(name: &str) -> Result<u32, HostError> {
+    let mut id = 0u32;
+    // SAFETY: pointer and length of a live &str; one u32 out-pointer.
+    check("proxy_define_metric", unsafe {
+        proxy_define_metric(METRIC_HISTOGRAM, name.as_ptr(), name.len(), &mut id)
+    })?;
+    Ok(id)
+}
+
+/// Records a histogram sample (best effort).
+pub fn record(id: u32, value: u64) {
+    // SAFETY: no pointers.
+    unsafe {
+        proxy_record_metric(id, value);
+    }
 }
 
 /// Adds one to a counter (best effort: a lost increment must not fail a request).

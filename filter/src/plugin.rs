@@ -42,6 +42,8 @@ struct Plugin {
     /// `tollgate_tokens_total` ids by (client, rule, kind), defined on first use: the label set
     /// is bounded by the configuration, but defining every combination up front would not be.
     tokens: RefCell<HashMap<TokenSeries, u32>>,
+    /// Histogram ids by (rule, first-byte?), defined on first use.
+    timings: RefCell<HashMap<(Option<usize>, bool), u32>>,
 }
 
 /// (client, rule, completion?) of a `tollgate_tokens_total` series.
@@ -84,6 +86,34 @@ impl Plugin {
         };
         host::increment_by(id, n);
     }
+
+    /// Records a duration (ms) in `tollgate_request_duration_ms` or, for `first_byte`,
+    /// `tollgate_stream_first_byte_ms`.
+    fn record_timing(&self, rule: Option<usize>, first_byte: bool, ms: u64) {
+        let cached = self.timings.borrow().get(&(rule, first_byte)).copied();
+        let id = match cached {
+            Some(id) => id,
+            None => {
+                let model = self.model_label(rule);
+                let name = if first_byte {
+                    metrics::stream_first_byte_ms(model)
+                } else {
+                    metrics::request_duration_ms(model)
+                };
+                match host::define_histogram(&name) {
+                    Ok(id) => {
+                        self.timings.borrow_mut().insert((rule, first_byte), id);
+                        id
+                    }
+                    Err(e) => {
+                        warn!("cannot define a histogram: {e}");
+                        return;
+                    }
+                }
+            }
+        };
+        host::record(id, ms);
+    }
 }
 
 /// How a response is read for its token usage.
@@ -102,6 +132,8 @@ struct UpstreamPlugin {
     default_attempts: Option<u32>,
     /// `[rule][position]` fallbacks into that position (`None` at position 0).
     fallbacks: Vec<Vec<Option<u32>>>,
+    /// `tollgate_upstream_errors_total` ids by (provider, status), defined on first use.
+    errors: RefCell<HashMap<(ProviderId, u16), u32>>,
 }
 
 impl UpstreamPlugin {
@@ -144,6 +176,7 @@ impl UpstreamPlugin {
             attempts,
             default_attempts,
             fallbacks,
+            errors: RefCell::new(HashMap::new()),
             config,
         })
     }
@@ -178,6 +211,32 @@ impl UpstreamPlugin {
         {
             host::increment(*id);
         }
+    }
+}
+
+impl UpstreamPlugin {
+    fn count_error(&self, provider: ProviderId, status: u16) {
+        let Some(routing) = self.routing() else {
+            return;
+        };
+        let cached = self.errors.borrow().get(&(provider, status)).copied();
+        let id = match cached {
+            Some(id) => id,
+            None => {
+                let name = metrics::upstream_errors_total(provider_name(routing, provider), status);
+                match host::define_counter(&name) {
+                    Ok(id) => {
+                        self.errors.borrow_mut().insert((provider, status), id);
+                        id
+                    }
+                    Err(e) => {
+                        warn!("cannot define an error counter: {e}");
+                        return;
+                    }
+                }
+            }
+        };
+        host::increment(id);
     }
 }
 
@@ -339,6 +398,7 @@ impl RootContext for Root {
             config,
             metrics,
             tokens: RefCell::new(HashMap::new()),
+            timings: RefCell::new(HashMap::new()),
         })));
         true
     }
@@ -348,6 +408,7 @@ impl RootContext for Root {
             Some(Role::Upstream(p)) => Some(Box::new(AttemptContext {
                 plugin: p.clone(),
                 rename: None,
+                provider: None,
             })),
             Some(Role::Gateway(p)) => Some(Box::new(Request::new(Some(p.clone())))),
             None => Some(Box::new(Request::new(None))),
@@ -379,6 +440,8 @@ struct Request {
     strip_usage_chunk: bool,
     /// Tokens reserved at admission, settled when the stream ends.
     tokens: Option<TokenReservation>,
+    /// When the request's headers arrived (Unix ms), for the duration histograms.
+    started_ms: Option<u64>,
     /// Usage the response reported, and whether it was a success (2xx).
     used: Option<Usage>,
     succeeded: bool,
@@ -430,6 +493,7 @@ impl HttpContext for Request {
         };
         let start = match (host::headers(Map::Request), host::now_ms()) {
             (Ok(headers), Ok(now)) => {
+                self.started_ms = Some(now);
                 request::on_request_headers(&plugin.config, &headers, now, &SharedData)
             }
             (Err(e), _) | (_, Err(e)) => {
@@ -499,7 +563,13 @@ impl HttpContext for Request {
                 .ok()
                 .flatten()
                 .unwrap_or_default();
-            self.usage = if content_type.starts_with(b"text/event-stream") {
+            let streaming = content_type.starts_with(b"text/event-stream");
+            if let (true, Some(plugin), Some(start), Ok(now)) =
+                (streaming, &self.plugin, self.started_ms, host::now_ms())
+            {
+                plugin.record_timing(self.rule, true, now.saturating_sub(start));
+            }
+            self.usage = if streaming {
                 Some(UsageReader::Sse(if self.strip_usage_chunk {
                     SseUsage::stripping_usage_chunk()
                 } else {
@@ -566,6 +636,11 @@ impl HttpContext for Request {
     }
 
     fn on_log(&mut self) {
+        if let (Some(plugin), Some(_), Some(start), Ok(now)) =
+            (&self.plugin, self.client, self.started_ms, host::now_ms())
+        {
+            plugin.record_timing(self.rule, false, now.saturating_sub(start));
+        }
         // The stream is over (complete, failed or reset): replace the token estimate by what
         // the provider reported.
         let (Some(plugin), Some(client), Some(t)) = (&self.plugin, self.client, self.tokens.take())
@@ -608,6 +683,7 @@ impl Request {
             usage: None,
             strip_usage_chunk: false,
             tokens: None,
+            started_ms: None,
             used: None,
             succeeded: false,
         }
@@ -752,6 +828,8 @@ struct AttemptContext {
     plugin: Rc<UpstreamPlugin>,
     /// The body's `model` must become this name before the attempt is sent.
     rename: Option<String>,
+    /// The provider this attempt went to.
+    provider: Option<ProviderId>,
 }
 
 impl Context for AttemptContext {}
@@ -780,6 +858,7 @@ impl HttpContext for AttemptContext {
             attempt.rename_model
         );
         self.plugin.record(&attempt);
+        self.provider = attempt.provider;
         for name in &attempt.remove {
             if let Err(e) = host::remove_header(Map::Request, name) {
                 warn!(
@@ -830,6 +909,19 @@ impl HttpContext for AttemptContext {
                 }
             }
             None => warn!("upstream: no top-level model to rename"),
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let status = host::header(Map::Response, ":status")
+            .ok()
+            .flatten()
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u16>().ok());
+        if let (Some(provider), Some(status)) = (self.provider, status) {
+            if status >= 400 {
+                self.plugin.count_error(provider, status);
+            }
         }
         Action::Continue
     }
