@@ -61,7 +61,8 @@ unit:
 e2e: deps build
 	cd tests && ../$(PYTHON) -m pytest -q
 
-test: deps lint unit build e2e
+## The benchmark's smoke run (about 20 s) checks that `make bench` still works end to end.
+test: deps lint unit build e2e bench-smoke
 
 clean:
 	cargo clean
