@@ -535,7 +535,17 @@ impl HttpContext for Request {
         if self.replied {
             return Action::Continue;
         }
+        // The provider's budget headers go; those about to be replaced by the client's own need
+        // no removal first (a host call saved per header).
         for name in PROVIDER_RATE_LIMIT_HEADERS {
+            let replaced = if name.ends_with("-requests") {
+                self.window.is_some()
+            } else {
+                self.tokens.is_some()
+            };
+            if replaced {
+                continue;
+            }
             if let Err(e) = host::remove_header(Map::Response, name.as_bytes()) {
                 warn!("cannot remove response header {name}: {e}");
             }
