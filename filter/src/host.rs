@@ -444,20 +444,19 @@ pub fn reset_request() -> Result<(), HostError> {
 
 /// Defines (or finds, if another VM defined it) a counter and returns its id.
 pub fn define_counter(name: &str) -> Result<u32, HostError> {
-    let mut id = 0u32;
-    // SAFETY: pointer and length of a live &str; one u32 out-pointer.
-    check("proxy_define_metric", unsafe {
-        proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id)
-    })?;
-    Ok(id)
+    define_metric(METRIC_COUNTER, name)
 }
 
 /// Defines (or finds) a histogram and returns its id.
 pub fn define_histogram(name: &str) -> Result<u32, HostError> {
+    define_metric(METRIC_HISTOGRAM, name)
+}
+
+fn define_metric(kind: u32, name: &str) -> Result<u32, HostError> {
     let mut id = 0u32;
     // SAFETY: pointer and length of a live &str; one u32 out-pointer.
     check("proxy_define_metric", unsafe {
-        proxy_define_metric(METRIC_HISTOGRAM, name.as_ptr(), name.len(), &mut id)
+        proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id)
     })?;
     Ok(id)
 }

@@ -61,58 +61,52 @@ impl Plugin {
         if n == 0 {
             return;
         }
-        let key = (client, rule, completion);
-        let cached = self.tokens.borrow().get(&key).copied();
-        let id = match cached {
-            Some(id) => id,
-            None => {
-                let name = self.config.client(client).map_or("", |c| c.name.as_str());
-                let kind = if completion { "completion" } else { "prompt" };
-                match host::define_counter(&metrics::tokens_total(
-                    name,
-                    self.model_label(rule),
-                    kind,
-                )) {
-                    Ok(id) => {
-                        self.tokens.borrow_mut().insert(key, id);
-                        id
-                    }
-                    Err(e) => {
-                        warn!("cannot define a token counter: {e}");
-                        return;
-                    }
-                }
-            }
-        };
-        host::increment_by(id, n);
+        let id = lazy_metric(&self.tokens, (client, rule, completion), || {
+            let name = self.config.client(client).map_or("", |c| c.name.as_str());
+            let kind = if completion { "completion" } else { "prompt" };
+            host::define_counter(&metrics::tokens_total(name, self.model_label(rule), kind))
+        });
+        if let Some(id) = id {
+            host::increment_by(id, n);
+        }
     }
 
     /// Records a duration (ms) in `tollgate_request_duration_ms` or, for `first_byte`,
     /// `tollgate_stream_first_byte_ms`.
     fn record_timing(&self, rule: Option<usize>, first_byte: bool, ms: u64) {
-        let cached = self.timings.borrow().get(&(rule, first_byte)).copied();
-        let id = match cached {
-            Some(id) => id,
-            None => {
-                let model = self.model_label(rule);
-                let name = if first_byte {
-                    metrics::stream_first_byte_ms(model)
-                } else {
-                    metrics::request_duration_ms(model)
-                };
-                match host::define_histogram(&name) {
-                    Ok(id) => {
-                        self.timings.borrow_mut().insert((rule, first_byte), id);
-                        id
-                    }
-                    Err(e) => {
-                        warn!("cannot define a histogram: {e}");
-                        return;
-                    }
-                }
-            }
-        };
-        host::record(id, ms);
+        let id = lazy_metric(&self.timings, (rule, first_byte), || {
+            let model = self.model_label(rule);
+            host::define_histogram(&if first_byte {
+                metrics::stream_first_byte_ms(model)
+            } else {
+                metrics::request_duration_ms(model)
+            })
+        });
+        if let Some(id) = id {
+            host::record(id, ms);
+        }
+    }
+}
+
+/// The id of a metric defined on first use: from `cache`, else defined and cached. Label sets
+/// are bounded by the configuration, so the caches are too.
+fn lazy_metric<K: Eq + std::hash::Hash>(
+    cache: &RefCell<HashMap<K, u32>>,
+    key: K,
+    define: impl FnOnce() -> Result<u32, HostError>,
+) -> Option<u32> {
+    if let Some(&id) = cache.borrow().get(&key) {
+        return Some(id);
+    }
+    match define() {
+        Ok(id) => {
+            cache.borrow_mut().insert(key, id);
+            Some(id)
+        }
+        Err(e) => {
+            warn!("cannot define a metric: {e}");
+            None
+        }
     }
 }
 
@@ -219,22 +213,14 @@ impl UpstreamPlugin {
         let Some(routing) = self.routing() else {
             return;
         };
-        let cached = self.errors.borrow().get(&(provider, status)).copied();
-        let id = match cached {
-            Some(id) => id,
-            None => {
-                let name = metrics::upstream_errors_total(provider_name(routing, provider), status);
-                match host::define_counter(&name) {
-                    Ok(id) => {
-                        self.errors.borrow_mut().insert((provider, status), id);
-                        id
-                    }
-                    Err(e) => {
-                        warn!("cannot define an error counter: {e}");
-                        return;
-                    }
-                }
-            }
+        let id = lazy_metric(&self.errors, (provider, status), || {
+            host::define_counter(&metrics::upstream_errors_total(
+                provider_name(routing, provider),
+                status,
+            ))
+        });
+        let Some(id) = id else {
+            return;
         };
         host::increment(id);
     }
