@@ -359,10 +359,11 @@ def set_local_replies(cfg: dict) -> None:
     against the provider); Tollgate's replies pass unchanged (no response flag)."""
     mappers = []
     for flag, code, message in ENVOY_ERRORS:
+        kind = "server_error"
         mappers.append({
             "filter": {"response_flag_filter": {"flags": [flag]}},
             "body_format_override": {
-                "json_format": {"error": {"message": message, "type": "server_error",
+                "json_format": {"error": {"message": message, "type": kind,
                                           "param": None, "code": code}},
                 "content_type": "application/json",
             },
