@@ -61,8 +61,9 @@ unit:
 e2e: deps build
 	cd tests && ../$(PYTHON) -m pytest -q
 
-## The benchmark's smoke run (about 20 s) checks that `make bench` still works end to end.
-test: deps lint unit build e2e bench-smoke
+## The benchmark's smoke run (about 20 s) checks that `make bench` still works end to end;
+## the end-to-end suite runs last, so its summary closes the output.
+test: deps lint unit build bench-smoke e2e
 
 clean:
 	cargo clean
