@@ -21,6 +21,16 @@ def mock(workdir):
 
 
 @pytest.fixture
+def providers(workdir):
+    """Two mock providers, `relay` and `backup`, each accepting only its own provider key."""
+    relay = harness.MockProvider(workdir, name="relay", expect_key=harness.PROVIDER_KEY)
+    backup = harness.MockProvider(workdir, name="backup", expect_key=harness.BACKUP_KEY)
+    yield relay, backup
+    relay.stop()
+    backup.stop()
+
+
+@pytest.fixture
 def start_gateway(workdir, request):
     """Factory: start_gateway(plugin_config, provider_url=..., **kwargs) -> harness.Gateway."""
     started: list[harness.Gateway] = []

@@ -231,6 +231,11 @@ class Webdis:
         stop(self.proc)
 
 
+def provider_urls(relay: "MockProvider", backup: "MockProvider") -> dict:
+    """The provider settings of a gateway in front of the `relay` and `backup` mocks."""
+    return {"relay": {"url": relay.url}, "backup": {"url": backup.url}}
+
+
 def default_plugin_config(clients: list[dict], **extra) -> dict:
     return {"clients": clients, "upstream": {"api_key_env": PROVIDER_KEY_ENV}, **extra}
 

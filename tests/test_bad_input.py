@@ -12,7 +12,7 @@ import time
 import pytest
 
 import harness
-from harness import BACKUP_KEY, PROVIDER_KEY, chat_body, sha256_hex
+from harness import chat_body, provider_urls, sha256_hex
 
 KEY = "sk-hostile-input-test"
 
@@ -31,13 +31,9 @@ def plugin() -> dict:
 
 
 @pytest.fixture
-def setup(start_gateway, workdir):
-    relay = harness.MockProvider(workdir, name="relay", expect_key=PROVIDER_KEY)
-    backup = harness.MockProvider(workdir, name="backup", expect_key=BACKUP_KEY)
-    gw = start_gateway(plugin(), {"relay": {"url": relay.url}, "backup": {"url": backup.url}})
-    yield gw, relay
-    relay.stop()
-    backup.stop()
+def setup(start_gateway, providers):
+    relay, backup = providers
+    return start_gateway(plugin(), provider_urls(relay, backup)), relay
 
 
 AUTH = [("authorization", f"Bearer {KEY}")]

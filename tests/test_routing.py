@@ -38,16 +38,8 @@ def plugin() -> dict:
     }
 
 
-@pytest.fixture
-def providers(workdir):
-    relay = harness.MockProvider(workdir, name="relay", expect_key=PROVIDER_KEY)
-    backup = harness.MockProvider(workdir, name="backup", expect_key=BACKUP_KEY)
-    yield relay, backup
-    relay.stop()
-    backup.stop()
-
-
 def urls(relay_url: str, backup_url: str, **relay_settings) -> dict:
+    """Provider settings with URLs given directly (a relay that is down, or has a timeout)."""
     return {"relay": {"url": relay_url, **relay_settings}, "backup": {"url": backup_url}}
 
 

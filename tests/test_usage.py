@@ -9,7 +9,7 @@ import openai
 import pytest
 
 import harness
-from harness import BACKUP_KEY, PROVIDER_KEY, chat_body, sha256_hex
+from harness import PROVIDER_KEY, chat_body, provider_urls, sha256_hex
 
 KEY = "sk-usage-team-77aa"
 
@@ -26,13 +26,9 @@ def routed() -> dict:
 
 
 @pytest.fixture
-def setup(start_gateway, workdir):
-    relay = harness.MockProvider(workdir, name="relay", expect_key=PROVIDER_KEY)
-    backup = harness.MockProvider(workdir, name="backup", expect_key=BACKUP_KEY)
-    gw = start_gateway(routed(), {"relay": {"url": relay.url}, "backup": {"url": backup.url}})
-    yield gw, relay
-    relay.stop()
-    backup.stop()
+def setup(start_gateway, providers):
+    relay, backup = providers
+    return start_gateway(routed(), provider_urls(relay, backup)), relay
 
 
 def tokens(gw, kind: str) -> float:
@@ -89,37 +85,32 @@ def test_refused_requests_are_logged_without_tokens(setup):
     assert logs[1]["prompt_tokens"] in (None, "-")
 
 
-def test_token_budget_refuses_what_it_cannot_cover(start_gateway, workdir):
-    relay = harness.MockProvider(workdir, name="relay", expect_key=PROVIDER_KEY)
-    backup = harness.MockProvider(workdir, name="backup", expect_key=BACKUP_KEY)
-    try:
-        plugin = routed()
-        plugin["clients"][0]["tokens_per_minute"] = 500
-        gw = start_gateway(plugin, {"relay": {"url": relay.url}, "backup": {"url": backup.url}})
-        harness.wait_for_fresh_window()
-        body = json.dumps(chat_body("gpt-4.1", max_tokens=100)).encode()
-        r = gw.post(key=KEY, body=body)
-        assert r.status == 200
-        assert r.header("x-ratelimit-limit-tokens") == "500"
-        estimate = -(-len(body) // 4) + 100
-        assert int(r.header("x-ratelimit-remaining-tokens")) == 500 - estimate
-        assert r.header("x-ratelimit-reset-tokens").endswith("s")
+def test_token_budget_refuses_what_it_cannot_cover(start_gateway, providers):
+    relay, backup = providers
+    plugin = routed()
+    plugin["clients"][0]["tokens_per_minute"] = 500
+    gw = start_gateway(plugin, provider_urls(relay, backup))
+    harness.wait_for_fresh_window()
+    body = json.dumps(chat_body("gpt-4.1", max_tokens=100)).encode()
+    r = gw.post(key=KEY, body=body)
+    assert r.status == 200
+    assert r.header("x-ratelimit-limit-tokens") == "500"
+    estimate = -(-len(body) // 4) + 100
+    assert int(r.header("x-ratelimit-remaining-tokens")) == 500 - estimate
+    assert r.header("x-ratelimit-reset-tokens").endswith("s")
 
-        c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEY, max_retries=0, timeout=30)
-        with pytest.raises(openai.RateLimitError) as e:
-            c.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "x"}],
-                                      max_tokens=1000)
-        err = e.value.body if isinstance(e.value.body, dict) else {}
-        assert e.value.code == "rate_limit_exceeded"
-        assert err.get("type") == "tokens" or "tokens per minute" in str(e.value)
-        headers = e.value.response.headers
-        assert headers["x-ratelimit-limit-tokens"] == "500"
-        assert int(headers["retry-after"]) >= 1
-        assert len(relay.requests()) == 1, "the refused request never reached a provider"
-        assert gw.counter("tollgate_requests_total", client="usage-team", outcome="rate_limited") == 1
-    finally:
-        relay.stop()
-        backup.stop()
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+    with pytest.raises(openai.RateLimitError) as e:
+        c.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "x"}],
+                                  max_tokens=1000)
+    err = e.value.body if isinstance(e.value.body, dict) else {}
+    assert e.value.code == "rate_limit_exceeded"
+    assert err.get("type") == "tokens" or "tokens per minute" in str(e.value)
+    headers = e.value.response.headers
+    assert headers["x-ratelimit-limit-tokens"] == "500"
+    assert int(headers["retry-after"]) >= 1
+    assert len(relay.requests()) == 1, "the refused request never reached a provider"
+    assert gw.counter("tollgate_requests_total", client="usage-team", outcome="rate_limited") == 1
 
 
 def events(raw: bytes) -> list:

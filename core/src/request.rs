@@ -59,6 +59,22 @@ pub struct Forward {
     pub strip_usage_chunk: bool,
 }
 
+impl Forward {
+    /// Header changes, with everything else still to be decided (window, rule, tokens, body).
+    fn new(remove: Vec<Vec<u8>>, set: Vec<(&'static str, String)>, reroute: bool) -> Self {
+        Self {
+            remove,
+            set,
+            reroute,
+            window: None,
+            rule: None,
+            tokens: None,
+            body: None,
+            strip_usage_chunk: false,
+        }
+    }
+}
+
 /// Tokens held for a request from admission until its response reports what it used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenReservation {
@@ -141,15 +157,6 @@ pub struct Pending {
     sent_ms: u64,
 }
 
-/// An authenticated request, before its limit is checked.
-struct Admission {
-    client: ClientId,
-    key_md5: Option<String>,
-    forward: Forward,
-    /// Tokens to reserve (0 when the body was not read).
-    token_estimate: u64,
-}
-
 /// Decides what to do with a request from its headers.
 ///
 /// `headers` are all request headers as the host delivered them (names lowercase, values raw
@@ -185,27 +192,12 @@ pub fn on_request_headers(
     let mut remove = headers_to_remove(headers);
     let routing = match &config.mode {
         Mode::Single(upstream) => {
-            let forward = Forward {
+            let forward = Forward::new(
                 remove,
-                set: vec![("authorization", upstream.authorization.clone())],
-                reroute: false,
-                window: None,
-                rule: None,
-                tokens: None,
-                body: None,
-                strip_usage_chunk: false,
-            };
-            return limit(
-                config,
-                Admission {
-                    client,
-                    key_md5,
-                    forward,
-                    token_estimate: 0,
-                },
-                now_ms,
-                store,
+                vec![("authorization", upstream.authorization.clone())],
+                false,
             );
+            return limit(config, client, key_md5, forward, 0, now_ms, store);
         }
         Mode::Routed(routing) => routing,
     };
@@ -242,27 +234,12 @@ pub fn on_request_headers(
     }
     match routing.default_provider {
         Some(_) => {
-            let forward = Forward {
+            let forward = Forward::new(
                 remove,
-                set: vec![(ROUTE_HEADER, DEFAULT_ROUTE.to_string())],
-                reroute: true,
-                window: None,
-                rule: None,
-                tokens: None,
-                body: None,
-                strip_usage_chunk: false,
-            };
-            limit(
-                config,
-                Admission {
-                    client,
-                    key_md5,
-                    forward,
-                    token_estimate: 0,
-                },
-                now_ms,
-                store,
-            )
+                vec![(ROUTE_HEADER, DEFAULT_ROUTE.to_string())],
+                true,
+            );
+            limit(config, client, key_md5, forward, 0, now_ms, store)
         }
         None => Start::Done(reply(
             Some(client),
@@ -313,34 +290,21 @@ pub fn on_request_body(
     let Some(rule) = routing.rule_for(&request.model) else {
         return invalid(openai::model_not_found(&request.model));
     };
-    let mut forward = Forward {
-        remove,
-        set: vec![(ROUTE_HEADER, Routing::route_id(rule))],
-        reroute: true,
-        window: None,
-        rule: Some(rule),
-        tokens: None,
-        // Every stream reports its usage: ask for it when the client did not, and take the
-        // extra chunk out again on the way back, so the client sees the stream it asked for.
-        body: if request.stream {
-            body::with_stream_usage(body)
-        } else {
-            None
-        },
-        strip_usage_chunk: false,
+    // Every stream reports its usage: ask for it when the client did not, and take the extra
+    // chunk out again on the way back, so the client sees the stream it asked for.
+    let new_body = if request.stream {
+        body::with_stream_usage(body)
+    } else {
+        None
     };
-    forward.strip_usage_chunk = forward.body.is_some();
-    limit(
-        config,
-        Admission {
-            client,
-            key_md5,
-            forward,
-            token_estimate: estimate_tokens(body.len(), request.max_tokens),
-        },
-        now_ms,
-        store,
-    )
+    let forward = Forward {
+        rule: Some(rule),
+        strip_usage_chunk: new_body.is_some(),
+        body: new_body,
+        ..Forward::new(remove, vec![(ROUTE_HEADER, Routing::route_id(rule))], true)
+    };
+    let estimate = estimate_tokens(body.len(), request.max_tokens);
+    limit(config, client, key_md5, forward, estimate, now_ms, store)
 }
 
 /// Decides a request that waited for the Redis limiter. `status` is the callout's `:status`,
@@ -403,24 +367,28 @@ pub fn on_limiter_reply(
     }
 }
 
-fn limit(config: &Config, a: Admission, now_ms: u64, store: &dyn CasStore) -> Start {
-    match (&config.limiter, a.key_md5) {
+/// Checks the request against the client's limits: a Redis callout, or the local limiter now.
+fn limit(
+    config: &Config,
+    client: ClientId,
+    key_md5: Option<String>,
+    forward: Forward,
+    token_estimate: u64,
+    now_ms: u64,
+    store: &dyn CasStore,
+) -> Start {
+    match (&config.limiter, key_md5) {
         (LimiterBackend::Redis(redis), Some(key_md5)) => Start::AskLimiter(Pending {
-            call: redis_callout(
-                redis,
-                &key_md5,
-                requests_per_minute(config, a.client),
-                now_ms,
-            ),
-            client: a.client,
-            forward: a.forward,
+            call: redis_callout(redis, &key_md5, requests_per_minute(config, client), now_ms),
+            client,
+            forward,
             sent_ms: now_ms,
         }),
         _ => Start::Done(local_step(
             config,
-            a.client,
-            a.forward,
-            a.token_estimate,
+            client,
+            forward,
+            token_estimate,
             now_ms,
             store,
             Vec::new(),
