@@ -85,6 +85,10 @@ def test_hostile_input_gets_its_answer_and_nothing_breaks(setup):
         assert r.status == status, (case, r.body[:200])
         assert r.json()["error"]["type"] == "invalid_request_error", case
 
+    # A POST without a body is answered at once, not left waiting for one.
+    r = harness.request(gw.url, "POST", "/v1/chat/completions", AUTH, None)
+    assert r.status == 400
+
     # Content types do not matter: the body is what it is.
     for ctype in ("text/plain", "application/x-www-form-urlencoded"):
         r = gw.post(key=KEY, body=chat_body(), headers=[("content-type", ctype)])

@@ -470,7 +470,7 @@ impl Context for Request {
 }
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(plugin) = self.plugin.clone() else {
             // on_configure failed, so Envoy should not have created us; refuse rather than
             // forward a request nobody authenticated.
@@ -488,7 +488,17 @@ impl HttpContext for Request {
                 return self.reply(&openai::internal_error());
             }
         };
-        self.proceed(&plugin, start)
+        match start {
+            // No body will follow (a POST without one): decide on the empty body now, or the
+            // request would wait for a body callback that never comes.
+            Start::ReadBody(awaiting) if end_of_stream => {
+                let now = self.started_ms.unwrap_or(0);
+                let start =
+                    request::on_request_body(&plugin.config, awaiting, b"", now, &SharedData);
+                self.proceed(&plugin, start)
+            }
+            start => self.proceed(&plugin, start),
+        }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
