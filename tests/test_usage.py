@@ -4,6 +4,7 @@ kind, and written to the JSON access log with the client's name (never its key).
 from __future__ import annotations
 
 import json
+import re
 
 import openai
 import pytest
@@ -167,3 +168,16 @@ def test_durations_are_histograms_by_model(setup):
     # Envoy publishes histogram samples at its stats flush (every 5 s by default); the bound
     # fails the test if the samples never arrive or their counts are wrong.
     harness.wait_until(histograms, "2 request durations and 1 first-byte time for gpt-4_1", timeout_s=20)
+
+
+def test_every_label_the_filter_encodes_has_a_stats_tag(setup):
+    """Labels live in metric names (`.client=team`); the bootstrap's stats_tags turn them into
+    Prometheus labels. Every label name in the metrics the filter defined must have its tag."""
+    gw, _ = setup
+    gw.post(key=KEY, body=chat_body("gpt-4.1"))
+    gw.post(key=KEY, body=chat_body("gpt-4.1", stream=True))
+    names = harness.request(gw.admin, "GET", "/stats?filter=^wasmcustom%5C.").body.decode()
+    encoded = set(re.findall(r"\.([a-z]+)=", names))
+    assert {"client", "outcome", "model", "kind", "provider"} <= encoded, encoded
+    tags = {t["tag_name"] for t in harness.render_envoy.load()["stats_config"]["stats_tags"]}
+    assert encoded <= tags, encoded - tags

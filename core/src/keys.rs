@@ -189,15 +189,6 @@ impl KeyIndex {
         None
     }
 
-    /// Number of configured digests.
-    pub fn len(&self) -> usize {
-        self.by_digest.len()
-    }
-
-    /// True when no digest is configured.
-    pub fn is_empty(&self) -> bool {
-        self.by_digest.is_empty()
-    }
 }
 
 /// Why a request carries no usable key. Clients get one answer for all of them (no oracle);

@@ -6,11 +6,6 @@
 /// Client label for requests that did not authenticate (client names cannot start with `_`).
 pub const ANONYMOUS: &str = "_anonymous";
 
-/// Label names Tollgate encodes; the Envoy configs need one `stats_tags` entry per name.
-pub const LABELS: &[&str] = &[
-    "client", "outcome", "backend", "reason", "provider", "model", "from", "to", "kind", "status",
-];
-
 /// Model label of requests on the default route (no model rule).
 pub const DEFAULT_MODEL: &str = "_default";
 
