@@ -188,7 +188,6 @@ impl KeyIndex {
         }
         None
     }
-
 }
 
 /// Why a request carries no usable key. Clients get one answer for all of them (no oracle);
