@@ -169,10 +169,6 @@ def routing_plugin(clients: list[dict], providers: list[dict], models: list[dict
     if limiter == "redis":
         plugin["limiter"] = {"backend": "redis", "cluster": "webdis", "timeout_ms": 100,
                              "on_error": "local", "basic_auth_env": WEBDIS_AUTH_ENV}
-        # Token limits work with the local limiter only (the Redis limiter counts requests).
-        plugin.pop("default_tokens_per_minute", None)
-        for client in plugin["clients"]:
-            client.pop("tokens_per_minute", None)
     return plugin
 
 

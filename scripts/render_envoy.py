@@ -85,10 +85,6 @@ def use_redis_limiter(cfg: dict, **settings) -> None:
     plugin = plugin_config(cfg)
     plugin["limiter"] = {"backend": "redis", "cluster": "webdis", "timeout_ms": 100,
                          "on_error": "local", **settings}
-    # Token limits work with the local limiter only (the Redis limiter counts requests).
-    plugin.pop("default_tokens_per_minute", None)
-    for client in plugin["clients"]:
-        client.pop("tokens_per_minute", None)
     set_plugin_config(cfg, plugin)
 
 

@@ -87,8 +87,7 @@ the plugin configuration's \"clients\", which holds only the key's SHA-256.
 Options:
   --name NAME     the client's name (1-64 letters, digits, '-' or '_'; required)
   --rpm N         requests per minute (default: the configuration's default_requests_per_minute)
-  --tpm N         tokens per minute, as tokens_per_minute in the entry (local limiter only:
-                  the filter refuses it with the Redis limiter)
+  --tpm N         tokens per minute, as tokens_per_minute in the entry
   --models M1,M2  models the client may use (names or globs), as models in the entry: an
                   allow-list, which needs a configuration with model routing (a note says so)
   --json          print one JSON object {\"key\": ..., \"entry\": {...}}, for scripts

@@ -446,21 +446,6 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
         None => LimiterBackend::Local,
         Some(l) => compile_limiter(l, env)?,
     };
-    if let LimiterBackend::Redis(_) = limiter {
-        if let Some(i) = clients.iter().position(|c| c.tokens_per_minute.is_some()) {
-            let field = if default_tpm.is_some() {
-                "default_tokens_per_minute".to_string()
-            } else {
-                format!("clients[{i}].tokens_per_minute")
-            };
-            return Err(ConfigError::new(
-                field,
-                "token limits work with the local limiter only in this version (the Redis \
-                 limiter counts requests)",
-            ));
-        }
-    }
-
     Ok(Config {
         clients,
         keys,

@@ -22,7 +22,7 @@ use crate::limiter::{self, CasStore, LimiterError, Verdict, Window, WINDOW_MS};
 use crate::metrics::Outcome;
 use crate::openai::{self, LocalReply};
 use crate::routing::{self, Routing, DEFAULT_ROUTE, MODEL_ENDPOINTS};
-use crate::webdis;
+use crate::webdis::{self, Checked};
 
 /// Header carrying the chosen route (`r<rule index>` or `default`) to Envoy's route table and to
 /// the upstream filter instances.
@@ -76,14 +76,32 @@ impl Forward {
 }
 
 /// Tokens held for a request from admission until its response reports what it used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenReservation {
     /// The minute window the estimate was counted in.
     pub window: u64,
-    /// Tokens reserved: the estimate.
-    pub estimate: u64,
+    /// Tokens reserved.
+    pub estimate: Estimate,
     /// The client's window after the reservation, for `x-ratelimit-*-tokens`.
     pub state: Window,
+    /// Where the reservation was counted: the Redis token key, or `None` for the local record.
+    pub redis_key: Option<String>,
+}
+
+/// A request's token estimate (see [`estimate_tokens`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Estimate {
+    /// The prompt: the request body at four bytes a token.
+    pub prompt: u64,
+    /// The completion it may produce: its `max_tokens`, or 0.
+    pub completion: u64,
+}
+
+impl Estimate {
+    /// Tokens reserved.
+    pub fn total(&self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
 }
 
 /// A limiter failure that was handled by the failure policy, for
@@ -154,6 +172,9 @@ pub struct Pending {
     pub call: Callout,
     client: ClientId,
     forward: Forward,
+    estimate: Estimate,
+    /// MD5 hex of the client key (the Redis keys' middle part).
+    key_md5: String,
     sent_ms: u64,
 }
 
@@ -197,7 +218,10 @@ pub fn on_request_headers(
                 vec![("authorization", upstream.authorization.clone())],
                 false,
             );
-            return limit(config, client, key_md5, forward, 0, now_ms, store);
+            // The body is not read in this mode: the prompt is estimated from its declared size
+            // (`max_tokens` is unknown; the completion is settled from the usage).
+            let estimate = estimate_tokens(declared_length(headers).unwrap_or(0), None);
+            return limit(config, client, key_md5, forward, estimate, now_ms, store);
         }
         Mode::Routed(routing) => routing,
     };
@@ -216,9 +240,7 @@ pub fn on_request_headers(
         ));
     }
     if method == b"POST" && MODEL_ENDPOINTS.iter().any(|e| e.as_bytes() == path) {
-        let declared = header(headers, b"content-length")
-            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > routing.max_body_bytes as u64) {
+        if declared_length(headers).is_some_and(|n| n > routing.max_body_bytes) {
             return Start::Done(reply(
                 Some(client),
                 Outcome::Invalid,
@@ -239,7 +261,8 @@ pub fn on_request_headers(
                 vec![(ROUTE_HEADER, DEFAULT_ROUTE.to_string())],
                 true,
             );
-            limit(config, client, key_md5, forward, 0, now_ms, store)
+            let estimate = estimate_tokens(declared_length(headers).unwrap_or(0), None);
+            limit(config, client, key_md5, forward, estimate, now_ms, store)
         }
         None => Start::Done(reply(
             Some(client),
@@ -321,6 +344,8 @@ pub fn on_limiter_reply(
         call,
         client,
         forward,
+        estimate,
+        key_md5,
         sent_ms,
     } = pending;
     let on_error = match &config.limiter {
@@ -337,17 +362,39 @@ pub fn on_limiter_reply(
         other => other,
     });
     let limit = requests_per_minute(config, client);
+    // The script counted in the window of the moment the check was sent.
+    let (minute, reset_ms) = limiter::window_of(sent_ms);
     match reply_or_error {
         Ok(count) => {
             let window = Window {
                 limit,
                 remaining: limit.saturating_sub(count.count),
-                reset_ms: limiter::window_of(now_ms).1,
+                reset_ms,
             };
-            if count.admitted {
-                forward_step(client, forward, Some(window), Vec::new())
-            } else {
-                limited_step(config, client, window, Vec::new())
+            let tpm = tokens_per_minute(config, client);
+            let token_state = |used: u64| Window {
+                limit: tpm.unwrap_or(0),
+                remaining: tpm.unwrap_or(0).saturating_sub(used),
+                reset_ms,
+            };
+            match count.checked {
+                Checked::Admitted => {
+                    let mut forward = forward;
+                    if let (Some(used), Some(_)) = (count.tokens, tpm) {
+                        forward.tokens = Some(TokenReservation {
+                            window: minute,
+                            estimate,
+                            state: token_state(used),
+                            redis_key: Some(webdis::tokens_key(&key_md5, minute)),
+                        });
+                    }
+                    forward_step(client, forward, Some(window), Vec::new())
+                }
+                Checked::RequestsLimited => limited_step(config, client, window, Vec::new()),
+                Checked::TokensLimited => {
+                    let state = token_state(count.tokens.unwrap_or(0));
+                    tokens_limited_step(config, client, state, estimate.total(), Vec::new())
+                }
             }
         }
         Err(e) => {
@@ -361,7 +408,9 @@ pub fn on_limiter_reply(
                     limiter_errors: failure,
                     ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
                 },
-                OnError::Local => local_step(config, client, forward, 0, now_ms, store, failure),
+                OnError::Local => {
+                    local_step(config, client, forward, estimate, now_ms, store, failure)
+                }
             }
         }
     }
@@ -373,22 +422,30 @@ fn limit(
     client: ClientId,
     key_md5: Option<String>,
     forward: Forward,
-    token_estimate: u64,
+    estimate: Estimate,
     now_ms: u64,
     store: &dyn CasStore,
 ) -> Start {
     match (&config.limiter, key_md5) {
         (LimiterBackend::Redis(redis), Some(key_md5)) => Start::AskLimiter(Pending {
-            call: redis_callout(redis, &key_md5, requests_per_minute(config, client), now_ms),
+            call: redis_callout(
+                redis,
+                &key_md5,
+                requests_per_minute(config, client),
+                tokens_per_minute(config, client).map(|tpm| (tpm, estimate.total())),
+                now_ms,
+            ),
             client,
             forward,
+            estimate,
+            key_md5,
             sent_ms: now_ms,
         }),
         _ => Start::Done(local_step(
             config,
             client,
             forward,
-            token_estimate,
+            estimate,
             now_ms,
             store,
             Vec::new(),
@@ -401,6 +458,12 @@ fn header<'a>(headers: &'a [Header], name: &[u8]) -> Option<&'a [u8]> {
         .iter()
         .find(|(n, _)| n.as_slice() == name)
         .map(|(_, v)| v.as_slice())
+}
+
+/// The request's `content-length`, if it has a valid one.
+fn declared_length(headers: &[Header]) -> Option<usize> {
+    header(headers, b"content-length")
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok())
 }
 
 fn reply(client: Option<ClientId>, outcome: Outcome, r: LocalReply) -> Step {
@@ -419,9 +482,38 @@ fn requests_per_minute(config: &Config, client: ClientId) -> u64 {
         .map_or(1, |c| u64::from(c.requests_per_minute))
 }
 
-fn redis_callout(redis: &RedisLimiter, key_md5: &str, limit: u64, now_ms: u64) -> Callout {
+fn tokens_per_minute(config: &Config, client: ClientId) -> Option<u64> {
+    config
+        .client(client)
+        .and_then(|c| c.tokens_per_minute)
+        .map(u64::from)
+}
+
+fn redis_callout(
+    redis: &RedisLimiter,
+    key_md5: &str,
+    limit: u64,
+    tokens: Option<(u64, u64)>,
+    now_ms: u64,
+) -> Callout {
     let (minute, reset_ms) = limiter::window_of(now_ms);
     let key = webdis::window_key(key_md5, minute);
+    let tokens_key = webdis::tokens_key(key_md5, minute);
+    let tokens = tokens.map(|(limit, cost)| webdis::TokenCheck {
+        key: &tokens_key,
+        limit,
+        cost,
+    });
+    // The keys live through their window and one more, so they outlast clock skew between
+    // replicas and then free themselves.
+    webdis_callout(
+        redis,
+        webdis::check_command(&key, limit, reset_ms + WINDOW_MS, tokens),
+    )
+}
+
+/// A Webdis call of the Redis limiter (`POST /`, the command in the body).
+pub fn webdis_callout(redis: &RedisLimiter, body: Vec<u8>) -> Callout {
     let mut headers = vec![
         (":method", "POST".to_string()),
         (":path", "/".to_string()),
@@ -434,9 +526,7 @@ fn redis_callout(redis: &RedisLimiter, key_md5: &str, limit: u64, now_ms: u64) -
     Callout {
         cluster: redis.cluster.clone(),
         headers,
-        // The key lives through its window and one more, so it outlasts clock skew between
-        // replicas and then frees itself.
-        body: webdis::check_command(&key, limit, reset_ms + WINDOW_MS),
+        body,
         timeout_ms: redis.timeout_ms,
     }
 }
@@ -444,8 +534,11 @@ fn redis_callout(redis: &RedisLimiter, key_md5: &str, limit: u64, now_ms: u64) -
 /// A request's token estimate: its body at about four bytes a token (JSON syntax and
 /// non-English text make this an overestimate as often as not), plus the completion it may
 /// produce (`max_completion_tokens` / `max_tokens`; 0 when unset, settled after the response).
-pub fn estimate_tokens(body_len: usize, max_tokens: Option<u64>) -> u64 {
-    (body_len as u64).div_ceil(4) + max_tokens.unwrap_or(0)
+pub fn estimate_tokens(body_len: usize, max_tokens: Option<u64>) -> Estimate {
+    Estimate {
+        prompt: (body_len as u64).div_ceil(4),
+        completion: max_tokens.unwrap_or(0),
+    }
 }
 
 /// Checks the local (shared-data) limiter: the token budget first (a refusal there writes
@@ -455,7 +548,7 @@ fn local_step(
     config: &Config,
     client: ClientId,
     mut forward: Forward,
-    token_estimate: u64,
+    estimate: Estimate,
     now_ms: u64,
     store: &dyn CasStore,
     mut failures: Vec<LimiterFailure>,
@@ -465,29 +558,17 @@ fn local_step(
     };
     if let Some(tpm) = c.tokens_per_minute {
         let key = limiter::tokens_key(c);
-        match limiter::check_cost(store, &key, u64::from(tpm), token_estimate, now_ms) {
+        match limiter::check_cost(store, &key, u64::from(tpm), estimate.total(), now_ms) {
             Ok(Verdict::Admitted(state)) => {
                 forward.tokens = Some(TokenReservation {
                     window: limiter::window_of(now_ms).0,
-                    estimate: token_estimate,
+                    estimate,
                     state,
+                    redis_key: None,
                 });
             }
             Ok(Verdict::Limited(w)) => {
-                return Step {
-                    limiter_errors: failures,
-                    ..reply(
-                        Some(client),
-                        Outcome::RateLimited,
-                        openai::tokens_rate_limited(
-                            &c.name,
-                            w.limit,
-                            w.remaining,
-                            token_estimate,
-                            w.reset_ms,
-                        ),
-                    )
-                };
+                return tokens_limited_step(config, client, w, estimate.total(), failures);
             }
             Err(e) => failures.push(LimiterFailure {
                 backend: "local",
@@ -499,8 +580,8 @@ fn local_step(
     match limiter::check(store, &limiter::requests_key(c), limit, now_ms) {
         Ok(Verdict::Admitted(w)) => forward_step(client, forward, Some(w), failures),
         Ok(Verdict::Limited(w)) => {
-            if let Some(t) = forward.tokens {
-                let give_back = i64::try_from(t.estimate).unwrap_or(i64::MAX);
+            if let Some(t) = &forward.tokens {
+                let give_back = i64::try_from(t.estimate.total()).unwrap_or(i64::MAX);
                 let _ = limiter::adjust(store, &limiter::tokens_key(c), t.window, -give_back);
             }
             limited_step(config, client, w, failures)
@@ -517,29 +598,61 @@ fn local_step(
     }
 }
 
-/// Settles a reservation once the response is complete: the estimate is replaced by the usage
-/// the provider reported; with no usage, a failed response gives the estimate back and a
-/// successful one keeps it (the tokens were likely spent, and unknown is not zero).
+/// What a finished response delivered, for charging its tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivered {
+    /// Prompt + completion tokens the provider reported.
+    pub usage: Option<u64>,
+    /// For a stream: the content chunks that reached the filter (data events other than the
+    /// usage chunk and `[DONE]`).
+    pub stream_chunks: Option<u64>,
+    /// The response status was 2xx.
+    pub succeeded: bool,
+}
+
+/// Tokens to charge for a finished request that reserved `estimate`:
+/// - the usage the provider reported, when it did;
+/// - nothing for a failed response (non-2xx) that reported none;
+/// - for a stream that reported none (cut off, or a provider that ignores
+///   `stream_options.include_usage`): what was delivered, the prompt estimate plus one token per
+///   content chunk (OpenAI-compatible streams send about one token per chunk);
+/// - otherwise the estimate (the tokens were likely spent, and unknown is not zero).
+pub fn charge(estimate: Estimate, delivered: Delivered) -> u64 {
+    match delivered {
+        Delivered { usage: Some(n), .. } => n,
+        Delivered {
+            succeeded: false, ..
+        } => 0,
+        Delivered {
+            stream_chunks: Some(chunks),
+            ..
+        } => estimate.prompt.saturating_add(chunks),
+        _ => estimate.total(),
+    }
+}
+
+/// Settles a reservation once the response is over (once: the caller drops the reservation):
+/// the estimate is replaced by [`charge`]. A local reservation is adjusted in the store now;
+/// for a Redis one, the adjustment `(key, tokens to add)` is returned, to be sent in the
+/// worker's next batch (see [`webdis::Settlements`]).
 pub fn settle_tokens(
     config: &Config,
     client: ClientId,
     reservation: &TokenReservation,
-    used: Option<u64>,
-    succeeded: bool,
+    delivered: Delivered,
     store: &dyn CasStore,
-) -> Result<(), LimiterError> {
+) -> Result<Option<(String, i64)>, LimiterError> {
+    let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let delta = to_i64(charge(reservation.estimate, delivered))
+        .saturating_sub(to_i64(reservation.estimate.total()));
+    if let Some(key) = &reservation.redis_key {
+        return Ok((delta != 0).then(|| (key.clone(), delta)));
+    }
     let Some(c) = config.client(client) else {
-        return Ok(());
+        return Ok(None);
     };
-    let estimate = i64::try_from(reservation.estimate).unwrap_or(i64::MAX);
-    let delta = match used {
-        Some(n) => i64::try_from(n)
-            .unwrap_or(i64::MAX)
-            .saturating_sub(estimate),
-        None if succeeded => 0,
-        None => -estimate,
-    };
-    limiter::adjust(store, &limiter::tokens_key(c), reservation.window, delta)
+    limiter::adjust(store, &limiter::tokens_key(c), reservation.window, delta)?;
+    Ok(None)
 }
 
 fn forward_step(
@@ -571,6 +684,24 @@ fn limited_step(
             Some(client),
             Outcome::RateLimited,
             openai::requests_rate_limited(name, w.limit, w.reset_ms),
+        )
+    }
+}
+
+fn tokens_limited_step(
+    config: &Config,
+    client: ClientId,
+    w: Window,
+    requested: u64,
+    limiter_errors: Vec<LimiterFailure>,
+) -> Step {
+    let name = config.client(client).map_or("", |c| c.name.as_str());
+    Step {
+        limiter_errors,
+        ..reply(
+            Some(client),
+            Outcome::RateLimited,
+            openai::tokens_rate_limited(name, w.limit, w.remaining, requested, w.reset_ms),
         )
     }
 }
@@ -1021,13 +1152,14 @@ mod tests {
         };
         // 29 bytes -> 8 tokens, + max_tokens 50 = 58 reserved.
         let body = br#"{"model":"m","max_tokens":50}"#;
-        assert_eq!(estimate_tokens(body.len(), Some(50)), 58);
+        assert_eq!(estimate_tokens(body.len(), Some(50)).total(), 58);
         let step = send(body);
-        let t = forward(&step).tokens.unwrap();
+        let t = forward(&step).tokens.clone().unwrap();
         assert_eq!(
-            (t.estimate, t.state.limit, t.state.remaining),
+            (t.estimate.total(), t.state.limit, t.state.remaining),
             (58, 100, 42)
         );
+        assert_eq!(t.redis_key, None);
         // A second one does not fit: 429 for tokens, with the token headers.
         let step = send(body);
         match &step.decision {
@@ -1041,30 +1173,193 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // The first used 10 tokens: 48 come back, so the next one fits.
-        settle_tokens(&c, 0, &t, Some(10), true, &store).unwrap();
+        let used = Delivered {
+            usage: Some(10),
+            stream_chunks: None,
+            succeeded: true,
+        };
+        assert_eq!(settle_tokens(&c, 0, &t, used, &store), Ok(None));
         let step = send(body);
         assert_eq!(
-            forward(&step).tokens.unwrap().state.remaining,
+            forward(&step).tokens.as_ref().unwrap().state.remaining,
             100 - 10 - 58
         );
         // A failed response with no usage gives its whole estimate back.
-        let t2 = forward(&step).tokens.unwrap();
-        settle_tokens(&c, 0, &t2, None, false, &store).unwrap();
+        let t2 = forward(&step).tokens.clone().unwrap();
+        settle_tokens(&c, 0, &t2, Delivered::default(), &store).unwrap();
         assert_eq!(
-            forward(&send(body)).tokens.unwrap().state.remaining,
+            forward(&send(body))
+                .tokens
+                .as_ref()
+                .unwrap()
+                .state
+                .remaining,
             100 - 10 - 58
         );
     }
 
     #[test]
-    fn token_limits_need_the_local_limiter() {
-        let sha = Digest::of_key(DigestKind::Sha256, b"k").to_hex();
-        let json = format!(
-            r#"{{"clients":[{{"name":"a","key_sha256":"{sha}","tokens_per_minute":5}}],
-                "upstream":{{"api_key_env":"K"}},"limiter":{{"backend":"redis","cluster":"w"}}}}"#
+    fn charges_what_was_delivered() {
+        let e = Estimate {
+            prompt: 30,
+            completion: 200,
+        };
+        let d = |usage, stream_chunks, succeeded| Delivered {
+            usage,
+            stream_chunks,
+            succeeded,
+        };
+        assert_eq!(
+            charge(e, d(Some(57), None, true)),
+            57,
+            "reported usage wins"
         );
-        let e = Config::parse(json.as_bytes(), &|_| Some("x".into())).unwrap_err();
-        assert_eq!(e.field, "clients[0].tokens_per_minute");
+        assert_eq!(charge(e, d(Some(57), Some(3), false)), 57);
+        assert_eq!(charge(e, d(None, None, false)), 0, "a failure is free");
+        assert_eq!(charge(e, d(None, Some(9), false)), 0);
+        // A stream cut off after 12 chunks: the prompt and the 12 chunks delivered.
+        assert_eq!(charge(e, d(None, Some(12), true)), 42);
+        assert_eq!(charge(e, d(None, None, true)), 230, "unknown is not zero");
+    }
+
+    #[test]
+    fn one_provider_mode_estimates_the_prompt_from_content_length() {
+        let sha = Digest::of_key(DigestKind::Sha256, b"sk-team-a").to_hex();
+        let json = format!(
+            r#"{{"clients":[{{"name":"team-a","key_sha256":"{sha}","tokens_per_minute":100}}],
+                "upstream":{{"api_key_env":"K"}}}}"#
+        );
+        let c = Config::parse(json.as_bytes(), &|_| Some("sk-provider".into())).unwrap();
+        let store = FakeStore::default();
+        let send = |len: &[u8]| {
+            let headers = h(&[
+                ("authorization", b"Bearer sk-team-a"),
+                ("content-length", len),
+            ]);
+            done(on_request_headers(&c, &headers, NOW, &store))
+        };
+        let t = forward(&send(b"120")).tokens.clone().unwrap();
+        assert_eq!(t.estimate.total(), 30);
+        assert_eq!(t.state.remaining, 70);
+        assert_eq!(
+            status(Start::Done(send(b"400"))),
+            429,
+            "100 tokens do not fit in 70"
+        );
+    }
+
+    fn redis_tokens_config(on_error: &str) -> Config {
+        let sha = Digest::of_key(DigestKind::Sha256, b"sk-team-a").to_hex();
+        let json = format!(
+            r#"{{"clients":[{{"name":"team-a","key_sha256":"{sha}","requests_per_minute":5,
+                             "tokens_per_minute":1000}}],
+                "providers":[{{"name":"p","cluster":"c","api_key_env":"K"}}],
+                "models":[{{"match":"m","providers":["p"]}}],
+                "limiter":{{"backend":"redis","cluster":"webdis","on_error":"{on_error}"}}}}"#
+        );
+        Config::parse(json.as_bytes(), &|_| Some("sk-provider".into())).unwrap()
+    }
+
+    fn ask_with_body(c: &Config, body: &[u8], store: &FakeStore) -> Pending {
+        let headers = h(&[
+            (":method", b"POST"),
+            (":path", b"/v1/chat/completions"),
+            ("authorization", b"Bearer sk-team-a"),
+        ]);
+        let Start::ReadBody(wait) = on_request_headers(c, &headers, NOW, store) else {
+            panic!("expected to read the body")
+        };
+        match on_request_body(c, wait, body, NOW, store) {
+            Start::AskLimiter(p) => p,
+            other => panic!("expected a limiter callout, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn redis_token_limits_reserve_in_the_same_script_call() {
+        let c = redis_tokens_config("deny");
+        let store = FakeStore::default();
+        // 29 bytes -> 8 tokens, + max_tokens 50 = 58 reserved.
+        let body = br#"{"model":"m","max_tokens":50}"#;
+        let p = ask_with_body(&c, body, &store);
+        let cmd = String::from_utf8(p.call.body.clone()).unwrap();
+        let md5 = Digest::of_key(DigestKind::Md5, b"sk-team-a").to_hex();
+        let minute = NOW / 60_000;
+        assert!(
+            cmd.ends_with(&format!(
+                "/2/rate%3A{md5}%3A{minute}/tokens%3A{md5}%3A{minute}/5/{}/1000/58",
+                limiter::window_of(NOW).1 + WINDOW_MS
+            )),
+            "{cmd}"
+        );
+        // Admitted: the reservation is Redis's, with the client's token budget after it.
+        let step = on_limiter_reply(
+            &c,
+            p,
+            Some(200),
+            br#"{"EVAL":[1,1,100000,358]}"#,
+            NOW,
+            &store,
+        );
+        let t = forward(&step).tokens.clone().unwrap();
+        assert_eq!(
+            (t.state.limit, t.state.remaining, t.estimate.total()),
+            (1000, 642, 58)
+        );
+        assert_eq!(t.redis_key, Some(format!("tokens:{md5}:{minute}")));
+        // Settling returns the adjustment for Redis and leaves the local store alone.
+        let used = Delivered {
+            usage: Some(20),
+            stream_chunks: None,
+            succeeded: true,
+        };
+        assert_eq!(
+            settle_tokens(&c, 0, &t, used, &store),
+            Ok(Some((format!("tokens:{md5}:{minute}"), -38)))
+        );
+        assert!(store.map.borrow().is_empty(), "nothing counted locally");
+        let exact = Delivered {
+            usage: Some(58),
+            ..used
+        };
+        assert_eq!(settle_tokens(&c, 0, &t, exact, &store), Ok(None));
+
+        // Over the token limit: 429 for tokens, with the token headers.
+        let p = ask_with_body(&c, body, &store);
+        let step = on_limiter_reply(
+            &c,
+            p,
+            Some(200),
+            br#"{"EVAL":[2,1,100000,990]}"#,
+            NOW,
+            &store,
+        );
+        match &step.decision {
+            Decision::Reply(r) => {
+                assert_eq!(r.status, 429);
+                assert!(r
+                    .headers
+                    .contains(&("x-ratelimit-remaining-tokens", "10".into())));
+                assert!(r.body.contains("\"type\":\"tokens\""), "{}", r.body);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(step.outcome, Outcome::RateLimited);
+    }
+
+    #[test]
+    fn redis_token_fallback_reserves_locally() {
+        let c = redis_tokens_config("local");
+        let store = FakeStore::default();
+        let body = br#"{"model":"m","max_tokens":50}"#;
+        let p = ask_with_body(&c, body, &store);
+        let step = on_limiter_reply(&c, p, None, b"", NOW + 1, &store);
+        let t = forward(&step).tokens.clone().unwrap();
+        assert_eq!(
+            t.redis_key, None,
+            "the local record holds the fallback's reservation"
+        );
+        assert_eq!((t.state.remaining, t.estimate.total()), (942, 58));
     }
 
     #[test]

@@ -79,6 +79,9 @@ pub struct SseUsage {
     pub oversized: u64,
     /// `data: [DONE]` was seen.
     pub done: bool,
+    /// Data events other than `[DONE]` and those carrying usage: the content chunks, about one
+    /// token each in OpenAI-compatible streams (what a stream that reports no usage is charged).
+    pub chunks: u64,
     /// Drop the usage-only chunk from what is forwarded (the gateway asked for it, the client
     /// did not): see [`SseUsage::push_filtered`].
     strip_usage_chunk: bool,
@@ -189,8 +192,15 @@ impl SseUsage {
             self.done = true;
             return;
         }
-        if let Some(u) = from_json(&data) {
-            self.usage = Some(u);
+        // Only an event that names `usage` can carry it: the others are not parsed at all.
+        let usage = if data.windows(7).any(|w| w == b"\"usage\"") {
+            from_json(&data)
+        } else {
+            None
+        };
+        match usage {
+            Some(u) => self.usage = Some(u),
+            None => self.chunks += 1,
         }
     }
 }
@@ -404,6 +414,13 @@ mod tests {
         assert_eq!(out, STREAM.as_bytes());
     }
 
+    #[test]
+    fn a_cut_off_stream_counts_the_chunks_it_delivered() {
+        let cut = STREAM.find("event: message").unwrap();
+        let r = read(&[&STREAM.as_bytes()[..cut]]);
+        assert_eq!((r.usage, r.chunks, r.done), (None, 2, false));
+    }
+
     proptest! {
         /// Any split of the stream into chunks gives the same events and usage.
         #[test]
@@ -422,6 +439,7 @@ mod tests {
             let r = read(&chunks);
             prop_assert_eq!(r.usage, Some(Usage { prompt_tokens: 12, completion_tokens: 5 }));
             prop_assert_eq!(r.events, 6);
+            prop_assert_eq!(r.chunks, 3);
             prop_assert!(r.done);
         }
 

@@ -6,35 +6,148 @@
 //! (`EVAL/<script>/1/<key>/<limit>/<ttl ms>`), which keeps the script out of URLs and logs.
 //!
 //! Keys follow the older proxy's layout, `rate:<md5 hex of the client key>:<unix minute>`, so the
-//! old proxy and Tollgate can share one budget during a migration.
+//! old proxy and Tollgate can share one budget during a migration. A client with a token limit
+//! has a second key in the same script call, `tokens:<md5 hex>:<unix minute>`: the window's
+//! reserved and settled tokens.
+//!
+//! Token reservations are settled after the response ([`Settlements`]): the difference between
+//! the estimate and the real usage is added with one more script call (`INCRBY` on keys that
+//! still exist), batched per worker.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
-/// Counts a request in a minute window if the window has room, atomically:
-/// returns `{admitted (1|0), count after the call, key ttl in ms}`.
+/// Checks a request against its minute window and, with a second key, its token window,
+/// atomically. `ARGV`: request limit, key ttl in ms, token limit, token cost.
 ///
-/// Denied requests are not counted (as in the local limiter). The key expires a minute after
-/// its window ends, so no key outlives two windows.
+/// Returns `{verdict, requests counted, request key ttl ms}` plus, with a token key, the tokens
+/// counted: verdict 1 admitted (both counted), 0 over the request limit, 2 over the token limit.
+/// A refusal counts nothing (as in the local limiter). Keys expire a minute after their window
+/// ends, so no key outlives two windows.
 pub const SCRIPT: &str = "local n = tonumber(redis.call('GET', KEYS[1]) or '0') \
-if n >= tonumber(ARGV[1]) then return {0, n, redis.call('PTTL', KEYS[1])} end \
+local t = nil \
+if KEYS[2] then \
+t = tonumber(redis.call('GET', KEYS[2]) or '0') \
+if t + math.max(tonumber(ARGV[4]), 1) > tonumber(ARGV[3]) then \
+return {2, n, redis.call('PTTL', KEYS[1]), t} end end \
+if n >= tonumber(ARGV[1]) then return {0, n, redis.call('PTTL', KEYS[1]), t} end \
 n = redis.call('INCR', KEYS[1]) \
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
-return {1, n, redis.call('PTTL', KEYS[1])}";
+if KEYS[2] then \
+t = redis.call('INCRBY', KEYS[2], ARGV[4]) \
+if redis.call('PTTL', KEYS[2]) < 0 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end end \
+return {1, n, redis.call('PTTL', KEYS[1]), t}";
+
+/// Adds each `ARGV[i]` to `KEYS[i]` if the key still exists (a key that expired belongs to a
+/// window that is over; re-creating it would leave a key without a ttl), never below 0.
+pub const SETTLE_SCRIPT: &str = "for i, k in ipairs(KEYS) do \
+if redis.call('EXISTS', k) == 1 then \
+if redis.call('INCRBY', k, ARGV[i]) < 0 then redis.call('SET', k, 0, 'KEEPTTL') end end end \
+return #KEYS";
 
 /// Redis key of a client's window: `rate:<md5 hex>:<unix minute>`.
 pub fn window_key(key_md5_hex: &str, minute: u64) -> String {
     format!("rate:{key_md5_hex}:{minute}")
 }
 
+/// Redis key of a client's token window: `tokens:<md5 hex>:<unix minute>`.
+pub fn tokens_key(key_md5_hex: &str, minute: u64) -> String {
+    format!("tokens:{key_md5_hex}:{minute}")
+}
+
+/// The token part of a check: the client's token window key, its limit and this request's
+/// estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCheck<'a> {
+    /// [`tokens_key`].
+    pub key: &'a str,
+    /// Tokens per minute.
+    pub limit: u64,
+    /// Tokens to reserve.
+    pub cost: u64,
+}
+
 /// The Webdis request body for one check.
-pub fn check_command(key: &str, limit: u64, ttl_ms: u64) -> Vec<u8> {
-    let mut body = String::with_capacity(SCRIPT.len() * 3 / 2 + key.len() + 40);
+pub fn check_command(key: &str, limit: u64, ttl_ms: u64, tokens: Option<TokenCheck>) -> Vec<u8> {
+    let mut body = String::with_capacity(SCRIPT.len() * 3 / 2 + key.len() * 2 + 60);
     body.push_str("EVAL/");
     percent_encode_into(&mut body, SCRIPT);
-    body.push_str("/1/");
-    percent_encode_into(&mut body, key);
-    let _ = write!(body, "/{limit}/{ttl_ms}");
+    match tokens {
+        None => {
+            body.push_str("/1/");
+            percent_encode_into(&mut body, key);
+            let _ = write!(body, "/{limit}/{ttl_ms}");
+        }
+        Some(t) => {
+            body.push_str("/2/");
+            percent_encode_into(&mut body, key);
+            body.push('/');
+            percent_encode_into(&mut body, t.key);
+            let _ = write!(body, "/{limit}/{ttl_ms}/{}/{}", t.limit, t.cost);
+        }
+    }
     body.into_bytes()
+}
+
+/// The Webdis request body that applies `adjustments` (key, tokens to add; negative gives
+/// back) with [`SETTLE_SCRIPT`].
+pub fn settle_command(adjustments: &[(String, i64)]) -> Vec<u8> {
+    let mut body = String::with_capacity(SETTLE_SCRIPT.len() * 3 / 2 + adjustments.len() * 64);
+    body.push_str("EVAL/");
+    percent_encode_into(&mut body, SETTLE_SCRIPT);
+    let _ = write!(body, "/{}", adjustments.len());
+    for (key, _) in adjustments {
+        body.push('/');
+        percent_encode_into(&mut body, key);
+    }
+    for (_, delta) in adjustments {
+        let _ = write!(body, "/{delta}");
+    }
+    body.into_bytes()
+}
+
+/// Token adjustments waiting to be sent to Redis, summed per key: one worker's settlements
+/// between two flushes. Bounded: past [`Settlements::MAX_KEYS`] keys, new keys are refused (and
+/// counted by the caller), so a Redis outage cannot grow the filter's memory.
+#[derive(Debug, Default)]
+pub struct Settlements {
+    pending: HashMap<String, i64>,
+}
+
+impl Settlements {
+    /// Most distinct keys held (two windows of many clients fit).
+    pub const MAX_KEYS: usize = 4096;
+    /// Most keys per Webdis call (keeps each call's body a few kilobytes).
+    pub const BATCH: usize = 64;
+
+    /// Adds `delta` to `key`'s pending adjustment. `false`: refused, the queue is full.
+    pub fn add(&mut self, key: String, delta: i64) -> bool {
+        if delta == 0 {
+            return true;
+        }
+        if let Some(d) = self.pending.get_mut(&key) {
+            *d = d.saturating_add(delta);
+            return true;
+        }
+        if self.pending.len() >= Self::MAX_KEYS {
+            return false;
+        }
+        self.pending.insert(key, delta);
+        true
+    }
+
+    /// Nothing waiting.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Takes everything waiting, as Webdis request bodies of at most [`Settlements::BATCH`]
+    /// keys each (adjustments that summed to 0 are dropped).
+    pub fn drain_commands(&mut self) -> Vec<Vec<u8>> {
+        let mut all: Vec<(String, i64)> = self.pending.drain().filter(|(_, d)| *d != 0).collect();
+        all.sort();
+        all.chunks(Self::BATCH).map(settle_command).collect()
+    }
 }
 
 /// Webdis splits commands on `/` and reads a `.` in the last segment as a format extension, so
@@ -49,15 +162,28 @@ fn percent_encode_into(out: &mut String, s: &str) {
     }
 }
 
+/// What a check decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// Counted (and the tokens reserved): the request may proceed.
+    Admitted,
+    /// Over the request limit; nothing counted.
+    RequestsLimited,
+    /// Over the token limit; nothing counted.
+    TokensLimited,
+}
+
 /// A successful check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Count {
-    /// The request was counted and may proceed.
-    pub admitted: bool,
+    /// The verdict.
+    pub checked: Checked,
     /// Requests counted in the window after this call.
     pub count: u64,
     /// Milliseconds until the Redis key expires (-1/-2 from Redis become `None`).
     pub key_ttl_ms: Option<u64>,
+    /// Tokens counted in the token window after this call (checks with a token key).
+    pub tokens: Option<u64>,
 }
 
 /// Why a Webdis reply is not a usable answer. Each is a limiter error, handled by `on_error`.
@@ -100,9 +226,9 @@ impl ReplyError {
     ];
 }
 
-/// Reads a Webdis reply to [`check_command`]. `status` is `None` when Envoy called back without
-/// headers (a failed callout).
-pub fn parse_reply(status: Option<u16>, body: &[u8]) -> Result<Count, ReplyError> {
+/// The value of a Webdis reply to an `EVAL` (`{"EVAL": <value>}`), or why there is none.
+/// `status` is `None` when Envoy called back without headers (a failed callout).
+fn eval_reply(status: Option<u16>, body: &[u8]) -> Result<serde_json::Value, ReplyError> {
     match status {
         None => return Err(ReplyError::Unavailable),
         Some(200) => {}
@@ -119,30 +245,55 @@ pub fn parse_reply(status: Option<u16>, body: &[u8]) -> Result<Count, ReplyError
         }
         Some(s) => return Err(ReplyError::Status(s)),
     }
-    let value: serde_json::Value =
+    let mut value: serde_json::Value =
         serde_json::from_slice(body).map_err(|_| ReplyError::Malformed)?;
-    let reply = value.get("EVAL").ok_or(ReplyError::Malformed)?;
-    let items = reply.as_array().ok_or(ReplyError::Malformed)?;
+    let reply = value
+        .get_mut("EVAL")
+        .map(serde_json::Value::take)
+        .ok_or(ReplyError::Malformed)?;
     // A Redis error: [false, "ERR ..."].
-    if let [serde_json::Value::Bool(false), msg] = items.as_slice() {
+    if let Some([serde_json::Value::Bool(false), msg]) = reply.as_array().map(Vec::as_slice) {
         let msg = msg.as_str().unwrap_or("unknown Redis error");
         return Err(ReplyError::Redis(msg.chars().take(200).collect()));
     }
-    let [admitted, count, ttl] = items.as_slice() else {
-        return Err(ReplyError::Malformed);
+    Ok(reply)
+}
+
+/// Reads a Webdis reply to [`check_command`]. `status` is `None` when Envoy called back without
+/// headers (a failed callout).
+pub fn parse_reply(status: Option<u16>, body: &[u8]) -> Result<Count, ReplyError> {
+    let reply = eval_reply(status, body)?;
+    let items = reply.as_array().ok_or(ReplyError::Malformed)?;
+    let (verdict, count, ttl, tokens) = match items.as_slice() {
+        [v, c, t] => (v, c, t, None),
+        [v, c, t, tokens] => (v, c, t, Some(tokens)),
+        _ => return Err(ReplyError::Malformed),
     };
-    let admitted = match admitted.as_i64() {
-        Some(1) => true,
-        Some(0) => false,
+    let checked = match verdict.as_i64() {
+        Some(1) => Checked::Admitted,
+        Some(0) => Checked::RequestsLimited,
+        Some(2) if tokens.is_some() => Checked::TokensLimited,
         _ => return Err(ReplyError::Malformed),
     };
     let count = count.as_u64().ok_or(ReplyError::Malformed)?;
     let ttl = ttl.as_i64().ok_or(ReplyError::Malformed)?;
+    let tokens = match tokens {
+        None => None,
+        Some(t) => Some(t.as_u64().ok_or(ReplyError::Malformed)?),
+    };
     Ok(Count {
-        admitted,
+        checked,
         count,
         key_ttl_ms: u64::try_from(ttl).ok(),
+        tokens,
     })
+}
+
+/// Reads a Webdis reply to [`settle_command`]: the number of keys the script saw.
+pub fn parse_settle_reply(status: Option<u16>, body: &[u8]) -> Result<u64, ReplyError> {
+    eval_reply(status, body)?
+        .as_u64()
+        .ok_or(ReplyError::Malformed)
 }
 
 /// `Basic <base64(user:password)>` for Webdis's `http_basic_auth`.
@@ -180,7 +331,7 @@ mod tests {
 
     #[test]
     fn command_is_escaped_for_webdis() {
-        let cmd = String::from_utf8(check_command("rate:ab:1", 60, 120_000)).unwrap();
+        let cmd = String::from_utf8(check_command("rate:ab:1", 60, 120_000, None)).unwrap();
         assert!(
             cmd.starts_with("EVAL/local%20n%20%3D%20tonumber%28redis"),
             "{cmd}"
@@ -196,17 +347,37 @@ mod tests {
         assert_eq!(
             parse_reply(Some(200), br#"{"EVAL":[1,7,119000]}"#),
             Ok(Count {
-                admitted: true,
+                checked: Checked::Admitted,
                 count: 7,
-                key_ttl_ms: Some(119_000)
+                key_ttl_ms: Some(119_000),
+                tokens: None,
             })
         );
         assert_eq!(
             parse_reply(Some(200), br#"{"EVAL":[0,60,-1]}"#),
             Ok(Count {
-                admitted: false,
+                checked: Checked::RequestsLimited,
                 count: 60,
-                key_ttl_ms: None
+                key_ttl_ms: None,
+                tokens: None,
+            })
+        );
+        assert_eq!(
+            parse_reply(Some(200), br#"{"EVAL":[1,3,59000,1200]}"#),
+            Ok(Count {
+                checked: Checked::Admitted,
+                count: 3,
+                key_ttl_ms: Some(59_000),
+                tokens: Some(1200),
+            })
+        );
+        assert_eq!(
+            parse_reply(Some(200), br#"{"EVAL":[2,3,59000,9990]}"#),
+            Ok(Count {
+                checked: Checked::TokensLimited,
+                count: 3,
+                key_ttl_ms: Some(59_000),
+                tokens: Some(9990),
             })
         );
         assert_eq!(
@@ -240,6 +411,8 @@ mod tests {
             br#"{"EVAL":[2,1,1]}"#,
             br#"{"EVAL":[1,-1,1]}"#,
             br#"{"EVAL":[1,"7",1]}"#,
+            br#"{"EVAL":[1,7,1,-5]}"#,
+            br#"{"EVAL":[1,7,1,5,5]}"#,
         ] {
             assert_eq!(
                 parse_reply(Some(200), bad),
@@ -247,6 +420,80 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn token_check_passes_both_keys_and_limits() {
+        let tokens = TokenCheck {
+            key: "tokens:ab:1",
+            limit: 10_000,
+            cost: 350,
+        };
+        let cmd = String::from_utf8(check_command("rate:ab:1", 60, 120_000, Some(tokens))).unwrap();
+        assert!(
+            cmd.ends_with("/2/rate%3Aab%3A1/tokens%3Aab%3A1/60/120000/10000/350"),
+            "{cmd}"
+        );
+        assert_eq!(cmd.matches('/').count(), 8);
+        assert!(!cmd.contains('.'));
+    }
+
+    #[test]
+    fn settlements_sum_per_key_and_batch() {
+        let mut s = Settlements::default();
+        assert!(s.add("tokens:a:1".into(), -300));
+        assert!(s.add("tokens:a:1".into(), 120));
+        assert!(s.add("tokens:b:1".into(), 5));
+        assert!(s.add("tokens:c:1".into(), 7));
+        assert!(s.add("tokens:c:1".into(), -7));
+        let cmds = s.drain_commands();
+        assert!(s.is_empty());
+        assert_eq!(cmds.len(), 1);
+        let cmd = String::from_utf8(cmds[0].clone()).unwrap();
+        assert!(cmd.starts_with("EVAL/for%20i%2C%20k"), "{cmd}");
+        // Keys first, then their deltas, in the same order; the zero sum is dropped.
+        assert!(
+            cmd.ends_with("/2/tokens%3Aa%3A1/tokens%3Ab%3A1/-180/5"),
+            "{cmd}"
+        );
+        assert!(s.drain_commands().is_empty());
+    }
+
+    #[test]
+    fn settlements_are_bounded_and_batched() {
+        let mut s = Settlements::default();
+        for i in 0..Settlements::MAX_KEYS {
+            assert!(s.add(format!("tokens:{i}:1"), 1));
+        }
+        assert!(
+            !s.add("tokens:new:1".into(), 1),
+            "a full queue refuses new keys"
+        );
+        assert!(s.add("tokens:0:1".into(), 1), "known keys still add up");
+        let cmds = s.drain_commands();
+        assert_eq!(
+            cmds.len(),
+            Settlements::MAX_KEYS.div_ceil(Settlements::BATCH)
+        );
+        assert!(s.add("tokens:new:1".into(), 1));
+    }
+
+    #[test]
+    fn settle_replies() {
+        assert_eq!(parse_settle_reply(Some(200), br#"{"EVAL":3}"#), Ok(3));
+        assert_eq!(
+            parse_settle_reply(Some(200), br#"{"EVAL":[false,"ERR x"]}"#),
+            Err(ReplyError::Redis("ERR x".into()))
+        );
+        assert_eq!(
+            parse_settle_reply(Some(200), br#"{"EVAL":[1,2,3]}"#),
+            Err(ReplyError::Malformed)
+        );
+        assert_eq!(parse_settle_reply(None, b""), Err(ReplyError::Unavailable));
+        assert_eq!(
+            parse_settle_reply(Some(403), b"{}"),
+            Err(ReplyError::Status(403))
+        );
     }
 
     #[test]
@@ -282,6 +529,7 @@ mod tests {
         #[test]
         fn parse_never_panics(status in proptest::option::of(0u16..600), body in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = parse_reply(status, &body);
+            let _ = parse_settle_reply(status, &body);
         }
     }
 }

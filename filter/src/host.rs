@@ -99,6 +99,7 @@ extern "C" {
         return_value_size: *mut usize,
     ) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_set_buffer_bytes(
         buffer_type: u32,
         start: usize,
@@ -213,6 +214,14 @@ pub fn now_ms() -> Result<u64, HostError> {
         proxy_get_current_time_nanoseconds(&mut nanos)
     })?;
     Ok(nanos / 1_000_000)
+}
+
+/// Calls the root context's `on_tick` every `period_ms` (0 stops it).
+pub fn set_tick_period_ms(period_ms: u32) -> Result<(), HostError> {
+    // SAFETY: no pointers.
+    check("proxy_set_tick_period_milliseconds", unsafe {
+        proxy_set_tick_period_milliseconds(period_ms)
+    })
 }
 
 /// The plugin configuration bytes.

@@ -14,13 +14,13 @@ use tollgate_core::limiter::{self, LimiterError, Window};
 use tollgate_core::metrics::{self, Outcome, ANONYMOUS};
 use tollgate_core::openai::{self, LocalReply};
 use tollgate_core::request::{
-    self, AwaitBody, Decision, Forward, LimiterFailure, Pending, Start, Step, TokenReservation,
-    PROVIDER_RATE_LIMIT_HEADERS,
+    self, AwaitBody, Decision, Delivered, Forward, LimiterFailure, Pending, Start, Step,
+    TokenReservation, PROVIDER_RATE_LIMIT_HEADERS,
 };
 use tollgate_core::routing::{ProviderId, Routing};
 use tollgate_core::upstream;
 use tollgate_core::usage::{self, SseUsage, Usage};
-use tollgate_core::webdis::ReplyError;
+use tollgate_core::webdis::{self, ReplyError, Settlements};
 use tollgate_core::Config;
 
 use crate::host::{self, HostError, Map, SharedData};
@@ -30,6 +30,9 @@ const MAX_LIMITER_REPLY_BYTES: usize = 4096;
 
 /// Root id of the plugin instances that run as upstream filters of provider clusters.
 const UPSTREAM_ROOT_ID: &[u8] = b"tollgate_upstream";
+
+/// How often each worker sends its queued token settlements to Redis.
+const SETTLE_PERIOD_MS: u32 = 200;
 
 /// JSON responses longer than this are not read for usage (no provider sends such a body for a
 /// completion; it bounds the copy the filter keeps).
@@ -44,6 +47,9 @@ struct Plugin {
     tokens: RefCell<HashMap<TokenSeries, u32>>,
     /// Histogram ids by (rule, first-byte?), defined on first use.
     timings: RefCell<HashMap<(Option<usize>, bool), u32>>,
+    /// Token adjustments for the Redis limiter, sent by the root context on its tick: a callout
+    /// made by a request in `on_log` would be cancelled with the request's context.
+    settlements: RefCell<Settlements>,
 }
 
 /// (client, rule, completion?) of a `tollgate_tokens_total` series.
@@ -270,6 +276,8 @@ impl MetricIds {
                 .collect();
         if let LimiterBackend::Redis(_) = config.limiter {
             failures.extend(ReplyError::REASONS.iter().map(|r| ("redis", *r)));
+            // Token settlements refused by a full queue (Redis unreachable for long).
+            failures.push(("redis", "queue_full"));
         }
         let limiter_errors = failures
             .into_iter()
@@ -311,7 +319,44 @@ pub struct Root {
     role: Option<Role>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    /// A reply to a batch of token settlements (the only callouts a root context makes).
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        num_headers: usize,
+        _body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some(Role::Gateway(plugin)) = &self.role else {
+            return;
+        };
+        let status = if num_headers == 0 {
+            None
+        } else {
+            call_status()
+        };
+        let body = host::call_response_body(MAX_LIMITER_REPLY_BYTES).unwrap_or_default();
+        if let Err(e) = webdis::parse_settle_reply(status, &body) {
+            warn!(
+                "token settlements not applied in Redis ({}); the estimates stay counted",
+                e.reason()
+            );
+            plugin.metrics.limiter_error(&LimiterFailure {
+                backend: "redis",
+                reason: e.reason(),
+            });
+        }
+    }
+}
+
+/// The `:status` of a callout's response.
+fn call_status() -> Option<u16> {
+    match host::header(Map::CallResponse, ":status") {
+        Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()),
+        _ => None,
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -356,6 +401,8 @@ impl RootContext for Root {
         };
         // Create every client's limit record now, before workers take traffic with this
         // configuration (see `limiter::ensure_record`).
+        let redis_tokens = matches!(config.limiter, LimiterBackend::Redis(_))
+            && config.clients.iter().any(|c| c.tokens_per_minute.is_some());
         for client in &config.clients {
             let mut keys = vec![limiter::requests_key(client)];
             if client.tokens_per_minute.is_some() {
@@ -385,8 +432,45 @@ impl RootContext for Root {
             metrics,
             tokens: RefCell::new(HashMap::new()),
             timings: RefCell::new(HashMap::new()),
+            settlements: RefCell::new(Settlements::default()),
         })));
+        if redis_tokens {
+            if let Err(e) = host::set_tick_period_ms(SETTLE_PERIOD_MS) {
+                error!("cannot start the token settlement timer: {e}");
+                return false;
+            }
+        }
         true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(Role::Gateway(plugin)) = &self.role else {
+            return;
+        };
+        let LimiterBackend::Redis(redis) = &plugin.config.limiter else {
+            return;
+        };
+        let commands = {
+            let mut queue = plugin.settlements.borrow_mut();
+            if queue.is_empty() {
+                return;
+            }
+            queue.drain_commands()
+        };
+        for body in commands {
+            let call = request::webdis_callout(redis, body);
+            // Not retried: a timed-out call may have been applied, and a second one would charge
+            // twice. A lost adjustment leaves the estimate counted until the window ends.
+            if let Err(e) =
+                host::dispatch_http_call(&call.cluster, &call.headers, &call.body, call.timeout_ms)
+            {
+                warn!("cannot send token settlements to the Redis limiter: {e}");
+                plugin.metrics.limiter_error(&LimiterFailure {
+                    backend: "redis",
+                    reason: ReplyError::Unavailable.reason(),
+                });
+            }
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -431,6 +515,8 @@ struct Request {
     /// Usage the response reported, and whether it was a success (2xx).
     used: Option<Usage>,
     succeeded: bool,
+    /// Content chunks of a finished stream (see `SseUsage::chunks`).
+    stream_chunks: Option<u64>,
 }
 
 impl Context for Request {
@@ -452,10 +538,7 @@ impl Context for Request {
         let status = if num_headers == 0 {
             None
         } else {
-            match host::header(Map::CallResponse, ":status") {
-                Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()),
-                _ => None,
-            }
+            call_status()
         };
         let body = host::call_response_body(MAX_LIMITER_REPLY_BYTES).unwrap_or_default();
         let now = host::now_ms().unwrap_or(0);
@@ -629,6 +712,7 @@ impl HttpContext for Request {
             let found = match self.usage.take() {
                 Some(UsageReader::Sse(mut sse)) => {
                     sse.finish();
+                    self.stream_chunks = Some(sse.chunks);
                     sse.usage
                 }
                 Some(UsageReader::Json(body)) => usage::from_json(&body),
@@ -648,30 +732,44 @@ impl HttpContext for Request {
             plugin.record_timing(self.rule, false, now.saturating_sub(start));
         }
         // The stream is over (complete, failed or reset): replace the token estimate by what
-        // the provider reported.
+        // was used, once (the reservation is taken).
         let (Some(plugin), Some(client), Some(t)) = (&self.plugin, self.client, self.tokens.take())
         else {
             return;
         };
-        let used = self
-            .used
-            .map(|u| u.prompt_tokens.saturating_add(u.completion_tokens));
-        if let Err(e) = request::settle_tokens(
-            &plugin.config,
-            client,
-            &t,
-            used,
-            self.succeeded,
-            &SharedData,
-        ) {
-            warn!(
-                "cannot settle token usage ({}); the estimate stays counted",
-                e.reason()
-            );
-            plugin.metrics.limiter_error(&LimiterFailure {
-                backend: "local",
-                reason: e.reason(),
-            });
+        // A stream cut off before its end still has its reader: count what it delivered.
+        let stream_chunks = match &self.usage {
+            Some(UsageReader::Sse(sse)) => Some(sse.chunks),
+            _ => self.stream_chunks,
+        };
+        let delivered = Delivered {
+            usage: self
+                .used
+                .map(|u| u.prompt_tokens.saturating_add(u.completion_tokens)),
+            stream_chunks,
+            succeeded: self.succeeded,
+        };
+        match request::settle_tokens(&plugin.config, client, &t, delivered, &SharedData) {
+            Ok(None) => {}
+            Ok(Some((key, delta))) => {
+                if !plugin.settlements.borrow_mut().add(key, delta) {
+                    warn!("token settlement queue full; the estimate stays counted");
+                    plugin.metrics.limiter_error(&LimiterFailure {
+                        backend: "redis",
+                        reason: "queue_full",
+                    });
+                }
+            }
+            Err(e) => {
+                warn!(
+                    "cannot settle token usage ({}); the estimate stays counted",
+                    e.reason()
+                );
+                plugin.metrics.limiter_error(&LimiterFailure {
+                    backend: "local",
+                    reason: e.reason(),
+                });
+            }
         }
     }
 }
@@ -692,6 +790,7 @@ impl Request {
             started_ms: None,
             used: None,
             succeeded: false,
+            stream_chunks: None,
         }
     }
 
