@@ -181,3 +181,25 @@ def test_every_label_the_filter_encodes_has_a_stats_tag(setup):
     assert {"client", "outcome", "model", "kind", "provider"} <= encoded, encoded
     tags = {t["tag_name"] for t in harness.render_envoy.load()["stats_config"]["stats_tags"]}
     assert encoded <= tags, encoded - tags
+
+
+def test_one_provider_mode_streams_pass_untouched_and_pay_for_their_chunks(start_gateway, mock):
+    """Without model routing (the Istio and Envoy Gateway mode) bodies are not read: a stream
+    goes through as sent, and one without usage is charged its prompt estimate (from
+    content-length) plus one token per chunk delivered."""
+    plugin = harness.default_plugin_config(
+        [{"name": "usage-team", "key_sha256": sha256_hex(KEY), "tokens_per_minute": 100000}])
+    gw = start_gateway(plugin, mock.url)
+    harness.wait_for_fresh_window()
+    raw = json.dumps(chat_body("gpt-4.1", content="one provider stream", stream=True)).encode()
+    through = gw.post(key=KEY, body=raw)
+    assert through.status == 200
+    (seen,) = mock.requests()
+    assert "stream_options" not in json.loads(seen["body"]), "the body is forwarded as sent"
+    estimate = -(-len(raw) // 4)
+    assert int(through.header("x-ratelimit-remaining-tokens")) == 100000 - estimate
+    chunks = [e for e in events(through.body) if not isinstance(e, str)]
+    probe = json.dumps(chat_body("gpt-4.1")).encode()
+    after = gw.post(key=KEY, body=probe)
+    assert int(after.header("x-ratelimit-remaining-tokens")) == \
+        100000 - estimate - len(chunks) - (-(-len(probe) // 4))
