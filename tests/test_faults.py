@@ -121,7 +121,6 @@ def test_a_provider_that_goes_down_and_comes_back(start_gateway, workdir, provid
 def test_provider_errors_pass_through_with_the_clients_headers(status, start_gateway, providers):
     relay, backup = providers
     gw = start_gateway(plugin(), harness.provider_urls(relay, backup))
-    harness.wait_for_fresh_window(margin_s=5)
     r = gw.post(key=KEY, headers=[("x-mock-status", status)])
     assert r.status == int(status)
     assert r.json()["error"]["type"] in ("server_error", "requests")
