@@ -339,10 +339,14 @@ pub fn on_limiter_reply(
     let limit = requests_per_minute(config, client);
     match reply_or_error {
         Ok(count) => {
+            // The count is that of the window the request was sent in (its key named the
+            // minute), so the reset is that window's end, even when the reply comes after it.
             let window = Window {
                 limit,
                 remaining: limit.saturating_sub(count.count),
-                reset_ms: limiter::window_of(now_ms).1,
+                reset_ms: limiter::window_of(sent_ms)
+                    .1
+                    .saturating_sub(now_ms.saturating_sub(sent_ms)),
             };
             if count.admitted {
                 forward_step(client, forward, Some(window), Vec::new())
@@ -858,6 +862,29 @@ mod tests {
         );
         assert_eq!(step.outcome, Outcome::RateLimited);
         assert!(matches!(step.decision, Decision::Reply(ref r) if r.status == 429));
+    }
+
+    #[test]
+    fn a_redis_reply_after_its_window_ended_resets_with_that_window() {
+        // NOW is 20 s into its minute: the window of the request ends 40 s later.
+        let c = redis_config("deny");
+        let reply = |at: u64, body: &[u8]| {
+            on_limiter_reply(&c, ask(&c), Some(200), body, at, &FakeStore::default())
+        };
+        let step = reply(NOW + 1_000, br#"{"EVAL":[1,2,100000]}"#);
+        assert_eq!(forward(&step).window.unwrap().reset_ms, 39_000);
+        // Sent in one minute, answered in the next: the count and its reset are the old
+        // window's (ended), not a fresh minute's; a refusal says retry at once.
+        let step = reply(NOW + 45_000, br#"{"EVAL":[1,2,100000]}"#);
+        assert_eq!(forward(&step).window.unwrap().reset_ms, 0);
+        let step = reply(NOW + 45_000, br#"{"EVAL":[0,5,100000]}"#);
+        let Decision::Reply(r) = &step.decision else {
+            panic!("expected a 429")
+        };
+        assert!(
+            r.headers.contains(&("retry-after", "1".to_string())),
+            "{r:?}"
+        );
     }
 
     #[test]
