@@ -76,7 +76,13 @@ clean:
 BENCH_EMPTY_FILTER := cargo build --release --locked --target wasm32-wasip1 \
 	--manifest-path bench/empty-filter/Cargo.toml --target-dir target/bench-empty-filter
 
-.PHONY: bench bench-smoke
+.PHONY: bench bench-smoke soak
+
+## Soak (not part of `make test`; see docs/benchmark.md#soak): 120 s at 64 connections against
+## Envoy with two workers, then exact limiter accounting and Envoy's memory over time. SOAK_ARGS
+## adds options of bench/soak.py, e.g. SOAK_ARGS="--limiter redis".
+soak: deps build
+	$(PYTHON) bench/soak.py $(SOAK_ARGS)
 
 bench: deps build
 	$(BENCH_EMPTY_FILTER)

@@ -181,12 +181,21 @@ class RedisServer:
         )
         wait_until(lambda: self.cli("PING") == "PONG", "Redis to answer PING", proc=self.proc)
 
+    def pause(self) -> None:
+        """Freeze Redis (SIGSTOP): Webdis stays up and waits for it (a slow Redis)."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
     def cli(self, *args: str) -> str:
         r = subprocess.run(["redis-cli", "-p", str(self.port), "--no-auth-warning", "-a", REDIS_PASSWORD, *args],
                            capture_output=True, text=True, timeout=10)
         return r.stdout.strip()
 
     def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
         stop(self.proc)
 
 

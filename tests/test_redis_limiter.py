@@ -3,6 +3,9 @@ Envoy processes, and what each failure mode does with each `on_error` setting.""
 
 from __future__ import annotations
 
+import socket
+import socketserver
+import threading
 import time
 
 import pytest
@@ -87,6 +90,8 @@ class Faults:
             ("redis stopped", "status", self.redis.stop, self.redis.start),
             ("webdis stopped", "unavailable", self.webdis.stop, self.webdis.start),
             ("webdis slower than timeout_ms", "timeout", self.webdis.pause, self.webdis.resume),
+            # Webdis up, Redis frozen behind it: Webdis waits for Redis, the callout times out.
+            ("redis slower than timeout_ms", "timeout", self.redis.pause, self.redis.resume),
             ("redis error reply", "redis_error", self._poison, self._heal),
         ]
 
@@ -187,3 +192,121 @@ def test_routed_requests_are_limited_in_redis(start_gateway, workdir, redis, web
         assert redis.cli("GET", redis_key(minute)) == "2"
     finally:
         relay.stop()
+
+
+class FakeWebdis:
+    """A stand-in for Webdis on the limiter cluster that answers whatever the test sets in
+    `mode` (one of ANSWERS): garbage a broken Webdis, a proxy in between or a wrong service on
+    the port could send."""
+
+    def __init__(self):
+        self.mode = "valid"
+        fake = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                self.request.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = self.request.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next((int(l.split(b":")[1]) for l in head.lower().split(b"\r\n")
+                               if l.startswith(b"content-length:")), 0)
+                while len(body) < length:
+                    body += self.request.recv(65536)
+                try:
+                    ANSWERS[fake.mode](self.request)
+                except OSError:
+                    pass  # Envoy gave up on us (timeout): expected for the slow answers
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.addr = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def answer(status: str, body: bytes, content_type: bytes = b"application/json"):
+    def send(sock: socket.socket):
+        sock.sendall(b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: " + content_type
+                     + b"\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+    return send
+
+
+def drip(sock: socket.socket):
+    """A valid answer, one byte every 50 ms: slower than timeout_ms in total."""
+    body = b'{"EVAL":[1,1,60000]}'
+    sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                 b"connection: close\r\n\r\n" % len(body))
+    for i in range(len(body)):
+        time.sleep(0.05)
+        sock.sendall(body[i:i + 1])
+
+
+def hang_up(sock: socket.socket):
+    """Read the request, close without a word."""
+
+
+ANSWERS = {
+    "valid": answer("200 OK", b'{"EVAL":[1,1,60000]}'),
+    "not JSON": answer("200 OK", b"OK", b"text/plain"),
+    "an HTML page": answer("200 OK", b"<html><body>Bad Gateway</body></html>", b"text/html"),
+    "200, empty body": answer("200 OK", b""),
+    "another command's reply": answer("200 OK", b'{"GET":null}'),
+    "EVAL not an array": answer("200 OK", b'{"EVAL":"OK"}'),
+    "EVAL with a string count": answer("200 OK", b'{"EVAL":[1,"7",60000]}'),
+    "EVAL with a negative count": answer("200 OK", b'{"EVAL":[1,-1,60000]}'),
+    "EVAL with a count beyond u64": answer("200 OK", b'{"EVAL":[1,99999999999999999999999,60000]}'),
+    "EVAL with two items": answer("200 OK", b'{"EVAL":[1,7]}'),
+    "a huge body (2 MiB)": answer("200 OK", b'{"EVAL":[1,1,60000],"pad":"' + b"x" * (2 << 20) + b'"}'),
+    "HTTP 500": answer("500 Internal Server Error", b"oops", b"text/plain"),
+    "HTTP 502 from a proxy": answer("502 Bad Gateway", b"<html>bad gateway</html>", b"text/html"),
+    "connection closed without an answer": hang_up,
+    "an answer dripping in slower than timeout_ms": drip,
+}
+REASON = {
+    "HTTP 500": "status",
+    "HTTP 502 from a proxy": "status",
+    "connection closed without an answer": "unavailable",
+    "an answer dripping in slower than timeout_ms": "timeout",
+}
+
+
+@pytest.mark.parametrize("on_error", ["allow", "deny", "local"])
+def test_garbage_from_webdis_is_a_limiter_error(on_error, start_gateway, mock):
+    rpm = 1000
+    fake = FakeWebdis()
+    try:
+        gw = start_gateway(plugin(rpm, on_error=on_error), mock.url, webdis=fake.addr)
+        for mode in ANSWERS:
+            if mode == "valid":
+                continue
+            reason = REASON.get(mode, "malformed")
+            before = errors(gw, reason)
+            fake.mode = mode
+            r = gw.post(key=KEY)
+            if on_error == "allow":
+                assert r.status == 200 and r.header("x-ratelimit-limit-requests") is None, mode
+            elif on_error == "deny":
+                assert r.status == 503, mode
+                assert r.json()["error"]["code"] == "limiter_unavailable", mode
+            else:
+                assert r.status == 200 and r.header("x-ratelimit-limit-requests") == str(rpm), mode
+            assert errors(gw, reason) == before + 1, f"{mode}: expected reason {reason!r}"
+        # A good answer again: counted from it, no restart, nothing left broken.
+        fake.mode = "valid"
+        total = sum(errors(gw, r) for r in ("malformed", "status", "unavailable", "timeout"))
+        r = gw.post(key=KEY)
+        assert r.status == 200
+        assert r.header("x-ratelimit-remaining-requests") == str(rpm - 1)
+        assert sum(errors(gw, r) for r in ("malformed", "status", "unavailable", "timeout")) == total
+        assert gw.envoy_stat("wasm.tollgate.vm_reload") == 0
+        assert "panic" not in gw.log()
+    finally:
+        fake.stop()

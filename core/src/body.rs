@@ -12,6 +12,12 @@ use serde::Deserialize;
 /// Longest accepted model name.
 pub const MAX_MODEL_LEN: usize = 256;
 
+/// Deepest accepted nesting of arrays and objects: serde_json's own limit when it builds a value
+/// (and so what most providers built on it accept). serde_json skips unknown members without
+/// any depth limit, so the gateway checks it itself rather than forward a body that only the
+/// provider would refuse.
+pub const MAX_DEPTH: usize = 128;
+
 /// What routing needs from a request body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelRequest {
@@ -48,6 +54,18 @@ struct Fields<'a> {
 
 /// Parses the body of a model request.
 pub fn parse(body: &[u8]) -> Result<ModelRequest, BodyError> {
+    // serde_json skips the members it does not extract without checking their strings' UTF-8
+    // or their depth: check both here, so a body Tollgate forwards is JSON all through.
+    if std::str::from_utf8(body).is_err() {
+        return Err(BodyError::Malformed(
+            "the request body is not valid UTF-8".to_string(),
+        ));
+    }
+    if nesting_exceeds(body, MAX_DEPTH) {
+        return Err(BodyError::Malformed(format!(
+            "the request body nests arrays and objects deeper than {MAX_DEPTH} levels"
+        )));
+    }
     let fields: Fields<'_> = serde_json::from_slice(body).map_err(|e| {
         BodyError::Malformed(if e.is_data() {
             "the request body must be a JSON object".to_string()
@@ -67,6 +85,37 @@ pub fn parse(body: &[u8]) -> Result<ModelRequest, BodyError> {
             .or(fields.max_tokens)
             .or(fields.max_output_tokens),
     })
+}
+
+/// True when arrays and objects nest deeper than `max` anywhere in `body` (brackets inside
+/// strings do not count). One pass, no allocation.
+fn nesting_exceeds(body: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Replaces the value of the top-level `model` member with `new_model`; `None` if the body has
@@ -268,6 +317,35 @@ mod tests {
             parse(br#"{"model":"a","stream":"yes"}"#),
             Err(BodyError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn refuses_what_serde_json_skips_unchecked() {
+        // Invalid UTF-8 inside a member that is not extracted.
+        let bad_utf8 = b"{\"model\":\"m\",\"messages\":\"\xff\xfe\"}";
+        assert!(matches!(parse(bad_utf8), Err(BodyError::Malformed(_))));
+        // Nesting: 128 levels pass, 129 do not, in arrays or objects, and brackets in strings
+        // (escaped quotes included) do not count.
+        let nested = |open: &str, close: &str, n: usize| {
+            format!(
+                r#"{{"model":"m","x":{}1{}}}"#,
+                open.repeat(n),
+                close.repeat(n)
+            )
+            .into_bytes()
+        };
+        assert!(parse(&nested("[", "]", MAX_DEPTH - 1)).is_ok());
+        assert!(matches!(
+            parse(&nested("[", "]", MAX_DEPTH)),
+            Err(BodyError::Malformed(_))
+        ));
+        assert!(parse(&nested(r#"{"a":"#, "}", MAX_DEPTH - 1)).is_ok());
+        assert!(matches!(
+            parse(&nested(r#"{"a":"#, "}", 20_000)),
+            Err(BodyError::Malformed(_))
+        ));
+        let in_string = format!(r#"{{"model":"m","x":"\"{}"}}"#, "[".repeat(1000));
+        assert!(parse(in_string.as_bytes()).is_ok());
     }
 
     #[test]

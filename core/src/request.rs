@@ -362,8 +362,10 @@ pub fn on_limiter_reply(
         other => other,
     });
     let limit = requests_per_minute(config, client);
-    // The script counted in the window of the moment the check was sent.
-    let (minute, reset_ms) = limiter::window_of(sent_ms);
+    // The script counted in the window of the moment the check was sent (its keys named the
+    // minute), so the reset is that window's end, even when the reply comes after it.
+    let (minute, reset_at_send) = limiter::window_of(sent_ms);
+    let reset_ms = reset_at_send.saturating_sub(now_ms.saturating_sub(sent_ms));
     match reply_or_error {
         Ok(count) => {
             let window = Window {
@@ -989,6 +991,29 @@ mod tests {
         );
         assert_eq!(step.outcome, Outcome::RateLimited);
         assert!(matches!(step.decision, Decision::Reply(ref r) if r.status == 429));
+    }
+
+    #[test]
+    fn a_redis_reply_after_its_window_ended_resets_with_that_window() {
+        // NOW is 20 s into its minute: the window of the request ends 40 s later.
+        let c = redis_config("deny");
+        let reply = |at: u64, body: &[u8]| {
+            on_limiter_reply(&c, ask(&c), Some(200), body, at, &FakeStore::default())
+        };
+        let step = reply(NOW + 1_000, br#"{"EVAL":[1,2,100000]}"#);
+        assert_eq!(forward(&step).window.unwrap().reset_ms, 39_000);
+        // Sent in one minute, answered in the next: the count and its reset are the old
+        // window's (ended), not a fresh minute's; a refusal says retry at once.
+        let step = reply(NOW + 45_000, br#"{"EVAL":[1,2,100000]}"#);
+        assert_eq!(forward(&step).window.unwrap().reset_ms, 0);
+        let step = reply(NOW + 45_000, br#"{"EVAL":[0,5,100000]}"#);
+        let Decision::Reply(r) = &step.decision else {
+            panic!("expected a 429")
+        };
+        assert!(
+            r.headers.contains(&("retry-after", "1".to_string())),
+            "{r:?}"
+        );
     }
 
     #[test]
