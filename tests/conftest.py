@@ -31,6 +31,22 @@ def providers(workdir):
 
 
 @pytest.fixture
+def redis(workdir):
+    """A real redis-server on a free loopback port."""
+    r = harness.RedisServer(workdir)
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def webdis(workdir, redis):
+    """A real Webdis in front of `redis`, allowing EVAL only."""
+    w = harness.Webdis(workdir, redis)
+    yield w
+    w.stop()
+
+
+@pytest.fixture
 def start_gateway(workdir, request):
     """Factory: start_gateway(plugin_config, provider_url=..., **kwargs) -> harness.Gateway."""
     started: list[harness.Gateway] = []

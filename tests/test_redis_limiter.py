@@ -29,20 +29,6 @@ def redis_key(minute: float) -> str:
     return f"rate:{md5_hex(KEY)}:{int(minute)}"
 
 
-@pytest.fixture
-def redis(workdir):
-    r = harness.RedisServer(workdir)
-    yield r
-    r.stop()
-
-
-@pytest.fixture
-def webdis(workdir, redis):
-    w = harness.Webdis(workdir, redis)
-    yield w
-    w.stop()
-
-
 def test_two_envoys_share_one_budget_exactly(start_gateway, mock, redis, webdis):
     limit, connections, per_connection = 60, 24, 10
     gateways = [start_gateway(plugin(limit), mock.url, webdis=webdis.addr) for _ in range(2)]

@@ -45,20 +45,6 @@ def relay(workdir):
     r.stop()
 
 
-@pytest.fixture
-def redis(workdir):
-    r = harness.RedisServer(workdir)
-    yield r
-    r.stop()
-
-
-@pytest.fixture
-def webdis(workdir, redis):
-    w = harness.Webdis(workdir, redis)
-    yield w
-    w.stop()
-
-
 @pytest.fixture(params=["local", "redis"])
 def gateway(request, start_gateway, relay, workdir):
     """A routed gateway with a token limit, on either limiter backend."""

@@ -354,8 +354,11 @@ pub fn on_limiter_reply(
     };
     let reply_or_error = webdis::parse_reply(status, body).map_err(|e| match e {
         // Envoy reports a timed-out callout like any failed one; the clock tells them apart.
+        // Refusals and resets come back in a few milliseconds; a timeout at `timeout_ms` on
+        // Envoy's event-loop clock, which under load trails the wall clock this one reads, so
+        // it may arrive a little before `timeout_ms` of wall time: half of it is the line.
         webdis::ReplyError::Unavailable
-            if now_ms.saturating_sub(sent_ms) >= u64::from(call.timeout_ms) =>
+            if now_ms.saturating_sub(sent_ms).saturating_mul(2) >= u64::from(call.timeout_ms) =>
         {
             webdis::ReplyError::Timeout
         }
@@ -392,10 +395,13 @@ pub fn on_limiter_reply(
                     }
                     forward_step(client, forward, Some(window), Vec::new())
                 }
-                Checked::RequestsLimited => limited_step(config, client, window, Vec::new()),
+                Checked::RequestsLimited => {
+                    limited_step(config, client, Over::Requests(window), Vec::new())
+                }
                 Checked::TokensLimited => {
                     let state = token_state(count.tokens.unwrap_or(0));
-                    tokens_limited_step(config, client, state, estimate.total(), Vec::new())
+                    let over = Over::Tokens(state, estimate.total());
+                    limited_step(config, client, over, Vec::new())
                 }
             }
         }
@@ -570,7 +576,8 @@ fn local_step(
                 });
             }
             Ok(Verdict::Limited(w)) => {
-                return tokens_limited_step(config, client, w, estimate.total(), failures);
+                let over = Over::Tokens(w, estimate.total());
+                return limited_step(config, client, over, failures);
             }
             Err(e) => failures.push(LimiterFailure {
                 backend: "local",
@@ -586,7 +593,7 @@ fn local_step(
                 let give_back = i64::try_from(t.estimate.total()).unwrap_or(i64::MAX);
                 let _ = limiter::adjust(store, &limiter::tokens_key(c), t.window, -give_back);
             }
-            limited_step(config, client, w, failures)
+            limited_step(config, client, Over::Requests(w), failures)
         }
         // Fail open: a contended or failing local store must not turn away paying clients.
         // The error is counted, and at most one extra request per failure gets through.
@@ -673,38 +680,30 @@ fn forward_step(
     }
 }
 
+/// Which budget refused a request.
+enum Over {
+    /// Requests per minute, with the client's window.
+    Requests(Window),
+    /// Tokens per minute, with the client's token window and the tokens the request asked for.
+    Tokens(Window, u64),
+}
+
 fn limited_step(
     config: &Config,
     client: ClientId,
-    w: Window,
+    over: Over,
     limiter_errors: Vec<LimiterFailure>,
 ) -> Step {
     let name = config.client(client).map_or("", |c| c.name.as_str());
+    let answer = match over {
+        Over::Requests(w) => openai::requests_rate_limited(name, w.limit, w.reset_ms),
+        Over::Tokens(w, asked) => {
+            openai::tokens_rate_limited(name, w.limit, w.remaining, asked, w.reset_ms)
+        }
+    };
     Step {
         limiter_errors,
-        ..reply(
-            Some(client),
-            Outcome::RateLimited,
-            openai::requests_rate_limited(name, w.limit, w.reset_ms),
-        )
-    }
-}
-
-fn tokens_limited_step(
-    config: &Config,
-    client: ClientId,
-    w: Window,
-    requested: u64,
-    limiter_errors: Vec<LimiterFailure>,
-) -> Step {
-    let name = config.client(client).map_or("", |c| c.name.as_str());
-    Step {
-        limiter_errors,
-        ..reply(
-            Some(client),
-            Outcome::RateLimited,
-            openai::tokens_rate_limited(name, w.limit, w.remaining, requested, w.reset_ms),
-        )
+        ..reply(Some(client), Outcome::RateLimited, answer)
     }
 }
 
@@ -1052,11 +1051,17 @@ mod tests {
 
     #[test]
     fn a_failed_callout_after_the_timeout_is_a_timeout() {
+        // timeout_ms is 40: a failure after half of it (Envoy's timer may fire early on the
+        // wall clock) is a timeout, a quicker one a refusal or reset.
         let c = redis_config("allow");
-        let step = on_limiter_reply(&c, ask(&c), None, b"", NOW + 40, &FakeStore::default());
-        assert_eq!(step.limiter_errors[0].reason, "timeout");
-        let step = on_limiter_reply(&c, ask(&c), None, b"", NOW + 39, &FakeStore::default());
-        assert_eq!(step.limiter_errors[0].reason, "unavailable");
+        let reason = |at| {
+            let step = on_limiter_reply(&c, ask(&c), None, b"", at, &FakeStore::default());
+            step.limiter_errors[0].reason
+        };
+        assert_eq!(reason(NOW + 45), "timeout");
+        assert_eq!(reason(NOW + 20), "timeout");
+        assert_eq!(reason(NOW + 19), "unavailable");
+        assert_eq!(reason(NOW + 1), "unavailable");
     }
 
     fn routed_config() -> Config {
