@@ -39,7 +39,7 @@ pub fn check_command(key: &str, limit: u64, ttl_ms: u64) -> Vec<u8> {
 
 /// Webdis splits commands on `/` and reads a `.` in the last segment as a format extension, so
 /// everything but unreserved characters is escaped.
-fn percent_encode_into(out: &mut String, s: &str) {
+pub(crate) fn percent_encode_into(out: &mut String, s: &str) {
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
             out.push(char::from(b));
