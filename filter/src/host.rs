@@ -159,6 +159,7 @@ extern "C" {
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
 fn check(call: &'static str, status: u32) -> Result<(), HostError> {
@@ -431,6 +432,35 @@ pub fn send_json_reply(
             map.len(),
             -1,
         )
+    })
+}
+
+/// Answers the request from the filter with these headers (`content-type` included) and body.
+pub fn send_reply(status: u16, headers: &[(&str, String)], body: &[u8]) -> Result<(), HostError> {
+    let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let map = headers::encode(&pairs);
+    // SAFETY: pointers and lengths of live buffers.
+    check("proxy_send_local_response", unsafe {
+        proxy_send_local_response(
+            u32::from(status),
+            null(),
+            0,
+            body.as_ptr(),
+            body.len(),
+            map.as_ptr(),
+            map.len(),
+            -1,
+        )
+    })
+}
+
+/// Sets the tick period of the calling context's root context (0 stops the ticks). Envoy
+/// applies it to the root context whichever context calls, so an HTTP context can ask its
+/// root for a tick.
+pub fn set_tick_period_ms(period_ms: u32) -> Result<(), HostError> {
+    // SAFETY: no pointers.
+    check("proxy_set_tick_period_milliseconds", unsafe {
+        proxy_set_tick_period_milliseconds(period_ms)
     })
 }
 
