@@ -883,6 +883,12 @@ impl HttpContext for Request {
     }
 
     fn on_log(&mut self) {
+        if let (Some(plugin), Some((_, wait))) = (&self.plugin, self.cache_wait.take()) {
+            // Gone while the Redis lookup was out: count it, and give its tokens back below.
+            plugin.metrics.request(wait.client, wait.outcome);
+            self.client = wait.client;
+            self.tokens = wait.forward.tokens;
+        }
         if let (Some(plugin), Some(store)) = (&self.plugin, self.cache_store.take()) {
             // The response never reached its end of stream (reset, client gone).
             let skip = Skip::Incomplete.reason();
