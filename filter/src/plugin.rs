@@ -882,6 +882,12 @@ impl HttpContext for Request {
         Action::Continue
     }
 
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        // Trailers end the response: a body copied for the cache is complete now.
+        self.cache_response_body(0, true);
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
         if let (Some(plugin), Some((_, wait))) = (&self.plugin, self.cache_wait.take()) {
             // Gone while the Redis lookup was out: count it, and give its tokens back below.
