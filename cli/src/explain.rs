@@ -344,19 +344,13 @@ fn cache(s: &Subject, out: &mut Vec<String>) {
             )),
         }
     }
-    let uses = |b: Backend| {
-        c.rules.iter().flatten().any(|x| x.backend == b)
-            || c.clients
-                .iter()
-                .any(|x| matches!(x, ClientCache::On(y) if y.backend == b))
-    };
     if let Some(local) = c.local {
         out.push(format!(
             "  local: at most {} entries in Envoy shared data, per Envoy process",
             local.slots
         ));
     }
-    if let (Some(r), true) = (&c.redis, uses(Backend::Redis)) {
+    if let (Some(r), true) = (&c.redis, c.uses(Backend::Redis)) {
         out.push(format!(
             "  redis: through Webdis on cluster {} ({} ms timeout), shared by every replica",
             r.cluster, r.timeout_ms

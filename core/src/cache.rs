@@ -166,6 +166,15 @@ impl CacheConfig {
             || self.clients.iter().any(|c| matches!(c, ClientCache::On(_)))
     }
 
+    /// Whether any setting keeps its entries in `backend`.
+    pub fn uses(&self, backend: Backend) -> bool {
+        self.rules.iter().flatten().any(|s| s.backend == backend)
+            || self
+                .clients
+                .iter()
+                .any(|c| matches!(c, ClientCache::On(s) if s.backend == backend))
+    }
+
     /// The settings for a client's request routed by `rule`: the client's own, else the rule's.
     pub fn settings(&self, client: ClientId, rule: usize) -> Option<&Settings> {
         match self.clients.get(client) {
@@ -1229,18 +1238,20 @@ mod tests {
         );
         assert_eq!(c.cache.local, Some(LocalLayout { slots: 508 }));
         assert_eq!(c.cache.redis, None);
+        assert!(c.cache.uses(Backend::Local) && !c.cache.uses(Backend::Redis));
         let c = parse(
             r#"{"backend":"redis"}"#,
             r#","cache_backends":{"redis":{"cluster":"w","timeout_ms":30,"basic_auth_env":"A"}}"#,
         )
         .unwrap();
-        let r = c.cache.redis.unwrap();
+        let r = c.cache.redis.clone().unwrap();
         assert_eq!(
             (r.cluster.as_str(), r.authority.as_str(), r.timeout_ms),
             ("w", "w", 30)
         );
         assert!(r.authorization.is_some());
         assert_eq!(c.cache.local, None);
+        assert!(c.cache.uses(Backend::Redis) && !c.cache.uses(Backend::Local));
         // The Redis limiter's Webdis serves the cache too.
         let c = parse(
             r#"{"backend":"redis"}"#,

@@ -99,6 +99,7 @@ extern "C" {
         return_value_size: *mut usize,
     ) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_set_buffer_bytes(
         buffer_type: u32,
         start: usize,
@@ -159,7 +160,6 @@ extern "C" {
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
-    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
 fn check(call: &'static str, status: u32) -> Result<(), HostError> {
@@ -214,6 +214,14 @@ pub fn now_ms() -> Result<u64, HostError> {
         proxy_get_current_time_nanoseconds(&mut nanos)
     })?;
     Ok(nanos / 1_000_000)
+}
+
+/// Calls the root context's `on_tick` every `period_ms` (0 stops it).
+pub fn set_tick_period_ms(period_ms: u32) -> Result<(), HostError> {
+    // SAFETY: no pointers.
+    check("proxy_set_tick_period_milliseconds", unsafe {
+        proxy_set_tick_period_milliseconds(period_ms)
+    })
 }
 
 /// The plugin configuration bytes.
@@ -451,16 +459,6 @@ pub fn send_reply(status: u16, headers: &[(&str, String)], body: &[u8]) -> Resul
             map.len(),
             -1,
         )
-    })
-}
-
-/// Sets the tick period of the calling context's root context (0 stops the ticks). Envoy
-/// applies it to the root context whichever context calls, so an HTTP context can ask its
-/// root for a tick.
-pub fn set_tick_period_ms(period_ms: u32) -> Result<(), HostError> {
-    // SAFETY: no pointers.
-    check("proxy_set_tick_period_milliseconds", unsafe {
-        proxy_set_tick_period_milliseconds(period_ms)
     })
 }
 

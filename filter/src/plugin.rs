@@ -59,6 +59,9 @@ type CacheSeries = (CacheMetric, Option<usize>, Backend, &'static str);
 /// `x-tollgate-cache`: `hit`, `miss` (looked up, not found) or `bypass` (not looked up).
 const CACHE_HEADER: &str = "x-tollgate-cache";
 
+/// How often each worker's root context sends the Redis stores queued since its last tick.
+const CACHE_STORE_PERIOD_MS: u32 = 100;
+
 /// Redis stores queued or in flight per worker; more are dropped (and counted), so a slow
 /// Webdis cannot make the filter hold response copies without bound.
 const MAX_PENDING_STORES: usize = 64;
@@ -154,8 +157,8 @@ impl Plugin {
         self.cache_count(CacheMetric::Errors, rule, backend, e.reason(), 1);
     }
 
-    /// Queues a Redis store for the root context: a store sent from the request's own context
-    /// would be cancelled when the stream ends, which is right after its last byte.
+    /// Queues a Redis store for the root context's next tick: a store sent from the request's
+    /// own context would be cancelled when the stream ends, which is right after its last byte.
     fn queue_store(&self, rule: Option<usize>, entry: &cache::Entry, ttl_s: u32) {
         let Some(redis) = &self.config.cache.redis else {
             return;
@@ -175,19 +178,10 @@ impl Plugin {
                 timeout_ms: redis.timeout_ms,
             },
         });
-        if queue.len() == 1 {
-            // The next tick of this worker's root context sends it.
-            if let Err(e) = host::set_tick_period_ms(1) {
-                warn!("cannot schedule the cache store: {e}");
-            }
-        }
     }
 
     /// Sends the queued Redis stores (root context, on its tick).
     fn send_stores(&self) {
-        if let Err(e) = host::set_tick_period_ms(0) {
-            debug!("cannot stop the tick: {e}");
-        }
         let queued: Vec<QueuedStore> = self.cache_queue.borrow_mut().drain(..).collect();
         let now = host::now_ms().unwrap_or(0);
         for QueuedStore { call, mut meta } in queued {
@@ -564,6 +558,8 @@ impl RootContext for Root {
                 ),
             }
         );
+        // Each worker's root context sends its queued Redis stores on a timer.
+        let redis_cache = config.cache.uses(Backend::Redis);
         self.role = Some(Role::Gateway(Rc::new(Plugin {
             config,
             metrics,
@@ -573,15 +569,18 @@ impl RootContext for Root {
             cache_queue: RefCell::new(VecDeque::new()),
             cache_in_flight: RefCell::new(HashMap::new()),
         })));
+        if redis_cache {
+            if let Err(e) = host::set_tick_period_ms(CACHE_STORE_PERIOD_MS) {
+                error!("cannot start the cache store timer: {e}");
+                return false;
+            }
+        }
         true
     }
 
     fn on_tick(&mut self) {
-        match &self.role {
-            Some(Role::Gateway(p)) => p.send_stores(),
-            _ => {
-                let _ = host::set_tick_period_ms(0);
-            }
+        if let Some(Role::Gateway(p)) = &self.role {
+            p.send_stores();
         }
     }
 
