@@ -204,10 +204,10 @@ impl Plugin {
         }
     }
 
-    /// Counts Webdis's answer to a store (root context).
-    fn on_store_reply(&self, token: u32, num_headers: usize) {
+    /// Counts Webdis's answer to a store (root context); false when `token` is not a store's.
+    fn on_store_reply(&self, token: u32, num_headers: usize) -> bool {
         let Some(meta) = self.cache_in_flight.borrow_mut().remove(&token) else {
-            return;
+            return false;
         };
         let status = callout_status(num_headers);
         let body = host::call_response_body(MAX_STORE_REPLY_BYTES).unwrap_or_default();
@@ -228,6 +228,7 @@ impl Plugin {
                 self.cache_error(meta.rule, Backend::Redis, &e);
             }
         }
+        true
     }
 }
 
@@ -485,6 +486,7 @@ impl Context for Root {
         _body_size: usize,
         _num_trailers: usize,
     ) {
+        // The response cache's stores are the root context's only callouts.
         if let Some(Role::Gateway(p)) = &self.role {
             p.on_store_reply(token, num_headers);
         }
