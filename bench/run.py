@@ -184,6 +184,10 @@ def bench_plugin(cfg: dict, routing: bool) -> dict:
             client[key] = BENCH_REQUESTS_PER_MINUTE
         if not routing:
             client.pop("models", None)  # model allow-lists need routing
+    # The bench measures what the gateway adds on the way to a provider: the demo's response
+    # cache (docs/cache.md) would inspect, and at temperature 0 answer, its identical requests.
+    for rule in plugin.get("models", []):
+        rule.pop("cache", None)
     if not routing:
         plugin = {k: v for k, v in plugin.items() if k not in ROUTING_FIELDS}
         plugin["upstream"] = {"api_key_env": harness.PROVIDER_KEY_ENV}

@@ -7,6 +7,7 @@
 //! has passed the same parser.
 
 use serde_json::Value;
+use tollgate_core::cache::{Backend, ClientCache, Scope, Settings, Temperature};
 use tollgate_core::config::{
     LimiterBackend, Mode, OnError, RedisLimiter, DEFAULT_REDIS_TIMEOUT_MS,
     DEFAULT_REQUESTS_PER_MINUTE,
@@ -37,6 +38,7 @@ const SECTIONS: &[Section] = &[
     providers,
     model_routes,
     limiter,
+    cache,
 ];
 
 /// The explanation: every section, indented under the verdict line.
@@ -293,6 +295,69 @@ fn redis(s: &Subject, r: &RedisLimiter, out: &mut Vec<String>) {
     ));
 }
 
+fn cache_settings(c: &Settings) -> String {
+    let scope = match c.scope {
+        Scope::Client => "per client",
+        Scope::Shared => "shared by all clients",
+    };
+    let temperature = match c.temperature {
+        Temperature::Zero => "temperature 0",
+        Temperature::ZeroOrAbsent => "temperature 0 or unset",
+    };
+    let tools = if c.allow_tools { ", tools allowed" } else { "" };
+    format!(
+        "{} backend, {} s, bodies up to {} bytes, {scope}, {temperature}{tools}",
+        c.backend.name(),
+        c.ttl_s,
+        c.max_entry_bytes
+    )
+}
+
+fn cache(s: &Subject, out: &mut Vec<String>) {
+    let c = &s.config.cache;
+    if !c.enabled() {
+        return;
+    }
+    out.push(
+        "response cache: identical repeatable requests (no stream, n 1, no tools) answered          from the cache after the limits are counted (see docs/cache.md):"
+            .into(),
+    );
+    if let Some(r) = routing(s) {
+        for (rule, settings) in r.rules.iter().zip(&c.rules) {
+            if let Some(settings) = settings {
+                out.push(format!(
+                    "  model {}: {}",
+                    rule.pattern.as_str(),
+                    cache_settings(settings)
+                ));
+            }
+        }
+    }
+    for (client, setting) in s.config.clients.iter().zip(&c.clients) {
+        match setting {
+            ClientCache::Inherit => {}
+            ClientCache::Off => out.push(format!("  client {}: never cached", client.name)),
+            ClientCache::On(settings) => out.push(format!(
+                "  client {}: {} (instead of the model's)",
+                client.name,
+                cache_settings(settings)
+            )),
+        }
+    }
+    if let Some(local) = c.local {
+        out.push(format!(
+            "  local: at most {} entries in Envoy shared data, per Envoy process",
+            local.slots
+        ));
+    }
+    if let (Some(r), true) = (&c.redis, c.uses(Backend::Redis)) {
+        out.push(format!(
+            "  redis: through Webdis on cluster {} ({} ms timeout), shared by every replica",
+            r.cluster, r.timeout_ms
+        ));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,5 +459,34 @@ mod tests {
             !text.contains("org-secret"),
             "header values are not shown: {text}"
         );
+    }
+
+    #[test]
+    fn cache_config() {
+        let text = explained(&format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{SHA}"}},
+                            {{"name":"b","key_md5":"32bd3c47e408828a22d81d4fe5f3c06d","cache":{{"enabled":false}}}}],
+               "providers":[{{"name":"relay","cluster":"c1","api_key_env":"P"}}],
+               "models":[{{"match":"gpt-4.1","providers":["relay"],"cache":{{"ttl_s":600}}}},
+                         {{"match":"faq","providers":["relay"],
+                           "cache":{{"backend":"redis","scope":"shared","temperature":"zero_or_absent"}}}},
+                         {{"match":"other","providers":["relay"]}}],
+               "cache_backends":{{"redis":{{"cluster":"webdis"}}}}}}"#
+        ));
+        for want in [
+            "response cache:",
+            "model gpt-4.1: local backend, 600 s, bodies up to 65536 bytes, per client, temperature 0",
+            "model faq: redis backend, 3600 s, bodies up to 65536 bytes, shared by all clients, temperature 0 or unset",
+            "client b: never cached",
+            "local: at most 508 entries",
+            "redis: through Webdis on cluster webdis (100 ms timeout)",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        assert!(!text.contains("model other"), "{text}");
+        let plain = explained(&format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{SHA}"}}],"upstream":{{"api_key_env":"P"}}}}"#
+        ));
+        assert!(!plain.contains("response cache"), "{plain}");
     }
 }

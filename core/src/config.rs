@@ -8,6 +8,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use crate::cache::{self, CacheConfig, ClientCache, LocalLayout, RedisStore, Settings};
 use crate::keys::{Digest, DigestKind, KeyIndex};
 use crate::routing::{Pattern, Provider, Routing, Rule, Target};
 
@@ -74,6 +75,8 @@ struct RawConfig {
     default_provider: Option<String>,
     #[serde(default)]
     max_body_bytes: Option<u64>,
+    #[serde(default)]
+    cache_backends: Option<RawCacheBackends>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +103,8 @@ struct RawRule {
     upstream_model: Option<String>,
     #[serde(default)]
     upstream_models: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    cache: Option<RawCache>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +121,8 @@ struct RawClient {
     tokens_per_minute: Option<u32>,
     #[serde(default)]
     models: Option<Vec<String>>,
+    #[serde(default)]
+    cache: Option<RawCache>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -266,6 +273,8 @@ pub struct Config {
     pub mode: Mode,
     /// Limit counter backend.
     pub limiter: LimiterBackend,
+    /// The response cache (see [`crate::cache`]).
+    pub cache: CacheConfig,
 }
 
 /// One provider for everything, or routing by model.
@@ -321,7 +330,20 @@ fn strip_position(message: &str) -> String {
     }
 }
 
-fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+fn compile(
+    mut raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    // The cache settings are compiled last, once the routing and the limiter are known.
+    let client_caches: Vec<Option<RawCache>> =
+        raw.clients.iter_mut().map(|c| c.cache.take()).collect();
+    let rule_caches: Vec<Option<RawCache>> = raw
+        .models
+        .iter_mut()
+        .flatten()
+        .map(|r| r.cache.take())
+        .collect();
+    let cache_backends = raw.cache_backends.take();
     let default_rpm = match raw.default_requests_per_minute {
         Some(v) => check_per_minute("default_requests_per_minute", v)?,
         None => DEFAULT_REQUESTS_PER_MINUTE,
@@ -446,11 +468,21 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Confi
         None => LimiterBackend::Local,
         Some(l) => compile_limiter(l, env)?,
     };
+    let cache = compile_cache(
+        rule_caches,
+        client_caches,
+        cache_backends,
+        &mode,
+        &limiter,
+        env,
+    )?;
+
     Ok(Config {
         clients,
         keys,
         mode,
         limiter,
+        cache,
     })
 }
 
@@ -797,6 +829,291 @@ fn compile_limiter(
         // Local fallback keeps serving and still bounds spend (per replica) while Redis is down.
         on_error: on_error.unwrap_or(OnError::Local),
     }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The response cache: `cache` on model rules and clients, `cache_backends` for the stores.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    ttl_s: Option<u32>,
+    #[serde(default)]
+    max_entry_bytes: Option<u64>,
+    #[serde(default)]
+    backend: Option<RawBackend>,
+    #[serde(default)]
+    scope: Option<RawScope>,
+    #[serde(default)]
+    temperature: Option<RawTemperature>,
+    #[serde(default)]
+    allow_tools: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawScope {
+    Client,
+    Shared,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawTemperature {
+    Zero,
+    ZeroOrAbsent,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCacheBackends {
+    #[serde(default)]
+    local: Option<RawLocalCache>,
+    #[serde(default)]
+    redis: Option<RawRedisCache>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocalCache {
+    #[serde(default)]
+    max_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedisCache {
+    cluster: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u32>,
+    #[serde(default)]
+    basic_auth_env: Option<String>,
+}
+
+/// `None` for a setting that is present but disabled.
+fn compile_cache_settings(field: &str, raw: RawCache) -> Result<Option<Settings>, ConfigError> {
+    let at = |f: &str| format!("{field}.{f}");
+    let ttl_s = raw.ttl_s.unwrap_or(cache::DEFAULT_TTL_S);
+    if ttl_s == 0 || ttl_s > cache::MAX_TTL_S {
+        return Err(ConfigError::new(
+            at("ttl_s"),
+            format!("must be between 1 and {}, got {ttl_s}", cache::MAX_TTL_S),
+        ));
+    }
+    let max_entry_bytes = match raw.max_entry_bytes {
+        None => cache::DEFAULT_MAX_ENTRY_BYTES,
+        Some(v) => match usize::try_from(v) {
+            Ok(v) if (cache::MIN_MAX_ENTRY_BYTES..=cache::MAX_MAX_ENTRY_BYTES).contains(&v) => v,
+            _ => {
+                return Err(ConfigError::new(
+                    at("max_entry_bytes"),
+                    format!(
+                        "must be between {} and {}, got {v}",
+                        cache::MIN_MAX_ENTRY_BYTES,
+                        cache::MAX_MAX_ENTRY_BYTES
+                    ),
+                ))
+            }
+        },
+    };
+    if raw.enabled == Some(false) {
+        return Ok(None);
+    }
+    Ok(Some(Settings {
+        ttl_s,
+        max_entry_bytes,
+        backend: match raw.backend {
+            None | Some(RawBackend::Local) => cache::Backend::Local,
+            Some(RawBackend::Redis) => cache::Backend::Redis,
+        },
+        scope: match raw.scope {
+            None | Some(RawScope::Client) => cache::Scope::Client,
+            Some(RawScope::Shared) => cache::Scope::Shared,
+        },
+        temperature: match raw.temperature {
+            None | Some(RawTemperature::Zero) => cache::Temperature::Zero,
+            Some(RawTemperature::ZeroOrAbsent) => cache::Temperature::ZeroOrAbsent,
+        },
+        allow_tools: raw.allow_tools.unwrap_or(false),
+    }))
+}
+
+fn compile_cache(
+    rule_caches: Vec<Option<RawCache>>,
+    client_caches: Vec<Option<RawCache>>,
+    backends: Option<RawCacheBackends>,
+    mode: &Mode,
+    limiter: &LimiterBackend,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<CacheConfig, ConfigError> {
+    let mut used: Vec<(String, Settings)> = Vec::new();
+    let mut rules = Vec::with_capacity(rule_caches.len());
+    for (i, raw) in rule_caches.into_iter().enumerate() {
+        let field = format!("models[{i}].cache");
+        let settings = match raw {
+            None => None,
+            Some(raw) => compile_cache_settings(&field, raw)?,
+        };
+        if let Some(s) = &settings {
+            used.push((field, s.clone()));
+        }
+        rules.push(settings);
+    }
+    let mut clients = Vec::with_capacity(client_caches.len());
+    for (i, raw) in client_caches.into_iter().enumerate() {
+        let field = format!("clients[{i}].cache");
+        let Some(raw) = raw else {
+            clients.push(ClientCache::Inherit);
+            continue;
+        };
+        if let Mode::Single(_) = mode {
+            return Err(ConfigError::new(
+                field,
+                "response caching needs model routing (`providers` and `models`): only then \
+                 is the request body read",
+            ));
+        }
+        match compile_cache_settings(&field, raw)? {
+            Some(s) => {
+                used.push((field, s.clone()));
+                clients.push(ClientCache::On(s));
+            }
+            None => clients.push(ClientCache::Off),
+        }
+    }
+    let (raw_local, raw_redis) = match backends {
+        Some(b) => (b.local, b.redis),
+        None => (None, None),
+    };
+
+    let local_max_bytes = match raw_local.and_then(|l| l.max_bytes) {
+        None => cache::DEFAULT_LOCAL_MAX_BYTES,
+        Some(v) if (cache::MIN_LOCAL_MAX_BYTES..=cache::MAX_LOCAL_MAX_BYTES).contains(&v) => v,
+        Some(v) => {
+            return Err(ConfigError::new(
+                "cache_backends.local.max_bytes",
+                format!(
+                    "must be between {} and {}, got {v}",
+                    cache::MIN_LOCAL_MAX_BYTES,
+                    cache::MAX_LOCAL_MAX_BYTES
+                ),
+            ))
+        }
+    };
+    let local_entry = used
+        .iter()
+        .filter(|(_, s)| s.backend == cache::Backend::Local)
+        .max_by_key(|(_, s)| s.max_entry_bytes);
+    let local = match local_entry {
+        None => None,
+        Some((field, s)) => {
+            let slots = cache::local_slots(local_max_bytes, s.max_entry_bytes).ok_or_else(|| {
+                ConfigError::new(
+                    "cache_backends.local.max_bytes",
+                    format!(
+                        "{local_max_bytes} bytes hold fewer than {} entries of {field}.max_entry_bytes \
+                         ({} bytes, plus {} bytes of header each)",
+                        cache::WAYS,
+                        s.max_entry_bytes,
+                        cache::ENTRY_OVERHEAD
+                    ),
+                )
+            })?;
+            Some(LocalLayout { slots })
+        }
+    };
+
+    let redis = match raw_redis {
+        Some(r) => Some(compile_redis_cache(r, env)?),
+        // The limiter's Webdis, unless the cache has its own.
+        None => match limiter {
+            LimiterBackend::Redis(l) => Some(RedisStore {
+                cluster: l.cluster.clone(),
+                authority: l.authority.clone(),
+                timeout_ms: l.timeout_ms,
+                authorization: l.authorization.clone(),
+            }),
+            LimiterBackend::Local => None,
+        },
+    };
+    if let Some((field, _)) = used
+        .iter()
+        .find(|(_, s)| s.backend == cache::Backend::Redis)
+    {
+        if redis.is_none() {
+            return Err(ConfigError::new(
+                format!("{field}.backend"),
+                "\"redis\" needs a Webdis: set `cache_backends.redis` (or use the Redis \
+                 limiter, whose Webdis the cache then shares)",
+            ));
+        }
+    }
+    let max_entry_bytes = used
+        .iter()
+        .map(|(_, s)| s.max_entry_bytes)
+        .max()
+        .unwrap_or(0);
+    Ok(CacheConfig {
+        rules,
+        clients,
+        local,
+        redis,
+        max_entry_bytes,
+    })
+}
+
+fn compile_redis_cache(
+    raw: RawRedisCache,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<RedisStore, ConfigError> {
+    const AT: &str = "cache_backends.redis";
+    if raw.cluster.is_empty() {
+        return Err(ConfigError::new(
+            format!("{AT}.cluster"),
+            "must name the Envoy cluster of the Webdis service",
+        ));
+    }
+    let authority = raw.authority.unwrap_or_else(|| raw.cluster.clone());
+    if authority.is_empty() || !authority.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(ConfigError::new(
+            format!("{AT}.authority"),
+            "must be a host name (visible ASCII, no spaces)",
+        ));
+    }
+    let timeout_ms = raw.timeout_ms.unwrap_or(DEFAULT_REDIS_TIMEOUT_MS);
+    if timeout_ms == 0 || timeout_ms > MAX_REDIS_TIMEOUT_MS {
+        return Err(ConfigError::new(
+            format!("{AT}.timeout_ms"),
+            format!("must be between 1 and {MAX_REDIS_TIMEOUT_MS}, got {timeout_ms}"),
+        ));
+    }
+    let authorization = match raw.basic_auth_env {
+        None => None,
+        Some(name) => {
+            let value = env(&name).unwrap_or_default();
+            if !value.contains(':') || !value.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+                return Err(ConfigError::new(
+                    format!("{AT}.basic_auth_env"),
+                    format!(
+                        "environment variable {name:?} must hold `user:password` for Webdis \
+                         (set it and list it in vm_config.environment_variables.host_env_keys)"
+                    ),
+                ));
+            }
+            Some(crate::webdis::basic_authorization(&value))
+        }
+    };
+    Ok(RedisStore {
+        cluster: raw.cluster,
+        authority,
+        timeout_ms,
+        authorization,
+    })
 }
 
 fn check_per_minute(field: &str, v: u32) -> Result<u32, ConfigError> {

@@ -5,6 +5,7 @@
 //! reused by the CLI and the benchmarks.
 
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod headers;
 pub mod keys;

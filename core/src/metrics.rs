@@ -140,6 +140,59 @@ pub fn upstream_errors_total(provider: &str, status: u16) -> String {
     )
 }
 
+/// A response-cache counter (`tollgate_cache_*_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheMetric {
+    /// Requests answered from the cache.
+    Hits,
+    /// Lookups that found nothing usable (absent, expired, or the backend failed).
+    Misses,
+    /// Responses stored.
+    Stores,
+    /// Body bytes stored.
+    StoredBytes,
+    /// Body bytes answered from the cache.
+    ServedBytes,
+    /// Backend failures, by reason (each a miss or a skipped store, never a failed request).
+    Errors,
+    /// Lookups or stores that did not happen, by reason.
+    Skips,
+}
+
+impl CacheMetric {
+    fn stem(self) -> &'static str {
+        match self {
+            CacheMetric::Hits => "hits",
+            CacheMetric::Misses => "misses",
+            CacheMetric::Stores => "stores",
+            CacheMetric::StoredBytes => "stored_bytes",
+            CacheMetric::ServedBytes => "served_bytes",
+            CacheMetric::Errors => "errors",
+            CacheMetric::Skips => "skips",
+        }
+    }
+
+    /// Whether the series has a `reason` label.
+    pub fn has_reason(self) -> bool {
+        matches!(self, CacheMetric::Errors | CacheMetric::Skips)
+    }
+}
+
+/// `tollgate_cache_<stem>_total{backend,model}`, plus `reason` for errors and skips.
+pub fn cache_total(metric: CacheMetric, backend: &str, model: &str, reason: &str) -> String {
+    let mut name = format!(
+        "tollgate_cache_{}_total.backend={}.model={}",
+        metric.stem(),
+        label_value(backend),
+        label_value(model)
+    );
+    if metric.has_reason() {
+        name.push_str(".reason=");
+        name.push_str(&label_value(reason));
+    }
+    name
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +206,18 @@ mod tests {
         assert_eq!(
             limiter_errors_total("local", "contention"),
             "tollgate_limiter_errors_total.backend=local.reason=contention"
+        );
+    }
+
+    #[test]
+    fn cache_names() {
+        assert_eq!(
+            cache_total(CacheMetric::Hits, "local", "gpt-4.1", "ignored"),
+            "tollgate_cache_hits_total.backend=local.model=gpt-4_1"
+        );
+        assert_eq!(
+            cache_total(CacheMetric::Errors, "redis", "m", "timeout"),
+            "tollgate_cache_errors_total.backend=redis.model=m.reason=timeout"
         );
     }
 

@@ -15,6 +15,7 @@
 //! ```
 
 use crate::body::{self, BodyError};
+use crate::cache;
 use crate::config::{ClientId, Config, LimiterBackend, Mode, OnError, RedisLimiter};
 use crate::headers::{must_strip, Header};
 use crate::keys::{bearer_token, Digest, DigestKind, KeyError};
@@ -57,6 +58,8 @@ pub struct Forward {
     pub body: Option<Vec<u8>>,
     /// The gateway asked for the stream's usage chunk; remove it from what the client gets.
     pub strip_usage_chunk: bool,
+    /// The response cache's part (looked up after admission, so limits count every request).
+    pub cache: Option<cache::Decision>,
 }
 
 impl Forward {
@@ -71,6 +74,7 @@ impl Forward {
             tokens: None,
             body: None,
             strip_usage_chunk: false,
+            cache: None,
         }
     }
 }
@@ -150,6 +154,8 @@ pub struct AwaitBody {
     /// MD5 hex of the client key, for the Redis limiter's key (the key itself is not kept).
     key_md5: Option<String>,
     remove: Vec<Vec<u8>>,
+    /// What the response cache needs from the headers, when caching is configured.
+    cache: Option<cache::RequestInfo>,
 }
 
 /// An HTTP callout for the host to dispatch.
@@ -247,11 +253,16 @@ pub fn on_request_headers(
                 openai::body_too_large(routing.max_body_bytes),
             ));
         }
+        let cache = config.cache.enabled().then(|| cache::RequestInfo {
+            path: String::from_utf8_lossy(path).into_owned(),
+            control: cache::cache_control(headers),
+        });
         return Start::ReadBody(AwaitBody {
             max_bytes: routing.max_body_bytes,
             client,
             key_md5,
             remove,
+            cache,
         });
     }
     match routing.default_provider {
@@ -288,6 +299,7 @@ pub fn on_request_body(
         client,
         key_md5,
         remove,
+        cache,
     } = awaiting;
     let Mode::Routed(routing) = &config.mode else {
         return Start::Done(reply(
@@ -320,8 +332,11 @@ pub fn on_request_body(
     } else {
         None
     };
+    let cache =
+        cache.and_then(|info| cache::decide(config, client, rule, &info, &request.model, body));
     let forward = Forward {
         rule: Some(rule),
+        cache,
         strip_usage_chunk: new_body.is_some(),
         body: new_body,
         ..Forward::new(remove, vec![(ROUTE_HEADER, Routing::route_id(rule))], true)
@@ -352,18 +367,8 @@ pub fn on_limiter_reply(
         LimiterBackend::Redis(r) => r.on_error,
         LimiterBackend::Local => OnError::Local,
     };
-    let reply_or_error = webdis::parse_reply(status, body).map_err(|e| match e {
-        // Envoy reports a timed-out callout like any failed one; the clock tells them apart.
-        // Refusals and resets come back in a few milliseconds; a timeout at `timeout_ms` on
-        // Envoy's event-loop clock, which under load trails the wall clock this one reads, so
-        // it may arrive a little before `timeout_ms` of wall time: half of it is the line.
-        webdis::ReplyError::Unavailable
-            if now_ms.saturating_sub(sent_ms).saturating_mul(2) >= u64::from(call.timeout_ms) =>
-        {
-            webdis::ReplyError::Timeout
-        }
-        other => other,
-    });
+    let reply_or_error = webdis::parse_reply(status, body)
+        .map_err(|e| webdis::timed_out(e, now_ms.saturating_sub(sent_ms), call.timeout_ms));
     let limit = requests_per_minute(config, client);
     // The script counted in the window of the moment the check was sent (its keys named the
     // minute), so the reset is that window's end, even when the reply comes after it.

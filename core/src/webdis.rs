@@ -152,7 +152,7 @@ impl Settlements {
 
 /// Webdis splits commands on `/` and reads a `.` in the last segment as a format extension, so
 /// everything but unreserved characters is escaped.
-fn percent_encode_into(out: &mut String, s: &str) {
+pub(crate) fn percent_encode_into(out: &mut String, s: &str) {
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
             out.push(char::from(b));
@@ -224,6 +224,20 @@ impl ReplyError {
         "redis_error",
         "malformed",
     ];
+}
+
+/// Tells a timed-out callout from a refused one: Envoy reports both by calling back without
+/// headers ([`ReplyError::Unavailable`]). Refusals and resets come back in a few milliseconds; a
+/// timeout at `timeout_ms` on Envoy's event-loop clock, which under load trails the wall clock
+/// the filter reads, so it may arrive a little before `timeout_ms` of wall time: half of it is
+/// the line.
+pub fn timed_out(e: ReplyError, elapsed_ms: u64, timeout_ms: u32) -> ReplyError {
+    match e {
+        ReplyError::Unavailable if elapsed_ms.saturating_mul(2) >= u64::from(timeout_ms) => {
+            ReplyError::Timeout
+        }
+        other => other,
+    }
 }
 
 /// The value of a Webdis reply to an `EVAL` (`{"EVAL": <value>}`), or why there is none.

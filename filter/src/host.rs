@@ -443,6 +443,25 @@ pub fn send_json_reply(
     })
 }
 
+/// Answers the request from the filter with these headers (`content-type` included) and body.
+pub fn send_reply(status: u16, headers: &[(&str, String)], body: &[u8]) -> Result<(), HostError> {
+    let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let map = headers::encode(&pairs);
+    // SAFETY: pointers and lengths of live buffers.
+    check("proxy_send_local_response", unsafe {
+        proxy_send_local_response(
+            u32::from(status),
+            null(),
+            0,
+            body.as_ptr(),
+            body.len(),
+            map.as_ptr(),
+            map.len(),
+            -1,
+        )
+    })
+}
+
 /// Resets the request stream: the last resort when even a local reply cannot be sent.
 pub fn reset_request() -> Result<(), HostError> {
     // SAFETY: no pointers.

@@ -1,7 +1,7 @@
 //! Root and HTTP contexts: the request flow, top to bottom.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use log::{debug, error, info, warn};
@@ -9,12 +9,13 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 use tollgate_core::body;
+use tollgate_core::cache::{self, Backend, Skip};
 use tollgate_core::config::{LimiterBackend, Mode};
 use tollgate_core::limiter::{self, LimiterError, Window};
-use tollgate_core::metrics::{self, Outcome, ANONYMOUS};
+use tollgate_core::metrics::{self, CacheMetric, Outcome, ANONYMOUS};
 use tollgate_core::openai::{self, LocalReply};
 use tollgate_core::request::{
-    self, AwaitBody, Decision, Delivered, Forward, LimiterFailure, Pending, Start, Step,
+    self, AwaitBody, Callout, Decision, Delivered, Forward, LimiterFailure, Pending, Start, Step,
     TokenReservation, PROVIDER_RATE_LIMIT_HEADERS,
 };
 use tollgate_core::routing::{ProviderId, Routing};
@@ -30,9 +31,6 @@ const MAX_LIMITER_REPLY_BYTES: usize = 4096;
 
 /// Root id of the plugin instances that run as upstream filters of provider clusters.
 const UPSTREAM_ROOT_ID: &[u8] = b"tollgate_upstream";
-
-/// How often each worker sends its queued token settlements to Redis.
-const SETTLE_PERIOD_MS: u32 = 200;
 
 /// JSON responses longer than this are not read for usage (no provider sends such a body for a
 /// completion; it bounds the copy the filter keeps).
@@ -50,6 +48,45 @@ struct Plugin {
     /// Token adjustments for the Redis limiter, sent by the root context on its tick: a callout
     /// made by a request in `on_log` would be cancelled with the request's context.
     settlements: RefCell<Settlements>,
+    /// `tollgate_cache_*` ids, defined on first use.
+    cache_metrics: RefCell<HashMap<CacheSeries, u32>>,
+    /// Redis stores waiting for this worker's root context to send them (see `Root::on_tick`).
+    cache_queue: RefCell<VecDeque<QueuedStore>>,
+    /// Redis stores sent by the root context and not answered yet, by callout token.
+    cache_in_flight: RefCell<HashMap<u32, StoreMeta>>,
+}
+
+/// (metric, rule, backend, reason) of a `tollgate_cache_*` series.
+type CacheSeries = (CacheMetric, Option<usize>, Backend, &'static str);
+
+/// `x-tollgate-cache`: `hit`, `miss` (looked up, not found) or `bypass` (not looked up).
+const CACHE_HEADER: &str = "x-tollgate-cache";
+
+/// How often each worker's root context sends what its requests queued for Redis since its last
+/// tick: response cache stores and token settlements (a callout made by a request as it ends
+/// would be cancelled with the request's context).
+const ROOT_TICK_MS: u32 = 100;
+
+/// Redis stores queued or in flight per worker; more are dropped (and counted), so a slow
+/// Webdis cannot make the filter hold response copies without bound.
+const MAX_PENDING_STORES: usize = 64;
+
+/// Webdis's answer to a store is a few dozen bytes.
+const MAX_STORE_REPLY_BYTES: usize = 4096;
+
+/// A Redis store waiting for the root context.
+struct QueuedStore {
+    call: Callout,
+    meta: StoreMeta,
+}
+
+/// What a store's answer is counted under.
+#[derive(Clone, Copy)]
+struct StoreMeta {
+    rule: Option<usize>,
+    bytes: u64,
+    sent_ms: u64,
+    timeout_ms: u32,
 }
 
 /// (client, rule, completion?) of a `tollgate_tokens_total` series.
@@ -91,6 +128,163 @@ impl Plugin {
         if let Some(id) = id {
             host::record(id, ms);
         }
+    }
+
+    /// Adds `n` to a `tollgate_cache_*` counter (`reason` is ignored by the series without one).
+    fn cache_count(
+        &self,
+        metric: CacheMetric,
+        rule: Option<usize>,
+        backend: Backend,
+        reason: &'static str,
+        n: u64,
+    ) {
+        let reason = if metric.has_reason() { reason } else { "" };
+        let id = lazy_metric(&self.cache_metrics, (metric, rule, backend, reason), || {
+            host::define_counter(&metrics::cache_total(
+                metric,
+                backend.name(),
+                self.model_label(rule),
+                reason,
+            ))
+        });
+        if let Some(id) = id {
+            host::increment_by(id, n);
+        }
+    }
+
+    fn cache_error(&self, rule: Option<usize>, backend: Backend, e: &cache::Error) {
+        warn!(
+            "response cache ({}) failed: {}; the request goes on as a miss",
+            backend.name(),
+            e.reason()
+        );
+        self.cache_count(CacheMetric::Errors, rule, backend, e.reason(), 1);
+    }
+
+    /// Queues a Redis store for the root context's next tick: a store sent from the request's
+    /// own context would be cancelled when the stream ends, which is right after its last byte.
+    fn queue_store(&self, rule: Option<usize>, entry: &cache::Entry, ttl_s: u32) {
+        let Some(redis) = &self.config.cache.redis else {
+            return;
+        };
+        let mut queue = self.cache_queue.borrow_mut();
+        if queue.len() + self.cache_in_flight.borrow().len() >= MAX_PENDING_STORES {
+            drop(queue);
+            self.cache_error(rule, Backend::Redis, &cache::Error::Overloaded);
+            return;
+        }
+        queue.push_back(QueuedStore {
+            call: cache::callout(redis, cache::set_command(entry, ttl_s)),
+            meta: StoreMeta {
+                rule,
+                bytes: entry.body.len() as u64,
+                sent_ms: 0,
+                timeout_ms: redis.timeout_ms,
+            },
+        });
+    }
+
+    /// Sends the queued Redis stores (root context, on its tick).
+    fn send_stores(&self) {
+        let queued: Vec<QueuedStore> = self.cache_queue.borrow_mut().drain(..).collect();
+        let now = host::now_ms().unwrap_or(0);
+        for QueuedStore { call, mut meta } in queued {
+            match host::dispatch_http_call(
+                &call.cluster,
+                &call.headers,
+                &call.body,
+                call.timeout_ms,
+            ) {
+                Ok(token) => {
+                    meta.sent_ms = now;
+                    self.cache_in_flight.borrow_mut().insert(token, meta);
+                }
+                Err(e) => {
+                    error!("cannot call Webdis to store a response: {e}");
+                    let failed = cache::Error::Redis(ReplyError::Unavailable);
+                    self.cache_error(meta.rule, Backend::Redis, &failed);
+                }
+            }
+        }
+    }
+
+    /// Sends the token adjustments queued for the Redis limiter (root context), one script call
+    /// per batch of keys. Not retried: a timed-out call may have been applied, and a second one
+    /// would charge twice; a lost adjustment leaves the estimate counted until the window ends.
+    fn send_settlements(&self) {
+        let LimiterBackend::Redis(redis) = &self.config.limiter else {
+            return;
+        };
+        let commands = {
+            let mut queue = self.settlements.borrow_mut();
+            if queue.is_empty() {
+                return;
+            }
+            queue.drain_commands()
+        };
+        for body in commands {
+            let call = request::webdis_callout(redis, body);
+            if let Err(e) =
+                host::dispatch_http_call(&call.cluster, &call.headers, &call.body, call.timeout_ms)
+            {
+                warn!("cannot send token settlements to the Redis limiter: {e}");
+                self.metrics.limiter_error(&LimiterFailure {
+                    backend: "redis",
+                    reason: ReplyError::Unavailable.reason(),
+                });
+            }
+        }
+    }
+
+    /// Counts Webdis's answer to a store (root context); false when `token` is not a store's.
+    fn on_store_reply(&self, token: u32, num_headers: usize) -> bool {
+        let Some(meta) = self.cache_in_flight.borrow_mut().remove(&token) else {
+            return false;
+        };
+        let status = callout_status(num_headers);
+        let body = host::call_response_body(MAX_STORE_REPLY_BYTES).unwrap_or_default();
+        let now = host::now_ms().unwrap_or(0);
+        match cache::parse_set_reply(status, &body) {
+            Ok(()) => {
+                self.cache_count(CacheMetric::Stores, meta.rule, Backend::Redis, "", 1);
+                self.cache_count(
+                    CacheMetric::StoredBytes,
+                    meta.rule,
+                    Backend::Redis,
+                    "",
+                    meta.bytes,
+                );
+            }
+            Err(e) => {
+                let e = timed_out(e, now, meta.sent_ms, meta.timeout_ms);
+                self.cache_error(meta.rule, Backend::Redis, &e);
+            }
+        }
+        true
+    }
+}
+
+/// The `:status` of a callout's answer; `None` when Envoy called back without headers.
+fn callout_status(num_headers: usize) -> Option<u16> {
+    if num_headers == 0 {
+        return None;
+    }
+    match host::header(Map::CallResponse, ":status") {
+        Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()),
+        _ => None,
+    }
+}
+
+/// Envoy reports a timed-out callout like any failed one; the clock tells them apart.
+fn timed_out(e: cache::Error, now_ms: u64, sent_ms: u64, timeout_ms: u32) -> cache::Error {
+    match e {
+        cache::Error::Redis(r) => cache::Error::Redis(webdis::timed_out(
+            r,
+            now_ms.saturating_sub(sent_ms),
+            timeout_ms,
+        )),
+        other => other,
     }
 }
 
@@ -320,10 +514,9 @@ pub struct Root {
 }
 
 impl Context for Root {
-    /// A reply to a batch of token settlements (the only callouts a root context makes).
     fn on_http_call_response(
         &mut self,
-        _token: u32,
+        token: u32,
         num_headers: usize,
         _body_size: usize,
         _num_trailers: usize,
@@ -331,11 +524,11 @@ impl Context for Root {
         let Some(Role::Gateway(plugin)) = &self.role else {
             return;
         };
-        let status = if num_headers == 0 {
-            None
-        } else {
-            call_status()
-        };
+        // The root context's callouts: the response cache's stores, and token settlements.
+        if plugin.on_store_reply(token, num_headers) {
+            return;
+        }
+        let status = callout_status(num_headers);
         let body = host::call_response_body(MAX_LIMITER_REPLY_BYTES).unwrap_or_default();
         if let Err(e) = webdis::parse_settle_reply(status, &body) {
             warn!(
@@ -347,14 +540,6 @@ impl Context for Root {
                 reason: e.reason(),
             });
         }
-    }
-}
-
-/// The `:status` of a callout's response.
-fn call_status() -> Option<u16> {
-    match host::header(Map::CallResponse, ":status") {
-        Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()),
-        _ => None,
     }
 }
 
@@ -427,16 +612,21 @@ impl RootContext for Root {
                 ),
             }
         );
+        // Each worker's root context sends its queued Redis stores on a timer.
+        let redis_cache = config.cache.uses(Backend::Redis);
         self.role = Some(Role::Gateway(Rc::new(Plugin {
             config,
             metrics,
             tokens: RefCell::new(HashMap::new()),
             timings: RefCell::new(HashMap::new()),
             settlements: RefCell::new(Settlements::default()),
+            cache_metrics: RefCell::new(HashMap::new()),
+            cache_queue: RefCell::new(VecDeque::new()),
+            cache_in_flight: RefCell::new(HashMap::new()),
         })));
-        if redis_tokens {
-            if let Err(e) = host::set_tick_period_ms(SETTLE_PERIOD_MS) {
-                error!("cannot start the token settlement timer: {e}");
+        if redis_cache || redis_tokens {
+            if let Err(e) = host::set_tick_period_ms(ROOT_TICK_MS) {
+                error!("cannot start the timer that sends cache stores and token settlements: {e}");
                 return false;
             }
         }
@@ -444,32 +634,9 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        let Some(Role::Gateway(plugin)) = &self.role else {
-            return;
-        };
-        let LimiterBackend::Redis(redis) = &plugin.config.limiter else {
-            return;
-        };
-        let commands = {
-            let mut queue = plugin.settlements.borrow_mut();
-            if queue.is_empty() {
-                return;
-            }
-            queue.drain_commands()
-        };
-        for body in commands {
-            let call = request::webdis_callout(redis, body);
-            // Not retried: a timed-out call may have been applied, and a second one would charge
-            // twice. A lost adjustment leaves the estimate counted until the window ends.
-            if let Err(e) =
-                host::dispatch_http_call(&call.cluster, &call.headers, &call.body, call.timeout_ms)
-            {
-                warn!("cannot send token settlements to the Redis limiter: {e}");
-                plugin.metrics.limiter_error(&LimiterFailure {
-                    backend: "redis",
-                    reason: ReplyError::Unavailable.reason(),
-                });
-            }
+        if let Some(Role::Gateway(p)) = &self.role {
+            p.send_stores();
+            p.send_settlements();
         }
     }
 
@@ -517,6 +684,40 @@ struct Request {
     succeeded: bool,
     /// Content chunks of a finished stream (see `SseUsage::chunks`).
     stream_chunks: Option<u64>,
+    /// `x-tollgate-cache` for the forwarded response (`miss` or `bypass`).
+    cache_header: Option<&'static str>,
+    /// A response being copied, to be stored when it completes.
+    cache_store: Option<CacheStore>,
+    /// Waiting for a Redis lookup: the callout token and what to do with the answer.
+    cache_wait: Option<(u32, CacheWait)>,
+}
+
+/// A response on its way to the cache.
+struct CacheStore {
+    plan: cache::Plan,
+    rule: Option<usize>,
+    /// Status and content type, once the response headers were found storable.
+    head: Option<(u16, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+/// An admitted request waiting for the Redis lookup.
+struct CacheWait {
+    forward: Forward,
+    client: Option<usize>,
+    outcome: Outcome,
+    plan: cache::Plan,
+    sent_ms: u64,
+}
+
+/// What a cache lookup did with an admitted request.
+enum Lookup {
+    /// Send it upstream.
+    Forward(Forward),
+    /// Answered from the cache.
+    Answered(Action),
+    /// Waiting for Redis; the request is paused.
+    Waiting,
 }
 
 impl Context for Request {
@@ -527,6 +728,15 @@ impl Context for Request {
         _body_size: usize,
         _num_trailers: usize,
     ) {
+        if let Some((expected, wait)) = self.cache_wait.take() {
+            if token != expected {
+                warn!("unexpected callout token {token}");
+            }
+            if let Some(plugin) = self.plugin.clone() {
+                self.on_cache_reply(&plugin, wait, num_headers);
+            }
+            return;
+        }
         let (Some(plugin), Some((expected, pending))) = (self.plugin.clone(), self.pending.take())
         else {
             return;
@@ -535,11 +745,7 @@ impl Context for Request {
             warn!("unexpected callout token {token}");
         }
         // No headers: Envoy could not get an answer (refused, reset, timed out).
-        let status = if num_headers == 0 {
-            None
-        } else {
-            call_status()
-        };
+        let status = callout_status(num_headers);
         let body = host::call_response_body(MAX_LIMITER_REPLY_BYTES).unwrap_or_default();
         let now = host::now_ms().unwrap_or(0);
         let step =
@@ -614,6 +820,7 @@ impl HttpContext for Request {
         if self.replied {
             return Action::Continue;
         }
+        self.cache_response_headers();
         // The provider's budget headers go; those about to be replaced by the client's own need
         // no removal first (a host call saved per header).
         for name in PROVIDER_RATE_LIMIT_HEADERS {
@@ -675,6 +882,7 @@ impl HttpContext for Request {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         // Never Pause here: a stream must reach the client as it arrives.
+        self.cache_response_body(body_size, end_of_stream);
         let Some(reader) = self.usage.as_mut() else {
             return Action::Continue;
         };
@@ -725,7 +933,24 @@ impl HttpContext for Request {
         Action::Continue
     }
 
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        // Trailers end the response: a body copied for the cache is complete now.
+        self.cache_response_body(0, true);
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
+        if let (Some(plugin), Some((_, wait))) = (&self.plugin, self.cache_wait.take()) {
+            // Gone while the Redis lookup was out: count it, and give its tokens back below.
+            plugin.metrics.request(wait.client, wait.outcome);
+            self.client = wait.client;
+            self.tokens = wait.forward.tokens;
+        }
+        if let (Some(plugin), Some(store)) = (&self.plugin, self.cache_store.take()) {
+            // The response never reached its end of stream (reset, client gone).
+            let skip = Skip::Incomplete.reason();
+            plugin.cache_count(CacheMetric::Skips, store.rule, store.plan.backend, skip, 1);
+        }
         if let (Some(plugin), Some(_), Some(start), Ok(now)) =
             (&self.plugin, self.client, self.started_ms, host::now_ms())
         {
@@ -791,6 +1016,9 @@ impl Request {
             used: None,
             succeeded: false,
             stream_chunks: None,
+            cache_header: None,
+            cache_store: None,
+            cache_wait: None,
         }
     }
 
@@ -866,36 +1094,47 @@ impl Request {
         }
         let (action, outcome) = match step.decision {
             Decision::Reply(reply) => (self.reply(&reply), step.outcome),
-            Decision::Forward(forward) => match apply(&forward) {
-                Ok(()) => {
-                    self.window = forward.window;
-                    self.client = step.client;
-                    self.rule = forward.rule;
-                    self.tokens = forward.tokens;
-                    self.strip_usage_chunk = forward.strip_usage_chunk;
-                    if let Some(client) = step.client.and_then(|c| plugin.config.client(c)) {
-                        // For the access log (`%FILTER_STATE(wasm.tollgate_client:PLAIN)%`).
-                        let model = plugin.model_label(forward.rule).to_string();
-                        for (name, value) in [
-                            ("tollgate_client", client.name.as_str()),
-                            ("tollgate_model", &model),
-                        ] {
-                            if let Err(e) = host::set_property(name, value.as_bytes()) {
-                                debug!("cannot set {name}: {e}");
-                            }
-                        }
+            // Admitted (limits counted): the cache may answer it before it goes upstream.
+            Decision::Forward(forward) => {
+                match self.look_up(plugin, forward, step.client, step.outcome) {
+                    Lookup::Forward(forward) => {
+                        self.admit(plugin, forward, step.client, step.outcome)
                     }
-                    (Action::Continue, step.outcome)
+                    Lookup::Answered(action) => (action, step.outcome),
+                    // Counted when Redis answers.
+                    Lookup::Waiting => return Action::Pause,
                 }
-                Err(e) => {
-                    // Never forward a request whose client key may still be on it.
-                    error!("cannot rewrite request headers: {e}");
-                    (self.reply(&openai::internal_error()), Outcome::Error)
-                }
-            },
+            }
         };
         plugin.metrics.request(step.client, outcome);
         action
+    }
+
+    /// Rewrites an admitted request for its trip upstream.
+    fn admit(
+        &mut self,
+        plugin: &Plugin,
+        forward: Forward,
+        client: Option<usize>,
+        outcome: Outcome,
+    ) -> (Action, Outcome) {
+        match apply(&forward) {
+            Ok(()) => {
+                self.window = forward.window;
+                self.client = client;
+                self.rule = forward.rule;
+                self.tokens = forward.tokens;
+                self.strip_usage_chunk = forward.strip_usage_chunk;
+                record_client(plugin, client, forward.rule);
+                (Action::Continue, outcome)
+            }
+            Err(e) => {
+                // Never forward a request whose client key may still be on it.
+                error!("cannot rewrite request headers: {e}");
+                self.cache_store = None;
+                (self.reply(&openai::internal_error()), Outcome::Error)
+            }
+        }
     }
 
     /// Sends a local reply; if even that fails, resets the stream so nothing goes upstream.
@@ -906,6 +1145,322 @@ impl Request {
             let _ = host::reset_request();
         }
         Action::Pause
+    }
+}
+
+/// Names the client and the model rule for the access log
+/// (`%FILTER_STATE(wasm.tollgate_client:PLAIN)%`).
+fn record_client(plugin: &Plugin, client: Option<usize>, rule: Option<usize>) {
+    let Some(client) = client.and_then(|c| plugin.config.client(c)) else {
+        return;
+    };
+    let model = plugin.model_label(rule).to_string();
+    for (name, value) in [
+        ("tollgate_client", client.name.as_str()),
+        ("tollgate_model", &model),
+    ] {
+        if let Err(e) = host::set_property(name, value.as_bytes()) {
+            debug!("cannot set {name}: {e}");
+        }
+    }
+}
+
+/// The response cache's part of a request: look up after admission, answer a hit, copy a
+/// miss's response as it passes and store it at its end. Every failure is a miss.
+impl Request {
+    fn look_up(
+        &mut self,
+        plugin: &Plugin,
+        mut forward: Forward,
+        client: Option<usize>,
+        outcome: Outcome,
+    ) -> Lookup {
+        let Some(decision) = forward.cache.take() else {
+            return Lookup::Forward(forward);
+        };
+        let rule = forward.rule;
+        let plan = match decision {
+            cache::Decision::Bypass { backend, reason } => {
+                plugin.cache_count(CacheMetric::Skips, rule, backend, reason.reason(), 1);
+                self.cache_header = Some("bypass");
+                return Lookup::Forward(forward);
+            }
+            cache::Decision::Use(plan) => plan,
+        };
+        let backend = plan.backend;
+        if plan.store {
+            self.cache_store = Some(CacheStore {
+                plan: plan.clone(),
+                rule,
+                head: None,
+                body: Vec::new(),
+            });
+        } else {
+            plugin.cache_count(CacheMetric::Skips, rule, backend, Skip::NoStore.reason(), 1);
+        }
+        if !plan.lookup {
+            plugin.cache_count(CacheMetric::Skips, rule, backend, Skip::NoCache.reason(), 1);
+            self.cache_header = Some("bypass");
+            return Lookup::Forward(forward);
+        }
+        self.cache_header = Some("miss");
+        let now = host::now_ms().unwrap_or(0);
+        match (
+            backend,
+            plugin.config.cache.local,
+            &plugin.config.cache.redis,
+        ) {
+            (Backend::Local, Some(layout), _) => {
+                match cache::local_get(&SharedData, &layout, &plan.key, now) {
+                    Ok(Some(entry)) => {
+                        return Lookup::Answered(
+                            self.serve_hit(plugin, forward, client, backend, entry, now),
+                        )
+                    }
+                    Ok(None) => {}
+                    Err(e) => plugin.cache_error(rule, backend, &e),
+                }
+            }
+            (Backend::Redis, _, Some(redis)) => {
+                let call = cache::callout(redis, cache::get_command(&plan.key));
+                match host::dispatch_http_call(
+                    &call.cluster,
+                    &call.headers,
+                    &call.body,
+                    call.timeout_ms,
+                ) {
+                    Ok(token) => {
+                        self.cache_wait = Some((
+                            token,
+                            CacheWait {
+                                forward,
+                                client,
+                                outcome,
+                                plan,
+                                sent_ms: now,
+                            },
+                        ));
+                        return Lookup::Waiting;
+                    }
+                    Err(e) => {
+                        error!("cannot call Webdis to look up a response: {e}");
+                        let failed = cache::Error::Redis(ReplyError::Unavailable);
+                        plugin.cache_error(rule, backend, &failed);
+                    }
+                }
+            }
+            // The configuration always has the backend its settings use.
+            _ => {}
+        }
+        plugin.cache_count(CacheMetric::Misses, rule, backend, "", 1);
+        Lookup::Forward(forward)
+    }
+
+    /// Webdis answered a lookup: a hit is answered here, anything else goes upstream.
+    fn on_cache_reply(&mut self, plugin: &Plugin, wait: CacheWait, num_headers: usize) {
+        let CacheWait {
+            forward,
+            client,
+            outcome,
+            plan,
+            sent_ms,
+        } = wait;
+        let status = callout_status(num_headers);
+        let max = plugin.config.cache.max_reply_bytes();
+        let body = host::call_response_body(max).unwrap_or_default();
+        let now = host::now_ms().unwrap_or(0);
+        let timeout = plugin
+            .config
+            .cache
+            .redis
+            .as_ref()
+            .map_or(0, |r| r.timeout_ms);
+        let rule = forward.rule;
+        let (action, outcome) = match cache::parse_get_reply(status, &body, &plan.key, now) {
+            Ok(Some(entry)) => {
+                let action = self.serve_hit(plugin, forward, client, plan.backend, entry, now);
+                (action, outcome)
+            }
+            other => {
+                if let Err(e) = other {
+                    plugin.cache_error(rule, plan.backend, &timed_out(e, now, sent_ms, timeout));
+                }
+                plugin.cache_count(CacheMetric::Misses, rule, plan.backend, "", 1);
+                self.admit(plugin, forward, client, outcome)
+            }
+        };
+        plugin.metrics.request(client, outcome);
+        if action == Action::Continue {
+            if let Err(e) = host::resume_request() {
+                error!("cannot resume the request: {e}");
+            }
+        }
+    }
+
+    /// Answers an admitted request with a stored response: 200, its content type, the
+    /// client's budget headers. A hit costs no tokens: the reservation is given back.
+    fn serve_hit(
+        &mut self,
+        plugin: &Plugin,
+        forward: Forward,
+        client: Option<usize>,
+        backend: Backend,
+        entry: cache::Entry,
+        now_ms: u64,
+    ) -> Action {
+        let rule = forward.rule;
+        self.cache_store = None;
+        self.cache_header = None;
+        let content_type = if entry.content_type.is_empty() {
+            "application/json".to_string()
+        } else {
+            String::from_utf8_lossy(&entry.content_type).into_owned()
+        };
+        let mut headers = vec![
+            ("content-type", content_type),
+            (CACHE_HEADER, "hit".to_string()),
+            ("age", entry.age_s(now_ms).to_string()),
+        ];
+        if let Some(w) = &forward.window {
+            headers.extend(request::response_headers(w));
+        }
+        if let Some(t) = &forward.tokens {
+            let mut refunded = t.clone();
+            refunded.state.remaining = t
+                .state
+                .remaining
+                .saturating_add(t.estimate.total())
+                .min(t.state.limit);
+            headers.extend(request::token_headers(&refunded));
+        }
+        self.replied = true;
+        self.client = client;
+        self.rule = rule;
+        self.window = forward.window;
+        self.tokens = forward.tokens;
+        // Settled in on_log: zero tokens used.
+        self.used = Some(Usage::default());
+        self.succeeded = true;
+        record_client(plugin, client, rule);
+        plugin.cache_count(CacheMetric::Hits, rule, backend, "", 1);
+        plugin.cache_count(
+            CacheMetric::ServedBytes,
+            rule,
+            backend,
+            "",
+            entry.body.len() as u64,
+        );
+        debug!("answered from the response cache ({})", backend.name());
+        if let Err(e) = host::send_reply(entry.status, &headers, &entry.body) {
+            error!("cannot send a cached response: {e}; resetting the stream");
+            let _ = host::reset_request();
+        }
+        Action::Pause
+    }
+
+    /// Response headers of a forwarded request: say what the cache did, and keep copying only
+    /// a response that can be stored (a 200, not compressed, not a stream).
+    fn cache_response_headers(&mut self) {
+        if let Some(value) = self.cache_header {
+            if let Err(e) = host::replace_header(Map::Response, CACHE_HEADER, value) {
+                warn!("cannot set response header {CACHE_HEADER}: {e}");
+            }
+        }
+        let (Some(plugin), Some(store)) = (&self.plugin, self.cache_store.as_mut()) else {
+            return;
+        };
+        let header = |name: &str| host::header(Map::Response, name).ok().flatten();
+        let status = header(":status")
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u16>().ok())
+            .unwrap_or(0);
+        let content_type = header("content-type").unwrap_or_default();
+        let encoded =
+            header("content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case(b"identity"));
+        let skip = if status != 200 {
+            Some(Skip::Status)
+        } else if encoded || content_type.starts_with(b"text/event-stream") {
+            Some(Skip::Encoding)
+        } else {
+            None
+        };
+        match skip {
+            Some(skip) => {
+                let (rule, backend) = (store.rule, store.plan.backend);
+                plugin.cache_count(CacheMetric::Skips, rule, backend, skip.reason(), 1);
+                self.cache_store = None;
+            }
+            None => store.head = Some((status, content_type)),
+        }
+    }
+
+    /// Copies the response body as it passes (bounded by `max_entry_bytes`; the client gets
+    /// every byte as it arrives) and stores it at the end of the stream.
+    fn cache_response_body(&mut self, body_size: usize, end_of_stream: bool) {
+        let (Some(plugin), Some(store)) = (self.plugin.clone(), self.cache_store.as_mut()) else {
+            return;
+        };
+        if store.head.is_none() {
+            return;
+        }
+        if body_size > 0 {
+            let skip = match host::response_body_chunk(body_size) {
+                Ok(chunk) if store.body.len() + chunk.len() <= store.plan.max_entry_bytes => {
+                    store.body.extend_from_slice(&chunk);
+                    None
+                }
+                Ok(_) => Some(Skip::TooLarge),
+                Err(e) => {
+                    debug!("cannot read the response body for the cache: {e}");
+                    Some(Skip::Incomplete)
+                }
+            };
+            if let Some(skip) = skip {
+                let (rule, backend) = (store.rule, store.plan.backend);
+                plugin.cache_count(CacheMetric::Skips, rule, backend, skip.reason(), 1);
+                self.cache_store = None;
+                return;
+            }
+        }
+        if !end_of_stream {
+            return;
+        }
+        let Some(CacheStore {
+            plan,
+            rule,
+            head: Some((status, content_type)),
+            body,
+        }) = self.cache_store.take()
+        else {
+            return;
+        };
+        let now = host::now_ms().unwrap_or(0);
+        let entry = match cache::Entry::new(&plan, now, status, &content_type, body) {
+            Ok(entry) => entry,
+            Err(skip) => {
+                plugin.cache_count(CacheMetric::Skips, rule, plan.backend, skip.reason(), 1);
+                return;
+            }
+        };
+        match (plan.backend, plugin.config.cache.local) {
+            (Backend::Local, Some(layout)) => {
+                match cache::local_put(&SharedData, &layout, &entry, now) {
+                    Ok(()) => {
+                        let bytes = entry.body.len() as u64;
+                        plugin.cache_count(CacheMetric::Stores, rule, Backend::Local, "", 1);
+                        plugin.cache_count(
+                            CacheMetric::StoredBytes,
+                            rule,
+                            Backend::Local,
+                            "",
+                            bytes,
+                        );
+                    }
+                    Err(e) => plugin.cache_error(rule, Backend::Local, &e),
+                }
+            }
+            (Backend::Redis, _) => plugin.queue_store(rule, &entry, plan.ttl_s),
+            (Backend::Local, None) => {}
+        }
     }
 }
 
