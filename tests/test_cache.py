@@ -42,20 +42,6 @@ def plugin(cache: dict, **extra) -> dict:
     }
 
 
-@pytest.fixture
-def redis(workdir):
-    r = harness.RedisServer(workdir)
-    yield r
-    r.stop()
-
-
-@pytest.fixture
-def webdis(workdir, redis):
-    w = harness.Webdis(workdir, redis)
-    yield w
-    w.stop()
-
-
 REDIS_CACHE = {"cache_backends": {"redis": {"cluster": "webdis", "timeout_ms": 200}}}
 
 
@@ -283,6 +269,26 @@ def test_hits_cost_no_tokens(start_gateway, providers):
     assert int(third.header("x-ratelimit-remaining-tokens")) == TPM - used - -(-len(other) // 4)
     prompt = gw.counter("tollgate_tokens_total", client="team-a", model="gpt-4_1", kind="prompt")
     assert prompt == first.json()["usage"]["prompt_tokens"] + third.json()["usage"]["prompt_tokens"]
+
+
+def test_hits_cost_no_tokens_with_the_redis_limiter(start_gateway, providers, redis, webdis):
+    """The hit's reservation, made in Redis, is given back through the worker's settlements."""
+    relay, backup = providers
+    config = plugin({}, limiter={"backend": "redis", "cluster": "webdis", "on_error": "deny"})
+    gw = start_gateway(config, provider_urls(relay, backup), webdis=webdis.addr)
+    minute = harness.wait_for_fresh_window()
+    key = f"tokens:{harness.md5_hex(TEAM_A)}:{int(minute)}"
+    body = json.dumps(chat_body("gpt-4.1", content="tokens in redis?", temperature=0)).encode()
+    used = post(gw, TEAM_A, body).json()["usage"]["total_tokens"]
+    harness.wait_until(lambda: redis.cli("GET", key) == str(used), f"{key} settled at {used}",
+                       timeout_s=10)
+    hit = post(gw, TEAM_A, body)
+    assert hit.header("x-tollgate-cache") == "hit"
+    assert int(hit.header("x-ratelimit-remaining-tokens")) == TPM - used
+    # The hit reserved its estimate in Redis; the settlement gives all of it back.
+    harness.wait_until(lambda: redis.cli("GET", key) == str(used), f"{key} back at {used}",
+                       timeout_s=10)
+    assert len(relay.requests()) == 1
 
 
 def test_rate_limits_apply_before_the_cache(start_gateway, providers):
