@@ -25,7 +25,20 @@ fuzz_target!(|data: &[u8]| {
     }
     let rewritten = body::with_stream_usage(data);
 
-    let value: Option<Value> = serde_json::from_slice(data).ok();
+    let value: Option<Value> = match serde_json::from_slice(data) {
+        Ok(v) => Some(v),
+        // JSON's grammar allows an unpaired surrogate escape (`"\ud83d"`) and numbers beyond
+        // f64 (`1e400`); serde_json's reading of the skipped parts of a body allows them too,
+        // but a `Value` cannot hold them. No reference then.
+        Err(e)
+            if ["surrogate", "hex escape", "number out of range"]
+                .iter()
+                .any(|m| e.to_string().contains(m)) =>
+        {
+            return
+        }
+        Err(_) => None,
+    };
     let request = match parsed {
         Ok(r) => r,
         Err(BodyError::NoModel) => {
