@@ -101,7 +101,7 @@ impl SseUsage {
     pub fn push_filtered(&mut self, chunk: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(chunk.len() + self.pending.len());
         let strip = self.strip_usage_chunk;
-        self.scan(chunk, &mut |event: Option<&[u8]>, raw: &[u8]| match event {
+        self.scan(chunk, |event: Option<&[u8]>, raw: &[u8]| match event {
             // Unread (too long) or not stripping: as it came.
             None => out.extend_from_slice(raw),
             Some(_) if !strip => out.extend_from_slice(raw),
@@ -125,13 +125,13 @@ impl SseUsage {
 
     /// Feeds the next bytes of the stream.
     pub fn push(&mut self, chunk: &[u8]) {
-        self.scan(chunk, &mut |_, _| {});
+        self.scan(chunk, |_, _| {});
     }
 
     /// Splits the stream into events; calls `each(Some(event), raw bytes with separator)` for
     /// every complete event after reading it, and `each(None, raw bytes)` for the bytes of
     /// events too long to read.
-    fn scan(&mut self, chunk: &[u8], each: &mut dyn FnMut(Option<&[u8]>, &[u8])) {
+    fn scan<F: FnMut(Option<&[u8]>, &[u8])>(&mut self, chunk: &[u8], mut each: F) {
         // A separator may have begun in the last bytes already pending.
         let mut scan = self.pending.len().saturating_sub(3);
         let mut buf = std::mem::take(&mut self.pending);
