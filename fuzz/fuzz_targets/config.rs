@@ -7,8 +7,10 @@
 //!
 //! Invariants:
 //! - never panics; every error has a message, and for a document that is a JSON object it names
-//!   the field (a non-empty dotted path, or serde's ``missing field `x` ``); the path starts at a
-//!   key of the document;
+//!   the field (a non-empty dotted path, or serde's ``missing/duplicate/unknown field `x` ``
+//!   for top-level fields); the path starts at a
+//!   key of the document or a configuration key it lacks, and the message follows it
+//!   (`field: message`);
 //! - no secret (environment value, or its base64 in Webdis basic auth) ever appears in an error
 //!   or in the `Debug` form of a config;
 //! - an accepted config holds what the document says (its clients, in order) and satisfies the
@@ -27,6 +29,19 @@ const SECRET: &str = "sk-fuzz:S3cr3t-7f1d";
 const SPACED: &str = "sk fuzz spaced 9c2e";
 /// base64("sk-fuzz:S3cr3t-7f1d"), as the Webdis basic-auth header would carry it.
 const SECRET_B64: &str = "c2stZnV6ejpTM2NyM3QtN2YxZA==";
+
+/// The keys of a configuration: an error may name one the document lacks.
+const KEYS: [&str; 9] = [
+    "clients",
+    "default_requests_per_minute",
+    "default_tokens_per_minute",
+    "upstream",
+    "limiter",
+    "providers",
+    "models",
+    "default_provider",
+    "max_body_bytes",
+];
 
 fn env(name: &str) -> Option<String> {
     if name.contains("UNSET") {
@@ -58,13 +73,23 @@ fuzz_target!(|data: &[u8]| {
             no_secret(&format!("{e:?}"), data);
             if let Some(Value::Object(top)) = &document {
                 assert!(
-                    !e.field.is_empty() || e.message.starts_with("missing field `"),
+                    // A top-level field missing, repeated or unknown: serde names it in the
+                    // message (the empty key `""` is its own, empty, path).
+                    !e.field.is_empty()
+                        || ["missing", "duplicate", "unknown"]
+                            .iter()
+                            .any(|w| e.message.starts_with(&format!("{w} field `"))),
                     "an error about a JSON object names no field: {shown}"
                 );
                 if !e.field.is_empty() {
-                    let first = e.field.split(['.', '[']).next().unwrap_or_default();
+                    // (A key may itself hold `.` or `[`.)
+                    let at_key = |k: &String| {
+                        e.field.strip_prefix(k.as_str()).is_some_and(|rest| {
+                            rest.is_empty() || rest.starts_with('.') || rest.starts_with('[')
+                        })
+                    };
                     assert!(
-                        top.contains_key(first),
+                        top.keys().any(at_key) || KEYS.iter().any(|k| at_key(&k.to_string())),
                         "the error names {:?}, not a key of the document: {shown}",
                         e.field
                     );
