@@ -298,7 +298,7 @@ mod tests {
         assert!(matches!(parse(b"{"), Err(BodyError::Malformed(_))));
         assert!(matches!(parse(b""), Err(BodyError::Malformed(_))));
         assert!(matches!(parse(b"[1,2]"), Err(BodyError::Malformed(_))));
-        // Found by fuzzing (fuzz/seeds/body/gen-array.json): serde reads a struct from an array.
+        // Fuzz target body, seed gen-array.json: serde reads a struct from an array.
         assert!(matches!(
             parse(br#" ["gpt-4.1",true,100]"#),
             Err(BodyError::Malformed(_))
@@ -333,7 +333,7 @@ mod tests {
         assert_eq!(replace_model(br#"{"other":1}"#, "x"), None);
     }
 
-    /// Found by fuzzing (fuzz/seeds/body/gen-escaped-key.json): serde decodes escapes in keys,
+    /// Fuzz target body, seed gen-escaped-key.json: serde decodes escapes in keys,
     /// so `"mod\u0065l"` is the model, and `"stream_opti\u006fns"` the stream options a client
     /// could otherwise use to keep its stream's usage (and tokens) from being counted.
     #[test]
@@ -357,7 +357,7 @@ mod tests {
         );
     }
 
-    /// Found by fuzzing (fuzz/seeds/body/stream-options-big-number.json): re-encoding the
+    /// Fuzz finding (fuzz/seeds/body/stream-options-big-number.json): re-encoding the
     /// options changed a number serde_json does not round-trip.
     #[test]
     fn stream_options_keep_the_clients_bytes() {
@@ -389,7 +389,7 @@ mod tests {
         assert!(parse(br#"{"model":"m","stream_options":null}"#).is_ok());
     }
 
-    /// Found by fuzzing (fuzz/seeds/body/invalid-utf8-ignored-field.json): serde_json does not
+    /// Fuzz finding (fuzz/seeds/body/invalid-utf8-ignored-field.json): serde_json does not
     /// check the UTF-8 of strings it skips.
     #[test]
     fn invalid_utf8_anywhere_is_malformed() {

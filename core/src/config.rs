@@ -1251,7 +1251,7 @@ mod tests {
         assert!(e.starts_with("missing field `clients`"), "{e}");
     }
 
-    /// Found by fuzzing (fuzz/seeds/config/enum-given-a-number.json): valid JSON with a
+    /// Fuzz finding (fuzz/seeds/config/enum-given-a-number.json): valid JSON with a
     /// number for `limiter.backend` was "not valid JSON: expected value", naming no field.
     #[test]
     fn enum_fields_of_the_wrong_type_are_named() {
@@ -1282,7 +1282,7 @@ mod tests {
         );
     }
 
-    /// Found by the config fuzz target (fuzz/seeds/config/array.json): serde reads a struct
+    /// Fuzz target config, seed array.json: serde reads a struct
     /// from an array, so `[[clients], null, null, {upstream}]` was a configuration.
     #[test]
     fn an_array_is_not_a_configuration() {
@@ -1295,7 +1295,7 @@ mod tests {
         );
     }
 
-    /// Found by fuzzing (fuzz/seeds/config/trailing-characters.json): what followed the
+    /// Fuzz finding (fuzz/seeds/config/trailing-characters.json): what followed the
     /// object was ignored, e.g. a second configuration pasted after the first.
     #[test]
     fn trailing_characters_are_an_error() {

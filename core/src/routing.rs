@@ -246,7 +246,7 @@ mod tests {
         assert!(!m("", "x"));
     }
 
-    /// Found by fuzzing (fuzz/seeds/glob/question-mark-multibyte): `?` matched one byte.
+    /// Fuzz target glob (fuzz/seeds/glob/question-mark-multibyte): `?` matched one byte.
     #[test]
     fn question_mark_is_one_character() {
         let m = |p: &str, n: &str| Pattern::new(p).matches(n);

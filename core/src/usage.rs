@@ -251,6 +251,10 @@ fn is_usage_only(event: &[u8]) -> bool {
         return false;
     };
     let data = data.strip_suffix(b"\r").unwrap_or(data);
+    // serde reads a struct from an array too (`[[], {}]`); a chunk is an object.
+    if data.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return false;
+    }
     matches!(
         serde_json::from_slice::<Chunk>(data),
         Ok(Chunk { choices: Some(c), usage: Some(_) }) if c.is_empty()
@@ -371,7 +375,7 @@ mod tests {
         out
     }
 
-    /// Found by fuzzing (fuzz/seeds/sse/gen-oversized.sse): with the usage chunk stripped, an
+    /// Fuzz target sse, seed gen-oversized.sse: with the usage chunk stripped, an
     /// event longer than the bound was dropped from what the client receives.
     #[test]
     fn oversized_events_are_forwarded_not_dropped() {
@@ -400,7 +404,7 @@ mod tests {
         }
     }
 
-    /// Found by fuzzing (fuzz/seeds/sse/gen-oversized-usage.sse): whether an event near the
+    /// Fuzz target sse, seed gen-oversized-usage.sse: whether an event near the
     /// bound was read depended on how the stream was cut into chunks.
     #[test]
     fn the_bound_does_not_depend_on_the_split() {
@@ -494,6 +498,17 @@ mod tests {
             .flat_map(|c| r.push_filtered(c))
             .collect();
         assert_eq!(out, STREAM.as_bytes());
+    }
+
+    /// Fuzz target sse, seed array-chunk.sse: an array with an empty
+    /// first element and a second one was taken for the usage chunk and removed.
+    #[test]
+    fn only_an_object_is_the_usage_chunk() {
+        let mut r = SseUsage::stripping_usage_chunk();
+        let s = b"data: [[],{\"prompt_tokens\":1}]\n\ndata: [DONE]\n\n";
+        let mut out = r.push_filtered(s);
+        out.extend(r.finish_filtered());
+        assert_eq!(out, s);
     }
 
     proptest! {

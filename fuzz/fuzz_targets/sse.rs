@@ -95,7 +95,9 @@ struct Run {
     out: Vec<u8>,
 }
 
-/// Feeds `stream` in chunks of `sizes` through `push_filtered`, and once more through `push`.
+/// Feeds `stream` in chunks of `sizes` through `push_filtered` (what the filter calls when it
+/// strips the usage chunk) and, when not stripping, once more through `push` (what it calls
+/// otherwise), which must read the same.
 fn run(stream: &[u8], sizes: &[usize], strip: bool) -> Run {
     let new = || {
         if strip {
@@ -112,8 +114,8 @@ fn run(stream: &[u8], sizes: &[usize], strip: bool) -> Run {
         let chunk = &stream[at..at + n];
         at += n;
         out.extend(filtered.push_filtered(chunk));
-        plain.push(chunk);
         if !strip {
+            plain.push(chunk);
             // Unstripped, what is not forwarded yet is what the reader holds.
             let held = at - out.len();
             assert!(held <= MAX_EVENT_BYTES + 3, "the reader holds {held} bytes");
@@ -133,7 +135,9 @@ fn run(stream: &[u8], sizes: &[usize], strip: bool) -> Run {
         oversized: plain.oversized,
         done: plain.done,
     };
-    assert_eq!(summary, plain_summary, "push and push_filtered disagree");
+    if !strip {
+        assert_eq!(summary, plain_summary, "push and push_filtered disagree");
+    }
     Run { summary, out }
 }
 
