@@ -7,17 +7,20 @@
 #   FUZZ_WORK      working directory (default target/fuzz-smoke): corpus/<t>, artifacts/<t>, logs
 #   FUZZ_KEEP_CORPUS=1  keep corpus/<t> from earlier runs (default: start from the seeds only)
 #   FUZZ_ARGS      extra libFuzzer options
+#   FUZZ_TOOLCHAIN rustup toolchain to build with (default: nightly if installed, else the default)
+#   FUZZ_SANITIZER cargo fuzz --sanitizer (default none; address needs nightly or RUSTC_BOOTSTRAP)
 #
 # Each target starts from its committed seeds (fuzz/seeds/<t>, read-only) and grows a scratch
-# corpus under FUZZ_WORK. Installs cargo-fuzz (pinned) when it is missing. Uses the nightly
-# toolchain when one is installed; otherwise the default (stable) toolchain with
-# RUSTC_BOOTSTRAP=1, which lets stable rustc accept the few unstable flags libFuzzer builds need.
+# corpus under FUZZ_WORK. Installs cargo-fuzz (pinned) when it is missing. Without a sanitizer,
+# cargo fuzz passes only stable -C flags to rustc, so a stable toolchain builds the targets as
+# is; with one (-Zsanitizer=...), a stable toolchain gets RUSTC_BOOTSTRAP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CARGO_FUZZ_VERSION=0.13.2
 FUZZ_SECONDS=${FUZZ_SECONDS:-20}
 FUZZ_WORK=${FUZZ_WORK:-target/fuzz-smoke}
+FUZZ_SANITIZER=${FUZZ_SANITIZER:-none}
 BUILD_DIR=target/fuzz
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
@@ -25,17 +28,20 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
 fi
 
-if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
-  fuzz=(cargo +nightly fuzz)
-else
-  echo "no nightly toolchain: building the fuzz targets with $(rustc --version) and RUSTC_BOOTSTRAP=1"
-  export RUSTC_BOOTSTRAP=1
-  fuzz=(cargo fuzz)
+toolchain=${FUZZ_TOOLCHAIN:-}
+if [[ -z "$toolchain" ]] && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  toolchain=nightly
 fi
+fuzz=(cargo ${toolchain:+"+$toolchain"} fuzz)
+rustc_version=$(rustc ${toolchain:+"+$toolchain"} --version)
+if [[ "$FUZZ_SANITIZER" != none && "$rustc_version" != *nightly* ]]; then
+  export RUSTC_BOOTSTRAP=1
+fi
+echo "building the fuzz targets with $rustc_version, sanitizer $FUZZ_SANITIZER${RUSTC_BOOTSTRAP:+, RUSTC_BOOTSTRAP=1}"
 
 # The core has no unsafe code: AddressSanitizer would only slow the runs down. Debug assertions
 # and overflow checks stay on (cargo fuzz's default), so an overflow is a finding too.
-"${fuzz[@]}" build --sanitizer none --target-dir "$BUILD_DIR"
+"${fuzz[@]}" build --sanitizer "$FUZZ_SANITIZER" --target-dir "$BUILD_DIR"
 host=$(rustc -vV | sed -n 's/^host: //p')
 bin_dir="$BUILD_DIR/$host/release"
 
@@ -63,18 +69,19 @@ for t in $targets; do
     failed+=("$t")
   fi
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
-  secs=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log" | tail -1)
+  rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
   last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
   cov=$(grep -o 'cov: [0-9]*' <<<"$last" | cut -d' ' -f2)
   ft=$(grep -o 'ft: [0-9]*' <<<"$last" | cut -d' ' -f2)
   corp=$(grep -o 'corp: [0-9]*/[0-9]*[a-zA-Z]*' <<<"$last" | cut -d' ' -f2)
-  rate=$(( ${runs:-0} / ( ${secs:-0} > 0 ? ${secs:-1} : 1 ) ))
-  summary+=("$(printf '%-13s %-7s %10s %8s %6s %6s %12s' "$t" "$status" "${runs:-?}" "$rate" \
+  summary+=("$(printf '%-13s %-7s %10s %8s %6s %6s %12s' "$t" "$status" "${runs:-?}" "${rate:-?}" \
     "${cov:-?}" "${ft:-?}" "${corp:-?}")")
   if [[ $status == FAILED ]]; then
     echo "--- $t failed; the end of $log:"
     tail -n 40 "$log"
-    echo "--- reproduce: $bin_dir/$t $artifacts/<crash file>"
+    for a in "$artifacts"/*; do
+      [[ -e "$a" ]] && echo "--- reproduce: $bin_dir/$t $a"
+    done
   fi
 done
 
