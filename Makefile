@@ -7,12 +7,13 @@ PYTHON := $(VENV)/bin/python
 WASM   := target/wasm32-wasip1/release/tollgate.wasm
 MOCK   := target/release/mock-provider
 
-.PHONY: help run test build deps system-packages toolchain lint unit e2e clean
+.PHONY: help run test build deps system-packages toolchain lint unit e2e clean fuzz-smoke fuzz-long
 
 help:
 	@echo "make run    build and start the demo gateway (Envoy + Tollgate + mock provider)"
 	@echo "            LIMITER=redis: with the cluster-wide limiter (Redis + Webdis on loopback)"
-	@echo "make test   install what the tests need and run everything (fmt, clippy, unit, end-to-end)"
+	@echo "make test   install what the tests need and run everything (fmt, clippy, unit, fuzz smoke, end-to-end)"
+	@echo "make fuzz-long   fuzz every parser FUZZ_LONG_SECONDS (300) each (docs/fuzzing.md)"
 
 ## Installation of what is missing: the wasm target and lint components, and a venv with Envoy.
 toolchain:
@@ -49,11 +50,13 @@ run: deps build
 	PYTHON=$(PYTHON) LIMITER=$(LIMITER) bash scripts/run-demo.sh
 
 ## The filter crate is a cdylib of wasm imports: it is linted for its real target and has no
-## host tests (its logic lives in tollgate-core).
+## host tests (its logic lives in tollgate-core). The fuzz targets are a workspace of their own.
 lint: toolchain
 	cargo fmt --all -- --check
+	cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
 	cargo clippy --workspace --exclude tollgate-filter --all-targets -- -D warnings
 	cargo clippy -p tollgate-filter --target wasm32-wasip1 -- -D warnings
+	cargo clippy --manifest-path fuzz/Cargo.toml --target-dir target/fuzz-clippy --locked -- -D warnings
 
 unit:
 	cargo test --workspace --exclude tollgate-filter
@@ -63,7 +66,20 @@ e2e: deps build
 
 ## The benchmark's smoke run (about 20 s) checks that `make bench` still works end to end;
 ## the end-to-end suite runs last, so its summary closes the output.
-test: deps lint unit build bench-smoke e2e
+test: deps lint unit fuzz-smoke build bench-smoke e2e
+
+## Fuzzing (docs/fuzzing.md): every parser on the request path, one libFuzzer process at a
+## time. `fuzz-smoke` runs each target FUZZ_SECONDS (20) from its seeds and fails on any finding;
+## `fuzz-long` runs each FUZZ_LONG_SECONDS (300) and keeps its corpus in target/fuzz-long/.
+FUZZ_SECONDS ?= 20
+FUZZ_LONG_SECONDS ?= 300
+
+fuzz-smoke:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz-smoke.sh
+
+fuzz-long:
+	FUZZ_SECONDS=$(FUZZ_LONG_SECONDS) FUZZ_WORK=target/fuzz-long FUZZ_KEEP_CORPUS=1 \
+		bash scripts/fuzz-smoke.sh
 
 clean:
 	cargo clean

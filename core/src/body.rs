@@ -50,23 +50,37 @@ struct Fields<'a> {
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     max_output_tokens: Option<u64>,
+    /// Read only so that a repeated `stream_options` or `include_usage` is refused: the gateway
+    /// and the provider could read different ones, and the stream's usage go uncounted.
+    #[serde(default, rename = "stream_options")]
+    _stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default, rename = "include_usage")]
+    _include_usage: Option<serde::de::IgnoredAny>,
 }
 
 /// Parses the body of a model request.
 pub fn parse(body: &[u8]) -> Result<ModelRequest, BodyError> {
-    // serde_json skips the members it does not extract without checking their strings' UTF-8
-    // or their depth: check both here, so a body Tollgate forwards is JSON all through.
-    if std::str::from_utf8(body).is_err() {
+    // serde reads a struct from a JSON array too (`["gpt-4.1",true]`, fields in order); other
+    // non-objects are data errors below.
+    if body.get(skip_ws(body, 0)) == Some(&b'[') {
         return Err(BodyError::Malformed(
-            "the request body is not valid UTF-8".to_string(),
+            "the request body must be a JSON object".to_string(),
         ));
     }
+    // serde_json skips the members it does not extract without checking their strings' UTF-8
+    // or their depth: check both here, so a body Tollgate forwards is JSON all through.
+    let text = std::str::from_utf8(body)
+        .map_err(|_| BodyError::Malformed("the request body is not valid UTF-8".to_string()))?;
     if nesting_exceeds(body, MAX_DEPTH) {
         return Err(BodyError::Malformed(format!(
             "the request body nests arrays and objects deeper than {MAX_DEPTH} levels"
         )));
     }
-    let fields: Fields<'_> = serde_json::from_slice(body).map_err(|e| {
+    let fields: Fields<'_> = serde_json::from_str(text).map_err(|e| {
         BodyError::Malformed(if e.is_data() {
             "the request body must be a JSON object".to_string()
         } else {
@@ -132,7 +146,8 @@ pub fn replace_model(body: &[u8], new_model: &str) -> Option<Vec<u8>> {
 
 /// For a streaming request whose client did not ask for usage, the body with
 /// `stream_options.include_usage: true` (so the stream reports its tokens); `None` when nothing
-/// needs to change (not streaming, or usage already asked for).
+/// needs to change (not streaming, or usage already asked for). The body must be one [`parse`]
+/// accepted (no repeated members that matter here).
 pub fn with_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
     #[derive(Deserialize)]
     struct Stream {
@@ -146,16 +161,31 @@ pub fn with_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     match s.stream_options {
-        Some(serde_json::Value::Object(mut options)) => {
+        Some(serde_json::Value::Object(options)) => {
             if options.get("include_usage") == Some(&serde_json::Value::Bool(true)) {
                 return None;
             }
-            options.insert("include_usage".into(), serde_json::Value::Bool(true));
-            let encoded = serde_json::to_string(&options).ok()?;
+            // Edit the client's bytes rather than re-encode the object: serde_json does not
+            // round-trip every number (`1e400`-like integers, long fractions).
             let (start, end) = top_level_value_span(body, b"stream_options")?;
+            let object = body.get(start..end)?;
             let mut out = Vec::with_capacity(body.len() + 24);
             out.extend_from_slice(body.get(..start)?);
-            out.extend_from_slice(encoded.as_bytes());
+            match top_level_value_span(object, b"include_usage") {
+                Some((s, e)) => {
+                    out.extend_from_slice(object.get(..s)?);
+                    out.extend_from_slice(b"true");
+                    out.extend_from_slice(object.get(e..)?);
+                }
+                None => {
+                    out.push(b'{');
+                    out.extend_from_slice(br#""include_usage":true"#);
+                    if !options.is_empty() {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(object.get(1..)?);
+                }
+            }
             out.extend_from_slice(body.get(end..)?);
             Some(out)
         }
@@ -181,7 +211,7 @@ pub fn with_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// Byte span of the value of a top-level member whose key is exactly `key` (no escapes in it).
+/// Byte span of the value of the top-level member whose key is `key`.
 /// The body must be valid JSON (checked by [`parse`] first); on anything unexpected, `None`.
 fn top_level_value_span(body: &[u8], key: &[u8]) -> Option<(usize, usize)> {
     let mut i = skip_ws(body, 0);
@@ -196,14 +226,14 @@ fn top_level_value_span(body: &[u8], key: &[u8]) -> Option<(usize, usize)> {
             _ => return None,
         }
         let key_end = string_end(body, i)?;
-        let this_key = body.get(i + 1..key_end - 1)?;
+        let this_key = body.get(i..key_end)?;
         i = skip_ws(body, key_end);
         if body.get(i) != Some(&b':') {
             return None;
         }
         let value_start = skip_ws(body, i + 1);
         let value_end = value_end(body, value_start)?;
-        if this_key == key {
+        if key_is(this_key, key) {
             return Some((value_start, value_end));
         }
         i = skip_ws(body, value_end);
@@ -211,6 +241,15 @@ fn top_level_value_span(body: &[u8], key: &[u8]) -> Option<(usize, usize)> {
             Some(b',') => i += 1,
             _ => return None,
         }
+    }
+}
+
+/// Whether the JSON string `quoted` (quotes included) is `key` once its escapes are decoded:
+/// serde reads `"mod\u0065l"` as `model`, so the rewrite must find it too.
+fn key_is(quoted: &[u8], key: &[u8]) -> bool {
+    match quoted.get(1..quoted.len().saturating_sub(1)) {
+        Some(raw) if !raw.contains(&b'\\') => raw == key,
+        _ => serde_json::from_slice::<String>(quoted).is_ok_and(|k| k.as_bytes() == key),
     }
 }
 
@@ -302,6 +341,11 @@ mod tests {
         assert!(matches!(parse(b"{"), Err(BodyError::Malformed(_))));
         assert!(matches!(parse(b""), Err(BodyError::Malformed(_))));
         assert!(matches!(parse(b"[1,2]"), Err(BodyError::Malformed(_))));
+        // Fuzz target body, seed gen-array.json: serde reads a struct from an array.
+        assert!(matches!(
+            parse(br#" ["gpt-4.1",true,100]"#),
+            Err(BodyError::Malformed(_))
+        ));
         assert!(matches!(
             parse(br#"{"model":"a"} x"#),
             Err(BodyError::Malformed(_))
@@ -359,6 +403,76 @@ mod tests {
         let out = replace_model(br#"{"a":"}\"{","model":"m"}"#, "x\"y").unwrap();
         assert_eq!(out, br#"{"a":"}\"{","model":"x\"y"}"#);
         assert_eq!(replace_model(br#"{"other":1}"#, "x"), None);
+    }
+
+    /// Fuzz target body, seed gen-escaped-key.json: serde decodes escapes in keys,
+    /// so `"mod\u0065l"` is the model, and `"stream_opti\u006fns"` the stream options a client
+    /// could otherwise use to keep its stream's usage (and tokens) from being counted.
+    #[test]
+    fn escaped_keys_are_the_same_members() {
+        let body =
+            br#"{"mod\u0065l":"fast","stream":true,"stream_opti\u006fns":{"include_usage":false}}"#;
+        assert_eq!(parse(body).unwrap().model, "fast");
+        let out = replace_model(body, "deepseek-chat").unwrap();
+        assert_eq!(
+            out,
+            br#"{"mod\u0065l":"deepseek-chat","stream":true,"stream_opti\u006fns":{"include_usage":false}}"#
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&with_stream_usage(body).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        // `null` options: replaced, not a second `stream_options` member.
+        let out = with_stream_usage(br#"{"stream":true,"stream_opti\u006fns":null}"#).unwrap();
+        assert_eq!(
+            out,
+            br#"{"stream":true,"stream_opti\u006fns":{"include_usage":true}}"#
+        );
+    }
+
+    /// Fuzz finding (fuzz/seeds/body/stream-options-big-number.json): re-encoding the
+    /// options changed a number serde_json does not round-trip.
+    #[test]
+    fn stream_options_keep_the_clients_bytes() {
+        let body = br#"{"stream":true,"stream_options":{ "n": 555555555500000000000000000000000000000000000001809112183, "include_usage" : false }}"#;
+        assert_eq!(
+            with_stream_usage(body).unwrap(),
+            br#"{"stream":true,"stream_options":{ "n": 555555555500000000000000000000000000000000000001809112183, "include_usage" : true }}"#
+        );
+        assert_eq!(
+            with_stream_usage(br#"{"stream":true,"stream_options":{"x":1.10}}"#).unwrap(),
+            br#"{"stream":true,"stream_options":{"include_usage":true,"x":1.10}}"#
+        );
+        assert_eq!(
+            with_stream_usage(br#"{"stream":true,"stream_options":{ }}"#).unwrap(),
+            br#"{"stream":true,"stream_options":{"include_usage":true }}"#
+        );
+    }
+
+    /// A repeated `stream_options` or `include_usage` is refused: the gateway would read one and
+    /// the provider (last one wins) the other, and the stream's tokens would go uncounted.
+    #[test]
+    fn repeated_stream_options_are_malformed() {
+        for body in [
+            &br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"stream_options":{"include_usage":false}}"#[..],
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":true,"include_usage":false}}"#,
+        ] {
+            assert!(matches!(parse(body), Err(BodyError::Malformed(_))));
+        }
+        assert!(parse(br#"{"model":"m","stream_options":null}"#).is_ok());
+    }
+
+    /// Fuzz finding (fuzz/seeds/body/invalid-utf8-ignored-field.json): serde_json does not
+    /// check the UTF-8 of strings it skips.
+    #[test]
+    fn invalid_utf8_anywhere_is_malformed() {
+        assert!(matches!(
+            parse(b"{\"model\":\"m\",\"messages\":[{\"content\":\"\xff\"}]}"),
+            Err(BodyError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(b"{\"model\":\"m\",\"x\xc3\":1}"),
+            Err(BodyError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -297,10 +297,17 @@ impl Config {
                  `clients` and `upstream`",
             ));
         }
+        // serde reads a struct from an array too, fields in order.
+        if json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+            return Err(ConfigError::new(
+                "",
+                "the plugin configuration must be a JSON object, not an array",
+            ));
+        }
         let de = &mut serde_json::Deserializer::from_slice(json);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let raw: RawConfig = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
             let inner = e.inner();
-            if inner.is_syntax() || inner.is_eof() {
+            if (inner.is_syntax() || inner.is_eof()) && !is_json(json) {
                 // Broken JSON has no field yet; its line and column are what helps.
                 return ConfigError::new("", format!("not valid JSON: {inner}"));
             }
@@ -310,8 +317,19 @@ impl Config {
             } else {
                 path
             };
-            ConfigError::new(field, strip_position(&inner.to_string()))
+            let message = strip_position(&inner.to_string());
+            // serde_json's error for an enum field given a number, array or null, reported
+            // as a syntax error at that value.
+            let message = if message == "expected value" {
+                "invalid type: expected a string".to_string()
+            } else {
+                message
+            };
+            ConfigError::new(field, message)
         })?;
+        // Only whitespace may follow (a second object would otherwise be ignored).
+        de.end()
+            .map_err(|e| ConfigError::new("", format!("not valid JSON: {e}")))?;
         compile(raw, env)
     }
 
@@ -319,6 +337,12 @@ impl Config {
     pub fn client(&self, id: ClientId) -> Option<&Client> {
         self.clients.get(id)
     }
+}
+
+/// Whether `json` is one JSON value, whatever its shape.
+fn is_json(json: &[u8]) -> bool {
+    std::str::from_utf8(json)
+        .is_ok_and(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok())
 }
 
 /// serde_json appends "at line 1 column 42"; the path says more, and the column of a
@@ -1527,5 +1551,61 @@ mod tests {
         );
         let e = err(r#"{"upstream":{"api_key_env":"PROVIDER_KEY"}}"#);
         assert!(e.starts_with("missing field `clients`"), "{e}");
+    }
+
+    /// Fuzz finding (fuzz/seeds/config/enum-given-a-number.json): valid JSON with a
+    /// number for `limiter.backend` was "not valid JSON: expected value", naming no field.
+    #[test]
+    fn enum_fields_of_the_wrong_type_are_named() {
+        let with_limiter = |limiter: &str| {
+            let good = minimal(&format!(r#"[{{"name":"a","key_sha256":"{DEMO_SHA}"}}]"#));
+            format!(
+                r#"{},"limiter":{limiter}}}"#,
+                good.strip_suffix('}').unwrap()
+            )
+        };
+        for (limiter, field) in [
+            (r#"{"backend":5}"#, "limiter.backend"),
+            (r#"{"backend":null}"#, "limiter.backend"),
+            (
+                r#"{"backend":"redis","cluster":"w","on_error":[]}"#,
+                "limiter.on_error",
+            ),
+        ] {
+            let e = parse(&with_limiter(limiter)).unwrap_err();
+            assert_eq!(e.field, field, "{limiter}");
+            assert_eq!(e.message, "invalid type: expected a string");
+        }
+        assert!(parse(&with_limiter(r#"{"backend":"local"}"#)).is_ok());
+        let e = Config::parse(b"{\"clients\":[{\"name\":\"\xff\"}]}", &env).unwrap_err();
+        assert!(
+            e.field.is_empty() && e.message.starts_with("not valid JSON"),
+            "{e}"
+        );
+    }
+
+    /// Fuzz target config, seed array.json: serde reads a struct
+    /// from an array, so `[[clients], null, null, {upstream}]` was a configuration.
+    #[test]
+    fn an_array_is_not_a_configuration() {
+        let e = err(&format!(
+            r#" [[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],null,null,{{"api_key_env":"PROVIDER_KEY"}}]"#
+        ));
+        assert_eq!(
+            e,
+            "the plugin configuration must be a JSON object, not an array"
+        );
+    }
+
+    /// Fuzz finding (fuzz/seeds/config/trailing-characters.json): what followed the
+    /// object was ignored, e.g. a second configuration pasted after the first.
+    #[test]
+    fn trailing_characters_are_an_error() {
+        let good = minimal(&format!(r#"[{{"name":"a","key_sha256":"{DEMO_SHA}"}}]"#));
+        assert!(parse(&format!("{good} \n")).is_ok());
+        let e = err(&format!("{good}true"));
+        assert!(e.starts_with("not valid JSON: trailing characters"), "{e}");
+        let e = err(&format!("{good}{good}"));
+        assert!(e.starts_with("not valid JSON: trailing characters"), "{e}");
     }
 }

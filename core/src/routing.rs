@@ -32,26 +32,31 @@ impl Pattern {
 
     /// Whether `name` matches.
     pub fn matches(&self, name: &str) -> bool {
-        if self.glob {
-            glob_match(self.text.as_bytes(), name.as_bytes())
-        } else {
+        if !self.glob {
             self.text == name
+        } else if self.text.is_ascii() && name.is_ascii() {
+            glob_match(self.text.as_bytes(), name.as_bytes(), b'*', b'?')
+        } else {
+            // `?` is one character, not one byte of a multi-byte one.
+            let pattern: Vec<char> = self.text.chars().collect();
+            let name: Vec<char> = name.chars().collect();
+            glob_match(&pattern, &name, '*', '?')
         }
     }
 }
 
 /// Iterative glob matching with single-star backtracking: linear in practice, never recursive,
 /// so a hostile model name cannot blow the stack.
-fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
+fn glob_match<T: Copy + PartialEq>(pattern: &[T], name: &[T], any_run: T, any_one: T) -> bool {
     let (mut p, mut n) = (0usize, 0usize);
     let mut star: Option<(usize, usize)> = None;
     while n < name.len() {
         match pattern.get(p) {
-            Some(b'*') => {
+            Some(&c) if c == any_run => {
                 star = Some((p, n));
                 p += 1;
             }
-            Some(&c) if c == b'?' || Some(&c) == name.get(n) => {
+            Some(&c) if c == any_one || Some(&c) == name.get(n) => {
                 p += 1;
                 n += 1;
             }
@@ -67,7 +72,7 @@ fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
     }
     pattern
         .get(p..)
-        .is_some_and(|rest| rest.iter().all(|&c| c == b'*'))
+        .is_some_and(|rest| rest.iter().all(|&c| c == any_run))
 }
 
 /// Index of a provider in [`Routing::providers`].
@@ -239,6 +244,17 @@ mod tests {
         assert!(!m("a*b*c", "axxbyy"));
         assert!(m("**", "x"));
         assert!(!m("", "x"));
+    }
+
+    /// Fuzz target glob (fuzz/seeds/glob/question-mark-multibyte): `?` matched one byte.
+    #[test]
+    fn question_mark_is_one_character() {
+        let m = |p: &str, n: &str| Pattern::new(p).matches(n);
+        assert!(m("?", "\u{e9}"));
+        assert!(m("mod\u{e8}le-?", "mod\u{e8}le-\u{1F600}"));
+        assert!(!m("??", "\u{e9}"));
+        assert!(m("*-?", "\u{e9}-\u{e9}"));
+        assert!(!m("a?", "a\u{e9}\u{e9}"));
     }
 
     #[test]

@@ -62,8 +62,9 @@ pub fn from_json(body: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<WithUsage>(body).ok()?.usage()
 }
 
-/// Longest SSE event kept while waiting for its end; longer events are skipped (and counted),
-/// so a provider that never ends an event cannot grow the filter's memory.
+/// Longest SSE event read; longer ones are not read (they are counted in `oversized` and
+/// forwarded unchanged), however the stream is cut into chunks, so a provider that never ends
+/// an event cannot grow the filter's memory beyond this (plus 3 bytes of a separator).
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;
 
 /// Incremental reader of an SSE stream that records the usage it carries.
@@ -75,7 +76,7 @@ pub struct SseUsage {
     pub usage: Option<Usage>,
     /// Events read.
     pub events: u64,
-    /// Events longer than [`MAX_EVENT_BYTES`], skipped.
+    /// Events longer than [`MAX_EVENT_BYTES`], not read.
     pub oversized: u64,
     /// `data: [DONE]` was seen.
     pub done: bool,
@@ -103,13 +104,16 @@ impl SseUsage {
     pub fn push_filtered(&mut self, chunk: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(chunk.len() + self.pending.len());
         let strip = self.strip_usage_chunk;
-        self.scan(chunk, &mut |event: &[u8], raw: &[u8]| {
-            if !strip {
-                out.extend_from_slice(raw);
-            } else if !is_usage_only(event) {
-                // With include_usage, providers add `"usage":null` to every chunk; without it
-                // they do not, and neither does the gateway.
-                out.extend_from_slice(&without_null_usage(raw));
+        self.scan(chunk, |event: Option<&[u8]>, raw: &[u8]| match event {
+            // Unread (too long) or not stripping: as it came.
+            None => out.extend_from_slice(raw),
+            Some(_) if !strip => out.extend_from_slice(raw),
+            Some(event) => {
+                if !is_usage_only(event) {
+                    // With include_usage, providers add `"usage":null` to every chunk; without
+                    // it they do not, and neither does the gateway.
+                    out.extend_from_slice(&without_null_usage(raw));
+                }
             }
         });
         out
@@ -118,20 +122,19 @@ impl SseUsage {
     /// The bytes still held at the end of the stream (an unterminated last event).
     pub fn finish_filtered(&mut self) -> Vec<u8> {
         let rest = std::mem::take(&mut self.pending);
-        if !self.skipping && !rest.is_empty() {
-            self.event(&rest);
-        }
+        self.last_event(&rest);
         rest
     }
 
     /// Feeds the next bytes of the stream.
     pub fn push(&mut self, chunk: &[u8]) {
-        self.scan(chunk, &mut |_, _| {});
+        self.scan(chunk, |_, _| {});
     }
 
-    /// Splits the stream into events; calls `each(event, raw bytes with separator)` for every
-    /// complete event after reading it.
-    fn scan(&mut self, chunk: &[u8], each: &mut dyn FnMut(&[u8], &[u8])) {
+    /// Splits the stream into events; calls `each(Some(event), raw bytes with separator)` for
+    /// every complete event after reading it, and `each(None, raw bytes)` for the bytes of
+    /// events too long to read.
+    fn scan<F: FnMut(Option<&[u8]>, &[u8])>(&mut self, chunk: &[u8], mut each: F) {
         // A separator may have begun in the last bytes already pending.
         let mut scan = self.pending.len().saturating_sub(3);
         let mut buf = std::mem::take(&mut self.pending);
@@ -141,22 +144,31 @@ impl SseUsage {
             (scan..buf.len()).find_map(|i| separator_at(&buf, i).map(|l| (i, l)))
         {
             let event = buf.get(start..at).unwrap_or_default();
-            if !self.skipping {
+            let raw = buf.get(start..at + len).unwrap_or_default();
+            // The same bound whether the event came in one chunk or many.
+            if self.skipping || event.len() > MAX_EVENT_BYTES {
+                if !self.skipping {
+                    self.oversized += 1;
+                }
+                each(None, raw);
+            } else {
                 self.event(event);
+                each(Some(event), raw);
             }
-            each(event, buf.get(start..at + len).unwrap_or_default());
             self.skipping = false;
             start = at + len;
             scan = start;
         }
         buf.drain(..start.min(buf.len()));
-        if buf.len() > MAX_EVENT_BYTES {
-            // Too long to be an event we need: drop it, keep only what may start a separator.
+        // Up to 3 of these bytes may begin a separator; the rest is event, too long to read:
+        // pass it on and keep only what may start a separator.
+        if buf.len() > MAX_EVENT_BYTES + 3 {
             if !self.skipping {
                 self.oversized += 1;
             }
             self.skipping = true;
             let keep_from = buf.len() - 3;
+            each(None, buf.get(..keep_from).unwrap_or_default());
             buf.drain(..keep_from);
         }
         self.pending = buf;
@@ -164,11 +176,19 @@ impl SseUsage {
 
     /// Ends the stream: an unterminated last event is read too.
     pub fn finish(&mut self) {
-        if !self.skipping && !self.pending.is_empty() {
-            let event = std::mem::take(&mut self.pending);
-            self.event(&event);
+        let rest = std::mem::take(&mut self.pending);
+        self.last_event(&rest);
+    }
+
+    fn last_event(&mut self, rest: &[u8]) {
+        if self.skipping || rest.is_empty() {
+            return;
         }
-        self.pending.clear();
+        if rest.len() > MAX_EVENT_BYTES {
+            self.oversized += 1;
+        } else {
+            self.event(rest);
+        }
     }
 
     fn event(&mut self, event: &[u8]) {
@@ -241,6 +261,10 @@ fn is_usage_only(event: &[u8]) -> bool {
         return false;
     };
     let data = data.strip_suffix(b"\r").unwrap_or(data);
+    // serde reads a struct from an array too (`[[], {}]`); a chunk is an object.
+    if data.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return false;
+    }
     matches!(
         serde_json::from_slice::<Chunk>(data),
         Ok(Chunk { choices: Some(c), usage: Some(_) }) if c.is_empty()
@@ -350,6 +374,78 @@ mod tests {
         );
     }
 
+    fn feed(r: &mut SseUsage, stream: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for &c in cuts.iter().chain([&stream.len()]) {
+            out.extend(r.push_filtered(&stream[at..c]));
+            at = c;
+        }
+        out.extend(r.finish_filtered());
+        out
+    }
+
+    /// Fuzz target sse, seed gen-oversized.sse: with the usage chunk stripped, an
+    /// event longer than the bound was dropped from what the client receives.
+    #[test]
+    fn oversized_events_are_forwarded_not_dropped() {
+        let big = format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+            "x".repeat(MAX_EVENT_BYTES + 5000)
+        );
+        let stream = format!("{big}{STREAM}");
+        let cuts: Vec<usize> = (1000..stream.len()).step_by(1000).collect();
+        for cuts in [&cuts[..], &[]] {
+            let mut r = SseUsage::stripping_usage_chunk();
+            let out = feed(&mut r, stream.as_bytes(), cuts);
+            assert!(
+                out.starts_with(big.as_bytes()),
+                "the big event was not forwarded"
+            );
+            assert_eq!(r.oversized, 1);
+            assert_eq!(r.events, 6);
+            assert_eq!(
+                r.usage,
+                Some(Usage {
+                    prompt_tokens: 12,
+                    completion_tokens: 5
+                })
+            );
+        }
+    }
+
+    /// Fuzz target sse, seed gen-oversized-usage.sse: whether an event near the
+    /// bound was read depended on how the stream was cut into chunks.
+    #[test]
+    fn the_bound_does_not_depend_on_the_split() {
+        for len in MAX_EVENT_BYTES - 1..=MAX_EVENT_BYTES + 4 {
+            let head = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}";
+            let event = format!("{head}{}}}", " ".repeat(len - head.len() - 1));
+            assert_eq!(event.len(), len);
+            let fits = len <= MAX_EVENT_BYTES;
+            for tail in ["\r\n\r\n", "\n\n", ""] {
+                let stream = format!("{event}{tail}");
+                let n = stream.len();
+                for cuts in [
+                    vec![],
+                    vec![n - 2],
+                    vec![n - 5, n - 1],
+                    (1..n).step_by(4096).collect(),
+                ] {
+                    let mut r = SseUsage::default();
+                    let out = feed(&mut r, stream.as_bytes(), &cuts);
+                    assert_eq!(out, stream.as_bytes());
+                    assert_eq!(
+                        r.usage.is_some(),
+                        fits,
+                        "len {len} tail {tail:?} cuts {cuts:?}"
+                    );
+                    assert_eq!(r.oversized, u64::from(!fits));
+                }
+            }
+        }
+    }
+
     #[test]
     fn json_bodies() {
         let chat = br#"{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}"#;
@@ -419,6 +515,17 @@ mod tests {
         let cut = STREAM.find("event: message").unwrap();
         let r = read(&[&STREAM.as_bytes()[..cut]]);
         assert_eq!((r.usage, r.chunks, r.done), (None, 2, false));
+    }
+
+    /// Fuzz target sse, seed array-chunk.sse: an array with an empty
+    /// first element and a second one was taken for the usage chunk and removed.
+    #[test]
+    fn only_an_object_is_the_usage_chunk() {
+        let mut r = SseUsage::stripping_usage_chunk();
+        let s = b"data: [[],{\"prompt_tokens\":1}]\n\ndata: [DONE]\n\n";
+        let mut out = r.push_filtered(s);
+        out.extend(r.finish_filtered());
+        assert_eq!(out, s);
     }
 
     proptest! {
