@@ -375,7 +375,7 @@ mod tests {
         out
     }
 
-    /// Fuzz target sse, seed gen-oversized.sse: with the usage chunk stripped, an
+    /// Fuzz target sse_bound, seed gen-oversized.sse: with the usage chunk stripped, an
     /// event longer than the bound was dropped from what the client receives.
     #[test]
     fn oversized_events_are_forwarded_not_dropped() {
@@ -404,7 +404,7 @@ mod tests {
         }
     }
 
-    /// Fuzz target sse, seed gen-oversized-usage.sse: whether an event near the
+    /// Fuzz target sse_bound, seed gen-oversized-usage.sse: whether an event near the
     /// bound was read depended on how the stream was cut into chunks.
     #[test]
     fn the_bound_does_not_depend_on_the_split() {
