@@ -225,23 +225,23 @@ fn usage_only(event: &[u8]) -> Option<bool> {
             )
         }
         Ok(_) => Some(false),
-        Err(e) if e.is_syntax() && std::str::from_utf8(line).is_ok() => {
-            let m = e.to_string();
-            if ["surrogate", "hex escape", "number out of range"]
-                .iter()
-                .any(|s| m.contains(s))
-            {
-                None
-            } else {
-                Some(false)
+        Err(_) => {
+            // Not a `Value`: undecidable if only what the reader skips unchecked (invalid
+            // UTF-8, lone surrogates, numbers beyond f64) is in the way; else not JSON at all.
+            let lossy = String::from_utf8_lossy(line);
+            match serde_json::from_str::<Value>(&lossy) {
+                Ok(_) => None,
+                Err(e) => {
+                    let m = e.to_string();
+                    let skipped = ["surrogate", "hex escape", "number out of range"];
+                    if skipped.iter().any(|s| m.contains(s)) {
+                        None
+                    } else {
+                        Some(false)
+                    }
+                }
             }
         }
-        Err(e) if e.is_syntax() || e.is_eof() => {
-            // Invalid UTF-8 somewhere: undecidable only if the rest is JSON.
-            let lossy = String::from_utf8_lossy(line);
-            serde_json::from_str::<Value>(&lossy).map_or(Some(false), |_| None)
-        }
-        Err(_) => Some(false),
     }
 }
 
