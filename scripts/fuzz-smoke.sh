@@ -70,12 +70,13 @@ for t in $targets; do
   fi
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
+  rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log" | tail -1)
   last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
   cov=$(grep -o 'cov: [0-9]*' <<<"$last" | cut -d' ' -f2)
   ft=$(grep -o 'ft: [0-9]*' <<<"$last" | cut -d' ' -f2)
   corp=$(grep -o 'corp: [0-9]*/[0-9]*[a-zA-Z]*' <<<"$last" | cut -d' ' -f2)
-  summary+=("$(printf '%-13s %-7s %10s %8s %6s %6s %12s' "$t" "$status" "${runs:-?}" "${rate:-?}" \
-    "${cov:-?}" "${ft:-?}" "${corp:-?}")")
+  summary+=("$(printf '%-13s %-7s %10s %8s %6s %6s %12s %7s' "$t" "$status" "${runs:-?}" \
+    "${rate:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}" "${rss:-?}")")
   if [[ $status == FAILED ]]; then
     echo "--- $t failed; the end of $log:"
     tail -n 40 "$log"
@@ -85,7 +86,7 @@ for t in $targets; do
   fi
 done
 
-printf '%-13s %-7s %10s %8s %6s %6s %12s\n' target status execs exec/s cov ft corpus
+printf '%-13s %-7s %10s %8s %6s %6s %12s %7s\n' target status execs exec/s cov ft corpus "rss MB"
 printf '%s\n' "${summary[@]}"
 if ((${#failed[@]})); then
   echo "fuzz findings in: ${failed[*]} (inputs in $FUZZ_WORK/artifacts/)"

@@ -459,6 +459,10 @@ mod tests {
             assert!(matches!(parse(body), Err(BodyError::Malformed(_))));
         }
         assert!(parse(br#"{"model":"m","stream_options":null}"#).is_ok());
+        assert!(matches!(
+            parse(br#"{"model":"m","stream_options":"x"}"#),
+            Err(BodyError::Malformed(_))
+        ));
     }
 
     /// Fuzz finding (fuzz/seeds/body/invalid-utf8-ignored-field.json): serde_json does not

@@ -194,13 +194,16 @@ impl SseUsage {
     fn event(&mut self, event: &[u8]) {
         self.events += 1;
         let mut data: Vec<u8> = Vec::new();
+        let mut data_lines = 0usize;
         for line in event.split(|&b| b == b'\n') {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if let Some(value) = line.strip_prefix(b"data:") {
                 let value = value.strip_prefix(b" ").unwrap_or(value);
-                if !data.is_empty() {
+                // Lines join with LF even when empty (SSE: each line's value, then LF).
+                if data_lines > 0 {
                     data.push(b'\n');
                 }
+                data_lines += 1;
                 data.extend_from_slice(value);
             }
             // `event:`, `id:`, `retry:` and `:` comments carry no usage.
@@ -385,7 +388,7 @@ mod tests {
         out
     }
 
-    /// Fuzz target sse, seed gen-oversized.sse: with the usage chunk stripped, an
+    /// Fuzz target sse_bound, seed gen-oversized.sse: with the usage chunk stripped, an
     /// event longer than the bound was dropped from what the client receives.
     #[test]
     fn oversized_events_are_forwarded_not_dropped() {
@@ -414,7 +417,7 @@ mod tests {
         }
     }
 
-    /// Fuzz target sse, seed gen-oversized-usage.sse: whether an event near the
+    /// Fuzz target sse_bound, seed gen-oversized-usage.sse: whether an event near the
     /// bound was read depended on how the stream was cut into chunks.
     #[test]
     fn the_bound_does_not_depend_on_the_split() {
@@ -526,6 +529,17 @@ mod tests {
         let mut out = r.push_filtered(s);
         out.extend(r.finish_filtered());
         assert_eq!(out, s);
+    }
+
+    /// Fuzz finding (fuzz/seeds/sse/empty-data-line.sse): an empty first `data:` line was
+    /// dropped, so `data:` then `data: [DONE]` read as `[DONE]` (the SSE data is "\n[DONE]").
+    #[test]
+    fn empty_data_lines_count() {
+        let r = read(&[b"data:\ndata: [DONE]\n\n"]);
+        assert!(!r.done);
+        let r = read(&[b"data:\ndata: {\"usage\":{\"prompt_tokens\":2}}\n\ndata: [DONE]\n\n"]);
+        assert!(r.done);
+        assert_eq!(r.usage.map(|u| u.prompt_tokens), Some(2));
     }
 
     proptest! {

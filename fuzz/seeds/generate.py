@@ -152,10 +152,18 @@ write("sse", "responses.sse",
       'event: response.completed\ndata: {"type":"response.completed","response":{"id":"resp_1","status":"completed",'
       '"usage":{"input_tokens":3,"output_tokens":4,"total_tokens":7}}}\n\n')
 write("sse", "error-event.sse", 'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n')
-# An event larger than the reader's bound (0x01 n expands to n*2048 `x`, 0x02 n to spaces).
-write("sse", "oversized.sse", b"data: {\"choices\":[{\"delta\":{\"content\":\"" + b"\x01\x90" + b"\"}}],\"usage\":null}\n\n"
+# sse_bound: events larger than the reader's bound (0x01 n expands to n*2048 `x`, 0x02 n to
+# spaces), split or not, before and after small ones.
+write("sse_bound", "oversized.sse", b"data: {\"choices\":[{\"delta\":{\"content\":\"" + b"\x01\x90" + b"\"}}],\"usage\":null}\n\n"
       + f"data: {USAGE}\n\ndata: [DONE]\n\n".encode())
-write("sse", "oversized-usage.sse", b"data: {\"choices\":[]," + b"\x02\x81" + f"\"usage\":{{\"prompt_tokens\":1}}}}\n\ndata: [DONE]\n\n".encode())
+write("sse_bound", "oversized-usage.sse", b"data: {\"choices\":[]," + b"\x02\x81" + f"\"usage\":{{\"prompt_tokens\":1}}}}\n\ndata: [DONE]\n\n".encode())
+
+# Just under the bound (0x7f * 2048 bytes of content), with CRLF separators.
+write("sse_bound", "big-delta-crlf.sse",
+      (": ping\r\n\r\n" + f"data: {events[0]}\r\n\r\n").encode()
+      + b"data: {\"choices\":[{\"delta\":{\"content\":\"" + b"\x01\x7f" + b"\"}}],\"usage\":null}\r\n\r\n"
+      + f"data: {USAGE}\r\n\r\ndata: [DONE]\r\n\r\n".encode())
+write("sse_bound", "unterminated-big.sse", f"data: {events[0]}\n\n".encode() + b"data: " + b"\x01\x81")
 
 # --- webdis_reply: `<status>\n<body>` --------------------------------------------------------------
 
