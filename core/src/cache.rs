@@ -830,21 +830,13 @@ pub fn set_command(entry: &Entry, ttl_s: u32) -> Vec<u8> {
 
 /// A callout to Webdis.
 pub fn callout(redis: &RedisStore, body: Vec<u8>) -> Callout {
-    let mut headers = vec![
-        (":method", "POST".to_string()),
-        (":path", "/".to_string()),
-        (":authority", redis.authority.clone()),
-        ("content-type", "text/plain".to_string()),
-    ];
-    if let Some(auth) = &redis.authorization {
-        headers.push(("authorization", auth.clone()));
-    }
-    Callout {
-        cluster: redis.cluster.clone(),
-        headers,
+    crate::request::webdis_call(
+        &redis.cluster,
+        &redis.authority,
+        redis.authorization.as_deref(),
+        redis.timeout_ms,
         body,
-        timeout_ms: redis.timeout_ms,
-    }
+    )
 }
 
 /// A non-200 answer classified as the limiter classifies it (Envoy's own replies when Webdis

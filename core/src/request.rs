@@ -527,20 +527,38 @@ fn redis_callout(
 
 /// A Webdis call of the Redis limiter (`POST /`, the command in the body).
 pub fn webdis_callout(redis: &RedisLimiter, body: Vec<u8>) -> Callout {
+    webdis_call(
+        &redis.cluster,
+        &redis.authority,
+        redis.authorization.as_deref(),
+        redis.timeout_ms,
+        body,
+    )
+}
+
+/// A call to Webdis on `cluster`: `POST /` with the command in the body, and Webdis's basic
+/// auth when configured.
+pub fn webdis_call(
+    cluster: &str,
+    authority: &str,
+    authorization: Option<&str>,
+    timeout_ms: u32,
+    body: Vec<u8>,
+) -> Callout {
     let mut headers = vec![
         (":method", "POST".to_string()),
         (":path", "/".to_string()),
-        (":authority", redis.authority.clone()),
+        (":authority", authority.to_string()),
         ("content-type", "text/plain".to_string()),
     ];
-    if let Some(auth) = &redis.authorization {
-        headers.push(("authorization", auth.clone()));
+    if let Some(auth) = authorization {
+        headers.push(("authorization", auth.to_string()));
     }
     Callout {
-        cluster: redis.cluster.clone(),
+        cluster: cluster.to_string(),
         headers,
         body,
-        timeout_ms: redis.timeout_ms,
+        timeout_ms,
     }
 }
 

@@ -4,13 +4,14 @@
 //! wrappers: those `panic!` on any status they do not expect, and their map decoder indexes and
 //! unwraps; a panic kills the worker's VM and fails every later request on it. Statuses arrive
 //! as plain `u32`, so an unknown value cannot be undefined behaviour either. The exception is
-//! `dispatch_http_call` (see there).
+//! the HTTP callout (`dispatch`, see there).
 
 use std::ptr::{null, null_mut};
 use std::time::Duration;
 
 use tollgate_core::headers::{self, Header};
 use tollgate_core::limiter::{CasStore, SetError, StoreError};
+use tollgate_core::request::Callout;
 
 /// A host call failed with this proxy-wasm status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,19 +369,14 @@ pub fn header(map: Map, name: &str) -> Result<Option<Vec<u8>>, HostError> {
 /// the calling context only for tokens its own `dispatch_http_call` registered. It maps the
 /// statuses Envoy's `proxy_http_call` returns (Ok, BadArgument for an unknown cluster or missing
 /// pseudo-headers, InternalFailure) to `Result`.
-pub fn dispatch_http_call(
-    cluster: &str,
-    headers: &[(&str, String)],
-    body: &[u8],
-    timeout_ms: u32,
-) -> Result<u32, HostError> {
-    let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+pub fn dispatch(call: &Callout) -> Result<u32, HostError> {
+    let pairs: Vec<(&str, &str)> = call.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
     proxy_wasm::hostcalls::dispatch_http_call(
-        cluster,
+        &call.cluster,
         pairs,
-        Some(body),
+        Some(&call.body),
         Vec::new(),
-        Duration::from_millis(u64::from(timeout_ms)),
+        Duration::from_millis(u64::from(call.timeout_ms)),
     )
     .map_err(|status| HostError {
         call: "proxy_http_call",
@@ -424,23 +420,10 @@ pub fn send_json_reply(
     extra_headers: &[(&str, String)],
     body: &str,
 ) -> Result<(), HostError> {
-    let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(extra_headers.len() + 1);
-    pairs.push(("content-type", "application/json"));
-    pairs.extend(extra_headers.iter().map(|(n, v)| (*n, v.as_str())));
-    let map = headers::encode(&pairs);
-    // SAFETY: pointers and lengths of live buffers.
-    check("proxy_send_local_response", unsafe {
-        proxy_send_local_response(
-            u32::from(status),
-            null(),
-            0,
-            body.as_ptr(),
-            body.len(),
-            map.as_ptr(),
-            map.len(),
-            -1,
-        )
-    })
+    let mut headers = Vec::with_capacity(extra_headers.len() + 1);
+    headers.push(("content-type", "application/json".to_string()));
+    headers.extend(extra_headers.iter().cloned());
+    send_reply(status, &headers, body.as_bytes())
 }
 
 /// Answers the request from the filter with these headers (`content-type` included) and body.

@@ -190,12 +190,7 @@ impl Plugin {
         let queued: Vec<QueuedStore> = self.cache_queue.borrow_mut().drain(..).collect();
         let now = host::now_ms().unwrap_or(0);
         for QueuedStore { call, mut meta } in queued {
-            match host::dispatch_http_call(
-                &call.cluster,
-                &call.headers,
-                &call.body,
-                call.timeout_ms,
-            ) {
+            match host::dispatch(&call) {
                 Ok(token) => {
                     meta.sent_ms = now;
                     self.cache_in_flight.borrow_mut().insert(token, meta);
@@ -225,9 +220,7 @@ impl Plugin {
         };
         for body in commands {
             let call = request::webdis_callout(redis, body);
-            if let Err(e) =
-                host::dispatch_http_call(&call.cluster, &call.headers, &call.body, call.timeout_ms)
-            {
+            if let Err(e) = host::dispatch(&call) {
                 warn!("cannot send token settlements to the Redis limiter: {e}");
                 self.metrics.limiter_error(&LimiterFailure {
                     backend: "redis",
@@ -1049,13 +1042,7 @@ impl Request {
                 Action::Pause
             }
             Start::AskLimiter(pending) => {
-                let call = &pending.call;
-                match host::dispatch_http_call(
-                    &call.cluster,
-                    &call.headers,
-                    &call.body,
-                    call.timeout_ms,
-                ) {
+                match host::dispatch(&pending.call) {
                     Ok(token) => {
                         self.pending = Some((token, pending));
                         Action::Pause
@@ -1223,12 +1210,7 @@ impl Request {
             }
             (Backend::Redis, _, Some(redis)) => {
                 let call = cache::callout(redis, cache::get_command(&plan.key));
-                match host::dispatch_http_call(
-                    &call.cluster,
-                    &call.headers,
-                    &call.body,
-                    call.timeout_ms,
-                ) {
+                match host::dispatch(&call) {
                     Ok(token) => {
                         self.cache_wait = Some((
                             token,
