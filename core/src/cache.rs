@@ -23,7 +23,7 @@ use crate::config::{ClientId, Config, Mode};
 use crate::headers::Header;
 use crate::limiter::{CasStore, SetError};
 use crate::request::Callout;
-use crate::webdis::{self, ReplyError};
+use crate::webdis::{self, base64url, ReplyError, BASE64URL_ALPHABET as B64URL};
 
 // ---------------------------------------------------------------------------------------------
 // Settings (the compiled form of the configuration's `cache` objects).
@@ -898,27 +898,6 @@ pub fn parse_set_reply(status: Option<u16>, body: &[u8]) -> Result<(), Error> {
         Value::String(s) if s == "OK" => Ok(()),
         _ => Err(Error::Redis(ReplyError::Malformed)),
     }
-}
-
-const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-/// base64url without padding (RFC 4648 §5).
-pub fn base64url(input: &[u8]) -> String {
-    let sym = |i: u32| char::from(*B64URL.get((i & 63) as usize).unwrap_or(&b'A'));
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
-        let n = b(0) << 16 | b(1) << 8 | b(2);
-        out.push(sym(n >> 18));
-        out.push(sym(n >> 12));
-        if chunk.len() > 1 {
-            out.push(sym(n >> 6));
-        }
-        if chunk.len() > 2 {
-            out.push(sym(n));
-        }
-    }
-    out
 }
 
 /// Decodes [`base64url`]; `None` for any other input.

@@ -315,17 +315,39 @@ pub fn basic_authorization(user_password: &str) -> String {
     format!("Basic {}", base64(user_password.as_bytes()))
 }
 
+/// The standard base64 alphabet (RFC 4648 §4).
+const BASE64_ALPHABET: &[u8; 64] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// The base64url alphabet (RFC 4648 §5).
+pub const BASE64URL_ALPHABET: &[u8; 64] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// Base64 with padding (HTTP basic auth).
 fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let sym = |i: u32| char::from(*ALPHABET.get((i & 63) as usize).unwrap_or(&b'='));
+    encode64(input, BASE64_ALPHABET, true)
+}
+
+/// base64url without padding (RFC 4648 §5).
+pub fn base64url(input: &[u8]) -> String {
+    encode64(input, BASE64URL_ALPHABET, false)
+}
+
+fn encode64(input: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
+    let sym = |i: u32| char::from(*alphabet.get((i & 63) as usize).unwrap_or(&b'A'));
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
         let b = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
         let n = b(0) << 16 | b(1) << 8 | b(2);
         out.push(sym(n >> 18));
         out.push(sym(n >> 12));
-        out.push(if chunk.len() > 1 { sym(n >> 6) } else { '=' });
-        out.push(if chunk.len() > 2 { sym(n) } else { '=' });
+        for (present, shift) in [(chunk.len() > 1, 6), (chunk.len() > 2, 0)] {
+            if present {
+                out.push(sym(n >> shift));
+            } else if pad {
+                out.push('=');
+            }
+        }
     }
     out
 }
