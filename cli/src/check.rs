@@ -398,7 +398,7 @@ fn cluster_warnings(config: &Config, bootstrap: &Bootstrap) -> Vec<String> {
     if let LimiterBackend::Redis(redis) = &config.limiter {
         named.push((
             "limiter.cluster".to_string(),
-            redis.cluster.clone(),
+            redis.webdis.cluster.clone(),
             "every limiter callout will fail and requests get the on_error behaviour",
         ));
     }

@@ -253,10 +253,10 @@ fn redis(s: &Subject, r: &RedisLimiter, out: &mut Vec<String>) {
     );
     out.push(format!(
         "  cluster     {} (the Envoy cluster of the Webdis service)",
-        r.cluster
+        r.webdis.cluster
     ));
-    out.push(format!("  authority   {}", r.authority));
-    let default = if r.timeout_ms == DEFAULT_REDIS_TIMEOUT_MS
+    out.push(format!("  authority   {}", r.webdis.authority));
+    let default = if r.webdis.timeout_ms == DEFAULT_REDIS_TIMEOUT_MS
         && s.raw.pointer("/limiter/timeout_ms").is_none()
     {
         " (the default)"
@@ -265,7 +265,7 @@ fn redis(s: &Subject, r: &RedisLimiter, out: &mut Vec<String>) {
     };
     out.push(format!(
         "  timeout     {} ms{default}; a slower answer counts as Redis not answering",
-        r.timeout_ms
+        r.webdis.timeout_ms
     ));
     let auth = match s
         .raw

@@ -19,10 +19,9 @@ use std::fmt::Write as _;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
-use crate::config::{ClientId, Config, Mode};
+use crate::config::{ClientId, Config, Mode, Webdis};
 use crate::headers::Header;
 use crate::limiter::{CasStore, SetError};
-use crate::request::Callout;
 use crate::webdis::{self, base64url, ReplyError, BASE64URL_ALPHABET as B64URL};
 
 // ---------------------------------------------------------------------------------------------
@@ -110,33 +109,6 @@ pub enum ClientCache {
     On(Settings),
 }
 
-/// The Webdis service the Redis backend talks to.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RedisStore {
-    /// Envoy cluster of Webdis.
-    pub cluster: String,
-    /// `:authority` of the callouts.
-    pub authority: String,
-    /// Callout timeout (never 0).
-    pub timeout_ms: u32,
-    /// `authorization` for Webdis's HTTP basic auth, if any.
-    pub authorization: Option<String>,
-}
-
-impl std::fmt::Debug for RedisStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore")
-            .field("cluster", &self.cluster)
-            .field("authority", &self.authority)
-            .field("timeout_ms", &self.timeout_ms)
-            .field(
-                "authorization",
-                &self.authorization.as_ref().map(|_| "<redacted>"),
-            )
-            .finish()
-    }
-}
-
 /// The layout of the local backend: `slots` shared-data keys, in sets of [`WAYS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LocalLayout {
@@ -154,7 +126,7 @@ pub struct CacheConfig {
     /// The local backend's layout, when some setting uses it.
     pub local: Option<LocalLayout>,
     /// The Redis backend's Webdis, when some setting uses it.
-    pub redis: Option<RedisStore>,
+    pub redis: Option<Webdis>,
     /// The largest `max_entry_bytes` of any setting (bounds what is read back).
     pub max_entry_bytes: usize,
 }
@@ -828,17 +800,6 @@ pub fn set_command(entry: &Entry, ttl_s: u32) -> Vec<u8> {
     eval(SET_SCRIPT, &entry.key, &[&value, &ttl_s.to_string()])
 }
 
-/// A callout to Webdis.
-pub fn callout(redis: &RedisStore, body: Vec<u8>) -> Callout {
-    crate::request::webdis_call(
-        &redis.cluster,
-        &redis.authority,
-        redis.authorization.as_deref(),
-        redis.timeout_ms,
-        body,
-    )
-}
-
 /// A non-200 answer classified as the limiter classifies it (Envoy's own replies when Webdis
 /// is unreachable or slow, Webdis's 403 for its ACL, ...).
 fn reply_status(status: Option<u16>, body: &[u8]) -> Result<(), Error> {
@@ -1447,13 +1408,13 @@ mod tests {
         assert!(!set.contains('.'));
         let value = set.rsplit('/').nth(1).unwrap();
         assert_eq!(Entry::decode(&base64url_decode(value).unwrap()), Some(e));
-        let redis = RedisStore {
+        let redis = Webdis {
             cluster: "webdis".into(),
             authority: "webdis.svc".into(),
             timeout_ms: 50,
             authorization: Some("Basic x".into()),
         };
-        let call = callout(&redis, get_command(&key));
+        let call = crate::request::webdis_call(&redis, get_command(&key));
         assert_eq!(call.cluster, "webdis");
         assert_eq!(call.timeout_ms, 50);
         assert!(call.headers.contains(&(":authority", "webdis.svc".into())));

@@ -8,7 +8,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::cache::{self, CacheConfig, ClientCache, LocalLayout, RedisStore, Settings};
+use crate::cache::{self, CacheConfig, ClientCache, LocalLayout, Settings};
 use crate::keys::{Digest, DigestKind, KeyIndex};
 use crate::routing::{Pattern, Provider, Routing, Rule, Target};
 
@@ -213,24 +213,22 @@ pub enum OnError {
     Local,
 }
 
-/// The Redis (Webdis) limiter's settings.
+/// A Webdis service Tollgate calls (the Redis limiter's, or the response cache's).
 #[derive(Clone, PartialEq, Eq)]
-pub struct RedisLimiter {
+pub struct Webdis {
     /// Envoy cluster of the Webdis service.
     pub cluster: String,
     /// `:authority` of callouts to Webdis.
     pub authority: String,
-    /// Callout timeout.
+    /// Callout timeout (never 0).
     pub timeout_ms: u32,
     /// `authorization` header for Webdis's HTTP basic auth, if configured.
     pub authorization: Option<String>,
-    /// Failure mode.
-    pub on_error: OnError,
 }
 
-impl fmt::Debug for RedisLimiter {
+impl fmt::Debug for Webdis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisLimiter")
+        f.debug_struct("Webdis")
             .field("cluster", &self.cluster)
             .field("authority", &self.authority)
             .field("timeout_ms", &self.timeout_ms)
@@ -238,9 +236,17 @@ impl fmt::Debug for RedisLimiter {
                 "authorization",
                 &self.authorization.as_ref().map(|_| "<redacted>"),
             )
-            .field("on_error", &self.on_error)
             .finish()
     }
+}
+
+/// The Redis (Webdis) limiter's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisLimiter {
+    /// Where the counters are.
+    pub webdis: Webdis,
+    /// Failure mode.
+    pub on_error: OnError,
 }
 
 /// How the provider is called.
@@ -803,29 +809,46 @@ fn compile_limiter(
             "required with \"backend\": \"redis\": the Envoy cluster of the Webdis service",
         ));
     };
-    let (authority, timeout_ms, basic_auth_env, on_error) = (
-        raw.authority,
-        raw.timeout_ms,
-        raw.basic_auth_env,
-        raw.on_error,
-    );
+    Ok(LimiterBackend::Redis(RedisLimiter {
+        webdis: compile_webdis(
+            "limiter",
+            cluster,
+            raw.authority,
+            raw.timeout_ms,
+            raw.basic_auth_env,
+            env,
+        )?,
+        // Local fallback keeps serving and still bounds spend (per replica) while Redis is down.
+        on_error: raw.on_error.unwrap_or(OnError::Local),
+    }))
+}
+
+/// A Webdis service's settings, validated; errors name `<at>.<field>`.
+fn compile_webdis(
+    at: &str,
+    cluster: String,
+    authority: Option<String>,
+    timeout_ms: Option<u32>,
+    basic_auth_env: Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Webdis, ConfigError> {
     if cluster.is_empty() {
         return Err(ConfigError::new(
-            "limiter.cluster",
+            format!("{at}.cluster"),
             "must name the Envoy cluster of the Webdis service",
         ));
     }
     let authority = authority.unwrap_or_else(|| cluster.clone());
     if authority.is_empty() || !authority.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
         return Err(ConfigError::new(
-            "limiter.authority",
+            format!("{at}.authority"),
             "must be a host name (visible ASCII, no spaces)",
         ));
     }
     let timeout_ms = timeout_ms.unwrap_or(DEFAULT_REDIS_TIMEOUT_MS);
     if timeout_ms == 0 || timeout_ms > MAX_REDIS_TIMEOUT_MS {
         return Err(ConfigError::new(
-            "limiter.timeout_ms",
+            format!("{at}.timeout_ms"),
             format!("must be between 1 and {MAX_REDIS_TIMEOUT_MS}, got {timeout_ms}"),
         ));
     }
@@ -835,7 +858,7 @@ fn compile_limiter(
             let value = env(&name).unwrap_or_default();
             if !value.contains(':') || !value.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
                 return Err(ConfigError::new(
-                    "limiter.basic_auth_env",
+                    format!("{at}.basic_auth_env"),
                     format!(
                         "environment variable {name:?} must hold `user:password` for Webdis \
                          (set it and list it in vm_config.environment_variables.host_env_keys)"
@@ -845,14 +868,12 @@ fn compile_limiter(
             Some(crate::webdis::basic_authorization(&value))
         }
     };
-    Ok(LimiterBackend::Redis(RedisLimiter {
+    Ok(Webdis {
         cluster,
         authority,
         timeout_ms,
         authorization,
-        // Local fallback keeps serving and still bounds spend (per replica) while Redis is down.
-        on_error: on_error.unwrap_or(OnError::Local),
-    }))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1053,15 +1074,17 @@ fn compile_cache(
     };
 
     let redis = match raw_redis {
-        Some(r) => Some(compile_redis_cache(r, env)?),
+        Some(r) => Some(compile_webdis(
+            "cache_backends.redis",
+            r.cluster,
+            r.authority,
+            r.timeout_ms,
+            r.basic_auth_env,
+            env,
+        )?),
         // The limiter's Webdis, unless the cache has its own.
         None => match limiter {
-            LimiterBackend::Redis(l) => Some(RedisStore {
-                cluster: l.cluster.clone(),
-                authority: l.authority.clone(),
-                timeout_ms: l.timeout_ms,
-                authorization: l.authorization.clone(),
-            }),
+            LimiterBackend::Redis(l) => Some(l.webdis.clone()),
             LimiterBackend::Local => None,
         },
     };
@@ -1088,55 +1111,6 @@ fn compile_cache(
         local,
         redis,
         max_entry_bytes,
-    })
-}
-
-fn compile_redis_cache(
-    raw: RawRedisCache,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<RedisStore, ConfigError> {
-    const AT: &str = "cache_backends.redis";
-    if raw.cluster.is_empty() {
-        return Err(ConfigError::new(
-            format!("{AT}.cluster"),
-            "must name the Envoy cluster of the Webdis service",
-        ));
-    }
-    let authority = raw.authority.unwrap_or_else(|| raw.cluster.clone());
-    if authority.is_empty() || !authority.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-        return Err(ConfigError::new(
-            format!("{AT}.authority"),
-            "must be a host name (visible ASCII, no spaces)",
-        ));
-    }
-    let timeout_ms = raw.timeout_ms.unwrap_or(DEFAULT_REDIS_TIMEOUT_MS);
-    if timeout_ms == 0 || timeout_ms > MAX_REDIS_TIMEOUT_MS {
-        return Err(ConfigError::new(
-            format!("{AT}.timeout_ms"),
-            format!("must be between 1 and {MAX_REDIS_TIMEOUT_MS}, got {timeout_ms}"),
-        ));
-    }
-    let authorization = match raw.basic_auth_env {
-        None => None,
-        Some(name) => {
-            let value = env(&name).unwrap_or_default();
-            if !value.contains(':') || !value.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
-                return Err(ConfigError::new(
-                    format!("{AT}.basic_auth_env"),
-                    format!(
-                        "environment variable {name:?} must hold `user:password` for Webdis \
-                         (set it and list it in vm_config.environment_variables.host_env_keys)"
-                    ),
-                ));
-            }
-            Some(crate::webdis::basic_authorization(&value))
-        }
-    };
-    Ok(RedisStore {
-        cluster: raw.cluster,
-        authority,
-        timeout_ms,
-        authorization,
     })
 }
 
@@ -1364,10 +1338,10 @@ mod tests {
         let LimiterBackend::Redis(r) = &c.limiter else {
             panic!("{:?}", c.limiter)
         };
-        assert_eq!(r.authority, "webdis");
-        assert_eq!(r.timeout_ms, DEFAULT_REDIS_TIMEOUT_MS);
+        assert_eq!(r.webdis.authority, "webdis");
+        assert_eq!(r.webdis.timeout_ms, DEFAULT_REDIS_TIMEOUT_MS);
         assert_eq!(r.on_error, OnError::Local);
-        assert_eq!(r.authorization, None);
+        assert_eq!(r.webdis.authorization, None);
         assert_eq!(c.limiter.name(), "redis");
 
         let c = with_limiter(
@@ -1393,7 +1367,7 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            r.authorization.as_deref(),
+            r.webdis.authorization.as_deref(),
             Some("Basic dG9sbGdhdGU6czNjcmV0")
         );
         assert_eq!(r.on_error, OnError::Allow);

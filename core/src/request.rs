@@ -16,7 +16,7 @@
 
 use crate::body::{self, BodyError};
 use crate::cache;
-use crate::config::{ClientId, Config, LimiterBackend, Mode, OnError, RedisLimiter};
+use crate::config::{ClientId, Config, LimiterBackend, Mode, OnError, RedisLimiter, Webdis};
 use crate::headers::{must_strip, Header};
 use crate::keys::{bearer_token, Digest, DigestKind, KeyError};
 use crate::limiter::{self, CasStore, LimiterError, Verdict, Window, WINDOW_MS};
@@ -519,46 +519,29 @@ fn redis_callout(
     });
     // The keys live through their window and one more, so they outlast clock skew between
     // replicas and then free themselves.
-    webdis_callout(
-        redis,
+    webdis_call(
+        &redis.webdis,
         webdis::check_command(&key, limit, reset_ms + WINDOW_MS, tokens),
     )
 }
 
-/// A Webdis call of the Redis limiter (`POST /`, the command in the body).
-pub fn webdis_callout(redis: &RedisLimiter, body: Vec<u8>) -> Callout {
-    webdis_call(
-        &redis.cluster,
-        &redis.authority,
-        redis.authorization.as_deref(),
-        redis.timeout_ms,
-        body,
-    )
-}
-
-/// A call to Webdis on `cluster`: `POST /` with the command in the body, and Webdis's basic
-/// auth when configured.
-pub fn webdis_call(
-    cluster: &str,
-    authority: &str,
-    authorization: Option<&str>,
-    timeout_ms: u32,
-    body: Vec<u8>,
-) -> Callout {
+/// A call to Webdis: `POST /` with the command in the body, and Webdis's basic auth when
+/// configured.
+pub fn webdis_call(webdis: &Webdis, body: Vec<u8>) -> Callout {
     let mut headers = vec![
         (":method", "POST".to_string()),
         (":path", "/".to_string()),
-        (":authority", authority.to_string()),
+        (":authority", webdis.authority.clone()),
         ("content-type", "text/plain".to_string()),
     ];
-    if let Some(auth) = authorization {
-        headers.push(("authorization", auth.to_string()));
+    if let Some(auth) = &webdis.authorization {
+        headers.push(("authorization", auth.clone()));
     }
     Callout {
-        cluster: cluster.to_string(),
+        cluster: webdis.cluster.clone(),
         headers,
         body,
-        timeout_ms,
+        timeout_ms: webdis.timeout_ms,
     }
 }
 

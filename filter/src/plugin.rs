@@ -175,7 +175,7 @@ impl Plugin {
             return;
         }
         queue.push_back(QueuedStore {
-            call: cache::callout(redis, cache::set_command(entry, ttl_s)),
+            call: request::webdis_call(redis, cache::set_command(entry, ttl_s)),
             meta: StoreMeta {
                 rule,
                 bytes: entry.body.len() as u64,
@@ -219,7 +219,7 @@ impl Plugin {
             queue.drain_commands()
         };
         for body in commands {
-            let call = request::webdis_callout(redis, body);
+            let call = request::webdis_call(&redis.webdis, body);
             if let Err(e) = host::dispatch(&call) {
                 warn!("cannot send token settlements to the Redis limiter: {e}");
                 self.metrics.limiter_error(&LimiterFailure {
@@ -1209,7 +1209,7 @@ impl Request {
                 }
             }
             (Backend::Redis, _, Some(redis)) => {
-                let call = cache::callout(redis, cache::get_command(&plan.key));
+                let call = request::webdis_call(redis, cache::get_command(&plan.key));
                 match host::dispatch(&call) {
                     Ok(token) => {
                         self.cache_wait = Some((

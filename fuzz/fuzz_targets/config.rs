@@ -160,11 +160,11 @@ fn check_config(config: &Config, document: Option<&Value>, data: &[u8]) {
         }
     }
     if let LimiterBackend::Redis(r) = &config.limiter {
-        assert!((1..=MAX_REDIS_TIMEOUT_MS).contains(&r.timeout_ms));
-        assert!(!r.cluster.is_empty() && !r.authority.is_empty());
-        if let Some(a) = &r.authorization {
+        let w = &r.webdis;
+        assert!((1..=MAX_REDIS_TIMEOUT_MS).contains(&w.timeout_ms));
+        assert!(!w.cluster.is_empty() && !w.authority.is_empty());
+        if let Some(a) = &w.authorization {
             assert_eq!(a, &format!("Basic {SECRET_B64}"));
         }
-        assert!(config.clients.iter().all(|c| c.tokens_per_minute.is_none()));
     }
 }
