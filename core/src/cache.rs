@@ -203,6 +203,8 @@ pub enum Skip {
     Encoding,
     /// The response ended before its end of stream (reset, client gone).
     Incomplete,
+    /// The request has a query string (it reaches the provider; the key does not cover it).
+    Query,
 }
 
 impl Skip {
@@ -220,6 +222,7 @@ impl Skip {
             Skip::TooLarge => "too_large",
             Skip::Encoding => "encoding",
             Skip::Incomplete => "incomplete",
+            Skip::Query => "query",
         }
     }
 }
@@ -320,10 +323,18 @@ impl Key {
 /// The key of a request: `scope` (`client:<name>` or `shared`), the request path, the model
 /// part (each provider of the rule with the model name it receives, in order) and the
 /// canonical body without its top-level `model` (the model part says what the providers get,
-/// so an alias and the model it names share entries when they route the same way).
-pub fn key(scope: &str, path: &str, model: &str, canonical_body: &[u8]) -> Key {
+/// so an alias and the model it names share entries when they route the same way), and the
+/// forwarded headers that can change the answer (`varying`, sorted; see
+/// [`crate::forwarding::varying`]).
+pub fn key(
+    scope: &str,
+    path: &str,
+    model: &str,
+    canonical_body: &[u8],
+    varying: &[(Vec<u8>, Vec<u8>)],
+) -> Key {
     let mut h = Sha256::new();
-    h.update(b"tollgate-cache-v1");
+    h.update(b"tollgate-cache-v2");
     for part in [
         scope.as_bytes(),
         path.as_bytes(),
@@ -332,6 +343,13 @@ pub fn key(scope: &str, path: &str, model: &str, canonical_body: &[u8]) -> Key {
     ] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
+    }
+    h.update((varying.len() as u64).to_le_bytes());
+    for (name, value) in varying {
+        for part in [name, value] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
     }
     Key(h.finalize().into())
 }
@@ -448,6 +466,12 @@ pub struct RequestInfo {
     pub path: String,
     /// The client's directives.
     pub control: CacheControl,
+    /// The path has a query string: it reaches the provider and the key does not cover it, so
+    /// the request is not cacheable.
+    pub has_query: bool,
+    /// Forwarded headers that can change the answer (see [`crate::forwarding::varying`]): part
+    /// of the key.
+    pub varying: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Decides the cache's part in a routed request: `None` when caching is off for it.
@@ -464,7 +488,12 @@ pub fn decide(
         return None;
     };
     let mut value: Value = serde_json::from_slice(body).ok()?;
-    if let Err(reason) = check(settings, &info.path, &value) {
+    let checked = if info.has_query {
+        Err(Skip::Query)
+    } else {
+        check(settings, &info.path, &value)
+    };
+    if let Err(reason) = checked {
         return Some(Decision::Bypass {
             backend: settings.backend,
             reason,
@@ -490,7 +519,13 @@ pub fn decide(
         Scope::Shared => "shared".to_string(),
     };
     Some(Decision::Use(Plan {
-        key: key(&scope, &info.path, &model, &canonical_json(&value)),
+        key: key(
+            &scope,
+            &info.path,
+            &model,
+            &canonical_json(&value),
+            &info.varying,
+        ),
         backend: settings.backend,
         ttl_s: settings.ttl_s,
         max_entry_bytes: settings.max_entry_bytes,
@@ -1053,6 +1088,8 @@ mod tests {
         RequestInfo {
             path: path.into(),
             control: CacheControl::default(),
+            has_query: false,
+            varying: Vec::new(),
         }
     }
 
@@ -1239,7 +1276,7 @@ mod tests {
     }
 
     fn k(i: u32) -> Key {
-        key("s", "/p", "m", &i.to_le_bytes())
+        key("s", "/p", "m", &i.to_le_bytes(), &[])
     }
 
     #[test]

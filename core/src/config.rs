@@ -9,6 +9,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::cache::{self, CacheConfig, ClientCache, LocalLayout, Settings};
+use crate::endpoints::{EndpointSet, Kind};
 use crate::keys::{Digest, DigestKind, KeyIndex};
 use crate::routing::{Pattern, Provider, Routing, Rule, Target};
 
@@ -77,6 +78,10 @@ struct RawConfig {
     max_body_bytes: Option<u64>,
     #[serde(default)]
     cache_backends: Option<RawCacheBackends>,
+    #[serde(default)]
+    endpoints: Option<Vec<String>>,
+    #[serde(default)]
+    forward_headers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +126,8 @@ struct RawClient {
     tokens_per_minute: Option<u32>,
     #[serde(default)]
     models: Option<Vec<String>>,
+    #[serde(default)]
+    endpoints: Option<Vec<String>>,
     #[serde(default)]
     cache: Option<RawCache>,
 }
@@ -174,6 +181,8 @@ pub struct Client {
     pub tokens_per_minute: Option<u32>,
     /// Models this client may use (exact names and globs); `None`: all.
     pub models: Option<Vec<Pattern>>,
+    /// Endpoints this client may reach (its own `endpoints`, or the configuration's).
+    pub endpoints: EndpointSet,
 }
 
 /// Default `limiter.timeout_ms` of the Redis backend.
@@ -281,6 +290,8 @@ pub struct Config {
     pub limiter: LimiterBackend,
     /// The response cache (see [`crate::cache`]).
     pub cache: CacheConfig,
+    /// Request headers forwarded besides [`crate::forwarding::FORWARDED`], lowercase.
+    pub forward_headers: Vec<String>,
 }
 
 /// One provider for everything, or routing by model.
@@ -390,17 +401,32 @@ fn compile(
         ));
     }
 
+    let default_endpoints = match &raw.endpoints {
+        None => EndpointSet::defaults(),
+        Some(names) => EndpointSet::from_names(names)
+            .map_err(|(j, m)| ConfigError::new(format!("endpoints[{j}]"), m))?,
+    };
+    let forward_headers = compile_forward_headers(raw.forward_headers.take().unwrap_or_default())?;
+
     let mut clients = Vec::with_capacity(raw.clients.len());
     let mut keys = KeyIndex::default();
+    // Name -> index, so that a configuration of many clients compiles in linear time.
+    let mut names: std::collections::HashMap<String, usize> =
+        std::collections::HashMap::with_capacity(raw.clients.len());
     for (i, c) in raw.clients.into_iter().enumerate() {
         let at = |f: &str| format!("clients[{i}].{f}");
         check_client_name(&c.name).map_err(|m| ConfigError::new(at("name"), m))?;
-        if let Some(first) = clients.iter().position(|x: &Client| x.name == c.name) {
+        if let Some(first) = names.insert(c.name.clone(), i) {
             return Err(ConfigError::new(
                 at("name"),
                 format!("duplicate client name {:?} (also clients[{first}])", c.name),
             ));
         }
+        let endpoints = match &c.endpoints {
+            None => default_endpoints,
+            Some(list) => EndpointSet::from_names(list)
+                .map_err(|(j, m)| ConfigError::new(at(&format!("endpoints[{j}]")), m))?,
+        };
         let digest =
             match (c.key_sha256, c.key_md5) {
                 (Some(hex), None) => Digest::from_hex(DigestKind::Sha256, &hex)
@@ -445,6 +471,7 @@ fn compile(
             requests_per_minute,
             tokens_per_minute,
             models,
+            endpoints,
         });
     }
 
@@ -494,6 +521,26 @@ fn compile(
             ));
         }
     }
+    if let Mode::Routed(routing) = &mode {
+        // Account endpoints go to the default provider: without one they could reach nothing.
+        if routing.default_provider.is_none() {
+            let field = if default_endpoints.has_kind(Kind::Account) {
+                Some("endpoints".to_string())
+            } else {
+                clients
+                    .iter()
+                    .position(|c| c.endpoints.has_kind(Kind::Account))
+                    .map(|i| format!("clients[{i}].endpoints"))
+            };
+            if let Some(field) = field {
+                return Err(ConfigError::new(
+                    field,
+                    "account endpoints (files, batches, ...) are sent to `default_provider`; \
+                     set one, or grant only inference endpoints",
+                ));
+            }
+        }
+    }
     let limiter = match raw.limiter {
         None => LimiterBackend::Local,
         Some(l) => compile_limiter(l, env)?,
@@ -513,7 +560,40 @@ fn compile(
         mode,
         limiter,
         cache,
+        forward_headers,
     })
+}
+
+/// `forward_headers`: more request headers a provider may receive. Never a credential,
+/// `x-tollgate-*`, `x-envoy-*`, a pseudo-header or `host`.
+fn compile_forward_headers(raw: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    let mut out: Vec<String> = Vec::with_capacity(raw.len());
+    for (i, name) in raw.into_iter().enumerate() {
+        let lower = name.to_ascii_lowercase();
+        let token = !lower.is_empty()
+            && lower
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !token
+            || crate::headers::must_strip(lower.as_bytes())
+            || lower.starts_with("x-envoy-")
+            || matches!(
+                lower.as_str(),
+                "host" | "cookie" | "forwarded" | "openai-organization" | "openai-project"
+            )
+        {
+            return Err(ConfigError::new(
+                format!("forward_headers[{i}]"),
+                "not a header a client may send to a provider (invalid name, a credential, \
+                 x-tollgate-*, x-envoy-*, host, cookie, forwarded, or an account selector: \
+                 set those per provider in `providers[].headers`)",
+            ));
+        }
+        if !out.contains(&lower) {
+            out.push(lower);
+        }
+    }
+    Ok(out)
 }
 
 /// Default `max_body_bytes`: the size of Envoy's default connection buffer.

@@ -7,6 +7,8 @@
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod endpoints;
+pub mod forwarding;
 pub mod headers;
 pub mod keys;
 pub mod limiter;

@@ -39,6 +39,8 @@ pub enum ErrorKind {
     UnknownUrl,
     /// 413: the body is larger than `max_body_bytes`.
     BodyTooLarge,
+    /// 411: a body of unknown length where Tollgate needs its length (one-provider mode).
+    LengthRequired,
 }
 
 impl ErrorKind {
@@ -53,6 +55,7 @@ impl ErrorKind {
             ErrorKind::ModelNotAllowed => 403,
             ErrorKind::ModelNotFound | ErrorKind::UnknownUrl => 404,
             ErrorKind::BodyTooLarge => 413,
+            ErrorKind::LengthRequired => 411,
         }
     }
 
@@ -65,7 +68,8 @@ impl ErrorKind {
             | ErrorKind::ModelNotAllowed
             | ErrorKind::ModelNotFound
             | ErrorKind::UnknownUrl
-            | ErrorKind::BodyTooLarge => "invalid_request_error",
+            | ErrorKind::BodyTooLarge
+            | ErrorKind::LengthRequired => "invalid_request_error",
             ErrorKind::RequestsRateLimited => "requests",
             ErrorKind::TokensRateLimited => "tokens",
             ErrorKind::Internal | ErrorKind::LimiterUnavailable => "server_error",
@@ -84,6 +88,7 @@ impl ErrorKind {
             ErrorKind::ModelNotAllowed => Some("model_not_allowed"),
             ErrorKind::ModelNotFound => Some("model_not_found"),
             ErrorKind::BodyTooLarge => Some("request_too_large"),
+            ErrorKind::LengthRequired => Some("length_required"),
             ErrorKind::MalformedBody | ErrorKind::MissingModel | ErrorKind::UnknownUrl => None,
         }
     }
@@ -272,6 +277,14 @@ pub fn unknown_url(method: &str, path: &str) -> LocalReply {
     error(
         ErrorKind::UnknownUrl,
         &format!("Invalid URL ({method} {path})"),
+    )
+}
+
+/// 411: the body's length must be declared (`content-length`).
+pub fn length_required() -> LocalReply {
+    error(
+        ErrorKind::LengthRequired,
+        "This gateway needs the request body's length: send a content-length header.",
     )
 }
 

@@ -17,12 +17,14 @@
 use crate::body::{self, BodyError};
 use crate::cache;
 use crate::config::{ClientId, Config, LimiterBackend, Mode, OnError, RedisLimiter, Webdis};
-use crate::headers::{must_strip, Header};
+use crate::endpoints::Kind;
+use crate::forwarding;
+use crate::headers::Header;
 use crate::keys::{bearer_token, Digest, DigestKind, KeyError};
 use crate::limiter::{self, CasStore, LimiterError, Verdict, Window, WINDOW_MS};
 use crate::metrics::Outcome;
 use crate::openai::{self, LocalReply};
-use crate::routing::{self, Routing, DEFAULT_ROUTE, MODEL_ENDPOINTS};
+use crate::routing::{self, Routing, DEFAULT_ROUTE};
 use crate::webdis::{self, Checked};
 
 /// Header carrying the chosen route (`r<rule index>` or `default`) to Envoy's route table and to
@@ -41,8 +43,6 @@ pub enum Decision {
 /// Header changes for a forwarded request, and what to add to its response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
-    /// Client-sent headers to remove (`x-tollgate-*`, credentials), lowercase, each once.
-    pub remove: Vec<Vec<u8>>,
     /// Headers to set, replacing any value (the provider key, or the route).
     pub set: Vec<(&'static str, String)>,
     /// The route changed: Envoy must pick the route again (`clear_route_cache`).
@@ -64,9 +64,8 @@ pub struct Forward {
 
 impl Forward {
     /// Header changes, with everything else still to be decided (window, rule, tokens, body).
-    fn new(remove: Vec<Vec<u8>>, set: Vec<(&'static str, String)>, reroute: bool) -> Self {
+    fn new(set: Vec<(&'static str, String)>, reroute: bool) -> Self {
         Self {
-            remove,
             set,
             reroute,
             window: None,
@@ -153,7 +152,6 @@ pub struct AwaitBody {
     client: ClientId,
     /// MD5 hex of the client key, for the Redis limiter's key (the key itself is not kept).
     key_md5: Option<String>,
-    remove: Vec<Vec<u8>>,
     /// What the response cache needs from the headers, when caching is configured.
     cache: Option<cache::RequestInfo>,
 }
@@ -184,13 +182,21 @@ pub struct Pending {
     sent_ms: u64,
 }
 
+/// The client's request headers that must not reach a provider (see [`forwarding`]): the filter
+/// removes them the moment the headers arrive, before it decides or pauses anything.
+pub fn strip_list(config: &Config, headers: &[Header]) -> Vec<Vec<u8>> {
+    forwarding::strip_list(headers, &config.forward_headers)
+}
+
 /// Decides what to do with a request from its headers.
 ///
 /// `headers` are all request headers as the host delivered them (names lowercase, values raw
-/// bytes); `now_ms` is the wall clock in Unix milliseconds.
+/// bytes), read before [`strip_list`] was applied; `end_of_stream` says no body or trailers
+/// follow; `now_ms` is the wall clock in Unix milliseconds.
 pub fn on_request_headers(
     config: &Config,
     headers: &[Header],
+    end_of_stream: bool,
     now_ms: u64,
     store: &dyn CasStore,
 ) -> Start {
@@ -216,73 +222,102 @@ pub fn on_request_headers(
         LimiterBackend::Redis(_) => Some(Digest::of_key(DigestKind::Md5, token).to_hex()),
         LimiterBackend::Local => None,
     };
-    let mut remove = headers_to_remove(headers);
-    let routing = match &config.mode {
-        Mode::Single(upstream) => {
-            let forward = Forward::new(
-                remove,
-                vec![("authorization", upstream.authorization.clone())],
-                false,
-            );
-            // The body is not read in this mode: the prompt is estimated from its declared size
-            // (`max_tokens` is unknown; the completion is settled from the usage).
-            let estimate = estimate_tokens(declared_length(headers).unwrap_or(0), None);
-            return limit(config, client, key_md5, forward, estimate, now_ms, store);
-        }
-        Mode::Routed(routing) => routing,
-    };
-    // With routing, each provider's key is set by the upstream filter of its cluster, per
-    // attempt; the client's key is removed here.
-    remove.push(b"authorization".to_vec());
+    // Deny by default: only the endpoints granted to this client, matched exactly.
     let method = header(headers, b":method").unwrap_or_default();
-    let path = header(headers, b":path").unwrap_or_default();
-    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
-    if method == b"GET" && path == b"/v1/models" {
-        let allow = config.client(client).and_then(|c| c.models.as_deref());
+    let full_path = header(headers, b":path").unwrap_or_default();
+    let mut parts = full_path.splitn(2, |&b| b == b'?');
+    let path = parts.next().unwrap_or_default();
+    let has_query = parts.next().is_some();
+    let granted = config
+        .client(client)
+        .map(|c| c.endpoints)
+        .unwrap_or_default();
+    let Some(endpoint) = granted.find(method, path) else {
         return Start::Done(reply(
-            Some(client),
-            Outcome::Admitted,
-            openai::json_ok(routing::models_list(routing, allow)),
-        ));
-    }
-    if method == b"POST" && MODEL_ENDPOINTS.iter().any(|e| e.as_bytes() == path) {
-        if declared_length(headers).is_some_and(|n| n > routing.max_body_bytes) {
-            return Start::Done(reply(
-                Some(client),
-                Outcome::Invalid,
-                openai::body_too_large(routing.max_body_bytes),
-            ));
-        }
-        let cache = config.cache.enabled().then(|| cache::RequestInfo {
-            path: String::from_utf8_lossy(path).into_owned(),
-            control: cache::cache_control(headers),
-        });
-        return Start::ReadBody(AwaitBody {
-            max_bytes: routing.max_body_bytes,
-            client,
-            key_md5,
-            remove,
-            cache,
-        });
-    }
-    match routing.default_provider {
-        Some(_) => {
-            let forward = Forward::new(
-                remove,
-                vec![(ROUTE_HEADER, DEFAULT_ROUTE.to_string())],
-                true,
-            );
-            let estimate = estimate_tokens(declared_length(headers).unwrap_or(0), None);
-            limit(config, client, key_md5, forward, estimate, now_ms, store)
-        }
-        None => Start::Done(reply(
             Some(client),
             Outcome::Invalid,
             openai::unknown_url(
                 &String::from_utf8_lossy(method),
                 &String::from_utf8_lossy(path),
             ),
-        )),
+        ));
+    };
+    // A body of unknown size cannot be estimated from its length: with one provider (whose
+    // bodies are not read) such a request would otherwise reserve no prompt tokens at all.
+    let length = declared_length(headers);
+    let routing = match &config.mode {
+        Mode::Single(upstream) => {
+            if endpoint.kind == Kind::Model && length.is_none() && !end_of_stream {
+                return Start::Done(reply(
+                    Some(client),
+                    Outcome::Invalid,
+                    openai::length_required(),
+                ));
+            }
+            let forward = Forward::new(
+                vec![("authorization", upstream.authorization.clone())],
+                false,
+            );
+            // The body is not read in this mode: the prompt is estimated from its declared size
+            // (`max_tokens` is unknown; the completion is settled from the usage).
+            let estimate = match endpoint.kind {
+                Kind::Model => estimate_tokens(length.unwrap_or(0), None),
+                Kind::ModelList | Kind::Account => Estimate::default(),
+            };
+            return limit(config, client, key_md5, forward, estimate, now_ms, store);
+        }
+        Mode::Routed(routing) => routing,
+    };
+    match endpoint.kind {
+        Kind::ModelList => {
+            let allow = config.client(client).and_then(|c| c.models.as_deref());
+            let answer = match path.strip_prefix(b"/v1/models/".as_slice()) {
+                None => openai::json_ok(routing::models_list(routing, allow)),
+                Some(id) => {
+                    let id = String::from_utf8_lossy(id);
+                    match routing::model_object(routing, allow, &id) {
+                        Some(body) => openai::json_ok(body),
+                        None => openai::model_not_found(&id),
+                    }
+                }
+            };
+            Start::Done(reply(Some(client), Outcome::Admitted, answer))
+        }
+        Kind::Model => {
+            if length.is_some_and(|n| n > routing.max_body_bytes) {
+                return Start::Done(reply(
+                    Some(client),
+                    Outcome::Invalid,
+                    openai::body_too_large(routing.max_body_bytes),
+                ));
+            }
+            let cache = config.cache.enabled().then(|| cache::RequestInfo {
+                path: String::from_utf8_lossy(path).into_owned(),
+                control: cache::cache_control(headers),
+                has_query,
+                varying: forwarding::varying(headers, &config.forward_headers),
+            });
+            Start::ReadBody(AwaitBody {
+                max_bytes: routing.max_body_bytes,
+                client,
+                key_md5,
+                cache,
+            })
+        }
+        // Account endpoints go to the default provider (the configuration guarantees one when
+        // any is granted), counted as requests.
+        Kind::Account => {
+            let forward = Forward::new(vec![(ROUTE_HEADER, DEFAULT_ROUTE.to_string())], true);
+            limit(
+                config,
+                client,
+                key_md5,
+                forward,
+                Estimate::default(),
+                now_ms,
+                store,
+            )
+        }
     }
 }
 
@@ -298,7 +333,6 @@ pub fn on_request_body(
         max_bytes,
         client,
         key_md5,
-        remove,
         cache,
     } = awaiting;
     let Mode::Routed(routing) = &config.mode else {
@@ -339,7 +373,7 @@ pub fn on_request_body(
         cache,
         strip_usage_chunk: new_body.is_some(),
         body: new_body,
-        ..Forward::new(remove, vec![(ROUTE_HEADER, Routing::route_id(rule))], true)
+        ..Forward::new(vec![(ROUTE_HEADER, Routing::route_id(rule))], true)
     };
     let estimate = estimate_tokens(body.len(), request.max_tokens);
     limit(config, client, key_md5, forward, estimate, now_ms, store)
@@ -713,21 +747,6 @@ fn limited_step(
     }
 }
 
-fn headers_to_remove(headers: &[Header]) -> Vec<Vec<u8>> {
-    let mut remove: Vec<Vec<u8>> = Vec::new();
-    for (name, _) in headers {
-        // Usage is read from the response body: it must come back uncompressed.
-        let compressed = name.eq_ignore_ascii_case(b"accept-encoding");
-        if (must_strip(name) || compressed)
-            && !name.eq_ignore_ascii_case(b"authorization")
-            && !remove.iter().any(|r| r.eq_ignore_ascii_case(name))
-        {
-            remove.push(name.to_ascii_lowercase());
-        }
-    }
-    remove
-}
-
 /// Response headers carrying the client's own request budget; they replace the provider's
 /// `x-ratelimit-*` headers, which describe the shared provider key, not this client.
 pub fn response_headers(window: &Window) -> Vec<(&'static str, String)> {
@@ -739,16 +758,67 @@ pub fn token_headers(t: &TokenReservation) -> Vec<(&'static str, String)> {
     openai::rate_limit_token_headers(t.state.limit, t.state.remaining, t.state.reset_ms)
 }
 
-/// Provider rate-limit headers removed from every forwarded response: they describe the
-/// provider account behind the gateway, which clients must not see or act on.
-pub const PROVIDER_RATE_LIMIT_HEADERS: &[&str] = &[
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-reset-requests",
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-tokens",
-];
+/// What Tollgate reads from a response's headers (one read of the whole map).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// `:status`, when it is a number.
+    pub status: Option<u16>,
+    /// `content-type`, raw.
+    pub content_type: Vec<u8>,
+    /// A `content-encoding` other than `identity` is set.
+    pub encoded: bool,
+}
+
+impl ResponseHead {
+    /// Reads the fields from a response header map.
+    pub fn read(headers: &[Header]) -> Self {
+        let status = header(headers, b":status")
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
+        let content_type = header(headers, b"content-type")
+            .unwrap_or_default()
+            .to_vec();
+        let encoded = header(headers, b"content-encoding")
+            .is_some_and(|e| !e.eq_ignore_ascii_case(b"identity"));
+        Self {
+            status,
+            content_type,
+            encoded,
+        }
+    }
+
+    /// 2xx.
+    pub fn succeeded(&self) -> bool {
+        self.status.is_some_and(|s| (200..300).contains(&s))
+    }
+
+    /// A Server-Sent Events stream.
+    pub fn is_sse(&self) -> bool {
+        self.content_type.starts_with(b"text/event-stream")
+    }
+
+    /// A JSON body.
+    pub fn is_json(&self) -> bool {
+        self.content_type.windows(4).any(|w| w == b"json")
+    }
+}
+
+/// The header edits of a forwarded response: the provider's account headers go (see
+/// [`forwarding::RESPONSE_STRIPPED`]), the client's own budget replaces the provider's.
+pub fn response_edits(
+    headers: &[Header],
+    window: Option<&Window>,
+    tokens: Option<&TokenReservation>,
+) -> (Vec<&'static str>, Vec<(&'static str, String)>) {
+    let mut set = Vec::new();
+    if let Some(w) = window {
+        set.extend(response_headers(w));
+    }
+    if let Some(t) = tokens {
+        set.extend(token_headers(t));
+    }
+    let replaced: Vec<&str> = set.iter().map(|(n, _)| *n).collect();
+    (forwarding::response_strip_list(headers, &replaced), set)
+}
 
 #[cfg(test)]
 mod tests {
@@ -776,8 +846,22 @@ mod tests {
             .collect()
     }
 
+    /// A chat completion's pseudo-headers and length, where the test did not set its own.
+    fn chat(mut headers: Vec<Header>) -> Vec<Header> {
+        for (name, value) in [
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            ("content-length", "2"),
+        ] {
+            if !headers.iter().any(|(n, _)| n == name.as_bytes()) {
+                headers.push((name.as_bytes().to_vec(), value.as_bytes().to_vec()));
+            }
+        }
+        headers
+    }
+
     fn done_on(c: &Config, h: &[Header], now: u64, s: &dyn CasStore) -> Step {
-        done(on_request_headers(c, h, now, s))
+        done(on_request_headers(c, &chat(h.to_vec()), false, now, s))
     }
 
     fn done(start: Start) -> Step {
@@ -816,8 +900,17 @@ mod tests {
         assert_eq!(step.client, Some(0));
         let f = forward(&step);
         assert_eq!(
-            f.remove,
+            strip_list(
+                &c,
+                &chat(h(&[
+                    ("authorization", b"Bearer sk-team-a"),
+                    ("x-tollgate-client", b"spoofed"),
+                    ("X-Tollgate-Route", b"spoofed"),
+                    ("x-api-key", b"sk-team-a"),
+                ]))
+            ),
             vec![
+                b"authorization".to_vec(),
                 b"x-tollgate-client".to_vec(),
                 b"x-tollgate-route".to_vec(),
                 b"x-api-key".to_vec()
@@ -939,7 +1032,7 @@ mod tests {
             ("authorization", b"Bearer sk-team-a"),
             ("x-tollgate-x", b"1"),
         ]);
-        match on_request_headers(c, &headers, NOW, &FakeStore::default()) {
+        match on_request_headers(c, &chat(headers), false, NOW, &FakeStore::default()) {
             Start::AskLimiter(p) => p,
             other => panic!("expected a limiter callout, got {other:?}"),
         }
@@ -983,7 +1076,6 @@ mod tests {
         assert_eq!(step.outcome, Outcome::Admitted);
         let f = forward(&step);
         assert_eq!(f.window.unwrap().remaining, 3);
-        assert_eq!(f.remove, vec![b"x-tollgate-x".to_vec()]);
         assert!(step.limiter_errors.is_empty());
 
         let step = on_limiter_reply(
@@ -1090,7 +1182,7 @@ mod tests {
         if let Some(len) = len {
             headers.push((b"content-length".to_vec(), len.to_vec()));
         }
-        on_request_headers(c, &headers, NOW, &FakeStore::default())
+        on_request_headers(c, &headers, false, NOW, &FakeStore::default())
     }
 
     fn status(start: Start) -> u16 {
@@ -1118,7 +1210,6 @@ mod tests {
         let f = forward(&step);
         assert_eq!(f.set, vec![(ROUTE_HEADER, "r0".to_string())]);
         assert!(f.reroute);
-        assert!(f.remove.contains(&b"authorization".to_vec()));
         assert_eq!(f.window.unwrap().limit, 5);
 
         let body_status = |body: &[u8]| {
@@ -1178,6 +1269,7 @@ mod tests {
                     (":path", b"/v1/chat/completions"),
                     ("authorization", b"Bearer sk-team-a"),
                 ]),
+                false,
                 NOW,
                 &store,
             );
@@ -1272,7 +1364,7 @@ mod tests {
                 ("authorization", b"Bearer sk-team-a"),
                 ("content-length", len),
             ]);
-            done(on_request_headers(&c, &headers, NOW, &store))
+            done(on_request_headers(&c, &chat(headers), false, NOW, &store))
         };
         let t = forward(&send(b"120")).tokens.clone().unwrap();
         assert_eq!(t.estimate.total(), 30);
@@ -1302,7 +1394,7 @@ mod tests {
             (":path", b"/v1/chat/completions"),
             ("authorization", b"Bearer sk-team-a"),
         ]);
-        let Start::ReadBody(wait) = on_request_headers(c, &headers, NOW, store) else {
+        let Start::ReadBody(wait) = on_request_headers(c, &headers, false, NOW, store) else {
             panic!("expected to read the body")
         };
         match on_request_body(c, wait, body, NOW, store) {

@@ -140,14 +140,6 @@ pub struct Routing {
     pub max_body_bytes: usize,
 }
 
-/// The POST endpoints whose JSON body carries `model`.
-pub const MODEL_ENDPOINTS: &[&str] = &[
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-];
-
 /// Value of `x-tollgate-route` for requests to the default provider.
 pub const DEFAULT_ROUTE: &str = "default";
 
@@ -194,6 +186,27 @@ struct ModelEntry<'a> {
     object: &'static str,
     created: u64,
     owned_by: &'a str,
+}
+
+/// `GET /v1/models/{id}` for a client: the model object, if `id` is an exact model name of a
+/// rule the client may use (`None`: answer 404, as for an unknown model).
+pub fn model_object(routing: &Routing, allow: Option<&[Pattern]>, id: &str) -> Option<String> {
+    let rule = routing
+        .rules
+        .iter()
+        .find(|r| !r.pattern.is_glob() && r.pattern.as_str() == id && allowed(allow, id))?;
+    let owned_by = rule
+        .targets
+        .first()
+        .and_then(|t| routing.providers.get(t.provider))
+        .map_or("tollgate", |p| p.name.as_str());
+    serde_json::to_string(&ModelEntry {
+        id: rule.pattern.as_str(),
+        object: "model",
+        created: 0,
+        owned_by,
+    })
+    .ok()
 }
 
 /// `GET /v1/models` for a client: every exact model name of the rules that the client may use,

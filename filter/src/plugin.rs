@@ -16,7 +16,7 @@ use tollgate_core::metrics::{self, CacheMetric, Outcome, ANONYMOUS};
 use tollgate_core::openai::{self, LocalReply};
 use tollgate_core::request::{
     self, AwaitBody, Callout, Decision, Delivered, Forward, LimiterFailure, Pending, Start, Step,
-    TokenReservation, PROVIDER_RATE_LIMIT_HEADERS,
+    TokenReservation,
 };
 use tollgate_core::routing::{ProviderId, Routing};
 use tollgate_core::upstream;
@@ -661,6 +661,9 @@ struct Request {
     window: Option<Window>,
     /// The filter answered this request itself; leave the response alone.
     replied: bool,
+    /// Tollgate decided to forward this request and rewrote it: later request callbacks
+    /// continue. Until then every callback pauses.
+    forwarded: bool,
     /// The admitted client and the rule that routed the request, for usage.
     client: Option<usize>,
     rule: Option<usize>,
@@ -759,22 +762,30 @@ impl HttpContext for Request {
             error!("request without a configuration");
             return self.reply(&openai::internal_error());
         };
-        let start = match (host::headers(Map::Request), host::now_ms()) {
-            (Ok(headers), Ok(now)) => {
-                self.started_ms = Some(now);
-                request::on_request_headers(&plugin.config, &headers, now, &SharedData)
-            }
+        let (headers, now) = match (host::headers(Map::Request), host::now_ms()) {
+            (Ok(headers), Ok(now)) => (headers, now),
             (Err(e), _) | (_, Err(e)) => {
                 error!("cannot read the request: {e}");
                 plugin.metrics.request(None, Outcome::Error);
                 return self.reply(&openai::internal_error());
             }
         };
+        self.started_ms = Some(now);
+        // Credentials, x-tollgate-*, x-envoy-* and every other header a provider must not see go
+        // now, before anything is decided or paused.
+        for name in request::strip_list(&plugin.config, &headers) {
+            if let Err(e) = host::remove_header(Map::Request, &name) {
+                error!("cannot remove a request header: {e}");
+                plugin.metrics.request(None, Outcome::Error);
+                return self.reply(&openai::internal_error());
+            }
+        }
+        let start =
+            request::on_request_headers(&plugin.config, &headers, end_of_stream, now, &SharedData);
         match start {
             // No body will follow (a POST without one): decide on the empty body now, or the
             // request would wait for a body callback that never comes.
             Start::ReadBody(awaiting) if end_of_stream => {
-                let now = self.started_ms.unwrap_or(0);
                 let start =
                     request::on_request_body(&plugin.config, awaiting, b"", now, &SharedData);
                 self.proceed(&plugin, start)
@@ -785,74 +796,65 @@ impl HttpContext for Request {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let (Some(plugin), Some(awaiting)) = (self.plugin.clone(), self.awaiting.take()) else {
-            return Action::Continue;
+            // Forwarded: the rest of the body follows. Otherwise the request is waiting for
+            // a callout, answered, or was never decided: nothing may go upstream.
+            return self.after_decision();
         };
         if body_size > awaiting.max_bytes {
             plugin.metrics.request(None, Outcome::Invalid);
             return self.reply(&openai::body_too_large(awaiting.max_bytes));
         }
         if !end_of_stream {
-            // Envoy buffers the body until the end of the stream.
+            // Envoy buffers the body until the end of the stream (or its trailers).
             self.awaiting = Some(awaiting);
             return Action::Pause;
         }
-        let body = match host::request_body(body_size) {
-            Ok(b) => b,
-            Err(e) => {
-                error!("cannot read the request body: {e}");
-                plugin.metrics.request(None, Outcome::Error);
-                return self.reply(&openai::internal_error());
+        self.decide_on_body(&plugin, awaiting, body_size)
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // Trailers end the request: a body being read is complete now. Envoy's default for
+        // this callback is to continue, which would forward a request nobody decided.
+        match (self.plugin.clone(), self.awaiting.take()) {
+            (Some(plugin), Some(awaiting)) => {
+                let size = awaiting.max_bytes.saturating_add(1);
+                self.decide_on_body(&plugin, awaiting, size)
             }
-        };
-        let now = host::now_ms().unwrap_or(0);
-        let start = request::on_request_body(&plugin.config, awaiting, &body, now, &SharedData);
-        self.proceed(&plugin, start)
+            _ => self.after_decision(),
+        }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if self.replied {
             return Action::Continue;
         }
-        self.cache_response_headers();
-        // The provider's budget headers go; those about to be replaced by the client's own need
-        // no removal first (a host call saved per header).
-        for name in PROVIDER_RATE_LIMIT_HEADERS {
-            let replaced = if name.ends_with("-requests") {
-                self.window.is_some()
-            } else {
-                self.tokens.is_some()
-            };
-            if replaced {
-                continue;
+        // One read of the whole map: status, content type, and the headers to remove.
+        let headers = match host::headers(Map::Response) {
+            Ok(h) => h,
+            Err(e) => {
+                // The provider's account headers could reach the client: do not let them.
+                error!("cannot read the response headers: {e}; resetting the stream");
+                let _ = host::reset_request();
+                return Action::Pause;
             }
+        };
+        let head = request::ResponseHead::read(&headers);
+        self.cache_response_headers(&head);
+        let (remove, set) =
+            request::response_edits(&headers, self.window.as_ref(), self.tokens.as_ref());
+        for name in remove {
             if let Err(e) = host::remove_header(Map::Response, name.as_bytes()) {
                 warn!("cannot remove response header {name}: {e}");
             }
         }
-        if let Some(window) = &self.window {
-            for (name, value) in request::response_headers(window) {
-                if let Err(e) = host::replace_header(Map::Response, name, &value) {
-                    warn!("cannot set response header {name}: {e}");
-                }
-            }
-        }
-        if let Some(t) = &self.tokens {
-            for (name, value) in request::token_headers(t) {
-                if let Err(e) = host::replace_header(Map::Response, name, &value) {
-                    warn!("cannot set response header {name}: {e}");
-                }
+        for (name, value) in set {
+            if let Err(e) = host::replace_header(Map::Response, name, &value) {
+                warn!("cannot set response header {name}: {e}");
             }
         }
         if self.client.is_some() {
-            self.succeeded = host::header(Map::Response, ":status")
-                .ok()
-                .flatten()
-                .is_some_and(|s| s.starts_with(b"2"));
-            let content_type = host::header(Map::Response, "content-type")
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-            let streaming = content_type.starts_with(b"text/event-stream");
+            self.succeeded = head.succeeded();
+            let streaming = head.is_sse();
             if let (true, Some(plugin), Some(start), Ok(now)) =
                 (streaming, &self.plugin, self.started_ms, host::now_ms())
             {
@@ -864,7 +866,7 @@ impl HttpContext for Request {
                 } else {
                     SseUsage::default()
                 }))
-            } else if content_type.windows(4).any(|w| w == b"json") {
+            } else if head.is_json() {
                 Some(UsageReader::Json(Vec::new()))
             } else {
                 None
@@ -1000,6 +1002,7 @@ impl Request {
             pending: None,
             window: None,
             replied: false,
+            forwarded: false,
             client: None,
             rule: None,
             usage: None,
@@ -1031,6 +1034,38 @@ impl Request {
                 debug!("cannot set {name}: {e}");
             }
         }
+    }
+
+    /// The answer of a request callback once the headers were handled: continue only a request
+    /// that was forwarded; anything else (waiting, answered, undecided) stays paused.
+    fn after_decision(&self) -> Action {
+        if self.forwarded {
+            Action::Continue
+        } else {
+            Action::Pause
+        }
+    }
+
+    /// The whole body is buffered (at most `max` bytes are read): decide on it.
+    fn decide_on_body(&mut self, plugin: &Rc<Plugin>, awaiting: AwaitBody, max: usize) -> Action {
+        let body = match host::request_body(max) {
+            Ok(b) => b,
+            Err(e) => {
+                error!("cannot read the request body: {e}");
+                plugin.metrics.request(None, Outcome::Error);
+                return self.reply(&openai::internal_error());
+            }
+        };
+        let now = match host::now_ms() {
+            Ok(now) => now,
+            Err(e) => {
+                error!("cannot read the clock: {e}");
+                plugin.metrics.request(None, Outcome::Error);
+                return self.reply(&openai::internal_error());
+            }
+        };
+        let start = request::on_request_body(&plugin.config, awaiting, &body, now, &SharedData);
+        self.proceed(plugin, start)
     }
 
     /// Carries out the core's next step for this request.
@@ -1107,6 +1142,7 @@ impl Request {
     ) -> (Action, Outcome) {
         match apply(&forward) {
             Ok(()) => {
+                self.forwarded = true;
                 self.window = forward.window;
                 self.client = client;
                 self.rule = forward.rule;
@@ -1342,7 +1378,7 @@ impl Request {
 
     /// Response headers of a forwarded request: say what the cache did, and keep copying only
     /// a response that can be stored (a 200, not compressed, not a stream).
-    fn cache_response_headers(&mut self) {
+    fn cache_response_headers(&mut self, head: &request::ResponseHead) {
         if let Some(value) = self.cache_header {
             if let Err(e) = host::replace_header(Map::Response, CACHE_HEADER, value) {
                 warn!("cannot set response header {CACHE_HEADER}: {e}");
@@ -1351,16 +1387,10 @@ impl Request {
         let (Some(plugin), Some(store)) = (&self.plugin, self.cache_store.as_mut()) else {
             return;
         };
-        let header = |name: &str| host::header(Map::Response, name).ok().flatten();
-        let status = header(":status")
-            .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u16>().ok())
-            .unwrap_or(0);
-        let content_type = header("content-type").unwrap_or_default();
-        let encoded =
-            header("content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case(b"identity"));
+        let status = head.status.unwrap_or(0);
         let skip = if status != 200 {
             Some(Skip::Status)
-        } else if encoded || content_type.starts_with(b"text/event-stream") {
+        } else if head.encoded || head.is_sse() {
             Some(Skip::Encoding)
         } else {
             None
@@ -1371,7 +1401,7 @@ impl Request {
                 plugin.cache_count(CacheMetric::Skips, rule, backend, skip.reason(), 1);
                 self.cache_store = None;
             }
-            None => store.head = Some((status, content_type)),
+            None => store.head = Some((status, head.content_type.clone())),
         }
     }
 
@@ -1447,9 +1477,6 @@ impl Request {
 }
 
 fn apply(forward: &Forward) -> Result<(), HostError> {
-    for name in &forward.remove {
-        host::remove_header(Map::Request, name)?;
-    }
     for (name, value) in &forward.set {
         host::replace_header(Map::Request, name, value)?;
     }
@@ -1463,6 +1490,46 @@ fn apply(forward: &Forward) -> Result<(), HostError> {
         host::clear_route_cache()?;
     }
     Ok(())
+}
+
+/// Refuses an attempt the upstream role cannot prepare: it must not reach a provider without
+/// that provider's credentials.
+fn refuse_attempt(why: &str) -> Action {
+    error!("upstream: {why}; refusing the attempt");
+    let reply = openai::internal_error();
+    if let Err(e) = host::send_json_reply(reply.status, &reply.headers, &reply.body) {
+        error!("upstream: cannot send a local reply: {e}; resetting the stream");
+        let _ = host::reset_request();
+    }
+    Action::Pause
+}
+
+impl AttemptContext {
+    /// Renames the body's `model` for this attempt's provider (the body is complete).
+    fn rename_model(&mut self, max: usize) -> Action {
+        let Some(model) = self.rename.take() else {
+            return Action::Continue;
+        };
+        let body = match host::request_body(max) {
+            Ok(b) => b,
+            Err(e) => return refuse_attempt(&format!("cannot read the body to rename: {e}")),
+        };
+        match body::replace_model(&body, &model) {
+            Some(renamed) => {
+                if let Err(e) = host::replace_request_body(body.len(), &renamed) {
+                    return refuse_attempt(&format!("cannot replace the body: {e}"));
+                }
+                if let Err(e) =
+                    host::replace_header(Map::Request, "content-length", &renamed.len().to_string())
+                {
+                    return refuse_attempt(&format!("cannot update content-length: {e}"));
+                }
+            }
+            // The listener role read this body and found `model`; it cannot be missing here.
+            None => return refuse_attempt("no top-level model to rename"),
+        }
+        Action::Continue
+    }
 }
 
 /// One attempt to one provider (the upstream role).
@@ -1479,15 +1546,11 @@ impl Context for AttemptContext {}
 impl HttpContext for AttemptContext {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(routing) = self.plugin.routing() else {
-            return Action::Continue;
+            return refuse_attempt("the configuration has no providers");
         };
         let headers = match host::headers(Map::Request) {
             Ok(h) => h,
-            Err(e) => {
-                // Without its key the attempt would fail at the provider anyway; say why here.
-                error!("upstream: cannot read request headers: {e}");
-                return Action::Continue;
-            }
+            Err(e) => return refuse_attempt(&format!("cannot read request headers: {e}")),
         };
         let attempt = upstream::on_attempt_headers(routing, &headers);
         debug!(
@@ -1499,19 +1562,24 @@ impl HttpContext for AttemptContext {
             attempt.rule,
             attempt.rename_model
         );
+        if attempt.provider.is_none() {
+            // Only a request the listener role decided carries a route to a provider.
+            return refuse_attempt("the request has no route chosen by Tollgate");
+        }
         self.plugin.record(&attempt);
         self.provider = attempt.provider;
         for name in &attempt.remove {
             if let Err(e) = host::remove_header(Map::Request, name) {
-                warn!(
-                    "upstream: cannot remove {}: {e}",
+                return refuse_attempt(&format!(
+                    "cannot remove {}: {e}",
                     String::from_utf8_lossy(name)
-                );
+                ));
             }
         }
         for (name, value) in &attempt.set {
             if let Err(e) = host::replace_header(Map::Request, name, value) {
-                error!("upstream: cannot set {name}: {e}");
+                // Without its key and host the attempt must not leave.
+                return refuse_attempt(&format!("cannot set {name}: {e}"));
             }
         }
         match attempt.rename_model {
@@ -1530,29 +1598,16 @@ impl HttpContext for AttemptContext {
         if !end_of_stream {
             return Action::Pause;
         }
-        let Some(model) = self.rename.take() else {
+        self.rename_model(body_size)
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // Trailers end the body: the rename happens now, or the attempt would leave with the
+        // client's model name.
+        if self.rename.is_none() {
             return Action::Continue;
-        };
-        let body = match host::request_body(body_size) {
-            Ok(b) => b,
-            Err(e) => {
-                error!("upstream: cannot read the body to rename the model: {e}");
-                return Action::Continue;
-            }
-        };
-        match body::replace_model(&body, &model) {
-            Some(renamed) => {
-                if let Err(e) = host::replace_request_body(body.len(), &renamed) {
-                    error!("upstream: cannot replace the body: {e}");
-                } else if let Err(e) =
-                    host::replace_header(Map::Request, "content-length", &renamed.len().to_string())
-                {
-                    error!("upstream: cannot update content-length: {e}");
-                }
-            }
-            None => warn!("upstream: no top-level model to rename"),
         }
-        Action::Continue
+        self.rename_model(usize::MAX)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
