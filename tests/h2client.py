@@ -80,6 +80,12 @@ class H2Client:
             self.conn.send_data(sid, chunk, end_stream=end_stream and not data)
             self._flush()
 
+    def send_trailers(self, sid: int, trailers: list[tuple]) -> None:
+        """Ends the stream with a trailers HEADERS frame."""
+        enc = lambda v: v if isinstance(v, bytes) else v.encode()  # noqa: E731
+        self.conn.send_headers(sid, [(enc(n), enc(v)) for n, v in trailers], end_stream=True)
+        self._flush()
+
     def end(self, sid: int) -> None:
         self.conn.end_stream(sid)
         self._flush()

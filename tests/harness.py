@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import render_envoy  # noqa: E402  (scripts/ is not a package)
 
-WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "tollgate.wasm"
+# TOLLGATE_WASM runs the suite against another build (e.g. an older commit's, to see a test fail).
+WASM = pathlib.Path(os.environ.get("TOLLGATE_WASM") or ROOT / "target" / "wasm32-wasip1" / "release" / "tollgate.wasm")
 MOCK_BIN = ROOT / "target" / "release" / "mock-provider"
 PROVIDER_KEY = "sk-provider-test-key-0123456789"
 PROVIDER_KEY_ENV = "TOLLGATE_PROVIDER_KEY"

@@ -1163,6 +1163,30 @@ mod tests {
         let s0 = key_of(plan(&shared, 0, "gpt-4.1", body));
         assert_eq!(key_of(plan(&shared, 1, "gpt-4.1", body)), s0);
         assert_ne!(s0, k);
+        // Forwarded headers that can change the answer are part of the key; a query string,
+        // which the key does not cover, makes the request uncacheable.
+        let Mode::Routed(r) = &shared.mode else {
+            panic!()
+        };
+        let rule = r.rule_for("gpt-4.1").unwrap();
+        let with = |has_query: bool, varying: Vec<(Vec<u8>, Vec<u8>)>| {
+            let info = RequestInfo {
+                has_query,
+                varying,
+                ..info("/v1/chat/completions")
+            };
+            decide(&shared, 0, rule, &info, "gpt-4.1", body.as_bytes())
+        };
+        assert_eq!(key_of(with(false, Vec::new())), s0);
+        let beta = vec![(b"openai-beta".to_vec(), b"x".to_vec())];
+        assert_ne!(key_of(with(false, beta)), s0);
+        assert_eq!(
+            with(true, Vec::new()),
+            Some(Decision::Bypass {
+                backend: Backend::Local,
+                reason: Skip::Query
+            })
+        );
     }
 
     #[test]

@@ -1245,6 +1245,52 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_and_forwarded_headers_are_validated() {
+        let client = format!(r#"{{"name":"a","key_sha256":"{DEMO_SHA}"}}"#);
+        let with = |extra: &str, client_extra: &str| {
+            format!(
+                r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"{client_extra}}}],
+                    "upstream":{{"api_key_env":"PROVIDER_KEY"}}{extra}}}"#
+            )
+        };
+        let c = parse(&minimal(&format!("[{client}]"))).unwrap();
+        assert_eq!(c.clients[0].endpoints, EndpointSet::defaults());
+        assert!(c.forward_headers.is_empty());
+        let c = parse(&with(
+            r#","endpoints":["embeddings"],"forward_headers":["X-Custom","x-custom"]"#,
+            r#","endpoints":["inference","files"]"#,
+        ))
+        .unwrap();
+        assert!(c.clients[0].endpoints.has_kind(Kind::Account));
+        assert_eq!(c.forward_headers, vec!["x-custom".to_string()]);
+        assert!(err(&with(r#","endpoints":["chat"]"#, "")).starts_with("endpoints[0]: unknown"));
+        assert!(err(&with("", r#","endpoints":["files","nope"]"#))
+            .starts_with("clients[0].endpoints[1]: unknown endpoint \"nope\""));
+        for bad in [
+            "authorization",
+            "x-api-key",
+            "x-tollgate-route",
+            "x-envoy-original-path",
+            "openai-organization",
+            "host",
+            "a b",
+            "",
+        ] {
+            let e = err(&with(&format!(r#","forward_headers":["{bad}"]"#), ""));
+            assert!(e.starts_with("forward_headers[0]: "), "{bad}: {e}");
+        }
+        // Account endpoints with model routing need a default provider to go to.
+        let routed = format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}","endpoints":["files"]}}],
+                "providers":[{{"name":"p","cluster":"c","api_key_env":"PROVIDER_KEY"}}],
+                "models":[{{"match":"m","providers":["p"]}}]}}"#
+        );
+        assert!(err(&routed).starts_with("clients[0].endpoints: account endpoints"));
+        let with_default = routed.replace(r#""models""#, r#""default_provider":"p","models""#);
+        assert!(parse(&with_default).is_ok());
+    }
+
+    #[test]
     fn minimal_config_uses_defaults() {
         let c = parse(&minimal(&format!(
             r#"[{{"name":"team-a","key_sha256":"{DEMO_SHA}"}}]"#

@@ -1252,6 +1252,127 @@ mod tests {
     }
 
     #[test]
+    fn only_granted_endpoints_pass_the_gate() {
+        let c = routed_config();
+        // The default table: the inference API; everything else is a 404, whatever the method.
+        for (method, path) in [
+            (b"GET".as_slice(), b"/v1/files".as_slice()),
+            (b"DELETE", b"/v1/files/file-1"),
+            (b"GET", b"/v1/chat/completions"),
+            (b"PUT", b"/v1/chat/completions"),
+            (b"POST", b"/v1/chat/completions/"),
+            (b"POST", b"/v1/chat/completions;x"),
+            (b"POST", b"/V1/chat/completions"),
+            (b"POST", b"/v1/moderations"),
+            (b"GET", b"/__mock/requests"),
+        ] {
+            assert_eq!(
+                status(routed_start(&c, method, path, None)),
+                404,
+                "{path:?}"
+            );
+        }
+        // A query string does not change which endpoint is matched.
+        assert!(matches!(
+            routed_start(&c, b"POST", b"/v1/embeddings?x=/v1/files", None),
+            Start::ReadBody(_)
+        ));
+        // GET /v1/models/{id}: a model the client may use, else 404.
+        let one = done(routed_start(&c, b"GET", b"/v1/models/gpt-4.1", None));
+        match one.decision {
+            Decision::Reply(r) => {
+                assert_eq!(r.status, 200);
+                assert!(r.body.contains("\"id\":\"gpt-4.1\""), "{}", r.body);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            status(routed_start(&c, b"GET", b"/v1/models/o1", None)),
+            404
+        );
+    }
+
+    #[test]
+    fn account_endpoints_need_a_grant_and_go_to_the_default_provider() {
+        let sha = |k: &[u8]| Digest::of_key(DigestKind::Sha256, k).to_hex();
+        let json = format!(
+            r#"{{"clients":[{{"name":"ops","key_sha256":"{}","endpoints":["files"]}},
+                           {{"name":"dev","key_sha256":"{}"}}],
+                "providers":[{{"name":"p","cluster":"c","api_key_env":"K"}}],
+                "models":[{{"match":"m","providers":["p"]}}],
+                "default_provider":"p"}}"#,
+            sha(b"sk-ops"),
+            sha(b"sk-dev")
+        );
+        let c = Config::parse(json.as_bytes(), &|_| Some("sk-provider".into())).unwrap();
+        let start = |key: &[u8], method: &[u8], path: &[u8]| {
+            let mut bearer = b"Bearer ".to_vec();
+            bearer.extend_from_slice(key);
+            let headers = h(&[
+                (":method", method),
+                (":path", path),
+                ("authorization", &bearer),
+            ]);
+            on_request_headers(&c, &headers, true, NOW, &FakeStore::default())
+        };
+        let step = done(start(b"sk-ops", b"DELETE", b"/v1/files/file-1"));
+        let f = forward(&step);
+        assert_eq!(f.set, vec![(ROUTE_HEADER, DEFAULT_ROUTE.to_string())]);
+        assert!(f.tokens.is_none() && f.window.is_some());
+        // Its own `endpoints` replace the default set: no chat completions for "ops".
+        assert_eq!(
+            status(start(b"sk-ops", b"POST", b"/v1/chat/completions")),
+            404
+        );
+        assert_eq!(
+            status(start(b"sk-dev", b"DELETE", b"/v1/files/file-1")),
+            404
+        );
+        assert_eq!(status(start(b"sk-dev", b"GET", b"/v1/files")), 404);
+    }
+
+    #[test]
+    fn one_provider_mode_needs_the_length_of_a_body_it_estimates() {
+        let c = config(10);
+        let headers = h(&[
+            (":method", b"POST"),
+            (":path", b"/v1/chat/completions"),
+            ("authorization", b"Bearer sk-team-a"),
+        ]);
+        let step = done(on_request_headers(
+            &c,
+            &headers,
+            false,
+            NOW,
+            &FakeStore::default(),
+        ));
+        match step.decision {
+            Decision::Reply(r) => assert_eq!(r.status, 411),
+            other => panic!("{other:?}"),
+        }
+        // No body at all: nothing to estimate.
+        let step = done(on_request_headers(
+            &c,
+            &headers,
+            true,
+            NOW,
+            &FakeStore::default(),
+        ));
+        assert_eq!(step.outcome, Outcome::Admitted);
+        // Endpoints outside the table are refused in this mode too.
+        let mut files = headers.clone();
+        files[1].1 = b"/v1/files".to_vec();
+        let step = done(on_request_headers(
+            &c,
+            &files,
+            true,
+            NOW,
+            &FakeStore::default(),
+        ));
+        assert_eq!(step.outcome, Outcome::Invalid);
+    }
+
+    #[test]
     fn token_budget_reserves_estimates_and_settles_to_usage() {
         let sha = Digest::of_key(DigestKind::Sha256, b"sk-team-a").to_hex();
         let json = format!(
