@@ -175,14 +175,17 @@ fn main() {
         let Ok(headers) = headers::decode(black_box(&map)) else {
             return 0;
         };
-        let mut start = request::on_request_headers(&config, &headers, now_ms, &store);
+        let strip = request::strip_list(&config, &headers);
+        let mut start = request::on_request_headers(&config, &headers, false, now_ms, &store);
         if let Start::ReadBody(awaiting) = start {
             start = request::on_request_body(&config, awaiting, black_box(BODY), now_ms, &store);
         }
         match start {
             Start::Done(step) => match step.decision {
                 Decision::Forward(f) => {
-                    f.set.len() + f.window.map_or(0, |w| request::response_headers(&w).len())
+                    strip.len()
+                        + f.set.len()
+                        + f.window.map_or(0, |w| request::response_headers(&w).len())
                 }
                 Decision::Reply(r) => {
                     eprintln!("unexpected reply {}: {}", r.status, r.body);
