@@ -4,12 +4,17 @@
 //! returns. Everything here builds and is tested on the host target against small fakes, and is
 //! reused by the CLI and the benchmarks.
 
+pub mod attempt;
 pub mod body;
 pub mod cache;
 pub mod config;
 pub mod endpoints;
+pub mod exchange;
+pub mod fake;
 pub mod forwarding;
+pub mod gateway;
 pub mod headers;
+pub mod host;
 pub mod keys;
 pub mod limiter;
 pub mod metrics;

@@ -156,18 +156,7 @@ pub struct AwaitBody {
     cache: Option<cache::RequestInfo>,
 }
 
-/// An HTTP callout for the host to dispatch.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Callout {
-    /// Envoy cluster.
-    pub cluster: String,
-    /// Headers, pseudo-headers first.
-    pub headers: Vec<(&'static str, String)>,
-    /// Body.
-    pub body: Vec<u8>,
-    /// Timeout (never 0: Envoy reads 0 as no timeout).
-    pub timeout_ms: u32,
-}
+pub use crate::host::Callout;
 
 /// A request waiting for the limiter's reply.
 #[derive(Debug, PartialEq, Eq)]

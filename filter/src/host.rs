@@ -10,27 +10,8 @@ use std::ptr::{null, null_mut};
 use std::time::Duration;
 
 use tollgate_core::headers::{self, Header};
+use tollgate_core::host::{Buffer, Callout, Host, HostError, Map};
 use tollgate_core::limiter::{CasStore, SetError, StoreError};
-use tollgate_core::request::Callout;
-
-/// A host call failed with this proxy-wasm status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HostError {
-    /// The host call's name, for logs.
-    pub call: &'static str,
-    /// The raw proxy-wasm status (1 NotFound, 2 BadArgument, 8 CasMismatch, ...).
-    pub status: u32,
-}
-
-impl std::fmt::Display for HostError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} failed with proxy-wasm status {}",
-            self.call, self.status
-        )
-    }
-}
 
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
@@ -47,24 +28,19 @@ const STREAM_HTTP_REQUEST: u32 = 0;
 const METRIC_COUNTER: u32 = 0;
 const METRIC_HISTOGRAM: u32 = 2;
 
-/// Which header map a call is about.
-#[derive(Debug, Clone, Copy)]
-pub enum Map {
-    /// The request headers (valid in the request-headers callback).
-    Request,
-    /// The response headers (valid in the response-headers callback).
-    Response,
-    /// The headers of an HTTP callout's response (valid in `on_http_call_response`).
-    CallResponse,
+fn map_id(map: Map) -> u32 {
+    match map {
+        Map::Request => MAP_REQUEST_HEADERS,
+        Map::Response => MAP_RESPONSE_HEADERS,
+        Map::CallResponse => MAP_HTTP_CALL_RESPONSE_HEADERS,
+    }
 }
 
-impl Map {
-    fn id(self) -> u32 {
-        match self {
-            Map::Request => MAP_REQUEST_HEADERS,
-            Map::Response => MAP_RESPONSE_HEADERS,
-            Map::CallResponse => MAP_HTTP_CALL_RESPONSE_HEADERS,
-        }
+fn buffer_id(buffer: Buffer) -> u32 {
+    match buffer {
+        Buffer::Request => BUFFER_HTTP_REQUEST_BODY,
+        Buffer::Response => BUFFER_HTTP_RESPONSE_BODY,
+        Buffer::CallResponse => BUFFER_HTTP_CALL_RESPONSE_BODY,
     }
 }
 
@@ -230,45 +206,12 @@ pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
     buffer(BUFFER_PLUGIN_CONFIGURATION, usize::MAX)
 }
 
-/// The request body received so far, up to `max` bytes.
-pub fn request_body(max: usize) -> Result<Vec<u8>, HostError> {
-    buffer(BUFFER_HTTP_REQUEST_BODY, max)
-}
-
-/// The response body bytes of this callback (responses are never paused, so each callback
-/// holds only new bytes), up to `max`.
-pub fn response_body_chunk(max: usize) -> Result<Vec<u8>, HostError> {
-    buffer(BUFFER_HTTP_RESPONSE_BODY, max)
-}
-
-/// Replaces this callback's response body bytes (`size`: their length) with `body`.
-pub fn replace_response_body_chunk(size: usize, body: &[u8]) -> Result<(), HostError> {
-    // SAFETY: pointer and length of a live slice.
-    check("proxy_set_buffer_bytes", unsafe {
-        proxy_set_buffer_bytes(
-            BUFFER_HTTP_RESPONSE_BODY,
-            0,
-            size,
-            body.as_ptr(),
-            body.len(),
-        )
-    })
-}
-
 /// Sets a stream property; Envoy keeps it as filter state `wasm.<name>`, which access logs read
 /// with `%FILTER_STATE(wasm.<name>:PLAIN)%`.
 pub fn set_property(name: &str, value: &[u8]) -> Result<(), HostError> {
     // SAFETY: pointers and lengths of live slices.
     check("proxy_set_property", unsafe {
         proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len())
-    })
-}
-
-/// Replaces the whole request body buffered so far (`size`: its current length).
-pub fn replace_request_body(size: usize, body: &[u8]) -> Result<(), HostError> {
-    // SAFETY: pointer and length of a live slice.
-    check("proxy_set_buffer_bytes", unsafe {
-        proxy_set_buffer_bytes(BUFFER_HTTP_REQUEST_BODY, 0, size, body.as_ptr(), body.len())
     })
 }
 
@@ -309,12 +252,16 @@ pub fn clear_route_cache() -> Result<(), HostError> {
     check("proxy_call_foreign_function(clear_route_cache)", status)
 }
 
-/// The body of an HTTP callout's response, up to `max` bytes.
-pub fn call_response_body(max: usize) -> Result<Vec<u8>, HostError> {
-    buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, max)
+/// Replaces the first `size` bytes of a body buffer with `body`.
+pub fn replace_buffer(buffer: Buffer, size: usize, body: &[u8]) -> Result<(), HostError> {
+    // SAFETY: pointer and length of a live slice.
+    check("proxy_set_buffer_bytes", unsafe {
+        proxy_set_buffer_bytes(buffer_id(buffer), 0, size, body.as_ptr(), body.len())
+    })
 }
 
-fn buffer(buffer_type: u32, max: usize) -> Result<Vec<u8>, HostError> {
+/// Up to `max` bytes of a body buffer (empty when there is none).
+pub fn buffer(buffer_type: u32, max: usize) -> Result<Vec<u8>, HostError> {
     let mut data = null_mut();
     let mut size = 0usize;
     // SAFETY: out-pointers are valid; the returned buffer is taken exactly once.
@@ -335,7 +282,7 @@ pub fn headers(map: Map) -> Result<Vec<Header>, HostError> {
     let mut size = 0usize;
     // SAFETY: out-pointers are valid; the returned buffer is taken exactly once.
     check("proxy_get_header_map_pairs", unsafe {
-        proxy_get_header_map_pairs(map.id(), &mut data, &mut size)
+        proxy_get_header_map_pairs(map_id(map), &mut data, &mut size)
     })?;
     let bytes = unsafe { take_host_buffer(data, size) };
     headers::decode(&bytes).map_err(|_| HostError {
@@ -350,7 +297,7 @@ pub fn header(map: Map, name: &str) -> Result<Option<Vec<u8>>, HostError> {
     let mut size = 0usize;
     // SAFETY: valid pointers; the returned buffer is taken exactly once.
     let status = unsafe {
-        proxy_get_header_map_value(map.id(), name.as_ptr(), name.len(), &mut data, &mut size)
+        proxy_get_header_map_value(map_id(map), name.as_ptr(), name.len(), &mut data, &mut size)
     };
     match status {
         OK => Ok(Some(unsafe { take_host_buffer(data, size) })),
@@ -397,7 +344,7 @@ pub fn replace_header(map: Map, name: &str, value: &str) -> Result<(), HostError
     // SAFETY: pointers and lengths of live slices.
     check("proxy_replace_header_map_value", unsafe {
         proxy_replace_header_map_value(
-            map.id(),
+            map_id(map),
             name.as_ptr(),
             name.len(),
             value.as_ptr(),
@@ -410,20 +357,8 @@ pub fn replace_header(map: Map, name: &str, value: &str) -> Result<(), HostError
 pub fn remove_header(map: Map, name: &[u8]) -> Result<(), HostError> {
     // SAFETY: pointer and length of a live slice.
     check("proxy_remove_header_map_value", unsafe {
-        proxy_remove_header_map_value(map.id(), name.as_ptr(), name.len())
+        proxy_remove_header_map_value(map_id(map), name.as_ptr(), name.len())
     })
-}
-
-/// Answers the request from the filter; `content-type: application/json` is added.
-pub fn send_json_reply(
-    status: u16,
-    extra_headers: &[(&str, String)],
-    body: &str,
-) -> Result<(), HostError> {
-    let mut headers = Vec::with_capacity(extra_headers.len() + 1);
-    headers.push(("content-type", "application/json".to_string()));
-    headers.extend(extra_headers.iter().cloned());
-    send_reply(status, &headers, body.as_bytes())
 }
 
 /// Answers the request from the filter with these headers (`content-type` included) and body.
@@ -480,12 +415,7 @@ pub fn record(id: u32, value: u64) {
     }
 }
 
-/// Adds one to a counter (best effort: a lost increment must not fail a request).
-pub fn increment(id: u32) {
-    increment_by(id, 1);
-}
-
-/// Adds `n` (> 0) to a counter.
+/// Adds `n` (> 0) to a counter (best effort: a lost increment must not fail a request).
 pub fn increment_by(id: u32, n: u64) {
     let n = i64::try_from(n).unwrap_or(i64::MAX);
     if n > 0 {
@@ -525,5 +455,93 @@ impl CasStore for SharedData {
             CAS_MISMATCH => Err(SetError::CasMismatch),
             _ => Err(SetError::Store),
         }
+    }
+}
+
+/// Envoy, as the core's [`Host`]: every method is one proxy-wasm host call.
+pub struct WasmHost;
+
+impl CasStore for WasmHost {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        SharedData.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        SharedData.set(key, value, cas)
+    }
+}
+
+impl Host for WasmHost {
+    fn now_ms(&self) -> Result<u64, HostError> {
+        now_ms()
+    }
+
+    fn headers(&self, map: Map) -> Result<Vec<Header>, HostError> {
+        headers(map)
+    }
+
+    fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+        header(map, name)
+    }
+
+    fn replace_header(&self, map: Map, name: &str, value: &str) -> Result<(), HostError> {
+        replace_header(map, name, value)
+    }
+
+    fn remove_header(&self, map: Map, name: &[u8]) -> Result<(), HostError> {
+        remove_header(map, name)
+    }
+
+    fn body(&self, buffer: Buffer, max: usize) -> Result<Vec<u8>, HostError> {
+        self::buffer(buffer_id(buffer), max)
+    }
+
+    fn replace_body(&self, buffer: Buffer, size: usize, body: &[u8]) -> Result<(), HostError> {
+        replace_buffer(buffer, size, body)
+    }
+
+    fn clear_route_cache(&self) -> Result<(), HostError> {
+        clear_route_cache()
+    }
+
+    fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        set_property(name, value)
+    }
+
+    fn dispatch(&self, call: &Callout) -> Result<u32, HostError> {
+        dispatch(call)
+    }
+
+    fn resume_request(&self) -> Result<(), HostError> {
+        resume_request()
+    }
+
+    fn send_reply(
+        &self,
+        status: u16,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> Result<(), HostError> {
+        send_reply(status, headers, body)
+    }
+
+    fn reset_request(&self) -> Result<(), HostError> {
+        reset_request()
+    }
+
+    fn define_counter(&self, name: &str) -> Result<u32, HostError> {
+        define_counter(name)
+    }
+
+    fn define_histogram(&self, name: &str) -> Result<u32, HostError> {
+        define_histogram(name)
+    }
+
+    fn increment(&self, id: u32, n: u64) {
+        increment_by(id, n);
+    }
+
+    fn record(&self, id: u32, value: u64) {
+        record(id, value);
     }
 }

@@ -1,0 +1,480 @@
+//! What one VM keeps for the listener role: the compiled configuration, its metric ids, and the
+//! work its root context does on a timer (Redis cache stores and token settlements, which a
+//! request's own context cannot send: a callout made as a stream ends is cancelled with it).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+
+use log::{error, info, warn};
+
+use crate::cache::{self, Backend};
+use crate::config::{LimiterBackend, Mode};
+use crate::host::{Callout, Host, HostError, Map};
+use crate::limiter::{self, LimiterError};
+use crate::metrics::{self, CacheMetric, Outcome, ANONYMOUS};
+use crate::request::{self, LimiterFailure};
+use crate::webdis::{self, ReplyError, Settlements};
+use crate::Config;
+
+/// How often each worker's root context sends what its requests queued for Redis since its last
+/// tick: response cache stores and token settlements.
+pub const ROOT_TICK_MS: u32 = 100;
+
+/// Redis stores queued or in flight per worker; more are dropped (and counted), so a slow
+/// Webdis cannot make the filter hold response copies without bound.
+pub const MAX_PENDING_STORES: usize = 64;
+
+/// Webdis's answers to checks and stores are a few dozen bytes; anything longer is not one.
+pub const MAX_WEBDIS_REPLY_BYTES: usize = 4096;
+
+/// (metric, rule, backend, reason) of a `tollgate_cache_*` series.
+type CacheSeries = (CacheMetric, Option<usize>, Backend, &'static str);
+
+/// (client, rule, completion?) of a `tollgate_tokens_total` series.
+type TokenSeries = (usize, Option<usize>, bool);
+
+/// A Redis store waiting for the root context.
+struct QueuedStore {
+    call: Callout,
+    meta: StoreMeta,
+}
+
+/// What a store's answer is counted under.
+#[derive(Clone, Copy)]
+struct StoreMeta {
+    rule: Option<usize>,
+    bytes: u64,
+    sent_ms: u64,
+    timeout_ms: u32,
+}
+
+/// The listener role's state in one VM, shared by its requests.
+pub struct Gateway {
+    /// The compiled configuration.
+    pub config: Config,
+    metrics: MetricIds,
+    /// `tollgate_tokens_total` ids, defined on first use: the label set is bounded by the
+    /// configuration, but defining every combination up front would not be.
+    tokens: RefCell<HashMap<TokenSeries, u32>>,
+    /// Histogram ids by (rule, first-byte?), defined on first use.
+    timings: RefCell<HashMap<(Option<usize>, bool), u32>>,
+    /// Token adjustments for the Redis limiter, sent on the root tick.
+    settlements: RefCell<Settlements>,
+    /// `tollgate_cache_*` ids, defined on first use.
+    cache_metrics: RefCell<HashMap<CacheSeries, u32>>,
+    /// Redis stores waiting for the root tick.
+    cache_queue: RefCell<VecDeque<QueuedStore>>,
+    /// Redis stores sent and not answered yet, by callout token.
+    cache_in_flight: RefCell<HashMap<u32, StoreMeta>>,
+}
+
+impl Gateway {
+    /// Builds the listener role from a compiled configuration: defines its metrics and creates
+    /// every client's limit record, before workers take traffic with this configuration (see
+    /// `limiter::ensure_record`).
+    pub fn configure(host: &dyn Host, config: Config) -> Result<Self, HostError> {
+        let metrics = MetricIds::define(host, &config)?;
+        for client in &config.clients {
+            let mut keys = vec![limiter::requests_key(client)];
+            if client.tokens_per_minute.is_some() {
+                keys.push(limiter::tokens_key(client));
+            }
+            for key in keys {
+                if limiter::ensure_record(host, &key).is_err() {
+                    warn!("cannot create the limit record {key}");
+                }
+            }
+        }
+        info!(
+            "configured: {} clients, limiter {}, {}",
+            config.clients.len(),
+            config.limiter.name(),
+            match &config.mode {
+                Mode::Single(_) => "one provider".to_string(),
+                Mode::Routed(r) => format!(
+                    "{} providers, {} model rules",
+                    r.providers.len(),
+                    r.rules.len()
+                ),
+            }
+        );
+        Ok(Self {
+            config,
+            metrics,
+            tokens: RefCell::new(HashMap::new()),
+            timings: RefCell::new(HashMap::new()),
+            settlements: RefCell::new(Settlements::default()),
+            cache_metrics: RefCell::new(HashMap::new()),
+            cache_queue: RefCell::new(VecDeque::new()),
+            cache_in_flight: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// The root context's timer period, when this configuration needs one (Redis cache
+    /// stores, Redis token settlements).
+    pub fn tick_period_ms(&self) -> Option<u32> {
+        let redis_tokens = matches!(self.config.limiter, LimiterBackend::Redis(_))
+            && self
+                .config
+                .clients
+                .iter()
+                .any(|c| c.tokens_per_minute.is_some());
+        (self.config.cache.uses(Backend::Redis) || redis_tokens).then_some(ROOT_TICK_MS)
+    }
+
+    /// The root context's timer: send what the requests queued.
+    pub fn on_tick(&self, host: &dyn Host) {
+        self.send_stores(host);
+        self.send_settlements(host);
+    }
+
+    /// An answer to one of the root context's callouts: a cache store or a settlement batch.
+    pub fn on_root_callout(&self, host: &dyn Host, token: u32, num_headers: usize) {
+        if self.on_store_reply(host, token, num_headers) {
+            return;
+        }
+        let status = callout_status(host, num_headers);
+        let body = host
+            .body(crate::host::Buffer::CallResponse, MAX_WEBDIS_REPLY_BYTES)
+            .unwrap_or_default();
+        if let Err(e) = webdis::parse_settle_reply(status, &body) {
+            warn!(
+                "token settlements not applied in Redis ({}); the estimates stay counted",
+                e.reason()
+            );
+            self.limiter_error(
+                host,
+                &LimiterFailure {
+                    backend: "redis",
+                    reason: e.reason(),
+                },
+            );
+        }
+    }
+
+    /// The model label of a rule (`_default` without one).
+    pub fn model_label(&self, rule: Option<usize>) -> &str {
+        match (&self.config.mode, rule) {
+            (Mode::Routed(r), Some(i)) => r.rules.get(i).map_or("", |r| r.pattern.as_str()),
+            _ => metrics::DEFAULT_MODEL,
+        }
+    }
+
+    /// Counts a request in `tollgate_requests_total{client,outcome}`.
+    pub fn count_request(&self, host: &dyn Host, client: Option<usize>, outcome: Outcome) {
+        let row = client
+            .and_then(|c| self.metrics.requests.get(c))
+            .unwrap_or(&self.metrics.anonymous);
+        if let Some(&id) = row.get(outcome.index()) {
+            host.increment(id, 1);
+        }
+    }
+
+    /// Counts a limiter failure that its failure policy handled.
+    pub fn limiter_error(&self, host: &dyn Host, f: &LimiterFailure) {
+        let found = self
+            .metrics
+            .limiter_errors
+            .iter()
+            .find(|(b, r, _)| *b == f.backend && *r == f.reason);
+        if let Some((_, _, id)) = found {
+            host.increment(*id, 1);
+        }
+    }
+
+    /// Adds a response's tokens to `tollgate_tokens_total`.
+    pub fn count_tokens(
+        &self,
+        host: &dyn Host,
+        client: usize,
+        rule: Option<usize>,
+        completion: bool,
+        n: u64,
+    ) {
+        if n == 0 {
+            return;
+        }
+        let id = lazy_metric(&self.tokens, (client, rule, completion), || {
+            let name = self.config.client(client).map_or("", |c| c.name.as_str());
+            let kind = if completion { "completion" } else { "prompt" };
+            host.define_counter(&metrics::tokens_total(name, self.model_label(rule), kind))
+        });
+        if let Some(id) = id {
+            host.increment(id, n);
+        }
+    }
+
+    /// Records a duration (ms) in `tollgate_request_duration_ms` or, for `first_byte`,
+    /// `tollgate_stream_first_byte_ms`.
+    pub fn record_timing(&self, host: &dyn Host, rule: Option<usize>, first_byte: bool, ms: u64) {
+        let id = lazy_metric(&self.timings, (rule, first_byte), || {
+            let model = self.model_label(rule);
+            host.define_histogram(&if first_byte {
+                metrics::stream_first_byte_ms(model)
+            } else {
+                metrics::request_duration_ms(model)
+            })
+        });
+        if let Some(id) = id {
+            host.record(id, ms);
+        }
+    }
+
+    /// Adds `n` to a `tollgate_cache_*` counter (`reason` is ignored by the series without one).
+    pub fn cache_count(
+        &self,
+        host: &dyn Host,
+        metric: CacheMetric,
+        rule: Option<usize>,
+        backend: Backend,
+        reason: &'static str,
+        n: u64,
+    ) {
+        let reason = if metric.has_reason() { reason } else { "" };
+        let id = lazy_metric(&self.cache_metrics, (metric, rule, backend, reason), || {
+            host.define_counter(&metrics::cache_total(
+                metric,
+                backend.name(),
+                self.model_label(rule),
+                reason,
+            ))
+        });
+        if let Some(id) = id {
+            host.increment(id, n);
+        }
+    }
+
+    /// Counts a cache failure; the request goes on as a miss.
+    pub fn cache_error(
+        &self,
+        host: &dyn Host,
+        rule: Option<usize>,
+        backend: Backend,
+        e: &cache::Error,
+    ) {
+        warn!(
+            "response cache ({}) failed: {}; the request goes on as a miss",
+            backend.name(),
+            e.reason()
+        );
+        self.cache_count(host, CacheMetric::Errors, rule, backend, e.reason(), 1);
+    }
+
+    /// Queues a Redis store for the root context's next tick.
+    pub fn queue_store(
+        &self,
+        host: &dyn Host,
+        rule: Option<usize>,
+        entry: &cache::Entry,
+        ttl_s: u32,
+    ) {
+        let Some(redis) = &self.config.cache.redis else {
+            return;
+        };
+        let mut queue = self.cache_queue.borrow_mut();
+        if queue.len() + self.cache_in_flight.borrow().len() >= MAX_PENDING_STORES {
+            drop(queue);
+            self.cache_error(host, rule, Backend::Redis, &cache::Error::Overloaded);
+            return;
+        }
+        queue.push_back(QueuedStore {
+            call: request::webdis_call(redis, cache::set_command(entry, ttl_s)),
+            meta: StoreMeta {
+                rule,
+                bytes: entry.body.len() as u64,
+                sent_ms: 0,
+                timeout_ms: redis.timeout_ms,
+            },
+        });
+    }
+
+    /// Queues a Redis token adjustment for the root tick; a full queue is counted.
+    pub fn queue_settlement(&self, host: &dyn Host, key: String, delta: i64) {
+        if !self.settlements.borrow_mut().add(key, delta) {
+            warn!("token settlement queue full; the estimate stays counted");
+            self.limiter_error(
+                host,
+                &LimiterFailure {
+                    backend: "redis",
+                    reason: "queue_full",
+                },
+            );
+        }
+    }
+
+    fn send_stores(&self, host: &dyn Host) {
+        let queued: Vec<QueuedStore> = self.cache_queue.borrow_mut().drain(..).collect();
+        if queued.is_empty() {
+            return;
+        }
+        let now = host.now_ms().unwrap_or(0);
+        for QueuedStore { call, mut meta } in queued {
+            match host.dispatch(&call) {
+                Ok(token) => {
+                    meta.sent_ms = now;
+                    self.cache_in_flight.borrow_mut().insert(token, meta);
+                }
+                Err(e) => {
+                    error!("cannot call Webdis to store a response: {e}");
+                    let failed = cache::Error::Redis(ReplyError::Unavailable);
+                    self.cache_error(host, meta.rule, Backend::Redis, &failed);
+                }
+            }
+        }
+    }
+
+    /// Sends the token adjustments queued for the Redis limiter, one script call per batch of
+    /// keys. Not retried: a timed-out call may have been applied, and a second one would charge
+    /// twice; a lost adjustment leaves the estimate counted until the window ends.
+    fn send_settlements(&self, host: &dyn Host) {
+        let LimiterBackend::Redis(redis) = &self.config.limiter else {
+            return;
+        };
+        let commands = {
+            let mut queue = self.settlements.borrow_mut();
+            if queue.is_empty() {
+                return;
+            }
+            queue.drain_commands()
+        };
+        for body in commands {
+            let call = request::webdis_call(&redis.webdis, body);
+            if let Err(e) = host.dispatch(&call) {
+                warn!("cannot send token settlements to the Redis limiter: {e}");
+                self.limiter_error(
+                    host,
+                    &LimiterFailure {
+                        backend: "redis",
+                        reason: ReplyError::Unavailable.reason(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Counts Webdis's answer to a store; false when `token` is not a store's.
+    fn on_store_reply(&self, host: &dyn Host, token: u32, num_headers: usize) -> bool {
+        let Some(meta) = self.cache_in_flight.borrow_mut().remove(&token) else {
+            return false;
+        };
+        let status = callout_status(host, num_headers);
+        let body = host
+            .body(crate::host::Buffer::CallResponse, MAX_WEBDIS_REPLY_BYTES)
+            .unwrap_or_default();
+        let now = host.now_ms().unwrap_or(0);
+        match cache::parse_set_reply(status, &body) {
+            Ok(()) => {
+                self.cache_count(host, CacheMetric::Stores, meta.rule, Backend::Redis, "", 1);
+                self.cache_count(
+                    host,
+                    CacheMetric::StoredBytes,
+                    meta.rule,
+                    Backend::Redis,
+                    "",
+                    meta.bytes,
+                );
+            }
+            Err(e) => {
+                let e = timed_out(e, now, meta.sent_ms, meta.timeout_ms);
+                self.cache_error(host, meta.rule, Backend::Redis, &e);
+            }
+        }
+        true
+    }
+}
+
+/// The `:status` of a callout's answer; `None` when Envoy called back without headers (the
+/// callout failed, was refused or timed out).
+pub fn callout_status(host: &dyn Host, num_headers: usize) -> Option<u16> {
+    if num_headers == 0 {
+        return None;
+    }
+    match host.header(Map::CallResponse, ":status") {
+        Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()),
+        _ => None,
+    }
+}
+
+/// Envoy reports a timed-out callout like any failed one; the clock tells them apart.
+pub fn timed_out(e: cache::Error, now_ms: u64, sent_ms: u64, timeout_ms: u32) -> cache::Error {
+    match e {
+        cache::Error::Redis(r) => cache::Error::Redis(webdis::timed_out(
+            r,
+            now_ms.saturating_sub(sent_ms),
+            timeout_ms,
+        )),
+        other => other,
+    }
+}
+
+/// The id of a metric defined on first use: from `cache`, else defined and cached. Label sets
+/// are bounded by the configuration, so the caches are too.
+pub fn lazy_metric<K: Eq + std::hash::Hash>(
+    cache: &RefCell<HashMap<K, u32>>,
+    key: K,
+    define: impl FnOnce() -> Result<u32, HostError>,
+) -> Option<u32> {
+    if let Some(&id) = cache.borrow().get(&key) {
+        return Some(id);
+    }
+    match define() {
+        Ok(id) => {
+            cache.borrow_mut().insert(key, id);
+            Some(id)
+        }
+        Err(e) => {
+            warn!("cannot define a metric: {e}");
+            None
+        }
+    }
+}
+
+/// Counter ids defined once per configuration, so the request path never builds a name.
+struct MetricIds {
+    /// `[client][outcome]` for configured clients.
+    requests: Vec<[u32; 5]>,
+    /// Requests without a known client: `[outcome]`.
+    anonymous: [u32; 5],
+    /// `(backend, reason, id)` for every limiter failure this configuration can meet.
+    limiter_errors: Vec<(&'static str, &'static str, u32)>,
+}
+
+impl MetricIds {
+    fn define(host: &dyn Host, config: &Config) -> Result<Self, HostError> {
+        let per_outcome = |client: &str| -> Result<[u32; 5], HostError> {
+            let mut ids = [0u32; 5];
+            for (slot, outcome) in ids.iter_mut().zip(Outcome::ALL) {
+                *slot = host.define_counter(&metrics::requests_total(client, outcome))?;
+            }
+            Ok(ids)
+        };
+        let requests = config
+            .clients
+            .iter()
+            .map(|c| per_outcome(&c.name))
+            .collect::<Result<Vec<_>, _>>()?;
+        // The local limiter runs in every mode (as the Redis fallback too).
+        let mut failures: Vec<(&'static str, &'static str)> =
+            [LimiterError::Contention, LimiterError::Store]
+                .iter()
+                .map(|e| ("local", e.reason()))
+                .collect();
+        if let LimiterBackend::Redis(_) = config.limiter {
+            failures.extend(ReplyError::REASONS.iter().map(|r| ("redis", *r)));
+            // Token settlements refused by a full queue (Redis unreachable for long).
+            failures.push(("redis", "queue_full"));
+        }
+        let limiter_errors = failures
+            .into_iter()
+            .map(|(backend, reason)| {
+                host.define_counter(&metrics::limiter_errors_total(backend, reason))
+                    .map(|id| (backend, reason, id))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            requests,
+            anonymous: per_outcome(ANONYMOUS)?,
+            limiter_errors,
+        })
+    }
+}
