@@ -628,17 +628,32 @@ impl Exchange {
             }
         };
         let head = ResponseHead::read(&headers);
-        self.cache_response_headers(h, &gw, &head);
-        let (remove, set) =
+        self.cache_response_headers(&gw, h, &head);
+        let (remove, mut set) =
             request::response_edits(&headers, self.window.as_ref(), self.tokens.as_ref());
-        for name in remove {
-            if let Err(e) = h.remove_header(Map::Response, name.as_bytes()) {
-                warn!("cannot remove response header {name}: {e}");
-            }
+        if let Some(value) = self.cache_header {
+            set.push((CACHE_HEADER, value.to_string()));
         }
-        for (name, value) in set {
-            if let Err(e) = h.replace_header(Map::Response, name, &value) {
-                warn!("cannot set response header {name}: {e}");
+        // All edits in one host call: the map without what goes or is replaced, plus what is set.
+        if !remove.is_empty() || !set.is_empty() {
+            let mut map: Vec<(Vec<u8>, Vec<u8>)> = headers
+                .into_iter()
+                .filter(|(n, _)| {
+                    !remove.iter().any(|r| n.eq_ignore_ascii_case(r.as_bytes()))
+                        && !set
+                            .iter()
+                            .any(|(s, _)| n.eq_ignore_ascii_case(s.as_bytes()))
+                })
+                .collect();
+            map.extend(
+                set.into_iter()
+                    .map(|(n, v)| (n.as_bytes().to_vec(), v.into_bytes())),
+            );
+            if let Err(e) = h.set_headers(Map::Response, &map) {
+                // The provider's account headers could reach the client: do not let them.
+                error!("cannot rewrite the response headers: {e}; resetting the stream");
+                let _ = h.reset_request();
+                return Action::Pause;
             }
         }
         if self.client.is_some() {
@@ -832,12 +847,7 @@ impl Exchange {
 
     /// Response headers of a forwarded request: say what the cache did, and keep copying only
     /// a response that can be stored (a 200, not compressed, not a stream).
-    fn cache_response_headers(&mut self, h: &dyn Host, gw: &Gateway, head: &ResponseHead) {
-        if let Some(value) = self.cache_header {
-            if let Err(e) = h.replace_header(Map::Response, CACHE_HEADER, value) {
-                warn!("cannot set response header {CACHE_HEADER}: {e}");
-            }
-        }
+    fn cache_response_headers(&mut self, gw: &Gateway, h: &dyn Host, head: &ResponseHead) {
         let Some(store) = self.cache_store.as_mut() else {
             return;
         };

@@ -183,6 +183,12 @@ impl Host for FakeHost {
             .map(|(_, v)| v))
     }
 
+    fn set_headers(&self, map: Map, headers: &[Header]) -> Result<(), HostError> {
+        self.call("set_headers")?;
+        *self.map(map).borrow_mut() = headers.to_vec();
+        Ok(())
+    }
+
     fn replace_header(&self, map: Map, name: &str, value: &str) -> Result<(), HostError> {
         self.call("replace_header")?;
         let mut headers = self.map(map).borrow_mut();

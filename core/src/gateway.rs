@@ -75,14 +75,9 @@ impl Gateway {
     pub fn configure(host: &dyn Host, config: Config) -> Result<Self, HostError> {
         let metrics = MetricIds::define(host, &config)?;
         for client in &config.clients {
-            let mut keys = vec![limiter::requests_key(client)];
-            if client.tokens_per_minute.is_some() {
-                keys.push(limiter::tokens_key(client));
-            }
-            for key in keys {
-                if limiter::ensure_record(host, &key).is_err() {
-                    warn!("cannot create the limit record {key}");
-                }
+            let key = limiter::budget_key(client);
+            if limiter::ensure_record(host, &key).is_err() {
+                warn!("cannot create the limit record {key}");
             }
         }
         info!(

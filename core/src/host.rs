@@ -79,6 +79,8 @@ pub trait Host: CasStore {
     fn headers(&self, map: Map) -> Result<Vec<Header>, HostError>;
     /// One header's first value; `None` when absent.
     fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, HostError>;
+    /// Replaces a whole header map with these pairs (one call for many edits).
+    fn set_headers(&self, map: Map, headers: &[Header]) -> Result<(), HostError>;
     /// Sets a header, replacing every value.
     fn replace_header(&self, map: Map, name: &str, value: &str) -> Result<(), HostError>;
     /// Removes every value of a header.

@@ -14,19 +14,18 @@
 use crate::config::Client;
 
 /// Version byte of the stored record, so a future layout change cannot be misread.
-const RECORD_VERSION: u8 = 1;
-const RECORD_LEN: usize = 17;
+const RECORD_VERSION: u8 = 2;
+/// Version, window, requests counted, tokens counted.
+const RECORD_LEN: usize = 25;
 
 /// Attempts of the read-compute-write loop before giving up (see [`LimiterError::Contention`]).
 /// A conflict means another worker's write succeeded, so every retry follows progress elsewhere;
 /// with Envoy's handful of workers, this many consecutive losses do not happen in practice.
 pub const CAS_ATTEMPTS: u32 = 32;
 
-/// Shared-data key prefix of the request-rate records.
-pub const REQUESTS_KEY_PREFIX: &str = "tollgate.v1.rpm.";
-
-/// Shared-data key prefix of the token-rate records.
-pub const TOKENS_KEY_PREFIX: &str = "tollgate.v1.tpm.";
+/// Shared-data key prefix of the budget records: one per client, holding both its request and
+/// its token count, so one check of both budgets is one read and one compare-and-swap.
+pub const BUDGET_KEY_PREFIX: &str = "tollgate.v2.budget.";
 
 /// Window length in milliseconds.
 pub const WINDOW_MS: u64 = 60_000;
@@ -96,20 +95,16 @@ pub fn window_of(now_ms: u64) -> (u64, u64) {
     (now_ms / WINDOW_MS, WINDOW_MS - now_ms % WINDOW_MS)
 }
 
-/// Shared-data key of a client's request-rate record.
-pub fn requests_key(client: &Client) -> String {
-    format!("{REQUESTS_KEY_PREFIX}{}", client.name)
+/// Shared-data key of a client's budget record.
+pub fn budget_key(client: &Client) -> String {
+    format!("{BUDGET_KEY_PREFIX}{}", client.name)
 }
 
-/// Shared-data key of a client's token-rate record.
-pub fn tokens_key(client: &Client) -> String {
-    format!("{TOKENS_KEY_PREFIX}{}", client.name)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct Record {
     window: u64,
-    count: u64,
+    requests: u64,
+    tokens: u64,
 }
 
 impl Record {
@@ -117,7 +112,8 @@ impl Record {
         let mut out = [0u8; RECORD_LEN];
         out[0] = RECORD_VERSION;
         out[1..9].copy_from_slice(&self.window.to_le_bytes());
-        out[9..17].copy_from_slice(&self.count.to_le_bytes());
+        out[9..17].copy_from_slice(&self.requests.to_le_bytes());
+        out[17..25].copy_from_slice(&self.tokens.to_le_bytes());
         out
     }
 
@@ -128,10 +124,108 @@ impl Record {
         if version != RECORD_VERSION || rest.len() != RECORD_LEN - 1 {
             return None;
         }
-        let window = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
-        let count = u64::from_le_bytes(rest.get(8..16)?.try_into().ok()?);
-        Some(Self { window, count })
+        let field = |at: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(rest.get(at..at + 8)?.try_into().ok()?))
+        };
+        Some(Self {
+            window: field(0)?,
+            requests: field(8)?,
+            tokens: field(16)?,
+        })
     }
+
+    /// This record's counts in `window` (an older window counts as empty).
+    fn in_window(current: Option<Self>, window: u64) -> Self {
+        match current {
+            Some(r) if r.window == window => r,
+            _ => Self {
+                window,
+                ..Self::default()
+            },
+        }
+    }
+}
+
+/// What one budget check asks: a request against `requests` (the limit, if any) and a token
+/// reservation `(limit, cost)` (if the client has a token limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    /// The request limit of the window.
+    pub requests: Option<u64>,
+    /// The token limit and this request's estimate.
+    pub tokens: Option<(u64, u64)>,
+}
+
+/// The answer to an [`Ask`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// Both counted: the windows after this request.
+    Admitted {
+        /// The request window (with a request limit).
+        requests: Option<Window>,
+        /// The token window (with a token limit).
+        tokens: Option<Window>,
+    },
+    /// Over the token limit; nothing counted.
+    OverTokens(Window),
+    /// Over the request limit; nothing counted.
+    OverRequests(Window),
+}
+
+/// Checks a request against both of a client's budgets in one read and one compare-and-swap:
+/// the tokens first (their refusal says how many were asked), then the request count; a refusal
+/// writes nothing.
+pub fn check_budget(
+    store: &dyn CasStore,
+    key: &str,
+    ask: Ask,
+    now_ms: u64,
+) -> Result<Budget, LimiterError> {
+    let (window, reset_ms) = window_of(now_ms);
+    for _ in 0..CAS_ATTEMPTS {
+        let (current, cas) = read(store, key)?;
+        let r = Record::in_window(current, window);
+        let mut next = r;
+        let mut tokens = None;
+        if let Some((limit, cost)) = ask.tokens {
+            // A zero cost (nothing to reserve) still needs budget left.
+            if r.tokens.saturating_add(cost.max(1)) > limit {
+                return Ok(Budget::OverTokens(Window {
+                    limit,
+                    remaining: limit.saturating_sub(r.tokens),
+                    reset_ms,
+                }));
+            }
+            next.tokens = r.tokens + cost;
+            tokens = Some(Window {
+                limit,
+                remaining: limit - next.tokens,
+                reset_ms,
+            });
+        }
+        let mut requests = None;
+        if let Some(limit) = ask.requests {
+            if r.requests.saturating_add(1) > limit {
+                return Ok(Budget::OverRequests(Window {
+                    limit,
+                    remaining: limit.saturating_sub(r.requests),
+                    reset_ms,
+                }));
+            }
+            next.requests = r.requests + 1;
+            requests = Some(Window {
+                limit,
+                remaining: limit - next.requests,
+                reset_ms,
+            });
+        }
+        match store.set(key, &next.encode(), cas) {
+            Ok(()) => return Ok(Budget::Admitted { requests, tokens }),
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Store) => return Err(LimiterError::Store),
+        }
+    }
+    Err(LimiterError::Contention)
 }
 
 /// Creates a client's record if it does not exist yet.
@@ -144,15 +238,7 @@ pub fn ensure_record(store: &dyn CasStore, key: &str) -> Result<(), StoreError> 
     match store.get(key)? {
         Some(_) => Ok(()),
         None => store
-            .set(
-                key,
-                &Record {
-                    window: 0,
-                    count: 0,
-                }
-                .encode(),
-                0,
-            )
+            .set(key, &Record::default().encode(), 0)
             .or_else(|e| match e {
                 // Someone created it first: that is what we wanted.
                 SetError::CasMismatch => Ok(()),
@@ -168,11 +254,25 @@ pub fn check(
     limit: u64,
     now_ms: u64,
 ) -> Result<Verdict, LimiterError> {
-    check_cost(store, key, limit, 1, now_ms)
+    let ask = Ask {
+        requests: Some(limit),
+        tokens: None,
+    };
+    Ok(match check_budget(store, key, ask, now_ms)? {
+        Budget::Admitted {
+            requests: Some(w), ..
+        } => Verdict::Admitted(w),
+        Budget::OverRequests(w) | Budget::OverTokens(w) => Verdict::Limited(w),
+        Budget::Admitted { requests: None, .. } => Verdict::Limited(Window {
+            limit,
+            remaining: 0,
+            reset_ms: window_of(now_ms).1,
+        }),
+    })
 }
 
-/// Counts `cost` units (a request, or a token estimate) against `limit` in the current window:
-/// admitted when the window's count plus `cost` stays within `limit`; a refusal writes nothing.
+/// Reserves `cost` tokens against `limit` in the current window: admitted when the window's
+/// tokens plus `cost` stay within `limit`; a refusal writes nothing.
 pub fn check_cost(
     store: &dyn CasStore,
     key: &str,
@@ -180,41 +280,24 @@ pub fn check_cost(
     cost: u64,
     now_ms: u64,
 ) -> Result<Verdict, LimiterError> {
-    let (window, reset_ms) = window_of(now_ms);
-    for _ in 0..CAS_ATTEMPTS {
-        let (current, cas) = read(store, key)?;
-        let count = match current {
-            Some(r) if r.window == window => r.count,
-            _ => 0,
-        };
-        // A zero cost (nothing to reserve) still needs budget left.
-        if count.saturating_add(cost.max(1)) > limit {
-            return Ok(Verdict::Limited(Window {
-                limit,
-                remaining: limit.saturating_sub(count),
-                reset_ms,
-            }));
-        }
-        let next = Record {
-            window,
-            count: count + cost,
-        };
-        match store.set(key, &next.encode(), cas) {
-            Ok(()) => {
-                return Ok(Verdict::Admitted(Window {
-                    limit,
-                    remaining: limit - next.count,
-                    reset_ms,
-                }))
-            }
-            Err(SetError::CasMismatch) => continue,
-            Err(SetError::Store) => return Err(LimiterError::Store),
-        }
-    }
-    Err(LimiterError::Contention)
+    let ask = Ask {
+        requests: None,
+        tokens: Some((limit, cost)),
+    };
+    Ok(match check_budget(store, key, ask, now_ms)? {
+        Budget::Admitted {
+            tokens: Some(w), ..
+        } => Verdict::Admitted(w),
+        Budget::OverRequests(w) | Budget::OverTokens(w) => Verdict::Limited(w),
+        Budget::Admitted { tokens: None, .. } => Verdict::Limited(Window {
+            limit,
+            remaining: 0,
+            reset_ms: window_of(now_ms).1,
+        }),
+    })
 }
 
-/// Adds `delta` (negative: gives back) to the count of minute `window`, if that window is still
+/// Adds `delta` (negative: gives back) to the tokens of minute `window`, if that window is still
 /// the record's; a window that has passed is left alone (its budget is gone anyway).
 pub fn adjust(
     store: &dyn CasStore,
@@ -230,12 +313,12 @@ pub fn adjust(
         let Some(r) = current.filter(|r| r.window == window) else {
             return Ok(());
         };
-        let count = if delta < 0 {
-            r.count.saturating_sub(delta.unsigned_abs())
+        let tokens = if delta < 0 {
+            r.tokens.saturating_sub(delta.unsigned_abs())
         } else {
-            r.count.saturating_add(delta.unsigned_abs())
+            r.tokens.saturating_add(delta.unsigned_abs())
         };
-        match store.set(key, &Record { window, count }.encode(), cas) {
+        match store.set(key, &Record { tokens, ..r }.encode(), cas) {
             Ok(()) => return Ok(()),
             Err(SetError::CasMismatch) => continue,
             Err(SetError::Store) => return Err(LimiterError::Store),
@@ -409,9 +492,47 @@ pub(crate) mod tests {
         assert_eq!(Record::decode(&[1, 2, 3]), None);
         let r = Record {
             window: 7,
-            count: 9,
+            requests: 9,
+            tokens: 11,
         };
         assert_eq!(Record::decode(&r.encode()), Some(r));
+        // A record of the earlier layout (version 1, one count) is not misread.
+        let mut v1 = [0u8; 17];
+        v1[0] = 1;
+        assert_eq!(Record::decode(&v1), None);
+    }
+
+    #[test]
+    fn both_budgets_in_one_compare_and_swap() {
+        let s = FakeStore::default();
+        let ask = |cost| Ask {
+            requests: Some(2),
+            tokens: Some((100, cost)),
+        };
+        let Budget::Admitted {
+            requests: Some(r),
+            tokens: Some(t),
+        } = check_budget(&s, K, ask(60), T0).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((r.remaining, t.remaining), (1, 40));
+        // Over the tokens: nothing counted, not even the request.
+        assert!(matches!(
+            check_budget(&s, K, ask(50), T0).unwrap(),
+            Budget::OverTokens(w) if w.remaining == 40
+        ));
+        assert!(matches!(
+            check_budget(&s, K, ask(10), T0).unwrap(),
+            Budget::Admitted { .. }
+        ));
+        // Over the requests: the tokens of the refused request are not reserved.
+        assert!(matches!(
+            check_budget(&s, K, ask(10), T0).unwrap(),
+            Budget::OverRequests(w) if w.remaining == 0
+        ));
+        let (rec, _) = read(&s, K).unwrap();
+        assert_eq!(rec.map(|r| (r.requests, r.tokens)), Some((2, 70)));
     }
 
     #[test]
@@ -496,7 +617,7 @@ pub(crate) mod tests {
             }
         }
         let rec = Record::decode(&inner.map.borrow()[K].0).unwrap();
-        assert_eq!(rec.count, 10, "total admitted across both workers");
+        assert_eq!(rec.requests, 10, "total admitted across both workers");
         assert!(mine < 10, "the other worker took part of the budget");
     }
 }

@@ -21,7 +21,7 @@ use crate::endpoints::Kind;
 use crate::forwarding;
 use crate::headers::Header;
 use crate::keys::{bearer_token, Digest, DigestKind, KeyError};
-use crate::limiter::{self, CasStore, LimiterError, Verdict, Window, WINDOW_MS};
+use crate::limiter::{self, Budget, CasStore, LimiterError, Window, WINDOW_MS};
 use crate::metrics::Outcome;
 use crate::openai::{self, LocalReply};
 use crate::routing::{self, Routing, DEFAULT_ROUTE};
@@ -578,9 +578,8 @@ pub fn estimate_tokens(body_len: usize, max_tokens: Option<u64>) -> Estimate {
     }
 }
 
-/// Checks the local (shared-data) limiter: the token budget first (a refusal there writes
-/// nothing), then the request count (a refusal there gives the reserved tokens back). Its own
-/// failures admit the request (fail open).
+/// Checks the local (shared-data) limiter: both budgets in one record, one compare-and-swap
+/// (a refusal writes nothing). Its own failures admit the request (fail open).
 fn local_step(
     config: &Config,
     client: ClientId,
@@ -593,37 +592,26 @@ fn local_step(
     let Some(c) = config.client(client) else {
         return forward_step(client, forward, None, failures);
     };
-    if let Some(tpm) = c.tokens_per_minute {
-        let key = limiter::tokens_key(c);
-        match limiter::check_cost(store, &key, u64::from(tpm), estimate.total(), now_ms) {
-            Ok(Verdict::Admitted(state)) => {
-                forward.tokens = Some(TokenReservation {
-                    window: limiter::window_of(now_ms).0,
-                    estimate,
-                    state,
-                    redis_key: None,
-                });
-            }
-            Ok(Verdict::Limited(w)) => {
-                let over = Over::Tokens(w, estimate.total());
-                return limited_step(config, client, over, failures);
-            }
-            Err(e) => failures.push(LimiterFailure {
-                backend: "local",
-                reason: e.reason(),
-            }),
+    let ask = limiter::Ask {
+        requests: Some(u64::from(c.requests_per_minute)),
+        tokens: c
+            .tokens_per_minute
+            .map(|tpm| (u64::from(tpm), estimate.total())),
+    };
+    match limiter::check_budget(store, &limiter::budget_key(c), ask, now_ms) {
+        Ok(Budget::Admitted { requests, tokens }) => {
+            forward.tokens = tokens.map(|state| TokenReservation {
+                window: limiter::window_of(now_ms).0,
+                estimate,
+                state,
+                redis_key: None,
+            });
+            forward_step(client, forward, requests, failures)
         }
-    }
-    let limit = u64::from(c.requests_per_minute);
-    match limiter::check(store, &limiter::requests_key(c), limit, now_ms) {
-        Ok(Verdict::Admitted(w)) => forward_step(client, forward, Some(w), failures),
-        Ok(Verdict::Limited(w)) => {
-            if let Some(t) = &forward.tokens {
-                let give_back = i64::try_from(t.estimate.total()).unwrap_or(i64::MAX);
-                let _ = limiter::adjust(store, &limiter::tokens_key(c), t.window, -give_back);
-            }
-            limited_step(config, client, Over::Requests(w), failures)
+        Ok(Budget::OverTokens(w)) => {
+            limited_step(config, client, Over::Tokens(w, estimate.total()), failures)
         }
+        Ok(Budget::OverRequests(w)) => limited_step(config, client, Over::Requests(w), failures),
         // Fail open: a contended or failing local store must not turn away paying clients.
         // The error is counted, and at most one extra request per failure gets through.
         Err(e) => {
@@ -689,7 +677,7 @@ pub fn settle_tokens(
     let Some(c) = config.client(client) else {
         return Ok(None);
     };
-    limiter::adjust(store, &limiter::tokens_key(c), reservation.window, delta)?;
+    limiter::adjust(store, &limiter::budget_key(c), reservation.window, delta)?;
     Ok(None)
 }
 

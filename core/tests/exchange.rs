@@ -142,11 +142,11 @@ fn an_admitted_json_request_end_to_end_and_its_host_calls() {
             body_calls.len(),
             log_calls.len()
         ),
-        (12, 8, 7, 5),
+        (10, 2, 7, 5),
         "host calls per phase"
     );
     // Three of them define a metric series on its first use in this VM, once.
-    assert_eq!(all, 32);
+    assert_eq!(all, 24);
 }
 
 #[test]

@@ -67,6 +67,7 @@ extern "C" {
         value_data: *const u8,
         value_size: usize,
     ) -> u32;
+    fn proxy_set_header_map_pairs(map_type: u32, map_data: *const u8, map_size: usize) -> u32;
     fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
     fn proxy_get_header_map_value(
         map_type: u32,
@@ -353,6 +354,15 @@ pub fn replace_header(map: Map, name: &str, value: &str) -> Result<(), HostError
     })
 }
 
+/// Replaces a whole header map.
+pub fn set_headers(map: Map, pairs: &[Header]) -> Result<(), HostError> {
+    let bytes = headers::encode(pairs);
+    // SAFETY: pointer and length of a live buffer.
+    check("proxy_set_header_map_pairs", unsafe {
+        proxy_set_header_map_pairs(map_id(map), bytes.as_ptr(), bytes.len())
+    })
+}
+
 /// Removes every value of a header.
 pub fn remove_header(map: Map, name: &[u8]) -> Result<(), HostError> {
     // SAFETY: pointer and length of a live slice.
@@ -482,6 +492,10 @@ impl Host for WasmHost {
 
     fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, HostError> {
         header(map, name)
+    }
+
+    fn set_headers(&self, map: Map, headers: &[Header]) -> Result<(), HostError> {
+        set_headers(map, headers)
     }
 
     fn replace_header(&self, map: Map, name: &str, value: &str) -> Result<(), HostError> {
