@@ -49,9 +49,11 @@ EDGE_HCM = {
     # not trusted, and Envoy generates its own x-request-id for every request.
     "use_remote_address": True,
     "xff_num_trusted_hops": 0,
-    # No address counts as internal (Envoy's default trusts RFC 1918 and loopback peers, whose
-    # x-request-id and x-envoy-* headers it would keep).
-    "internal_address_config": {"unix_sockets": False, "cidr_ranges": []},
+    # No peer counts as internal: Envoy trusts RFC 1918 and loopback peers when cidr_ranges is
+    # empty (it keeps their x-request-id and x-envoy-* headers), so the list names one address
+    # no TCP peer can have.
+    "internal_address_config": {"unix_sockets": False,
+                                "cidr_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 32}]},
     "preserve_external_request_id": False,
     # Client addresses are no business of the provider.
     "skip_xff_append": True,
@@ -403,11 +405,18 @@ def _provider_urls(cfg: dict, plugin: dict) -> dict[str, dict]:
     return urls
 
 
+# The response code details of the replies Envoy's connection manager sends before it replaces
+# the client's x-request-id with its own (missing :authority or :path, an absolute or
+# unnormalisable path such as an escaped slash, overload).
+REJECTED_BEFORE_ID = ("['path_normalization_failed', 'missing_host_header', 'missing_path_rejected', "
+                      "'absolute_path_rejected', 'overload']")
+
 ACCESS_LOG_FIELDS = {
     "time": "%START_TIME%",
     # Envoy's own id: with use_remote_address and no internal addresses, Envoy replaces any
-    # x-request-id a client sends.
-    "request_id": "%REQ(X-REQUEST-ID)%",
+    # x-request-id a client sends, but only after its first checks of the request line: a request
+    # it refuses there (REJECTED_BEFORE_ID) still holds the client's, which is not logged.
+    "request_id": "%CEL(response.code_details in " + REJECTED_BEFORE_ID + " ? '' : request.id)%",
     "method": "%REQ(:METHOD)%",
     # The normalised :path without its query string (a key sent as ?api_key= is never written),
     # and never x-envoy-original-path, which a client can send.
@@ -421,6 +430,8 @@ ACCESS_LOG_FIELDS = {
     "completion_tokens": "%FILTER_STATE(wasm.tollgate_completion_tokens:PLAIN)%",
     "duration_ms": "%DURATION%",
     "response_flags": "%RESPONSE_FLAGS%",
+    # Why Envoy answered itself, e.g. path_normalization_failed, request_headers_timeout.
+    "response_code_details": "%RESPONSE_CODE_DETAILS%",
 }
 
 
