@@ -337,10 +337,7 @@ def istio_edge_envoyfilter() -> dict:
     """Envoy's edge settings on the Tollgate gateway's listener (Istio 1.22+): the HCM fields
     and the listener buffer limit, merged into what Istio generates."""
     hcm = {k: copy.deepcopy(render_envoy.EDGE_HCM[k]) for k in ISTIO_EDGE_HCM_KEYS}
-    _, plugin = mesh_plugin_config(None)
-    cfg = render_envoy.load()
-    render_envoy.set_buffer_limit(cfg, plugin)
-    buffer_limit = cfg["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"]
+    buffer_limit = render_envoy.buffer_limit(mesh_plugin_config(None)[1])
     listener_match = {"context": "GATEWAY", "listener": {"portNumber": ISTIO_GATEWAY_PORT}}
     return {
         "apiVersion": "networking.istio.io/v1alpha3",
@@ -378,9 +375,6 @@ def envoy_gateway_client_traffic_policy() -> dict:
     """The edge settings Envoy Gateway 1.6's ClientTrafficPolicy can express (the request-headers
     timeout needs 1.9: docs/edge.md)."""
     edge = render_envoy.EDGE_HCM
-    _, plugin = mesh_plugin_config(None)
-    cfg = render_envoy.load()
-    render_envoy.set_buffer_limit(cfg, plugin)
     h2 = edge["http2_protocol_options"]
     return {
         "apiVersion": "gateway.envoyproxy.io/v1alpha1",
@@ -398,7 +392,7 @@ def envoy_gateway_client_traffic_policy() -> dict:
             "connection": {
                 "connectionLimit": {"value": render_envoy.OVERLOAD_MANAGER["resource_monitors"][0]["typed_config"][
                     "max_active_downstream_connections"]},
-                "bufferLimit": _quantity(cfg["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"]),
+                "bufferLimit": _quantity(render_envoy.buffer_limit(mesh_plugin_config(None)[1])),
             },
             "http2": {
                 "maxConcurrentStreams": h2["max_concurrent_streams"],

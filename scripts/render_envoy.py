@@ -322,12 +322,15 @@ def configure_routing(cfg: dict, plugin: dict, providers: dict[str, dict]) -> No
     set_edge(cfg)
 
 
-def set_buffer_limit(cfg: dict, plugin: dict) -> None:
-    """The gateway listener buffers a request up to the filter's body cap (`max_body_bytes`, 1 MiB
-    by default) plus room for headers: the filter holds the body until it has read the model, so
+def buffer_limit(plugin: dict) -> int:
+    """The gateway listener's buffer limit: the filter's body cap (`max_body_bytes`, 1 MiB by
+    default) plus room for headers. The filter holds the body until it has read the model, so
     Envoy's own limit must not be the smaller one (that would be a 413 the filter never decided)."""
-    limit = plugin.get("max_body_bytes", 1 << 20)
-    cfg["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] = max(limit, 1 << 20) + 65536
+    return max(plugin.get("max_body_bytes", 1 << 20), 1 << 20) + 65536
+
+
+def set_buffer_limit(cfg: dict, plugin: dict) -> None:
+    cfg["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] = buffer_limit(plugin)
 
 
 def set_edge(cfg: dict) -> None:
