@@ -115,11 +115,14 @@ def add_ops_listener(cfg: dict, hostport: str = OPS) -> None:
     cfg["static_resources"]["listeners"].append({
         "name": "ops",
         "address": render_envoy._addr(hostport),
+        # Probes and scrapes still get in when client connections reach the global limit.
+        "ignore_global_conn_limit": True,
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                 "stat_prefix": "ops",
+                "request_headers_timeout": render_envoy.EDGE_HCM["request_headers_timeout"],
                 "route_config": {"name": "ops", "virtual_hosts": [
                     {"name": "ops", "domains": ["*"], "routes": routes}]},
                 "http_filters": [{
@@ -318,6 +321,88 @@ def envoy_gateway_policy() -> dict:
     }
 
 
+# --- edge hardening where the mesh builds the listener (docs/edge.md) --------------------------
+
+# The HttpConnectionManager settings of EDGE_HCM that Istio lets an EnvoyFilter merge into its
+# gateway listener. Istio itself sets use_remote_address on gateways and derives
+# xff_num_trusted_hops from the gateway's ProxyConfig (gatewayTopology.numTrustedProxies).
+ISTIO_EDGE_HCM_KEYS = ("internal_address_config", "preserve_external_request_id", "skip_xff_append",
+                       "normalize_path", "merge_slashes", "path_with_escaped_slashes_action",
+                       "request_headers_timeout", "request_timeout", "stream_idle_timeout",
+                       "common_http_protocol_options", "http2_protocol_options")
+ISTIO_GATEWAY_PORT = 8080
+
+
+def istio_edge_envoyfilter() -> dict:
+    """Envoy's edge settings on the Tollgate gateway's listener (Istio 1.22+): the HCM fields
+    and the listener buffer limit, merged into what Istio generates."""
+    hcm = {k: copy.deepcopy(render_envoy.EDGE_HCM[k]) for k in ISTIO_EDGE_HCM_KEYS}
+    buffer_limit = render_envoy.buffer_limit(mesh_plugin_config(None)[1])
+    listener_match = {"context": "GATEWAY", "listener": {"portNumber": ISTIO_GATEWAY_PORT}}
+    return {
+        "apiVersion": "networking.istio.io/v1alpha3",
+        "kind": "EnvoyFilter",
+        "metadata": {"name": "tollgate-edge", "namespace": NAMESPACE},
+        "spec": {
+            "workloadSelector": {"labels": dict(ISTIO_GATEWAY_SELECTOR)},
+            "configPatches": [
+                {"applyTo": "NETWORK_FILTER",
+                 "match": {"context": "GATEWAY", "listener": {
+                     "portNumber": ISTIO_GATEWAY_PORT,
+                     "filterChain": {"filter": {"name": "envoy.filters.network.http_connection_manager"}}}},
+                 "patch": {"operation": "MERGE", "value": {
+                     "name": "envoy.filters.network.http_connection_manager",
+                     "typed_config": {
+                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                         **hcm}}}},
+                {"applyTo": "LISTENER",
+                 "match": copy.deepcopy(listener_match),
+                 "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": buffer_limit}}},
+            ],
+        },
+    }
+
+
+def _quantity(n: int) -> str:
+    """Bytes as a Kubernetes quantity (Ki/Mi when exact)."""
+    for unit, size in (("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def envoy_gateway_client_traffic_policy() -> dict:
+    """The edge settings Envoy Gateway 1.6's ClientTrafficPolicy can express (the request-headers
+    timeout needs 1.9: docs/edge.md)."""
+    edge = render_envoy.EDGE_HCM
+    h2 = edge["http2_protocol_options"]
+    return {
+        "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+        "kind": "ClientTrafficPolicy",
+        "metadata": {"name": "tollgate-edge", "namespace": NAMESPACE},
+        "spec": {
+            "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "tollgate"}],
+            "headers": {"withUnderscoresAction": "RejectRequest", "requestID": "Generate"},
+            "path": {"escapedSlashesAction": "RejectRequest", "disableMergeSlashes": False},
+            "timeout": {"http": {
+                "requestReceivedTimeout": edge["request_timeout"],
+                "idleTimeout": edge["common_http_protocol_options"]["idle_timeout"],
+                "streamIdleTimeout": edge["stream_idle_timeout"],
+            }},
+            "connection": {
+                "connectionLimit": {"value": render_envoy.OVERLOAD_MANAGER["resource_monitors"][0]["typed_config"][
+                    "max_active_downstream_connections"]},
+                "bufferLimit": _quantity(render_envoy.buffer_limit(mesh_plugin_config(None)[1])),
+            },
+            "http2": {
+                "maxConcurrentStreams": h2["max_concurrent_streams"],
+                "initialStreamWindowSize": _quantity(h2["initial_stream_window_size"]),
+                "initialConnectionWindowSize": _quantity(h2["initial_connection_window_size"]),
+            },
+        },
+    }
+
+
 # --- the generated files ---------------------------------------------------------------------
 
 def _yaml(obj: dict, what: str) -> str:
@@ -338,6 +423,9 @@ def outputs() -> dict[str, str]:
         "k8s/istio/wasmplugin.yaml": _yaml(istio_wasmplugin(), "Istio WasmPlugin"),
         "k8s/istio-envoyfilter/envoyfilter.yaml": _yaml(istio_envoyfilter(), "Istio EnvoyFilter"),
         "k8s/envoy-gateway/extensionpolicy.yaml": _yaml(envoy_gateway_policy(), "Envoy Gateway EnvoyExtensionPolicy"),
+        "k8s/istio/edge.yaml": _yaml(istio_edge_envoyfilter(), "Istio EnvoyFilter, edge settings"),
+        "k8s/envoy-gateway/clienttrafficpolicy.yaml": _yaml(
+            envoy_gateway_client_traffic_policy(), "Envoy Gateway ClientTrafficPolicy, edge settings"),
     }
 
 

@@ -54,11 +54,35 @@ STRUCTURES = {
                      "image": {"url": ANY, "sha256": ANY, "pullSecretRef": REF}},
         }],
     }},
-    ("gateway.envoyproxy.io/v1alpha1", "EnvoyProxy"): {"spec": {"provider": {
-        "type": ("Kubernetes",),
-        "kubernetes": {"envoyDeployment": {"replicas": ANY, "container": {
-            "env": ANY, "resources": ANY, "securityContext": ANY, "image": ANY}}},
-    }}},
+    ("gateway.envoyproxy.io/v1alpha1", "EnvoyProxy"): {"spec": {
+        "provider": {
+            "type": ("Kubernetes",),
+            "kubernetes": {"envoyDeployment": {"replicas": ANY, "container": {
+                "env": ANY, "resources": ANY, "securityContext": ANY, "image": ANY}}},
+        },
+        # envoyproxy_accesslogging_types.go
+        "telemetry": {"accessLog": {"disable": (True, False), "settings": [{
+            "format": {"type": ("Text", "JSON"), "text": ANY, "json": ANY},
+            "matches": [ANY], "type": ("Listener", "Route"),
+            "sinks": [{"type": ("ALS", "File", "OpenTelemetry"), "file": {"path": ANY}}],
+        }]}},
+    }},
+    # clienttrafficpolicy_types.go, timeout_types.go, connection_types.go, pathsettings_types.go,
+    # shared_types.go (v1.6: no requestHeadersReceivedTimeout yet)
+    ("gateway.envoyproxy.io/v1alpha1", "ClientTrafficPolicy"): {"spec": {
+        "targetRefs": [REF],
+        "headers": {"withUnderscoresAction": ("Allow", "RejectRequest", "DropHeader"),
+                    "requestID": ("PreserveOrGenerate", "Preserve", "Generate", "Disable"),
+                    "preserveXRequestID": (True, False), "enableEnvoyHeaders": (True, False)},
+        "path": {"escapedSlashesAction": ("KeepUnchanged", "RejectRequest", "UnescapeAndForward", "UnescapeAndRedirect"),
+                 "disableMergeSlashes": (True, False)},
+        "timeout": {"tcp": {"idleTimeout": ANY},
+                    "http": {"requestReceivedTimeout": ANY, "idleTimeout": ANY, "streamIdleTimeout": ANY}},
+        "connection": {"connectionLimit": {"value": ANY, "closeDelay": ANY}, "bufferLimit": ANY,
+                       "socketBufferLimit": ANY},
+        "http2": {"maxConcurrentStreams": ANY, "initialStreamWindowSize": ANY, "initialConnectionWindowSize": ANY},
+        "clientIPDetection": {"xForwardedFor": {"numTrustedHops": ANY}},
+    }},
     ("gateway.envoyproxy.io/v1alpha1", "Backend"): {"spec": {
         "endpoints": [{"fqdn": {"hostname": ANY, "port": ANY}, "ip": {"address": ANY, "port": ANY}}]}},
     ("gateway.networking.k8s.io/v1", "Gateway"): {"spec": {

@@ -40,6 +40,63 @@ ENVOY_ERRORS = [
 ]
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
+# Edge hardening (docs/edge.md has the table and the reasons): Envoy's "Configuring Envoy as an
+# edge proxy" applied to a gateway whose clients are untrusted and whose answers stream for
+# minutes. Every shipped config gets these HttpConnectionManager settings; the filter matches
+# endpoints exactly, so Envoy normalises the path before it (and rejects escaped slashes).
+EDGE_HCM = {
+    # The client is the TCP peer: x-forwarded-for, x-envoy-* and x-request-id from clients are
+    # not trusted, and Envoy generates its own x-request-id for every request.
+    "use_remote_address": True,
+    "xff_num_trusted_hops": 0,
+    # No peer counts as internal: Envoy trusts RFC 1918 and loopback peers when cidr_ranges is
+    # empty (it keeps their x-request-id and x-envoy-* headers), so the list names one address
+    # no TCP peer can have.
+    "internal_address_config": {"unix_sockets": False,
+                                "cidr_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 32}]},
+    "preserve_external_request_id": False,
+    # Client addresses are no business of the provider.
+    "skip_xff_append": True,
+    "normalize_path": True,
+    "merge_slashes": True,
+    "path_with_escaped_slashes_action": "REJECT_REQUEST",
+    # A client that drips its headers is cut off; one that takes over a minute to send its body
+    # (at most the body cap) too. request_timeout ends when the request has gone upstream, so it
+    # does not limit how long an answer streams (the route's timeout and idle_timeout do).
+    "request_headers_timeout": "10s",
+    "request_timeout": "60s",
+    # Streams without a route timeout of their own (direct responses); routes set idle_timeout.
+    "stream_idle_timeout": "300s",
+    "common_http_protocol_options": {
+        "idle_timeout": "300s",
+        "headers_with_underscores_action": "REJECT_REQUEST",
+    },
+    "http2_protocol_options": {
+        "max_concurrent_streams": 100,
+        "initial_stream_window_size": 65536,
+        "initial_connection_window_size": 1048576,
+    },
+}
+# Connection limits and memory protection for the whole process. The heap limit is sized for the
+# 512Mi container limit of k8s/ and the chart: raise both together.
+OVERLOAD_MANAGER = {
+    "refresh_interval": "0.25s",
+    "resource_monitors": [
+        {"name": "envoy.resource_monitors.global_downstream_max_connections", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+            "max_active_downstream_connections": 10000}},
+        {"name": "envoy.resource_monitors.fixed_heap", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+            "max_heap_size_bytes": 402653184}},
+    ],
+    "actions": [
+        {"name": "envoy.overload_actions.shrink_heap",
+         "triggers": [{"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.95}}]},
+        {"name": "envoy.overload_actions.stop_accepting_requests",
+         "triggers": [{"name": "envoy.resource_monitors.fixed_heap", "threshold": {"value": 0.98}}]},
+    ],
+}
+
 
 def load(path: pathlib.Path = TEMPLATE) -> dict:
     with open(path, encoding="utf-8") as f:
@@ -260,10 +317,40 @@ def configure_routing(cfg: dict, plugin: dict, providers: dict[str, dict]) -> No
     # The filter pauses the request headers to read the body (model), then resumes.
     for w in _all_wasm_configs(cfg):
         w["allow_on_headers_stop_iteration"] = True
-    limit = plugin.get("max_body_bytes", 1 << 20)
-    for listener in cfg["static_resources"]["listeners"]:
-        listener["per_connection_buffer_limit_bytes"] = max(limit, 1 << 20) + 65536
+    set_buffer_limit(cfg, plugin)
     set_local_replies(cfg)
+    set_edge(cfg)
+
+
+def buffer_limit(plugin: dict) -> int:
+    """The gateway listener's buffer limit: the filter's body cap (`max_body_bytes`, 1 MiB by
+    default) plus room for headers. The filter holds the body until it has read the model, so
+    Envoy's own limit must not be the smaller one (that would be a 413 the filter never decided)."""
+    return max(plugin.get("max_body_bytes", 1 << 20), 1 << 20) + 65536
+
+
+def set_buffer_limit(cfg: dict, plugin: dict) -> None:
+    cfg["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] = buffer_limit(plugin)
+
+
+def set_edge(cfg: dict) -> None:
+    """Envoy's edge-proxy settings (EDGE_HCM, OVERLOAD_MANAGER) on the gateway listener, placed
+    right after its stat_prefix so they read first; and the overload manager after stats_config."""
+    hcm = _hcm(cfg)
+    rest = {k: v for k, v in hcm.items() if k not in EDGE_HCM}
+    hcm.clear()
+    for k in ("@type", "stat_prefix"):
+        if k in rest:
+            hcm[k] = rest.pop(k)
+    hcm.update(json.loads(json.dumps(EDGE_HCM)))
+    hcm.update(rest)
+    top = {k: v for k, v in cfg.items() if k != "overload_manager"}
+    cfg.clear()
+    for k, v in top.items():
+        cfg[k] = v
+        if k == "stats_config":
+            cfg["overload_manager"] = json.loads(json.dumps(OVERLOAD_MANAGER))
+    cfg.setdefault("overload_manager", json.loads(json.dumps(OVERLOAD_MANAGER)))
 
 
 DEMO_PROVIDERS = {
@@ -288,9 +375,9 @@ def configure_single(cfg: dict, plugin: dict, url: str) -> None:
     vhost.pop("include_request_attempt_count", None)
     for w in _all_wasm_configs(cfg):
         w.pop("allow_on_headers_stop_iteration", None)
-    for listener in cfg["static_resources"]["listeners"]:
-        listener.pop("per_connection_buffer_limit_bytes", None)
+    set_buffer_limit(cfg, plugin)
     set_local_replies(cfg)
+    set_edge(cfg)
 
 
 def configure(cfg: dict, plugin: dict, providers: dict[str, dict] | str) -> None:
@@ -321,11 +408,22 @@ def _provider_urls(cfg: dict, plugin: dict) -> dict[str, dict]:
     return urls
 
 
+# The response code details of the replies Envoy's connection manager sends before it replaces
+# the client's x-request-id with its own (missing :authority or :path, an absolute or
+# unnormalisable path such as an escaped slash, overload).
+REJECTED_BEFORE_ID = ("['path_normalization_failed', 'missing_host_header', 'missing_path_rejected', "
+                      "'absolute_path_rejected', 'overload']")
+
 ACCESS_LOG_FIELDS = {
     "time": "%START_TIME%",
-    "request_id": "%REQ(X-REQUEST-ID)%",
+    # Envoy's own id: with use_remote_address and no internal addresses, Envoy replaces any
+    # x-request-id a client sends, but only after its first checks of the request line: a request
+    # it refuses there (REJECTED_BEFORE_ID) still holds the client's, which is not logged.
+    "request_id": "%CEL(response.code_details in " + REJECTED_BEFORE_ID + " ? '' : request.id)%",
     "method": "%REQ(:METHOD)%",
-    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    # The normalised :path without its query string (a key sent as ?api_key= is never written),
+    # and never x-envoy-original-path, which a client can send.
+    "path": "%PATH(NQ:PATH)%",
     "status": "%RESPONSE_CODE%",
     "client": "%FILTER_STATE(wasm.tollgate_client:PLAIN)%",
     "model": "%FILTER_STATE(wasm.tollgate_model:PLAIN)%",
@@ -335,6 +433,8 @@ ACCESS_LOG_FIELDS = {
     "completion_tokens": "%FILTER_STATE(wasm.tollgate_completion_tokens:PLAIN)%",
     "duration_ms": "%DURATION%",
     "response_flags": "%RESPONSE_FLAGS%",
+    # Why Envoy answered itself, e.g. path_normalization_failed, request_headers_timeout.
+    "response_code_details": "%RESPONSE_CODE_DETAILS%",
 }
 
 

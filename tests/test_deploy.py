@@ -273,6 +273,52 @@ def test_chart_values_the_filter_refuses_fail_validation(tmp_path):
     assert "clients[1].key_sha256: duplicate key digest" in r.stdout + r.stderr
 
 
+# --- edge hardening in every shipped config (docs/edge.md) -------------------------------------
+
+def _edge_settings_of(cfg: dict) -> None:
+    hcm = render_envoy._hcm(cfg)
+    for key, value in render_envoy.EDGE_HCM.items():
+        assert hcm.get(key) == value, key
+    assert cfg["overload_manager"] == render_envoy.OVERLOAD_MANAGER
+    (log,) = hcm["access_log"]
+    assert log["typed_config"]["log_format"]["json_format"] == render_envoy.ACCESS_LOG_FIELDS
+    gateway = cfg["static_resources"]["listeners"][0]
+    assert gateway["per_connection_buffer_limit_bytes"] >= (1 << 20) + 65536
+
+
+@pytest.mark.parametrize("rel", SHIPPED_BOOTSTRAPS)
+def test_shipped_bootstraps_have_the_edge_settings(rel):
+    cfg = render_envoy.load(ROOT / rel)
+    _edge_settings_of(cfg)
+    (ops,) = [lst for lst in cfg["static_resources"]["listeners"] if lst["name"] == "ops"]
+    assert ops["ignore_global_conn_limit"] is True
+
+
+@pytest.mark.parametrize("name", list(CHART_VALUES))
+def test_chart_bootstrap_has_the_edge_settings(rendered, name):
+    _edge_settings_of(chart_bootstrap(rendered, name))
+
+
+def test_mesh_gateways_get_the_edge_settings(rendered):
+    """Istio: an EnvoyFilter merges the HCM settings into the gateway's listener; Envoy
+    Gateway: a ClientTrafficPolicy, and the EnvoyProxy logs what the bootstraps log."""
+    for flavour in ("istio", "istio-envoyfilter"):
+        (ef,) = [d for d in docs(rendered[flavour]) if d["kind"] == "EnvoyFilter" and d["metadata"]["name"] == "tollgate-edge"]
+        patch = ef["spec"]["configPatches"][0]
+        assert patch["patch"]["operation"] == "MERGE"
+        hcm = patch["patch"]["value"]["typed_config"]
+        assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+        assert hcm["common_http_protocol_options"]["headers_with_underscores_action"] == "REJECT_REQUEST"
+        assert hcm["request_headers_timeout"] == render_envoy.EDGE_HCM["request_headers_timeout"]
+    eg = docs(rendered["envoy-gateway"])
+    (ctp,) = [d for d in eg if d["kind"] == "ClientTrafficPolicy"]
+    assert ctp["spec"]["targetRefs"][0]["name"] == "tollgate"
+    assert ctp["spec"]["path"]["escapedSlashesAction"] == "RejectRequest"
+    (proxy,) = [d for d in eg if d["kind"] == "EnvoyProxy"]
+    (setting,) = proxy["spec"]["telemetry"]["accessLog"]["settings"]
+    assert setting["format"]["json"] == render_envoy.ACCESS_LOG_FIELDS
+
+
 # --- the shipped config, running -----------------------------------------------------------------
 
 def _run_shipped_compose_config(tmp_path, mock, webdis):
