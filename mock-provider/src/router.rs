@@ -69,12 +69,13 @@ fn is_v1(path: &str) -> bool {
 /// Records every request that reached the provider listener, whatever its path or method.
 /// Also called for requests refused at the HTTP layer (413, bad framing; empty body), so
 /// tests see everything a gateway let through.
-pub fn record(state: &State, head: &Head, body: &[u8]) {
+pub fn record(state: &State, head: &Head, body: &[u8], trailers: Vec<(String, String)>) {
     state.log.record(Entry {
         method: head.method.clone(),
         path: head.target.clone(),
         headers: head.headers.clone(),
         body: String::from_utf8_lossy(body).into_owned(),
+        trailers,
     });
 }
 
@@ -93,8 +94,14 @@ pub fn unix_now() -> u64 {
 
 /// A request on the provider listener. Only `/v1` and `/v1/*` exist there; the control API
 /// (`/__mock/*`) lives on its own listener and is a 404 here like any unknown path.
-pub fn handle(state: &State, head: &Head, body: &[u8], received: Instant) -> Plan {
-    record(state, head, body);
+pub fn handle(
+    state: &State,
+    head: &Head,
+    body: &[u8],
+    trailers: Vec<(String, String)>,
+    received: Instant,
+) -> Plan {
+    record(state, head, body, trailers);
     let path = head.path();
     let method = head.method.as_str();
     if !is_v1(path) {
@@ -378,7 +385,7 @@ mod tests {
     }
 
     fn call(st: &State, h: &Head, body: &str) -> Response {
-        full(handle(st, h, body.as_bytes(), Instant::now()))
+        full(handle(st, h, body.as_bytes(), Vec::new(), Instant::now()))
     }
 
     fn error_json(resp: &Response) -> Value {
@@ -429,7 +436,7 @@ mod tests {
         let body =
             r#"{"model":"m","messages":[{"role":"user","content":"marker-1"}],"stream":true}"#;
         let h = head("POST", "/v1/chat/completions", &[]);
-        let plan = handle(&st, &h, body.as_bytes(), Instant::now());
+        let plan = handle(&st, &h, body.as_bytes(), Vec::new(), Instant::now());
         assert_eq!(plan.delay, Duration::from_millis(7));
         let Answer::Stream(s) = plan.answer else {
             panic!("expected a stream")
@@ -462,7 +469,7 @@ mod tests {
         );
         let body = r#"{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}],
                        "x-mock-status":500,"mock":{"status":500}}"#;
-        let plan = handle(&st, &h, body.as_bytes(), Instant::now());
+        let plan = handle(&st, &h, body.as_bytes(), Vec::new(), Instant::now());
         assert_eq!(plan.delay, Duration::ZERO);
         let resp = full(plan);
         assert_eq!(resp.status, 200);
@@ -608,7 +615,8 @@ mod tests {
                 "method": "POST",
                 "path": "/v1/embeddings?x=1",
                 "headers": [["b", "2"], ["a", "1"]],
-                "body": "{\"model\":\"e\",\"input\":\"hi\"}"
+                "body": "{\"model\":\"e\",\"input\":\"hi\"}",
+                "trailers": []
             }])
         );
     }

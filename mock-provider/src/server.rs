@@ -44,15 +44,16 @@ pub fn serve(stream: TcpStream, state: Arc<State>, role: Role) {
         let body = match body {
             Ok(body) => body,
             Err(err) => {
+                // It reached the provider even though its body was refused: log it.
                 if role == Role::Provider {
-                    router::record(&state, &head, b"");
+                    router::record(&state, &head, b"", conn.take_trailers());
                 }
                 return refuse(conn.stream_mut(), &state, &err);
             }
         };
         let close = head.wants_close();
         let plan = match role {
-            Role::Provider => router::handle(&state, &head, &body, received),
+            Role::Provider => router::handle(&state, &head, &body, conn.take_trailers(), received),
             Role::Control => crate::control::handle(&state, &head, &body),
         };
         if !plan.delay.is_zero() {

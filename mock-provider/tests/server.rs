@@ -414,6 +414,21 @@ fn keep_alive_chunked_bodies_auth_and_abort() {
     conn.get_mut().write_all(get.as_bytes()).unwrap();
     assert_eq!(read_response(&mut conn).status, 200);
 
+    // A chunked body with trailers (what Envoy forwards of an HTTP/2 request's trailers):
+    // the trailers are in the log.
+    let with_trailers = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\n{auth}transfer-encoding: chunked\r\n\r\n{:x}\r\n{CHAT}\r\n0\r\nx-smuggled: 1\r\n\r\n",
+        CHAT.len()
+    );
+    conn.get_mut().write_all(with_trailers.as_bytes()).unwrap();
+    assert_eq!(read_response(&mut conn).status, 200);
+    let log = p.log();
+    assert_eq!(
+        log.last().unwrap()["trailers"],
+        json!([["x-smuggled", "1"]])
+    );
+    assert_eq!(log[1]["trailers"], json!([]));
+
     let resp = p.send("GET /v1/models HTTP/1.1\r\nauthorization: Bearer sk-wrong-0123456789\r\nconnection: close\r\n\r\n");
     assert_eq!(resp.status, 401);
     let err = &resp.json()["error"];
