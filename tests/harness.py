@@ -134,28 +134,88 @@ def chat_body(model: str = "gpt-4.1", content: str = "Say hello", **extra) -> di
 
 
 class MockProvider:
-    """The mock OpenAI-compatible provider (mock-provider binary) on a free port."""
+    """The mock OpenAI-compatible provider (mock-provider binary) on free ports.
+
+    `url` / `addr` is the provider listener, the one a gateway forwards to: it serves `/v1/*`
+    only, and nothing a request carries changes its behaviour. The request log and behaviour
+    rules are reached through the separate control listener (`control_url`), which no gateway
+    is ever configured with (docs/mock-provider.md)."""
 
     def __init__(self, log_dir: pathlib.Path, name: str = "mock", expect_key: str = PROVIDER_KEY, extra_args=()):
-        args = [str(MOCK_BIN), "--listen", "127.0.0.1:0", "--name", name, *extra_args]
+        args = [str(MOCK_BIN), "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0", "--name", name, *extra_args]
         if expect_key:
             args += ["--expect-key", expect_key]
+        self.name = name
         self.log_path = log_dir / f"mock-{name}.log"
         self._stderr = open(self.log_path, "wb")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._stderr)
-        line = self.proc.stdout.readline().decode()
-        m = re.match(r"listening on (\S+)", line)
-        if not m:
+        first = self.proc.stdout.readline().decode()
+        second = self.proc.stdout.readline().decode()
+        m = re.match(r"listening on (\S+)", first)
+        c = re.match(r"control on (\S+)", second)
+        if not (m and c):
             stop(self.proc)
-            raise RuntimeError(f"mock provider did not start: {line!r}")
+            self._stderr.close()
+            raise RuntimeError(f"mock provider did not start: {first!r} {second!r}")
         self.addr = m.group(1)
         self.url = f"http://{self.addr}"
+        self.control_addr = c.group(1)
+        self.control_url = f"http://{self.control_addr}"
 
-    def requests(self) -> list[dict]:
-        return request(self.url, "GET", "/__mock/requests").json()
+    def _control(self, method: str, path: str, body: dict | None = None, expect: int = 200) -> Response:
+        r = request(self.control_url, method, path, body=body)
+        if r.status != expect:
+            raise AssertionError(f"mock {self.name} control {method} {path}: {r.status} {r.body[:300]!r}")
+        return r
+
+    # -- request log: every request the provider listener received, oldest first --------------
+
+    def requests(self, match: str | None = None) -> list[dict]:
+        """Log entries `{"method", "path" (query included), "headers": [[name, value], ...],
+        "body"}`; with `match`, only those whose path or body contains that substring (the same
+        test as a rule's `match`)."""
+        entries = self._control("GET", "/__mock/requests").json()
+        if match is None:
+            return entries
+        return [e for e in entries if match in e["path"] or match in e["body"]]
 
     def clear(self) -> None:
-        request(self.url, "DELETE", "/__mock/requests")
+        """Empty the request log (rules stay)."""
+        self._control("DELETE", "/__mock/requests", expect=204)
+
+    # -- behaviour rules -----------------------------------------------------------------------
+
+    def rule(self, match: str = "", *, method: str | None = None, status: int | None = None,
+             error_body: str | None = None, delay_ms: int | None = None, chunk_delay_ms: int | None = None,
+             abort_after: int | None = None, headers: list[tuple[str, str]] | None = None,
+             times: int | None = None) -> dict:
+        """Add a rule; returns it as stored (with its `id`, `times` left and `hits`). The first
+        rule (oldest first) whose `match` occurs in a request's path or body, with `method` if
+        given and uses left, decides that request. `times` bounds how many requests it takes
+        (None: every matching one). Put a marker unique to the test in `match` and in the
+        request body, so concurrent tests never take each other's rules."""
+        spec = {"match": match, "method": method, "status": status, "error_body": error_body,
+                "delay_ms": delay_ms, "chunk_delay_ms": chunk_delay_ms, "abort_after": abort_after,
+                "headers": [list(h) for h in headers] if headers else None, "times": times}
+        return self._control("POST", "/__mock/rules", {k: v for k, v in spec.items() if v is not None},
+                             expect=201).json()
+
+    def rules(self) -> list[dict]:
+        return self._control("GET", "/__mock/rules").json()
+
+    def delete_rule(self, rule_id: int) -> None:
+        self._control("DELETE", f"/__mock/rules/{rule_id}", expect=204)
+
+    def clear_rules(self) -> None:
+        self._control("DELETE", "/__mock/rules", expect=204)
+
+    def reset(self) -> None:
+        """Empty the log and remove every rule."""
+        self.clear()
+        self.clear_rules()
+
+    def healthy(self) -> bool:
+        return request(self.control_url, "GET", "/__mock/health").status == 200
 
     def stop(self) -> None:
         stop(self.proc)

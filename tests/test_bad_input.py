@@ -298,15 +298,18 @@ def test_spoofed_internal_headers_change_nothing(setup):
     # Envoy's own x-envoy-* request headers from a client are not trusted (not an internal
     # address): no 1 ms timeout, no choice of attempt, no extra retries.
     relay.clear()
-    r = gw.post(key=KEY, body=chat_body("gpt-4.1"),
-                headers=[("x-envoy-upstream-rq-timeout-ms", "1"), ("x-mock-delay-ms", "300")])
+    relay.rule("spoofed-timeout", delay_ms=300)
+    r = gw.post(key=KEY, body=chat_body("gpt-4.1", content="spoofed-timeout"),
+                headers=[("x-envoy-upstream-rq-timeout-ms", "1")])
     assert r.status == 200
     r = gw.post(key=KEY, body=chat_body("fallback"), headers=[("x-envoy-attempt-count", "2")])
     assert r.header("x-mock-name") == "relay", "a spoofed attempt count picked the fallback"
     relay.clear()
     setup.backup.clear()
-    r = gw.post(key=KEY, body=chat_body("fallback"),
-                headers=[("x-envoy-max-retries", "5"), ("x-envoy-retry-on", "5xx"), ("x-mock-status", "500")])
+    for provider in (relay, setup.backup):
+        provider.rule("spoofed-retries", status=500)
+    r = gw.post(key=KEY, body=chat_body("fallback", content="spoofed-retries"),
+                headers=[("x-envoy-max-retries", "5"), ("x-envoy-retry-on", "5xx")])
     assert r.status == 500
     assert (len(relay.requests()), len(setup.backup.requests())) == (1, 1), "one attempt per provider"
 
@@ -317,19 +320,20 @@ def test_spoofed_internal_headers_change_nothing(setup):
 def test_a_provider_reset_mid_stream_cuts_the_clients_stream(setup):
     """The client gets the events sent so far, then the connection closes without the final
     chunk: never a [DONE] the provider did not send, never a response made up by the gateway."""
-    data = json.dumps(chat_body(stream=True)).encode()
-    out = raw(setup.gw, head(extra=b"x-mock-stream-abort-after: 2\r\ncontent-length: %d\r\n\r\n" % len(data)) + data,
-              until_close=True)
+    setup.relay.rule("h1-provider-cut", abort_after=2)
+    data = json.dumps(chat_body(content="h1-provider-cut", stream=True)).encode()
+    out = raw(setup.gw, head(extra=b"content-length: %d\r\n\r\n" % len(data)) + data, until_close=True)
     assert status_of(out) == 200
     assert out.count(b"data: {") == 2
     assert b"[DONE]" not in out and not out.endswith(b"0\r\n\r\n")
 
 
 def test_a_client_that_leaves_mid_stream(setup):
-    data = json.dumps(chat_body(content="a b c d e f g h", stream=True)).encode()
+    setup.relay.rule("h1-client-leaves", chunk_delay_ms=200)
+    data = json.dumps(chat_body(content="h1-client-leaves a b c d e f g h", stream=True)).encode()
     s = socket.create_connection(("127.0.0.1", setup.gw.port), timeout=10)
     try:
-        s.sendall(head(extra=b"x-mock-chunk-delay-ms: 200\r\ncontent-length: %d\r\n\r\n" % len(data)) + data)
+        s.sendall(head(extra=b"content-length: %d\r\n\r\n" % len(data)) + data)
         assert s.recv(65536).startswith(b"HTTP/1.1 200")
     finally:
         s.close()
@@ -430,8 +434,9 @@ def test_h2_slow_body_and_streams_reset_by_the_client(setup, h2):
     h2.send_body(sid, b'{"model": "gpt-4.1", "mess', end_stream=False)
     h2.reset(sid)
     # Reset mid-response (a stream that is still sending).
-    sid = h2.start("POST", PATH, H2_HEAD + [("x-mock-chunk-delay-ms", "200")], end_stream=False)
-    h2.send_body(sid, json.dumps(chat_body(content="a b c d e f", stream=True)).encode())
+    setup.relay.rule("h2-client-reset", chunk_delay_ms=200)
+    sid = h2.start("POST", PATH, H2_HEAD, end_stream=False)
+    h2.send_body(sid, json.dumps(chat_body(content="h2-client-reset a b c d e f", stream=True)).encode())
     first = h2.wait(sid, until=lambda r: b"data: " in r.body)
     assert first.status == 200
     h2.reset(sid)
@@ -441,8 +446,9 @@ def test_h2_slow_body_and_streams_reset_by_the_client(setup, h2):
     assert len(setup.relay.requests()) == 3
 
 
-def test_h2_provider_reset_mid_stream_resets_the_clients_stream(h2):
-    r = h2.request("POST", PATH, H2_HEAD + [("x-mock-stream-abort-after", "2")], chat_body(stream=True))
+def test_h2_provider_reset_mid_stream_resets_the_clients_stream(setup, h2):
+    setup.relay.rule("h2-provider-cut", abort_after=2)
+    r = h2.request("POST", PATH, H2_HEAD, chat_body(content="h2-provider-cut", stream=True))
     assert r.status == 200
     assert r.reset is not None and not r.ended, "the cut must reach the client as a reset"
     assert r.body.count(b"data: {") == 2 and b"[DONE]" not in r.body

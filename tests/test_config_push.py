@@ -140,13 +140,14 @@ def test_an_invalid_push_is_rejected_and_the_old_configuration_keeps_serving(dyn
     assert all(dyn.stat(f"{listener}.worker_{w}.downstream_cx_total") > 0 for w in (0, 1))
 
 
-def test_a_valid_push_takes_effect_and_lets_a_stream_in_flight_finish(dyn):
+def test_a_valid_push_takes_effect_and_lets_a_stream_in_flight_finish(dyn, mock):
     import http.client
 
+    mock.rule("slow-stream-in-flight", chunk_delay_ms=150)
     conn = http.client.HTTPConnection("127.0.0.1", dyn.port, timeout=30)
-    conn.request("POST", "/v1/chat/completions", body=json.dumps(chat_body(content="a b c d e f", stream=True)),
-                 headers={"authorization": f"Bearer {OLD}", "content-type": "application/json",
-                          "x-mock-chunk-delay-ms": "150"})
+    conn.request("POST", "/v1/chat/completions",
+                 body=json.dumps(chat_body(content="slow-stream-in-flight a b c d e f", stream=True)),
+                 headers={"authorization": f"Bearer {OLD}", "content-type": "application/json"})
     r = conn.getresponse()
     assert r.status == 200
     dyn.push(plugin("new", sha256_hex(NEW)))

@@ -61,9 +61,11 @@ def test_a_stream_cut_or_stalled_mid_way_reaches_the_client_as_a_cut_stream(star
     relay, backup = providers
     gw = start_gateway(plugin(), {"relay": {"url": relay.url, "idle_timeout_ms": 500}, "backup": {"url": backup.url}})
     # Cut: the provider closes the connection after two events.
-    cut = raw_post(gw, chat_body(stream=True), b"x-mock-stream-abort-after: 2\r\n")
+    relay.rule("cut-after-two", abort_after=2)
+    cut = raw_post(gw, chat_body(content="cut-after-two", stream=True))
     # Stalled: the provider stops sending for longer than the route's idle timeout.
-    stalled = raw_post(gw, chat_body(content="a b c", stream=True), b"x-mock-chunk-delay-ms: 2000\r\n")
+    relay.rule("stall-mid-stream", chunk_delay_ms=2000)
+    stalled = raw_post(gw, chat_body(content="stall-mid-stream a b c", stream=True))
     for out in (cut, stalled):
         assert out.startswith(b"HTTP/1.1 200"), out[:40]
         assert b"data: {" in out
@@ -75,7 +77,8 @@ def test_a_stream_cut_or_stalled_mid_way_reaches_the_client_as_a_cut_stream(star
     assert gw.counter("tollgate_requests_total", client="faults", outcome="admitted") == 2
     # Cut streams are not retried, even on a rule with a fallback: the client got a 200 already.
     backup.clear()
-    raw_post(gw, chat_body("fallback", stream=True), b"x-mock-stream-abort-after: 1\r\n")
+    relay.rule("cut-after-one", abort_after=1)
+    raw_post(gw, chat_body("fallback", content="cut-after-one", stream=True))
     assert backup.requests() == []
     assert gw.post(key=KEY, body=chat_body(stream=True)).status == 200
 
@@ -83,12 +86,15 @@ def test_a_stream_cut_or_stalled_mid_way_reaches_the_client_as_a_cut_stream(star
 def test_a_provider_that_answers_garbage_is_passed_through_untouched(start_gateway, providers):
     relay, backup = providers
     gw = start_gateway(plugin(), harness.provider_urls(relay, backup))
-    for garbage in ("not json at all", '{"usage": "lots"}', '{"usage": {"prompt_tokens": -5}}', "[" * 5000):
-        r = gw.post(key=KEY, headers=[("x-mock-error-body", garbage)])
+    for i, garbage in enumerate(("not json at all", '{"usage": "lots"}', '{"usage": {"prompt_tokens": -5}}',
+                                 "[" * 5000)):
+        relay.rule(f"garbage-{i}-", error_body=garbage)
+        r = gw.post(key=KEY, body=chat_body(content=f"garbage-{i}-"))
         assert r.status == 200
         assert r.body == garbage.encode(), "the provider's body reaches the client as it was"
     # A stream request answered with a body that is neither JSON nor a stream.
-    r = gw.post(key=KEY, body=chat_body(stream=True), headers=[("x-mock-error-body", "data: {{{ [DONE]")])
+    relay.rule("garbage-stream", error_body="data: {{{ [DONE]")
+    r = gw.post(key=KEY, body=chat_body(content="garbage-stream", stream=True))
     assert r.status == 200 and r.body == b"data: {{{ [DONE]"
     assert tokens(gw) == 0, "no usage was read from garbage"
     assert gw.post(key=KEY).status == 200
@@ -121,7 +127,8 @@ def test_a_provider_that_goes_down_and_comes_back(start_gateway, workdir, provid
 def test_provider_errors_pass_through_with_the_clients_headers(status, start_gateway, providers):
     relay, backup = providers
     gw = start_gateway(plugin(), harness.provider_urls(relay, backup))
-    r = gw.post(key=KEY, headers=[("x-mock-status", status)])
+    relay.rule("provider-error", status=int(status))
+    r = gw.post(key=KEY, body=chat_body(content="provider-error"))
     assert r.status == int(status)
     assert r.json()["error"]["type"] in ("server_error", "requests")
     # The client's own budget, never the provider's account headers.

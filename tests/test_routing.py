@@ -159,7 +159,8 @@ def test_fallback_to_the_second_provider_with_its_own_key(failure, start_gateway
 def test_a_provider_slower_than_its_timeout_is_an_openai_504(start_gateway, providers):
     relay, backup = providers
     gw = start_gateway(plugin(), urls(relay.url, backup.url, timeout_ms=300))
-    r = gw.post(key=TEAM, body=chat_body("gpt-4.1-mini"), headers=[("x-mock-delay-ms", "3000")])
+    relay.rule("slower-than-timeout", delay_ms=3000)
+    r = gw.post(key=TEAM, body=chat_body("gpt-4.1-mini", content="slower-than-timeout"))
     assert r.status == 504
     assert r.header("content-type") == "application/json"
     err = r.json()["error"]

@@ -109,12 +109,12 @@ def test_redis_token_budget_is_shared_and_refused_with_rate_limit_error(
 
 
 def read_cut_off(gw, body: bytes) -> bytes:
-    """POSTs a stream the provider cuts off; returns what the client received."""
+    """POSTs a stream the provider cuts off (a rule set by the caller); returns what the client
+    received."""
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
     try:
         conn.request("POST", "/v1/chat/completions", body=body, headers={
-            "authorization": f"Bearer {KEY}", "content-type": "application/json",
-            "x-mock-stream-abort-after": "3"})
+            "authorization": f"Bearer {KEY}", "content-type": "application/json"})
         r = conn.getresponse()
         assert r.status == 200
         try:
@@ -125,8 +125,9 @@ def read_cut_off(gw, body: bytes) -> bytes:
         conn.close()
 
 
-def test_a_cut_off_stream_is_charged_for_what_it_delivered(gateway):
+def test_a_cut_off_stream_is_charged_for_what_it_delivered(gateway, relay):
     gw, redis = gateway
+    relay.rule("tell me a long story", abort_after=3)
     minute = harness.wait_for_fresh_window()
     probe = json.dumps(chat_body("gpt-4.1", content="probe")).encode()
     r = gw.post(key=KEY, body=probe)

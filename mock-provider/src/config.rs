@@ -1,15 +1,18 @@
-//! Command line. Hand-rolled: six flags don't justify a parser dependency.
+//! Command line. Hand-rolled: seven flags don't justify a parser dependency.
 
 use std::time::Duration;
 
 pub const USAGE: &str = "\
 mock-provider: a mock OpenAI-compatible provider for tests and demos (never for production).
 
-Usage: mock-provider [--listen ADDR] [--name NAME] [--expect-key KEY] [--models a,b,c]
-                     [--status N] [--delay-ms N]
+Usage: mock-provider [--listen ADDR] [--control ADDR] [--name NAME] [--expect-key KEY]
+                     [--models a,b,c] [--status N] [--delay-ms N]
 
-  --listen ADDR      address to bind, port 0 picks a free one [default: 127.0.0.1:0];
+  --listen ADDR      provider API address, port 0 picks a free one [default: 127.0.0.1:0];
                      prints `listening on ADDR` once bound
+  --control ADDR     also serve the control API (request log, rules, health) on ADDR, never on
+                     the provider address; prints `control on ADDR` as the second line
+                     [default: no control API]
   --name NAME        owned_by of the models and x-mock-name response header [default: mock]
   --expect-key KEY   answer 401 to /v1/* requests without `authorization: Bearer KEY`
   --models LIST      comma-separated ids for /v1/models
@@ -26,6 +29,8 @@ pub const MAX_DELAY_MS: u64 = 3_600_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub listen: String,
+    /// Control API address; `None` means the log and rules cannot be read or set at all.
+    pub control: Option<String>,
     pub name: String,
     pub expect_key: Option<String>,
     pub models: Vec<String>,
@@ -37,6 +42,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:0".to_string(),
+            control: None,
             name: "mock".to_string(),
             expect_key: None,
             models: split_models(DEFAULT_MODELS),
@@ -105,6 +111,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
         };
         match flag.as_str() {
             "--listen" => cfg.listen = value()?,
+            "--control" => cfg.control = Some(value()?),
             "--name" => cfg.name = header_safe("--name", value()?)?,
             "--expect-key" => cfg.expect_key = Some(header_safe("--expect-key", value()?)?),
             "--models" => cfg.models = split_models(&value()?),
@@ -147,6 +154,7 @@ mod tests {
         let cfg = run(&[
             "--listen",
             "127.0.0.1:9",
+            "--control=127.0.0.1:10",
             "--name=beta",
             "--expect-key",
             "sk-test",
@@ -158,6 +166,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:9");
+        assert_eq!(cfg.control.as_deref(), Some("127.0.0.1:10"));
         assert_eq!(cfg.name, "beta");
         assert_eq!(cfg.expect_key.as_deref(), Some("sk-test"));
         assert_eq!(cfg.models, ["a", "b", "c"]);
@@ -174,6 +183,7 @@ mod tests {
             &["--name", ""],
             &["--name", "a\r\nb"],
             &["--listen"],
+            &["--control"],
             &["--bogus", "1"],
         ] {
             assert!(run(args).is_err(), "{args:?}");

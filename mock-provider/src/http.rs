@@ -227,28 +227,10 @@ pub fn parse_head(raw: &[u8]) -> Result<Head, HttpError> {
         _ => return Err(HttpError::Malformed("unsupported HTTP version")),
     };
 
-    let mut headers = Vec::new();
-    for line in lines.take_while(|l| !l.is_empty()) {
-        if line.first().is_some_and(|&b| b == b' ' || b == b'\t') {
-            return Err(HttpError::Malformed("obsolete header line folding"));
-        }
-        let colon = line
-            .iter()
-            .position(|&b| b == b':')
-            .ok_or(HttpError::Malformed("header line without colon"))?;
-        let (name, rest) = line.split_at(colon);
-        if !is_token(name) {
-            return Err(HttpError::Malformed("bad header name"));
-        }
-        let value = rest.get(1..).unwrap_or_default().trim_ascii();
-        if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-            return Err(HttpError::Malformed("control character in header value"));
-        }
-        headers.push((
-            String::from_utf8_lossy(name).to_ascii_lowercase(),
-            String::from_utf8_lossy(value).into_owned(),
-        ));
-    }
+    let headers = lines
+        .take_while(|l| !l.is_empty())
+        .map(parse_field)
+        .collect::<Result<Vec<_>, _>>()?;
 
     Ok(Head {
         method: String::from_utf8_lossy(method).into_owned(),
@@ -258,12 +240,37 @@ pub fn parse_head(raw: &[u8]) -> Result<Head, HttpError> {
     })
 }
 
+/// One header (or trailer) field line: name lowercased, value trimmed.
+fn parse_field(line: &[u8]) -> Result<(String, String), HttpError> {
+    if line.first().is_some_and(|&b| b == b' ' || b == b'\t') {
+        return Err(HttpError::Malformed("obsolete header line folding"));
+    }
+    let colon = line
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or(HttpError::Malformed("header line without colon"))?;
+    let (name, rest) = line.split_at(colon);
+    if !is_token(name) {
+        return Err(HttpError::Malformed("bad header name"));
+    }
+    let value = rest.get(1..).unwrap_or_default().trim_ascii();
+    if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(HttpError::Malformed("control character in header value"));
+    }
+    Ok((
+        String::from_utf8_lossy(name).to_ascii_lowercase(),
+        String::from_utf8_lossy(value).into_owned(),
+    ))
+}
+
 /// A buffered connection. Bytes past the current request stay in `buf`, which is what makes
 /// pipelined requests work.
 pub struct Conn<S> {
     stream: S,
     buf: Vec<u8>,
     pos: usize,
+    /// Trailer fields of the last chunked body read.
+    trailers: Vec<(String, String)>,
 }
 
 impl<S> Conn<S> {
@@ -272,6 +279,7 @@ impl<S> Conn<S> {
             stream,
             buf: Vec::with_capacity(READ_SIZE),
             pos: 0,
+            trailers: Vec::new(),
         }
     }
 
@@ -357,7 +365,13 @@ impl<S: Read> Conn<S> {
         }
     }
 
+    /// The trailer fields of the body read last (empty unless it was chunked with trailers).
+    pub fn take_trailers(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.trailers)
+    }
+
     pub fn read_body(&mut self, framing: Framing) -> Result<Vec<u8>, HttpError> {
+        self.trailers.clear();
         match framing {
             Framing::Empty => Ok(Vec::new()),
             Framing::Length(n) => {
@@ -424,7 +438,7 @@ impl<S: Read> Conn<S> {
                 return Err(HttpError::Malformed("chunk data longer than its size"));
             }
         }
-        // Trailer fields are read and dropped; they count against the head limit.
+        // Trailer fields are kept for the request log; they count against the head limit.
         let mut trailer_bytes = 0usize;
         loop {
             let line = self.read_line(MAX_HEAD_BYTES, HttpError::HeadTooLarge)?;
@@ -435,6 +449,8 @@ impl<S: Read> Conn<S> {
             if trailer_bytes > MAX_HEAD_BYTES {
                 return Err(HttpError::HeadTooLarge);
             }
+            let field = parse_field(&line)?;
+            self.trailers.push(field);
         }
     }
 }
@@ -626,6 +642,10 @@ mod tests {
             let (head, body) = read_one(&mut c).unwrap();
             assert_eq!(head.framing().unwrap(), Framing::Chunked);
             assert_eq!(body, b"Wikipedia in\r\n\r\nchunks.");
+            assert_eq!(
+                c.take_trailers(),
+                [("x-trailer".to_string(), "t".to_string())]
+            );
             assert!(c.read_head().unwrap().is_none());
         }
     }

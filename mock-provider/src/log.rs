@@ -15,6 +15,8 @@ pub struct Entry {
     /// Serialised as `[[name, value], ...]`: a list, not a map, so order and duplicates survive.
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// Trailer fields of a chunked body, `[[name, value], ...]` like `headers`.
+    pub trailers: Vec<(String, String)>,
 }
 
 pub struct RequestLog {
@@ -73,6 +75,7 @@ mod tests {
             path: format!("/v1/{i}"),
             headers: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
             body: "{}".into(),
+            trailers: Vec::new(),
         }
     }
 

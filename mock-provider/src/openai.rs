@@ -206,7 +206,7 @@ fn type_desc(v: &Value) -> &'static str {
     }
 }
 
-fn invalid_type(param: &str, expected: &str, got: &Value) -> ApiError {
+pub(crate) fn invalid_type(param: &str, expected: &str, got: &Value) -> ApiError {
     ApiError::invalid_request(format!(
         "Invalid type for '{param}': expected {expected}, but got {} instead.",
         type_desc(got)
@@ -215,13 +215,13 @@ fn invalid_type(param: &str, expected: &str, got: &Value) -> ApiError {
     .with_code("invalid_type")
 }
 
-fn missing(param: &str) -> ApiError {
+pub(crate) fn missing(param: &str) -> ApiError {
     ApiError::invalid_request(format!("Missing required parameter: '{param}'."))
         .with_param(param)
         .with_code("missing_required_parameter")
 }
 
-fn empty_array(param: &str) -> ApiError {
+pub(crate) fn empty_array(param: &str) -> ApiError {
     ApiError::invalid_request(format!(
         "Invalid '{param}': empty array. Expected an array with minimum length 1, but got an empty array instead."
     ))
@@ -246,11 +246,11 @@ pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
 }
 
 /// Present and not null.
-fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+pub(crate) fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     obj.get(name).filter(|v| !v.is_null())
 }
 
-fn required_string(obj: &Map<String, Value>, name: &str) -> Result<String, ApiError> {
+pub(crate) fn required_string(obj: &Map<String, Value>, name: &str) -> Result<String, ApiError> {
     match field(obj, name) {
         None => Err(missing(name)),
         Some(Value::String(s)) => Ok(s.clone()),
@@ -258,7 +258,7 @@ fn required_string(obj: &Map<String, Value>, name: &str) -> Result<String, ApiEr
     }
 }
 
-fn optional_bool(obj: &Map<String, Value>, name: &str) -> Result<bool, ApiError> {
+pub(crate) fn optional_bool(obj: &Map<String, Value>, name: &str) -> Result<bool, ApiError> {
     match field(obj, name) {
         None => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
@@ -267,7 +267,10 @@ fn optional_bool(obj: &Map<String, Value>, name: &str) -> Result<bool, ApiError>
 }
 
 /// First of `names` that is present; chat takes `max_completion_tokens` over `max_tokens`.
-fn max_tokens(obj: &Map<String, Value>, names: &[&str]) -> Result<Option<u64>, ApiError> {
+pub(crate) fn max_tokens(
+    obj: &Map<String, Value>,
+    names: &[&str],
+) -> Result<Option<u64>, ApiError> {
     let Some((name, value)) = names.iter().find_map(|n| field(obj, n).map(|v| (*n, v))) else {
         return Ok(None);
     };
@@ -306,7 +309,7 @@ pub fn item_tokens(chars: usize) -> u64 {
 }
 
 /// The texts of a chat message `content`: a string, or the `text` of each content part.
-fn content_texts(content: Option<&Value>) -> Vec<&str> {
+pub(crate) fn content_texts(content: Option<&Value>) -> Vec<&str> {
     match content {
         Some(Value::String(s)) => vec![s.as_str()],
         Some(Value::Array(parts)) => parts
@@ -317,7 +320,7 @@ fn content_texts(content: Option<&Value>) -> Vec<&str> {
     }
 }
 
-fn echo_words<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+pub(crate) fn echo_words<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     texts
         .into_iter()
         .flat_map(str::split_whitespace)

@@ -1,17 +1,23 @@
-//! From a parsed request to what to send: routing, auth, error injection and the request log.
-//! No I/O here; `server` carries out the returned plan (waits, chunks, aborts).
+//! The provider listener: from a parsed request to what to send (routing, auth, the rule that
+//! applies, the request log). No I/O here; `server` carries out the returned plan (waits,
+//! chunks, aborts). Nothing a request carries (header, path, body field) changes how the mock
+//! behaves: behaviour comes from the command line and from rules set on the control listener.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::config::{self, Config};
+use crate::account;
+use crate::config::Config;
 use crate::http::{Head, Response};
 use crate::ids::IdGen;
 use crate::log::{Entry, RequestLog};
 use crate::openai::{self, ApiError, Meta, Reply, Usage};
+use crate::responses;
+use crate::rules::{Behaviour, Rules};
 
 pub struct State {
     pub cfg: Config,
     pub log: RequestLog,
+    pub rules: Rules,
     pub ids: IdGen,
 }
 
@@ -20,6 +26,7 @@ impl State {
         State {
             cfg,
             log: RequestLog::new(crate::log::CAPACITY),
+            rules: Rules::new(),
             ids: IdGen::new(),
         }
     }
@@ -47,7 +54,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    fn now(resp: Response) -> Self {
+    pub fn now(resp: Response) -> Self {
         Plan {
             delay: Duration::ZERO,
             answer: Answer::Full(resp),
@@ -55,125 +62,63 @@ impl Plan {
     }
 }
 
-/// Per-request behaviour from `x-mock-*` headers, falling back to the CLI defaults.
-struct Injection {
-    status: u16,
-    error_body: Option<String>,
-    delay: Duration,
-    chunk_delay: Duration,
-    abort_after: Option<usize>,
-}
-
-impl Injection {
-    fn from_request(head: &Head, cfg: &Config) -> Result<Self, ApiError> {
-        let bad = |name: &str, expected: &str| {
-            ApiError::invalid_request(format!("Invalid {name} header: expected {expected}."))
-        };
-        let delay_header = |name: &str| -> Result<Option<Duration>, ApiError> {
-            head.header(name)
-                .map(|v| {
-                    config::parse_delay_ms(v).ok_or_else(|| {
-                        bad(
-                            name,
-                            &format!("an integer from 0 to {}", config::MAX_DELAY_MS),
-                        )
-                    })
-                })
-                .transpose()
-        };
-        let status = match head.header("x-mock-status") {
-            None => cfg.status,
-            Some(v) => config::parse_status(v)
-                .ok_or_else(|| bad("x-mock-status", "200 or an error status 400-599"))?,
-        };
-        let abort_after = head
-            .header("x-mock-stream-abort-after")
-            .map(|v| {
-                v.trim()
-                    .parse::<usize>()
-                    .map_err(|_| bad("x-mock-stream-abort-after", "a non-negative integer"))
-            })
-            .transpose()?;
-        Ok(Injection {
-            status,
-            error_body: head.header("x-mock-error-body").map(str::to_string),
-            delay: delay_header("x-mock-delay-ms")?.unwrap_or(cfg.delay),
-            chunk_delay: delay_header("x-mock-chunk-delay-ms")?.unwrap_or(Duration::ZERO),
-            abort_after,
-        })
-    }
-}
-
 fn is_v1(path: &str) -> bool {
     path == "/v1" || path.starts_with("/v1/")
 }
 
-/// Records `/v1/*` requests. Also called for requests refused at the HTTP layer (413), so
-/// tests can see that they reached the provider.
-pub fn record(state: &State, head: &Head, body: &[u8]) {
-    if is_v1(head.path()) {
-        state.log.record(Entry {
-            method: head.method.clone(),
-            path: head.target.clone(),
-            headers: head.headers.clone(),
-            body: String::from_utf8_lossy(body).into_owned(),
-        });
-    }
+/// Records every request that reached the provider listener, whatever its path or method.
+/// Also called for requests refused at the HTTP layer (413, bad framing; empty body), so
+/// tests see everything a gateway let through.
+pub fn record(state: &State, head: &Head, body: &[u8], trailers: Vec<(String, String)>) {
+    state.log.record(Entry {
+        method: head.method.clone(),
+        path: head.target.clone(),
+        headers: head.headers.clone(),
+        body: String::from_utf8_lossy(body).into_owned(),
+        trailers,
+    });
 }
 
-fn json_headers(state: &State) -> Vec<(String, String)> {
+pub fn json_headers(state: &State) -> Vec<(String, String)> {
     vec![
         ("content-type".into(), "application/json".into()),
         ("x-mock-name".into(), state.cfg.name.clone()),
     ]
 }
 
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-pub fn handle(state: &State, head: &Head, body: &[u8], received: Instant) -> Plan {
+/// A request on the provider listener. Only `/v1` and `/v1/*` exist there; the control API
+/// (`/__mock/*`) lives on its own listener and is a 404 here like any unknown path.
+pub fn handle(
+    state: &State,
+    head: &Head,
+    body: &[u8],
+    trailers: Vec<(String, String)>,
+    received: Instant,
+) -> Plan {
+    record(state, head, body, trailers);
     let path = head.path();
     let method = head.method.as_str();
-    match path {
-        "/__mock/health" if method == "GET" => Plan::now(Response::new(
-            200,
-            json_headers(state),
-            br#"{"status":"ok"}"#.to_vec(),
-        )),
-        "/__mock/requests" if method == "GET" => {
-            Plan::now(Response::new(200, json_headers(state), state.log.to_json()))
-        }
-        "/__mock/requests" if method == "DELETE" => {
-            state.log.clear();
-            Plan::now(Response::new(
-                204,
-                vec![("x-mock-name".into(), state.cfg.name.clone())],
-                Vec::new(),
-            ))
-        }
-        "/__mock/health" | "/__mock/requests" => {
-            let err = ApiError::invalid_method(method, path);
-            Plan::now(Response::new(err.status, json_headers(state), err.body()))
-        }
-        _ if is_v1(path) => {
-            record(state, head, body);
-            V1 {
-                state,
-                head,
-                body,
-                received,
-                request_id: state.ids.request_id(),
-            }
-            .handle()
-        }
-        _ => {
-            let err = ApiError::invalid_url(method, path);
-            Plan::now(Response::new(err.status, json_headers(state), err.body()))
-        }
+    if !is_v1(path) {
+        let err = ApiError::invalid_url(method, path);
+        return Plan::now(Response::new(err.status, json_headers(state), err.body()));
     }
+    V1 {
+        state,
+        head,
+        body,
+        received,
+        request_id: state.ids.request_id(),
+        behaviour: state
+            .rules
+            .behaviour(&state.cfg, method, &head.target, body),
+    }
+    .handle()
 }
 
 /// One `/v1/*` request being answered.
@@ -183,42 +128,27 @@ struct V1<'a> {
     body: &'a [u8],
     received: Instant,
     request_id: String,
+    /// From the first matching rule, else the command line.
+    behaviour: Behaviour,
 }
 
 impl V1<'_> {
     fn handle(&self) -> Plan {
-        let inj = match Injection::from_request(self.head, &self.state.cfg) {
-            Ok(inj) => inj,
-            Err(err) => return self.full(Duration::ZERO, self.error(&err)),
+        let delay = self.behaviour.delay;
+        let mut answer = self.route();
+        let headers = match &mut answer {
+            Answer::Full(resp) => &mut resp.headers,
+            Answer::Stream(stream) => &mut stream.headers,
         };
-        let answer = self.route(&inj);
-        match answer {
-            Answer::Full(resp) => self.full(inj.delay, resp),
-            Answer::Stream(mut stream) => {
-                self.add_processing_ms(&mut stream.headers, inj.delay);
-                Plan {
-                    delay: inj.delay,
-                    answer: Answer::Stream(stream),
-                }
-            }
-        }
-    }
-
-    fn full(&self, delay: Duration, mut resp: Response) -> Plan {
-        self.add_processing_ms(&mut resp.headers, delay);
-        Plan {
-            delay,
-            answer: Answer::Full(resp),
-        }
-    }
-
-    /// Time from request received to headers sent, counting the injected wait.
-    fn add_processing_ms(&self, headers: &mut Vec<(String, String)>, delay: Duration) {
+        // Time from request received to headers sent, counting the injected wait.
         let ms = (self.received.elapsed() + delay).as_millis();
         headers.push(("openai-processing-ms".into(), ms.to_string()));
+        headers.extend(self.behaviour.headers.iter().cloned());
+        Plan { delay, answer }
     }
 
-    fn route(&self, inj: &Injection) -> Answer {
+    fn route(&self) -> Answer {
+        let inj = &self.behaviour;
         if let Some(key) = &self.state.cfg.expect_key {
             let auth = self.head.header("authorization");
             if auth.and_then(|a| a.strip_prefix("Bearer ")) != Some(key.as_str()) {
@@ -241,16 +171,17 @@ impl V1<'_> {
 
         let path = self.head.path();
         let method = self.head.method.as_str();
-        let (allowed, result) = match path {
-            "/v1/models" => ("GET", (method == "GET").then(|| Ok(self.models()))),
-            "/v1/chat/completions" => ("POST", (method == "POST").then(|| self.chat(inj))),
-            "/v1/completions" => ("POST", (method == "POST").then(|| self.completions(inj))),
-            "/v1/embeddings" => ("POST", (method == "POST").then(|| self.embeddings())),
+        let (allowed, result) = match (path, method) {
+            ("/v1/models", _) => ("GET", (method == "GET").then(|| Ok(self.models()))),
+            ("/v1/chat/completions", "POST") => ("POST", Some(self.chat())),
+            ("/v1/completions", _) => ("POST", (method == "POST").then(|| self.completions())),
+            ("/v1/embeddings", _) => ("POST", (method == "POST").then(|| self.embeddings())),
+            ("/v1/responses", "POST") => ("POST", Some(self.responses())),
             _ => match path.strip_prefix("/v1/models/") {
                 Some(id) if !id.is_empty() && !id.contains('/') => {
                     ("GET", (method == "GET").then(|| self.model(id)))
                 }
-                _ => return Answer::Full(self.error(&ApiError::invalid_url(method, path))),
+                _ => return self.account(method, path),
             },
         };
         match result {
@@ -270,6 +201,10 @@ impl V1<'_> {
         let mut h = json_headers(self.state);
         h.push(("x-request-id".into(), self.request_id.clone()));
         h.push(("openai-version".into(), "2020-10-01".into()));
+        // OpenAI names the account a key belongs to on every answer; a gateway should not
+        // pass these to its clients.
+        h.push(("openai-organization".into(), "org-mock".into()));
+        h.push(("openai-project".into(), "proj_mock".into()));
         if status == 200 || status == 429 {
             let (remaining, reset) = if status == 429 {
                 ("0", "1s")
@@ -302,7 +237,29 @@ impl V1<'_> {
         Answer::Full(Response::new(200, self.headers(200), body))
     }
 
-    fn stream(&self, inj: &Injection, events: Vec<Vec<u8>>) -> Answer {
+    /// Everything under `/v1` that is not inference: see `account`.
+    fn account(&self, method: &str, path: &str) -> Answer {
+        let rest = path.strip_prefix("/v1/").unwrap_or("");
+        match account::answer(method, rest, &self.state.ids, unix_now()) {
+            None => Answer::Full(self.error(&ApiError::invalid_url(method, path))),
+            Some(account::Outcome::Json(body)) => self.ok(body),
+            Some(account::Outcome::Bytes(content_type, body)) => {
+                let mut resp = Response::new(200, self.headers(200), body);
+                if let Some((_, v)) = resp.headers.iter_mut().find(|(n, _)| n == "content-type") {
+                    *v = content_type.into();
+                }
+                Answer::Full(resp)
+            }
+            Some(account::Outcome::MethodNotAllowed(allow)) => {
+                let mut resp = self.error(&ApiError::invalid_method(method, path));
+                resp.headers.push(("allow".into(), allow.into()));
+                Answer::Full(resp)
+            }
+        }
+    }
+
+    fn stream(&self, events: Vec<Vec<u8>>) -> Answer {
+        let inj = &self.behaviour;
         let mut headers = self.headers(200);
         if let Some((_, v)) = headers.iter_mut().find(|(n, _)| n == "content-type") {
             *v = "text/event-stream; charset=utf-8".into();
@@ -331,7 +288,7 @@ impl V1<'_> {
         Ok(self.ok(openai::model(id, &self.state.cfg.name)))
     }
 
-    fn chat(&self, inj: &Injection) -> Result<Answer, ApiError> {
+    fn chat(&self) -> Result<Answer, ApiError> {
         let req = openai::parse_chat(self.body)?;
         let reply = Reply::new(&self.state.cfg.name, &req.echo, req.max_tokens);
         let usage = Usage::new(req.prompt_tokens, reply.completion_tokens());
@@ -342,16 +299,13 @@ impl V1<'_> {
             model: &req.model,
         };
         Ok(if req.stream {
-            self.stream(
-                inj,
-                openai::chat_stream(&meta, &reply, usage, req.include_usage),
-            )
+            self.stream(openai::chat_stream(&meta, &reply, usage, req.include_usage))
         } else {
             self.ok(openai::chat_completion(&meta, &reply, usage))
         })
     }
 
-    fn completions(&self, inj: &Injection) -> Result<Answer, ApiError> {
+    fn completions(&self) -> Result<Answer, ApiError> {
         let req = openai::parse_completion(self.body)?;
         let replies: Vec<Reply> = req
             .echoes
@@ -367,10 +321,12 @@ impl V1<'_> {
             model: &req.model,
         };
         Ok(if req.stream {
-            self.stream(
-                inj,
-                openai::completion_stream(&meta, &replies, usage, req.include_usage),
-            )
+            self.stream(openai::completion_stream(
+                &meta,
+                &replies,
+                usage,
+                req.include_usage,
+            ))
         } else {
             self.ok(openai::completion(&meta, &replies, usage))
         })
@@ -379,6 +335,23 @@ impl V1<'_> {
     fn embeddings(&self) -> Result<Answer, ApiError> {
         let req = openai::parse_embeddings(self.body)?;
         Ok(self.ok(openai::embeddings(&req)))
+    }
+
+    fn responses(&self) -> Result<Answer, ApiError> {
+        let req = responses::parse(self.body)?;
+        let reply = Reply::new(&self.state.cfg.name, &req.echo, req.max_output_tokens);
+        let response = self.state.ids.object_id("resp_");
+        let message = self.state.ids.object_id("msg_");
+        let ids = responses::Ids {
+            response: &response,
+            message: &message,
+            created_at: unix_now(),
+        };
+        Ok(if req.stream {
+            self.stream(responses::stream(&req, &ids, &reply))
+        } else {
+            self.ok(responses::body(&req, &ids, &reply))
+        })
     }
 }
 
@@ -412,7 +385,7 @@ mod tests {
     }
 
     fn call(st: &State, h: &Head, body: &str) -> Response {
-        full(handle(st, h, body.as_bytes(), Instant::now()))
+        full(handle(st, h, body.as_bytes(), Vec::new(), Instant::now()))
     }
 
     fn error_json(resp: &Response) -> Value {
@@ -446,20 +419,24 @@ mod tests {
         assert_eq!(body["usage"]["completion_tokens"], 6);
     }
 
+    fn rule(st: &State, json: &str) {
+        st.rules
+            .add(crate::rules::RuleSpec::parse(json.as_bytes()).unwrap())
+            .unwrap();
+    }
+
     #[test]
-    fn streaming_plan_carries_sse_headers_and_injection() {
+    fn streaming_plan_carries_sse_headers_and_rule() {
         let st = state(Config::default());
-        let body = r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#;
-        let h = head(
-            "POST",
-            "/v1/chat/completions",
-            &[
-                ("x-mock-chunk-delay-ms", "5"),
-                ("x-mock-stream-abort-after", "2"),
-                ("x-mock-delay-ms", "7"),
-            ],
+        rule(
+            &st,
+            r#"{"match":"marker-1","chunk_delay_ms":5,"abort_after":2,"delay_ms":7,
+                "headers":[["x-extra","1"]]}"#,
         );
-        let plan = handle(&st, &h, body.as_bytes(), Instant::now());
+        let body =
+            r#"{"model":"m","messages":[{"role":"user","content":"marker-1"}],"stream":true}"#;
+        let h = head("POST", "/v1/chat/completions", &[]);
+        let plan = handle(&st, &h, body.as_bytes(), Vec::new(), Instant::now());
         assert_eq!(plan.delay, Duration::from_millis(7));
         let Answer::Stream(s) = plan.answer else {
             panic!("expected a stream")
@@ -473,7 +450,43 @@ mod tests {
             .headers
             .iter()
             .any(|(n, v)| n == "cache-control" && v == "no-cache"));
+        assert!(s.headers.iter().any(|(n, v)| n == "x-extra" && v == "1"));
         assert_eq!(s.events.last().unwrap(), openai::SSE_DONE);
+    }
+
+    #[test]
+    fn request_headers_and_fields_change_nothing() {
+        let st = state(Config::default());
+        let h = head(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("x-mock-status", "500"),
+                ("x-mock-delay-ms", "9000"),
+                ("x-mock-error-body", "forged"),
+                ("x-mock-stream-abort-after", "0"),
+            ],
+        );
+        let body = r#"{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}],
+                       "x-mock-status":500,"mock":{"status":500}}"#;
+        let plan = handle(&st, &h, body.as_bytes(), Vec::new(), Instant::now());
+        assert_eq!(plan.delay, Duration::ZERO);
+        let resp = full(plan);
+        assert_eq!(resp.status, 200);
+        assert_eq!(
+            serde_json::from_slice::<Value>(&resp.body).unwrap()["object"],
+            "chat.completion"
+        );
+        // The control API is not on this listener.
+        for (method, path) in [
+            ("GET", "/__mock/requests"),
+            ("DELETE", "/__mock/requests"),
+            ("GET", "/__mock/health"),
+            ("POST", "/__mock/rules"),
+        ] {
+            assert_eq!(call(&st, &head(method, path, &[]), "{}").status, 404);
+        }
+        assert_eq!(st.log.len(), 5);
     }
 
     #[test]
@@ -510,47 +523,40 @@ mod tests {
     #[test]
     fn injected_errors() {
         let st = state(Config::default());
-        let h = head("POST", "/v1/chat/completions", &[("x-mock-status", "429")]);
-        let resp = call(&st, &h, CHAT);
+        rule(&st, r#"{"match":"inject-429","status":429}"#);
+        rule(&st, r#"{"match":"inject-404","status":404}"#);
+        rule(
+            &st,
+            r#"{"match":"inject-502","status":502,"error_body":"upstream exploded"}"#,
+        );
+        let chat = |marker: &str| {
+            format!(r#"{{"model":"gpt-4.1","messages":[{{"role":"user","content":"{marker}"}}]}}"#)
+        };
+        let h = head("POST", "/v1/chat/completions", &[]);
+        let resp = call(&st, &h, &chat("inject-429"));
         assert_eq!(resp.status, 429);
         assert_eq!(resp.header("retry-after"), Some("1"));
         assert_eq!(error_json(&resp)["type"], "requests");
 
-        let h = head("POST", "/v1/chat/completions", &[("x-mock-status", "404")]);
-        let msg = error_json(&call(&st, &h, CHAT))["message"]
+        let msg = error_json(&call(&st, &h, &chat("inject-404")))["message"]
             .as_str()
             .unwrap()
             .to_string();
         assert!(msg.contains("`gpt-4.1`"));
 
-        let h = head(
-            "POST",
-            "/v1/chat/completions",
-            &[
-                ("x-mock-status", "502"),
-                ("x-mock-error-body", "upstream exploded"),
-            ],
-        );
-        let resp = call(&st, &h, CHAT);
+        let resp = call(&st, &h, &chat("inject-502"));
         assert_eq!(resp.status, 502);
         assert_eq!(resp.body, b"upstream exploded");
-
-        for bad in [
-            ("x-mock-status", "302"),
-            ("x-mock-delay-ms", "soon"),
-            ("x-mock-stream-abort-after", "-1"),
-        ] {
-            let resp = call(&st, &head("GET", "/v1/models", &[bad]), "");
-            assert_eq!(resp.status, 400, "{bad:?}");
-        }
+        assert_eq!(call(&st, &h, &chat("no marker")).status, 200);
 
         let st = state(Config {
             status: 500,
             ..Config::default()
         });
         assert_eq!(call(&st, &head("GET", "/v1/models", &[]), "").status, 500);
-        let h = head("GET", "/v1/models", &[("x-mock-status", "200")]);
-        assert_eq!(call(&st, &h, "").status, 200);
+        rule(&st, r#"{"match":"/v1/models","status":200,"times":1}"#);
+        assert_eq!(call(&st, &head("GET", "/v1/models", &[]), "").status, 200);
+        assert_eq!(call(&st, &head("GET", "/v1/models", &[]), "").status, 500);
     }
 
     #[test]
@@ -559,7 +565,7 @@ mod tests {
         let resp = call(&st, &head("POST", "/v1/nope", &[]), "");
         assert_eq!(resp.status, 404);
         assert_eq!(error_json(&resp)["message"], "Invalid URL (POST /v1/nope)");
-        let resp = call(&st, &head("GET", "/v1/chat/completions", &[]), "");
+        let resp = call(&st, &head("GET", "/v1/embeddings", &[]), "");
         assert_eq!(resp.status, 405);
         assert_eq!(resp.header("allow"), Some("POST"));
         assert_eq!(
@@ -569,35 +575,49 @@ mod tests {
         let resp = call(&st, &head("GET", "/v1/models/nope", &[]), "");
         assert_eq!(error_json(&resp)["code"], "model_not_found");
         assert_eq!(call(&st, &head("GET", "/other", &[]), "").status, 404);
-        assert_eq!(
-            call(&st, &head("POST", "/__mock/health", &[]), "").status,
-            405
+        let resp = call(&st, &head("DELETE", "/v1/files/file-1", &[]), "");
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("openai-organization"), Some("org-mock"));
+        let resp = call(&st, &head("PUT", "/v1/chat/completions", &[]), "");
+        assert_eq!(resp.header("allow"), Some("GET, POST"));
+        let resp = call(&st, &head("GET", "/v1/chat/completions?limit=5", &[]), "");
+        assert_eq!(resp.status, 200);
+        let resp = call(
+            &st,
+            &head("POST", "/v1/responses", &[]),
+            r#"{"model":"gpt-4.1","input":"hi"}"#,
         );
+        assert_eq!(resp.status, 200);
+        let body: Value = serde_json::from_slice(&resp.body).unwrap();
+        assert_eq!(body["usage"]["total_tokens"], 5 + 5);
+        // Every request above is in the log, whatever its path.
+        let log: Value = serde_json::from_slice(&st.log.to_json()).unwrap();
+        let paths: Vec<&str> = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["path"].as_str().unwrap())
+            .collect();
+        assert!(paths.contains(&"/other"));
+        assert!(paths.contains(&"/v1/chat/completions?limit=5"));
     }
 
     #[test]
-    fn request_log_endpoints() {
+    fn request_log_entries() {
         let st = state(Config::default());
         let h = parse_head(b"POST /v1/embeddings?x=1 HTTP/1.1\r\nB: 2\r\nA: 1\r\n\r\n").unwrap();
         let resp = call(&st, &h, r#"{"model":"e","input":"hi"}"#);
         assert_eq!(resp.status, 200);
-        call(&st, &head("GET", "/__mock/health", &[]), "");
-        let resp = call(&st, &head("GET", "/__mock/requests", &[]), "");
-        let log: Value = serde_json::from_slice(&resp.body).unwrap();
+        let log: Value = serde_json::from_slice(&st.log.to_json()).unwrap();
         assert_eq!(
             log,
             serde_json::json!([{
                 "method": "POST",
                 "path": "/v1/embeddings?x=1",
                 "headers": [["b", "2"], ["a", "1"]],
-                "body": "{\"model\":\"e\",\"input\":\"hi\"}"
+                "body": "{\"model\":\"e\",\"input\":\"hi\"}",
+                "trailers": []
             }])
         );
-        assert_eq!(
-            call(&st, &head("DELETE", "/__mock/requests", &[]), "").status,
-            204
-        );
-        let resp = call(&st, &head("GET", "/__mock/requests", &[]), "");
-        assert_eq!(resp.body, b"[]");
     }
 }

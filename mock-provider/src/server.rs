@@ -1,5 +1,6 @@
-//! One thread per connection: read a request, ask the router, carry out its plan, repeat
-//! while keep-alive holds. Any I/O error just ends the connection.
+//! One thread per connection: read a request, ask the router (provider listener) or the
+//! control API (control listener), carry out the plan, repeat while keep-alive holds. Any I/O
+//! error just ends the connection.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -11,11 +12,19 @@ use crate::http::{self, BodyKind, Conn, HttpError, Response, Version};
 use crate::openai::ApiError;
 use crate::router::{self, Answer, State, Stream};
 
+/// Which listener a connection came in on. The two never share a path: the provider listener
+/// is what a gateway forwards to, so nothing there reads or changes the mock's controls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Provider,
+    Control,
+}
+
 /// How long to keep draining a refused request's body before closing, so the client reads
 /// our 4xx instead of a connection reset.
 const LINGER: Duration = Duration::from_secs(2);
 
-pub fn serve(stream: TcpStream, state: Arc<State>) {
+pub fn serve(stream: TcpStream, state: Arc<State>, role: Role) {
     // Small SSE chunks must leave immediately, not wait for Nagle.
     let _ = stream.set_nodelay(true);
     let mut conn = Conn::new(stream);
@@ -35,14 +44,18 @@ pub fn serve(stream: TcpStream, state: Arc<State>) {
         let body = match body {
             Ok(body) => body,
             Err(err) => {
-                if matches!(err, HttpError::BodyTooLarge) {
-                    router::record(&state, &head, b"");
+                // It reached the provider even though its body was refused: log it.
+                if role == Role::Provider {
+                    router::record(&state, &head, b"", conn.take_trailers());
                 }
                 return refuse(conn.stream_mut(), &state, &err);
             }
         };
         let close = head.wants_close();
-        let plan = router::handle(&state, &head, &body, received);
+        let plan = match role {
+            Role::Provider => router::handle(&state, &head, &body, conn.take_trailers(), received),
+            Role::Control => crate::control::handle(&state, &head, &body),
+        };
         if !plan.delay.is_zero() {
             thread::sleep(plan.delay);
         }

@@ -19,37 +19,72 @@ use serde_json::{json, Value};
 struct Provider {
     child: Child,
     addr: String,
+    /// The control listener's address.
+    control: String,
+}
+
+fn read_addr(out: &mut impl BufRead, prefix: &str) -> String {
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .trim_end()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
+        .to_string();
+    assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"));
+    addr
 }
 
 impl Provider {
     fn start(args: &[&str]) -> Provider {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mock-provider"))
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--control", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::piped())
             .spawn()
             .expect("start mock-provider");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim_end()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"));
-        Provider { child, addr }
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let addr = read_addr(&mut out, "listening on ");
+        let control = read_addr(&mut out, "control on ");
+        assert_ne!(addr, control);
+        Provider {
+            child,
+            addr,
+            control,
+        }
     }
 
     fn connect(&self) -> BufReader<TcpStream> {
-        let stream = TcpStream::connect(&self.addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        BufReader::new(stream)
+        connect(&self.addr)
     }
 
+    /// One request to the control listener on a fresh connection.
+    fn control(&self, method: &str, path: &str, body: &str) -> Resp {
+        let mut conn = connect(&self.control);
+        let raw = format!(
+            "{method} {path} HTTP/1.1\r\nhost: control\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        conn.get_mut().write_all(raw.as_bytes()).unwrap();
+        read_response(&mut conn)
+    }
+
+    fn log(&self) -> Vec<Value> {
+        let resp = self.control("GET", "/__mock/requests", "");
+        assert_eq!(resp.status, 200);
+        resp.json().as_array().unwrap().clone()
+    }
+}
+
+fn connect(addr: &str) -> BufReader<TcpStream> {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    BufReader::new(stream)
+}
+
+impl Provider {
     /// One request on a fresh connection.
     fn send(&self, raw: &str) -> Resp {
         let mut conn = self.connect();
@@ -209,29 +244,147 @@ fn chat_stream_errors_and_request_log() {
         "stop"
     );
 
-    let resp = p.send(&post(
-        "/v1/chat/completions",
-        "x-mock-status: 500\r\n",
-        CHAT,
-    ));
+    let rule = p.control(
+        "POST",
+        "/__mock/rules",
+        r#"{"match":"Hello mock","status":500,"times":1}"#,
+    );
+    assert_eq!(rule.status, 201);
+    let resp = p.send(&post("/v1/chat/completions", "", CHAT));
     assert_eq!(resp.status, 500);
     assert_eq!(resp.json()["error"]["type"], "server_error");
+    let rules = p.control("GET", "/__mock/rules", "").json();
+    assert_eq!(
+        (rules[0]["hits"].clone(), rules[0]["times"].clone()),
+        (json!(1), json!(0))
+    );
 
-    let resp = p.send("GET /__mock/requests HTTP/1.1\r\nhost: mock\r\nconnection: close\r\n\r\n");
-    let log = resp.json();
-    let log = log.as_array().unwrap();
+    let log = p.log();
     assert_eq!(log.len(), 3);
     assert_eq!(log[0]["method"], "POST");
     assert_eq!(log[0]["path"], "/v1/chat/completions");
     assert_eq!(log[0]["body"], CHAT);
     assert_eq!(log[0]["headers"][0], json!(["host", "mock"]));
-    assert_eq!(log[2]["headers"][2], json!(["x-mock-status", "500"]));
 
-    let resp =
-        p.send("DELETE /__mock/requests HTTP/1.1\r\nhost: mock\r\nconnection: close\r\n\r\n");
-    assert_eq!(resp.status, 204);
-    let resp = p.send("GET /__mock/requests HTTP/1.1\r\nhost: mock\r\nconnection: close\r\n\r\n");
-    assert_eq!(resp.json(), json!([]));
+    assert_eq!(p.control("DELETE", "/__mock/requests", "").status, 204);
+    assert_eq!(p.log(), Vec::<Value>::new());
+}
+
+#[test]
+fn the_provider_listener_has_no_controls() {
+    let p = Provider::start(&["--name", "iso", "--expect-key", "sk-test-0123456789"]);
+    let auth = "authorization: Bearer sk-test-0123456789\r\n";
+    // Every control path is a plain 404 on the provider listener, whatever the method.
+    for (method, path) in [
+        ("GET", "/__mock/requests"),
+        ("DELETE", "/__mock/requests"),
+        ("GET", "/__mock/health"),
+        ("GET", "/__mock/rules"),
+        ("POST", "/__mock/rules"),
+        ("DELETE", "/__mock/rules"),
+        ("GET", "/v1/__mock/requests"),
+    ] {
+        let resp = p.send(&format!(
+            "{method} {path} HTTP/1.1\r\nhost: mock\r\n{auth}content-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        ));
+        assert_eq!(resp.status, 404, "{method} {path}");
+        assert!(!String::from_utf8_lossy(&resp.body).contains("sk-test"));
+    }
+    // The old injection headers are ignored.
+    let headers = format!(
+        "{auth}x-mock-status: 500\r\nx-mock-error-body: forged\r\nx-mock-delay-ms: 60000\r\nx-mock-stream-abort-after: 1\r\nx-mock-chunk-delay-ms: 60000\r\n"
+    );
+    let resp = p.send(&post("/v1/chat/completions", &headers, CHAT));
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["usage"]["total_tokens"], 22);
+    let resp = p.send(&post("/v1/chat/completions", &headers, CHAT_STREAM));
+    assert!(resp.complete);
+    assert!(resp.body.ends_with(b"data: [DONE]\n\n"));
+    // ... and so is anything in the body that looks like a control.
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"x"}],"x-mock-status":500,"status":500}"#;
+    assert_eq!(
+        p.send(&post("/v1/chat/completions", auth, body)).status,
+        200
+    );
+    // All of it reached the log, visible only on the control listener.
+    assert_eq!(p.log().len(), 7 + 3);
+    assert_eq!(
+        p.control("GET", "/__mock/health", "").json(),
+        json!({"status": "ok"})
+    );
+}
+
+#[test]
+fn without_control_there_is_one_line_and_no_controls() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mock-provider"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let addr = read_addr(&mut out, "listening on ");
+    let mut conn = connect(&addr);
+    conn.get_mut()
+        .write_all(b"GET /__mock/requests HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut conn).status, 404);
+    let _ = child.kill();
+    // stdout held exactly one line.
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "");
+    let _ = child.wait();
+}
+
+#[test]
+fn responses_and_account_endpoints_reach_the_log() {
+    let p = Provider::start(&[]);
+    let resp = p.send(&post(
+        "/v1/responses",
+        "",
+        r#"{"model":"gpt-4.1","instructions":"Be brief.","input":"Hello mock world","stream":true}"#,
+    ));
+    assert_eq!(resp.status, 200);
+    assert!(resp.complete);
+    let last = String::from_utf8(resp.chunks.last().unwrap().clone()).unwrap();
+    assert!(last.starts_with("event: response.completed\ndata: "));
+    let done: Value =
+        serde_json::from_str(last.split_once("data: ").unwrap().1.trim_end()).unwrap();
+    assert_eq!(
+        done["response"]["usage"],
+        json!({"input_tokens": 15, "input_tokens_details": {"cached_tokens": 0},
+               "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 0},
+               "total_tokens": 22})
+    );
+    let calls = [
+        ("GET", "/v1/files?purpose=batch"),
+        ("DELETE", "/v1/files/file-1"),
+        ("POST", "/v1/batches"),
+        ("GET", "/v1/fine_tuning/jobs"),
+        ("POST", "/v1/assistants"),
+        ("POST", "/v1/threads"),
+        ("POST", "/v1/images/generations"),
+        ("POST", "/v1/audio/speech"),
+        ("POST", "/v1/moderations"),
+        ("POST", "/v1/realtime/sessions"),
+        ("GET", "/v1/chat/completions"),
+        ("GET", "/v1/responses/resp_1"),
+    ];
+    for (method, path) in calls {
+        let resp = p.send(&format!(
+            "{method} {path} HTTP/1.1\r\nhost: mock\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        ));
+        assert_eq!(resp.status, 200, "{method} {path}");
+    }
+    let log = p.log();
+    assert_eq!(log.len(), 1 + calls.len());
+    for (entry, (method, path)) in log[1..].iter().zip(calls) {
+        assert_eq!(
+            (entry["method"].as_str(), entry["path"].as_str()),
+            (Some(method), Some(path))
+        );
+        assert_eq!(entry["body"], "{}");
+    }
 }
 
 #[test]
@@ -261,6 +414,21 @@ fn keep_alive_chunked_bodies_auth_and_abort() {
     conn.get_mut().write_all(get.as_bytes()).unwrap();
     assert_eq!(read_response(&mut conn).status, 200);
 
+    // A chunked body with trailers (what Envoy forwards of an HTTP/2 request's trailers):
+    // the trailers are in the log.
+    let with_trailers = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\n{auth}transfer-encoding: chunked\r\n\r\n{:x}\r\n{CHAT}\r\n0\r\nx-smuggled: 1\r\n\r\n",
+        CHAT.len()
+    );
+    conn.get_mut().write_all(with_trailers.as_bytes()).unwrap();
+    assert_eq!(read_response(&mut conn).status, 200);
+    let log = p.log();
+    assert_eq!(
+        log.last().unwrap()["trailers"],
+        json!([["x-smuggled", "1"]])
+    );
+    assert_eq!(log[1]["trailers"], json!([]));
+
     let resp = p.send("GET /v1/models HTTP/1.1\r\nauthorization: Bearer sk-wrong-0123456789\r\nconnection: close\r\n\r\n");
     assert_eq!(resp.status, 401);
     let err = &resp.json()["error"];
@@ -270,11 +438,12 @@ fn keep_alive_chunked_bodies_auth_and_abort() {
         .unwrap()
         .contains("sk-wrong-0123456789"));
 
-    let resp = p.send(&post(
-        "/v1/chat/completions",
-        &format!("{auth}x-mock-stream-abort-after: 2\r\nx-mock-chunk-delay-ms: 5\r\n"),
-        CHAT_STREAM,
-    ));
+    p.control(
+        "POST",
+        "/__mock/rules",
+        r#"{"match":"\"stream\":true","abort_after":2,"chunk_delay_ms":5}"#,
+    );
+    let resp = p.send(&post("/v1/chat/completions", auth, CHAT_STREAM));
     assert_eq!(resp.status, 200);
     assert!(!resp.complete);
     assert_eq!(resp.chunks.len(), 2);
@@ -283,6 +452,8 @@ fn keep_alive_chunked_bodies_auth_and_abort() {
     assert_eq!(resp.status, 400);
     assert_eq!(resp.header("connection"), Some("close"));
 
-    let resp = p.send("GET /__mock/health HTTP/1.1\r\nconnection: close\r\n\r\n");
-    assert_eq!(resp.json(), json!({"status": "ok"}));
+    // Refused at the HTTP layer, and still in the log.
+    let log = p.log();
+    assert_eq!(log.last().unwrap()["body"], "");
+    assert_eq!(log.last().unwrap()["path"], "/v1/chat/completions");
 }
