@@ -304,14 +304,17 @@ impl Exchange {
         awaiting: AwaitBody,
         max: usize,
     ) -> Action {
-        let (body, now) = match (h.body(Buffer::Request, max), h.now_ms()) {
-            (Ok(b), Ok(now)) => (b, now),
-            (Err(e), _) | (_, Err(e)) => {
+        let body = match h.body(Buffer::Request, max) {
+            Ok(b) => b,
+            Err(e) => {
                 error!("cannot read the request body: {e}");
                 gw.count_request(h, None, Outcome::Error);
                 return self.reply(h, &openai::internal_error());
             }
         };
+        // The request is counted in the window of its arrival (its headers' time): one clock
+        // read per request.
+        let now = self.started_ms.unwrap_or_default();
         let start = request::on_request_body(&gw.config, awaiting, &body, now, h);
         self.proceed(h, gw, start)
     }

@@ -2,7 +2,12 @@
 //! provider, and what it costs in host calls (the budget in docs/benchmark.md).
 
 // Tests fail loudly: unwrapping is what they are for.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::rc::Rc;
 
@@ -298,4 +303,41 @@ fn a_failed_host_call_never_forwards() {
         host.counter("tollgate_requests_total.client=team.outcome=error"),
         1
     );
+}
+
+#[test]
+fn a_routed_request_and_its_attempt_in_host_calls() {
+    use tollgate_core::attempt::{AttemptExchange, Upstream};
+    let host = FakeHost::new(NOW, &[]);
+    let gw = gateway(&host, &routed());
+    let mut ex = Exchange::new(Some(gw));
+    chat_request(&host, 40);
+    // An SDK's request: its key, and nothing else to strip.
+    host.request
+        .borrow_mut()
+        .retain(|(n, _)| n != b"x-api-key" && n != b"x-tollgate-route");
+    assert_eq!(ex.on_request_headers(&host, false), Action::Pause);
+    let headers = host.take_calls();
+    *host.request_body.borrow_mut() = br#"{"model":"gpt-4.1","messages":[]}"#.to_vec();
+    assert_eq!(ex.on_request_body(&host, 33, true), Action::Continue);
+    let body = host.take_calls();
+    println!("headers {headers:?}\nbody {body:?}");
+    assert_eq!((headers.len(), body.len()), (3, 8));
+
+    // The upstream role's attempt on the same request.
+    let config = Config::parse(routed().as_bytes(), &|_| Some("sk-provider".into())).unwrap();
+    let upstream = Rc::new(Upstream::configure(&host, config).unwrap());
+    host.take_calls();
+    host.request
+        .borrow_mut()
+        .push((b"x-envoy-attempt-count".to_vec(), b"1".to_vec()));
+    let mut attempt = AttemptExchange::new(upstream);
+    assert_eq!(attempt.on_request_headers(&host, false), Action::Continue);
+    let attempt_calls = host.take_calls();
+    println!("attempt {attempt_calls:?}");
+    assert_eq!(
+        host.request_header("authorization").as_deref(),
+        Some("Bearer sk-provider")
+    );
+    assert_eq!(attempt_calls.len(), 3);
 }
