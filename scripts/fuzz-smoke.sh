@@ -108,28 +108,45 @@ for t in $targets; do
     # feeds the operands of the target's comparisons back into its mutations, and some of them
     # are addresses (the standard library's debug checks of unsafe calls compare pointers),
     # which ASLR changes on every run: with them, the same seed explored differently.
-    rm -rf "$corpus"
-    mkdir -p "$corpus"
-    list="$FUZZ_WORK/logs/$t.inputs"
-    find "${committed[@]}" -type f -size +0 | LC_ALL=C sort | paste -sd, - |
-      tr -d '\n' >"$list"
+    # The process runs in FUZZ_WORK and sees the same relative paths whatever FUZZ_WORK is:
+    # their lengths shift the heap, and some coverage depends on how the input is aligned.
+    rm -rf "$corpus" "$FUZZ_WORK/inputs/$t"
+    mkdir -p "$corpus" "$FUZZ_WORK/inputs/$t" "$FUZZ_WORK/bin"
+    for d in "${committed[@]}"; do
+      cp -R "$d" "$FUZZ_WORK/inputs/$t/$(basename "$(dirname "$d")")"
+    done
+    (cd "$FUZZ_WORK" && find "inputs/$t" -type f -size +0 | LC_ALL=C sort | paste -sd, - |
+      tr -d '\n' >"logs/$t.inputs")
+    ln -sfn "$PWD/$bin_dir/$t" "$FUZZ_WORK/bin/$t"
     runs=${FUZZ_RUNS:-$(smoke_runs "$t")}
-    opts+=(-seed="$FUZZ_SEED" -runs="$runs" -use_cmp=0 -seed_inputs="@$list")
-    dirs=("$corpus")
-    echo "fuzz $t: replay $(tr ',' '\n' <"$list" | wc -l) inputs, then up to $runs executions in all, seed $FUZZ_SEED"
+    opts=(-timeout=10 -rss_limit_mb=1024 -reload=0 -print_final_stats=1
+      -artifact_prefix="artifacts/$t/" -seed="$FUZZ_SEED" -runs="$runs" -use_cmp=0
+      -seed_inputs="@logs/$t.inputs")
+    if [[ -f "fuzz/dict/$t.dict" ]]; then
+      mkdir -p "$FUZZ_WORK/dict"
+      cp "fuzz/dict/$t.dict" "$FUZZ_WORK/dict/$t.dict"
+      opts+=("-dict=dict/$t.dict")
+    fi
+    echo "fuzz $t: replay $(find "${committed[@]}" -type f -size +0 | wc -l) inputs, then up to $runs executions in all, seed $FUZZ_SEED"
+    # shellcheck disable=SC2086  # FUZZ_ARGS is a list of options
+    if (cd "$FUZZ_WORK" && exec "bin/$t" "${opts[@]}" ${FUZZ_ARGS:-} "corpus/$t") \
+      >"$log" 2>&1; then
+      status=ok
+    else
+      status=FAILED
+    fi
   else
     mkdir -p "$corpus"
     opts+=(-max_total_time="$FUZZ_SECONDS")
-    dirs=("$corpus" "${committed[@]}")
     echo "fuzz $t: ${FUZZ_SECONDS}s, random seed, corpus $corpus"
+    # shellcheck disable=SC2086  # FUZZ_ARGS is a list of options
+    if "$bin_dir/$t" "${opts[@]}" ${FUZZ_ARGS:-} "$corpus" "${committed[@]}" >"$log" 2>&1; then
+      status=ok
+    else
+      status=FAILED
+    fi
   fi
-  # shellcheck disable=SC2086  # FUZZ_ARGS is a list of options
-  if "$bin_dir/$t" "${opts[@]}" ${FUZZ_ARGS:-} "${dirs[@]}" >"$log" 2>&1; then
-    status=ok
-  else
-    status=FAILED
-    failed+=("$t")
-  fi
+  [[ $status == ok ]] || failed+=("$t")
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
   rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log" | tail -1)
