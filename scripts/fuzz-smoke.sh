@@ -79,11 +79,6 @@ echo "building the fuzz targets with $rustc_version, sanitizer $FUZZ_SANITIZER${
 # other features from run to run, and the same seed explored differently. The core has no
 # unbounded recursion (serde_json stops at 128 levels) for it to find.
 export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-Cllvm-args=-sanitizer-coverage-stack-depth=false"
-# Paths of the checkout and of cargo's registry end up in the binary (panic locations, debug
-# info); other lengths lay its data out otherwise, and that changed the coverage of a few
-# targets between two checkouts: the same names everywhere make the same binary.
-cargo_home=${CARGO_HOME:-$HOME/.cargo}
-RUSTFLAGS+=" --remap-path-prefix=$PWD=/tollgate --remap-path-prefix=$cargo_home=/cargo"
 "${fuzz[@]}" build --sanitizer "$FUZZ_SANITIZER" --target-dir "$BUILD_DIR"
 host=$(rustc -vV | sed -n 's/^host: //p')
 bin_dir="$BUILD_DIR/$host/release"
