@@ -69,17 +69,18 @@ e2e: deps build
 test: deps lint unit fuzz-smoke build bench-smoke e2e
 
 ## Fuzzing (docs/fuzzing.md): every parser on the request path, one libFuzzer process at a
-## time. `fuzz-smoke` runs each target FUZZ_SECONDS (20) from its seeds and fails on any finding;
-## `fuzz-long` runs each FUZZ_LONG_SECONDS (300) and keeps its corpus in target/fuzz-long/.
-FUZZ_SECONDS ?= 20
+## time. `fuzz-smoke` is deterministic: each target replays its committed inputs, then runs a
+## fixed number of executions from seed FUZZ_SEED (1); it fails on any finding. `fuzz-long`
+## explores: random seeds, FUZZ_LONG_SECONDS (300) per target, its corpus kept in
+## target/fuzz-long/.
+FUZZ_SEED ?= 1
 FUZZ_LONG_SECONDS ?= 300
 
 fuzz-smoke:
-	FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz-smoke.sh
+	FUZZ_MODE=smoke FUZZ_SEED=$(FUZZ_SEED) bash scripts/fuzz-smoke.sh
 
 fuzz-long:
-	FUZZ_SECONDS=$(FUZZ_LONG_SECONDS) FUZZ_WORK=target/fuzz-long FUZZ_KEEP_CORPUS=1 \
-		bash scripts/fuzz-smoke.sh
+	FUZZ_MODE=long FUZZ_SECONDS=$(FUZZ_LONG_SECONDS) bash scripts/fuzz-smoke.sh
 
 clean:
 	cargo clean

@@ -6,7 +6,11 @@
 //! most one unfinished event, and works on bytes, so events and multi-byte UTF-8 characters
 //! split across callbacks are reassembled before anything is decoded.
 
-use serde::Deserialize;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 /// Tokens a response used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -42,24 +46,56 @@ impl RawUsage {
 #[derive(Deserialize)]
 struct WithUsage {
     #[serde(default)]
-    usage: Option<RawUsage>,
+    usage: Option<Object<RawUsage>>,
     /// The Responses API nests it: `{"type":"response.completed","response":{"usage":...}}`.
     #[serde(default)]
-    response: Option<Box<WithUsage>>,
+    response: Option<Box<Object<WithUsage>>>,
 }
 
 impl WithUsage {
     fn usage(&self) -> Option<Usage> {
         self.usage
             .as_ref()
-            .and_then(RawUsage::usage)
-            .or_else(|| self.response.as_ref().and_then(|r| r.usage()))
+            .and_then(|u| u.0.usage())
+            .or_else(|| self.response.as_ref().and_then(|r| r.0.usage()))
     }
 }
 
-/// Usage of a JSON response body; `None` if it has none (or is not JSON).
+/// A `T` read from a JSON object only. serde's derived structs also read a JSON array (field
+/// by field, in order), so `[{"prompt_tokens":1}]` would be `{"usage":{"prompt_tokens":1}}`;
+/// OpenAI's bodies, chunks and usage are objects.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer
+            .deserialize_map(ObjectVisitor(PhantomData))
+            .map(Object)
+    }
+}
+
+/// Usage of a JSON response body; `None` if it has none (or is not a JSON object).
 pub fn from_json(body: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<WithUsage>(body).ok()?.usage()
+    serde_json::from_slice::<Object<WithUsage>>(body)
+        .ok()?
+        .0
+        .usage()
+}
+
+/// Whether `json` may hold a `usage` member: it names `"usage"`, or it has a `\u` escape,
+/// which may spell the key (`"us\u0061ge"` is `usage` too). The others need no parsing.
+fn may_name_usage(json: &[u8]) -> bool {
+    json.windows(7).any(|w| w == b"\"usage\"") || json.windows(2).any(|w| w == b"\\u")
 }
 
 /// Longest SSE event read; longer ones are not read (they are counted in `oversized` and
@@ -215,8 +251,8 @@ impl SseUsage {
             self.done = true;
             return;
         }
-        // Only an event that names `usage` can carry it: the others are not parsed at all.
-        let usage = if data.windows(7).any(|w| w == b"\"usage\"") {
+        // Only an event that may name `usage` can carry it: the others are not parsed at all.
+        let usage = if may_name_usage(&data) {
             from_json(&data)
         } else {
             None
@@ -540,6 +576,44 @@ mod tests {
         let r = read(&[b"data:\ndata: {\"usage\":{\"prompt_tokens\":2}}\n\ndata: [DONE]\n\n"]);
         assert!(r.done);
         assert_eq!(r.usage.map(|u| u.prompt_tokens), Some(2));
+    }
+
+    /// Issue 14, fuzz/seeds/sse/usage-from-an-array.sse: `data: [{"prompt_tokens":1}]` is
+    /// no usage (a chunk is an object), but serde's derived struct read it from the array as
+    /// `{"usage":{"prompt_tokens":1}}`; only the reader's `"usage"` prefilter hid it.
+    #[test]
+    fn usage_is_read_from_objects_only() {
+        let seed = include_bytes!("../../fuzz/seeds/sse/usage-from-an-array.sse");
+        for chunk in [seed.len(), 1] {
+            let chunks: Vec<&[u8]> = seed.chunks(chunk).collect();
+            let r = read(&chunks);
+            assert_eq!((r.usage, r.events, r.done), (None, 4, false));
+        }
+        for body in [
+            &br#"[{"prompt_tokens":1}]"#[..],
+            br#"[{"prompt_tokens":1,"completion_tokens":2}]"#,
+            br#"{"usage":[1,2]}"#,
+            br#"{"response":[{"prompt_tokens":1}]}"#,
+            br#"{"response":{"usage":[1]}}"#,
+        ] {
+            assert_eq!(from_json(body), None, "{}", String::from_utf8_lossy(body));
+        }
+        assert_eq!(
+            from_json(br#"{"response":{"usage":{"input_tokens":1}}}"#),
+            Some(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 0
+            })
+        );
+    }
+
+    /// A key spelled with escapes is the same key: `"us\u0061ge"` is `usage`.
+    #[test]
+    fn an_escaped_usage_key_is_read() {
+        let s = b"data: {\"choices\":[],\"us\\u0061ge\":{\"prompt_tokens\":3}}\n\ndata: [DONE]\n\n";
+        let r = read(&[s]);
+        assert_eq!(r.usage.map(|u| u.prompt_tokens), Some(3));
+        assert_eq!(r.chunks, 0);
     }
 
     proptest! {

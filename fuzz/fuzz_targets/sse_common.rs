@@ -197,15 +197,103 @@ fn read_event(summary: &mut Summary, event: &[u8]) {
     let data = data.join(&b'\n');
     if data == b"[DONE]" {
         summary.done = true;
-    } else if let Some(u) = usage::from_json(&data) {
+        return;
+    }
+    // Where the reference cannot tell (see `parse`), the reader's own JSON reading.
+    let usage = reference_usage(&data).unwrap_or_else(|| usage::from_json(&data));
+    if let Some(u) = usage {
         summary.usage = Some(u);
     }
 }
 
+/// What serde_json's `Value` makes of some JSON bytes.
+enum Parsed {
+    Json(Value),
+    NotJson,
+    /// JSON a `Value` cannot hold though the grammar allows it and serde skips it unchecked
+    /// (invalid UTF-8 or lone surrogates in strings, numbers beyond f64), or nesting deeper
+    /// than serde_json's limit: no reference.
+    Undecidable,
+}
+
+fn parse(json: &[u8]) -> Parsed {
+    match serde_json::from_slice::<Value>(json) {
+        Ok(v) => Parsed::Json(v),
+        Err(_) => {
+            let lossy = String::from_utf8_lossy(json);
+            match serde_json::from_str::<Value>(&lossy) {
+                Ok(_) => Parsed::Undecidable,
+                Err(e) => {
+                    let m = e.to_string();
+                    let skipped = [
+                        "surrogate",
+                        "hex escape",
+                        "number out of range",
+                        "recursion",
+                    ];
+                    if skipped.iter().any(|s| m.contains(s)) {
+                        Parsed::Undecidable
+                    } else {
+                        Parsed::NotJson
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The usage an event's data carries, read from a `Value` by OpenAI's format, independently
+/// of the reader: an object whose `usage` is an object with `prompt_tokens` (or
+/// `input_tokens`) and maybe `completion_tokens` (or `output_tokens`), or (the Responses API)
+/// whose `response` object holds one. The data is read as one typed document: a member of the
+/// wrong type (`usage` not an object or null, a token count not a u64 or null) voids it all.
+/// `None`: no reference (see [`Parsed::Undecidable`]; also any object with a repeated key,
+/// where which one counts is a choice).
+fn reference_usage(data: &[u8]) -> Option<Option<Usage>> {
+    match parse(data) {
+        Parsed::Json(_) if repeats_a_key_anywhere(data) => None,
+        Parsed::Json(Value::Object(o)) => Some(with_usage(&o).ok().flatten()),
+        Parsed::Json(_) | Parsed::NotJson => Some(None),
+        Parsed::Undecidable => None,
+    }
+}
+
+type Object = serde_json::Map<String, Value>;
+
+/// `Err` when a member has the wrong type.
+fn with_usage(o: &Object) -> Result<Option<Usage>, ()> {
+    let usage = match o.get("usage") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(u)) => raw_usage(u)?,
+        Some(_) => return Err(()),
+    };
+    let response = match o.get("response") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(r)) => with_usage(r)?,
+        Some(_) => return Err(()),
+    };
+    Ok(usage.or(response))
+}
+
+fn raw_usage(u: &Object) -> Result<Option<Usage>, ()> {
+    let count = |key: &str| match u.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or(()),
+        Some(_) => Err(()),
+    };
+    let prompt = count("prompt_tokens")?;
+    let completion = count("completion_tokens")?;
+    let input = count("input_tokens")?;
+    let output = count("output_tokens")?;
+    Ok(prompt.or(input).map(|p| Usage {
+        prompt_tokens: p,
+        completion_tokens: completion.or(output).unwrap_or(0),
+    }))
+}
+
 /// The usage-only chunk: its first `data:` line is an object with `"choices": []` and a
-/// non-null `usage`. `None` (no reference) for JSON a `Value` cannot hold though the grammar
-/// allows it and the reader skips it unchecked (invalid UTF-8 or lone surrogates in strings,
-/// numbers beyond f64), and for objects with a repeated key (which one counts is a choice).
+/// non-null `usage`. `None` (no reference) for [`Parsed::Undecidable`] JSON and for objects
+/// with a repeated key (which one counts is a choice).
 fn usage_only(event: &[u8]) -> Option<bool> {
     let Some(line) = event
         .split(|&b| b == b'\n')
@@ -214,8 +302,8 @@ fn usage_only(event: &[u8]) -> Option<bool> {
         return Some(false);
     };
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    match serde_json::from_slice::<Value>(line) {
-        Ok(Value::Object(o)) => {
+    match parse(line) {
+        Parsed::Json(Value::Object(o)) => {
             if repeats_a_key(line) {
                 return None;
             }
@@ -224,24 +312,8 @@ fn usage_only(event: &[u8]) -> Option<bool> {
                     && o.get("usage").is_some_and(|u| !u.is_null()),
             )
         }
-        Ok(_) => Some(false),
-        Err(_) => {
-            // Not a `Value`: undecidable if only what the reader skips unchecked (invalid
-            // UTF-8, lone surrogates, numbers beyond f64) is in the way; else not JSON at all.
-            let lossy = String::from_utf8_lossy(line);
-            match serde_json::from_str::<Value>(&lossy) {
-                Ok(_) => None,
-                Err(e) => {
-                    let m = e.to_string();
-                    let skipped = ["surrogate", "hex escape", "number out of range"];
-                    if skipped.iter().any(|s| m.contains(s)) {
-                        None
-                    } else {
-                        Some(false)
-                    }
-                }
-            }
-        }
+        Parsed::Json(_) | Parsed::NotJson => Some(false),
+        Parsed::Undecidable => None,
     }
 }
 
@@ -254,7 +326,8 @@ fn repeats_a_key(json: &[u8]) -> bool {
             f.write_str("an object")
         }
         fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
-            let mut seen = std::collections::HashSet::new();
+            // A BTreeSet: a HashSet's random hashes would vary the coverage between runs.
+            let mut seen = std::collections::BTreeSet::new();
             let mut repeated = self.0;
             while let Some(k) = map.next_key::<String>()? {
                 map.next_value::<serde::de::IgnoredAny>()?;
@@ -265,6 +338,58 @@ fn repeats_a_key(json: &[u8]) -> bool {
     }
     let mut de = serde_json::Deserializer::from_slice(json);
     serde::Deserializer::deserialize_map(&mut de, Keys(false)).unwrap_or(false)
+}
+
+/// Whether any object in `json` (a valid JSON document) has a key twice.
+fn repeats_a_key_anywhere(json: &[u8]) -> bool {
+    struct Repeats(bool);
+    impl<'de> serde::Deserialize<'de> for Repeats {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(RepeatsVisitor)
+        }
+    }
+    struct RepeatsVisitor;
+    impl<'de> serde::de::Visitor<'de> for RepeatsVisitor {
+        type Value = Repeats;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Repeats, E> {
+            Ok(Repeats(false))
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Repeats, E> {
+            Ok(Repeats(false))
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Repeats, E> {
+            Ok(Repeats(false))
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Repeats, E> {
+            Ok(Repeats(false))
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Repeats, E> {
+            Ok(Repeats(false))
+        }
+        fn visit_unit<E>(self) -> Result<Repeats, E> {
+            Ok(Repeats(false))
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Repeats, A::Error> {
+            let mut repeated = false;
+            while let Some(Repeats(r)) = seq.next_element()? {
+                repeated |= r;
+            }
+            Ok(Repeats(repeated))
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Repeats, A::Error> {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut repeated = false;
+            while let Some(k) = map.next_key::<String>()? {
+                let Repeats(r) = map.next_value()?;
+                repeated |= r | !seen.insert(k);
+            }
+            Ok(Repeats(repeated))
+        }
+    }
+    serde_json::from_slice::<Repeats>(json).is_ok_and(|Repeats(r)| r)
 }
 
 /// The event with `,"usage":null}` at the very end of its payload (before the separator)
