@@ -433,8 +433,10 @@ enum Role {
 
 /// Counter ids, defined once per configuration so the request path never builds a name.
 struct MetricIds {
-    /// `[client][outcome]` for configured clients.
-    requests: Vec<[u32; 5]>,
+    /// `[outcome]` ids of configured clients, defined on a client's first request: defining
+    /// five counters for every client up front costs each VM (and Envoy's stats store) time and
+    /// memory in proportion to every client configured, not to those seen (issue 23).
+    requests: RefCell<HashMap<usize, [Option<u32>; 5]>>,
     /// Requests without a known client: `[outcome]`.
     anonymous: [u32; 5],
     /// `(backend, reason, id)` for every limiter failure this configuration can meet.
@@ -450,11 +452,6 @@ impl MetricIds {
             }
             Ok(ids)
         };
-        let requests = config
-            .clients
-            .iter()
-            .map(|c| per_outcome(&c.name))
-            .collect::<Result<Vec<_>, _>>()?;
         // The local limiter runs in every mode (as the Redis fallback too).
         let mut failures: Vec<(&'static str, &'static str)> =
             [LimiterError::Contention, LimiterError::Store]
@@ -474,19 +471,42 @@ impl MetricIds {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            requests,
+            requests: RefCell::new(HashMap::new()),
             anonymous: per_outcome(ANONYMOUS)?,
             limiter_errors,
         })
     }
 
-    fn request(&self, client: Option<usize>, outcome: Outcome) {
-        let row = client
-            .and_then(|c| self.requests.get(c))
-            .unwrap_or(&self.anonymous);
-        if let Some(&id) = row.get(outcome.index()) {
-            host::increment(id);
-        }
+    fn request(&self, config: &Config, client: Option<usize>, outcome: Outcome) {
+        let Some((c, name)) = client.and_then(|c| config.client(c).map(|k| (c, &k.name))) else {
+            if let Some(&id) = self.anonymous.get(outcome.index()) {
+                host::increment(id);
+            }
+            return;
+        };
+        let known = self
+            .requests
+            .borrow()
+            .get(&c)
+            .and_then(|row| row.get(outcome.index()).copied().flatten());
+        let id = match known {
+            Some(id) => id,
+            None => match host::define_counter(&metrics::requests_total(name, outcome)) {
+                Ok(id) => {
+                    let mut map = self.requests.borrow_mut();
+                    let row = map.entry(c).or_insert([None; 5]);
+                    if let Some(slot) = row.get_mut(outcome.index()) {
+                        *slot = Some(id);
+                    }
+                    id
+                }
+                Err(e) => {
+                    warn!("cannot define a metric: {e}");
+                    return;
+                }
+            },
+        };
+        host::increment(id);
     }
 
     fn limiter_error(&self, f: &LimiterFailure) {
@@ -766,7 +786,7 @@ impl HttpContext for Request {
             (Ok(headers), Ok(now)) => (headers, now),
             (Err(e), _) | (_, Err(e)) => {
                 error!("cannot read the request: {e}");
-                plugin.metrics.request(None, Outcome::Error);
+                plugin.metrics.request(&plugin.config, None, Outcome::Error);
                 return self.reply(&openai::internal_error());
             }
         };
@@ -776,7 +796,7 @@ impl HttpContext for Request {
         for name in request::strip_list(&plugin.config, &headers) {
             if let Err(e) = host::remove_header(Map::Request, &name) {
                 error!("cannot remove a request header: {e}");
-                plugin.metrics.request(None, Outcome::Error);
+                plugin.metrics.request(&plugin.config, None, Outcome::Error);
                 return self.reply(&openai::internal_error());
             }
         }
@@ -801,7 +821,9 @@ impl HttpContext for Request {
             return self.after_decision();
         };
         if body_size > awaiting.max_bytes {
-            plugin.metrics.request(None, Outcome::Invalid);
+            plugin
+                .metrics
+                .request(&plugin.config, None, Outcome::Invalid);
             return self.reply(&openai::body_too_large(awaiting.max_bytes));
         }
         if !end_of_stream {
@@ -937,7 +959,9 @@ impl HttpContext for Request {
     fn on_log(&mut self) {
         if let (Some(plugin), Some((_, wait))) = (&self.plugin, self.cache_wait.take()) {
             // Gone while the Redis lookup was out: count it, and give its tokens back below.
-            plugin.metrics.request(wait.client, wait.outcome);
+            plugin
+                .metrics
+                .request(&plugin.config, wait.client, wait.outcome);
             self.client = wait.client;
             self.tokens = wait.forward.tokens;
         }
@@ -1052,7 +1076,7 @@ impl Request {
             Ok(b) => b,
             Err(e) => {
                 error!("cannot read the request body: {e}");
-                plugin.metrics.request(None, Outcome::Error);
+                plugin.metrics.request(&plugin.config, None, Outcome::Error);
                 return self.reply(&openai::internal_error());
             }
         };
@@ -1060,7 +1084,7 @@ impl Request {
             Ok(now) => now,
             Err(e) => {
                 error!("cannot read the clock: {e}");
-                plugin.metrics.request(None, Outcome::Error);
+                plugin.metrics.request(&plugin.config, None, Outcome::Error);
                 return self.reply(&openai::internal_error());
             }
         };
@@ -1128,7 +1152,7 @@ impl Request {
                 }
             }
         };
-        plugin.metrics.request(step.client, outcome);
+        plugin.metrics.request(&plugin.config, step.client, outcome);
         action
     }
 
@@ -1307,7 +1331,7 @@ impl Request {
                 self.admit(plugin, forward, client, outcome)
             }
         };
-        plugin.metrics.request(client, outcome);
+        plugin.metrics.request(&plugin.config, client, outcome);
         if action == Action::Continue {
             if let Err(e) = host::resume_request() {
                 error!("cannot resume the request: {e}");
