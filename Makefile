@@ -108,3 +108,12 @@ bench: deps build
 bench-smoke: deps build
 	$(BENCH_EMPTY_FILTER)
 	$(PYTHON) bench/run.py --smoke $(BENCH_ARGS)
+
+## Scale benchmark (not part of `make test`; see docs/scale.md): 1,000, 10,000 and 100,000
+## clients: Envoy's time to ready and memory over the empty-filter floor, `tollgate config check`
+## time, and the request path at each size, in one run; results in bench/results/scale-*.
+## SCALE_ARGS adds options of bench/scale.py (e.g. SCALE_ARGS="--sizes 1000,100000 --starts 1").
+.PHONY: bench-scale
+bench-scale: deps build
+	$(BENCH_EMPTY_FILTER)
+	BENCH_COMMAND="make bench-scale$(if $(SCALE_ARGS), SCALE_ARGS='$(SCALE_ARGS)')" $(PYTHON) bench/scale.py $(SCALE_ARGS)

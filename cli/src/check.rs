@@ -8,8 +8,9 @@
 
 use std::cell::RefCell;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
-use tollgate_core::config::{LimiterBackend, Mode};
+use tollgate_core::config::{LimiterBackend, Mode, Phase};
 use tollgate_core::Config;
 
 use crate::args::Parsed;
@@ -95,6 +96,8 @@ pub struct Checked {
     pub result: Result<Config, String>,
     /// The environment variables the configuration read, in order.
     pub env: Vec<EnvUse>,
+    /// How long each phase of the parser took (`--timings`), in order.
+    pub phases: Vec<(Phase, Duration)>,
 }
 
 /// Runs the filter's parser on `json` with the environment `vm` gives it.
@@ -113,10 +116,18 @@ pub fn check_plugin(
         });
         value
     };
-    let result = Config::parse(json, &lookup).map_err(|e| e.to_string());
+    let mut phases = Vec::new();
+    let mut since = Instant::now();
+    let mut done = |phase: Phase| {
+        let now = Instant::now();
+        phases.push((phase, now.duration_since(since)));
+        since = now;
+    };
+    let result = Config::parse_observed(json, &lookup, &mut done).map_err(|e| e.to_string());
     Checked {
         result,
         env: used.into_inner(),
+        phases,
     }
 }
 
@@ -141,9 +152,15 @@ fn kind(path: &str, bytes: &[u8]) -> Kind {
     }
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if ext.as_deref() == Some("json") || first == Some(&b'{') || first.is_none() {
-        let bootstrap = serde_json::from_slice::<serde_json::Value>(bytes)
+        // Skims the document without building it: a plugin configuration of 100,000 clients
+        // would otherwise be parsed into a tree once more just to find its kind.
+        #[derive(serde::Deserialize)]
+        struct Probe {
+            static_resources: Option<serde::de::IgnoredAny>,
+        }
+        let bootstrap = serde_json::from_slice::<Probe>(bytes)
             .ok()
-            .is_some_and(|v| v.get("static_resources").is_some());
+            .is_some_and(|p| p.static_resources.is_some());
         return if bootstrap { Kind::Envoy } else { Kind::Plugin };
     }
     Kind::Envoy
@@ -174,12 +191,20 @@ pub fn run(p: &Parsed, ctx: &mut Ctx) -> Result<(), Failure> {
         EnvMode::Lenient
     };
     let shown = if path == "-" { "<stdin>" } else { path };
+    let timings = p.flag("timings");
+    let start = Instant::now();
     let bytes = read(path, ctx)?;
-    let ok = match kind(path, &bytes) {
+    let file_kind = kind(path, &bytes);
+    if timings {
+        writeln!(ctx.err, "timing: read {} ms", ms(start.elapsed()))?;
+    }
+    let ok = match file_kind {
         Kind::Plugin => {
             let checked = check_plugin(&bytes, &VmEnv::default(), mode, ctx.env);
             let json = String::from_utf8_lossy(&bytes);
-            Reporter::new(shown, p.flag("explain")).report(None, &json, &checked, None, ctx)?
+            let mut reporter = Reporter::new(shown, p.flag("explain"));
+            reporter.timings = timings;
+            reporter.report(None, &json, &checked, None, ctx)?
         }
         Kind::Envoy => {
             let text = match String::from_utf8(bytes) {
@@ -189,9 +214,12 @@ pub fn run(p: &Parsed, ctx: &mut Ctx) -> Result<(), Failure> {
                     return Err(Failure::Failed);
                 }
             };
-            check_bootstrap(shown, &text, mode, p.flag("explain"), ctx)?
+            check_bootstrap(shown, &text, mode, p.flag("explain"), timings, ctx)?
         }
     };
+    if timings {
+        writeln!(ctx.err, "timing: total {} ms", ms(start.elapsed()))?;
+    }
     if ok {
         Ok(())
     } else {
@@ -199,11 +227,17 @@ pub fn run(p: &Parsed, ctx: &mut Ctx) -> Result<(), Failure> {
     }
 }
 
+/// Milliseconds with a tenth, for `--timings`.
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
 fn check_bootstrap(
     file: &str,
     text: &str,
     mode: EnvMode,
     explain: bool,
+    timings: bool,
     ctx: &mut Ctx,
 ) -> Result<bool, Failure> {
     let bootstrap = match envoy::parse(text) {
@@ -214,6 +248,7 @@ fn check_bootstrap(
         }
     };
     let mut reporter = Reporter::new(file, explain);
+    reporter.timings = timings;
     for w in &bootstrap.warnings {
         reporter.warn(None, w, ctx)?;
     }
@@ -270,6 +305,8 @@ fn check_bootstrap(
 struct Reporter<'f> {
     file: &'f str,
     explain: bool,
+    /// Print how long each parser phase took (`--timings`), to standard error.
+    timings: bool,
     warned: Vec<String>,
     /// Configurations explained so far (text and environment) and where.
     explained: Vec<(String, String)>,
@@ -280,6 +317,7 @@ impl<'f> Reporter<'f> {
         Self {
             file,
             explain,
+            timings: false,
             warned: Vec::new(),
             explained: Vec::new(),
         }
@@ -311,6 +349,11 @@ impl<'f> Reporter<'f> {
             Some(at) => format!("{}: {at}", self.file),
             None => self.file.to_string(),
         };
+        if self.timings {
+            for (phase, took) in &checked.phases {
+                writeln!(ctx.err, "timing: {} {} ms", phase.name(), ms(*took))?;
+            }
+        }
         for (about_filter, warning) in env_warnings(&checked.env) {
             self.warn(at.filter(|_| about_filter), &warning, ctx)?;
         }

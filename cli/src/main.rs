@@ -129,7 +129,7 @@ Exit codes: 0 done, 1 key refused, 2 usage error.",
     },
     Command {
         words: ["config", "check"],
-        usage: "tollgate config check FILE [--explain] [--strict-env]",
+        usage: "tollgate config check FILE [--explain] [--strict-env] [--timings]",
         help: "\
 Checks a Tollgate configuration with the filter's own parser: the verdict and the error message
 are the ones the filter logs after `invalid plugin configuration: `. FILE (`-` for standard
@@ -147,9 +147,11 @@ Options:
                 (upstream, or providers and model routes), the limiter
   --strict-env  use this environment exactly as the filter would (only host_env_keys and
                 key_values of a bootstrap's filter), so a missing variable is an error
+  --timings     print to standard error how long reading the file and each phase of the
+                parser took (json, clients, key_index, rest), in milliseconds
 
 Exit codes: 0 valid, 1 invalid, 2 usage or I/O error.",
-        opts: &[flag("explain"), flag("strict-env")],
+        opts: &[flag("explain"), flag("strict-env"), flag("timings")],
         run: check::run,
     },
 ];
@@ -425,5 +427,25 @@ mod tests {
             format!("<stdin>: invalid plugin configuration: {expected}\n")
         );
         assert!(expected.starts_with("clients[0].key_sha256: expected 64 hex characters"));
+    }
+
+    #[test]
+    fn config_check_timings_name_every_phase() {
+        let json = r#"{"clients":[{"name":"a","key_md5":"32bd3c47e408828a22d81d4fe5f3c06d"}],
+                       "upstream":{"api_key_env":"TOLLGATE_PROVIDER_KEY"}}"#;
+        let (code, out, err) = run_with("config check - --strict-env --timings", json);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, "<stdin>: OK (1 client, limiter local)\n");
+        let phases: Vec<&str> = err
+            .lines()
+            .map(|l| {
+                assert!(l.starts_with("timing: ") && l.ends_with(" ms"), "{l}");
+                l.split(' ').nth(1).unwrap_or_default()
+            })
+            .collect();
+        assert_eq!(
+            phases,
+            ["read", "json", "clients", "key_index", "rest", "total"]
+        );
     }
 }

@@ -4,6 +4,7 @@
 //! e.g. `clients[3].key_sha256: expected 64 hex characters`, because the only place an operator
 //! sees it is an Envoy log line or `envoy --mode validate`.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::Deserialize;
@@ -58,8 +59,9 @@ impl std::error::Error for ConfigError {}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
-    clients: Vec<RawClient>,
+struct RawConfig<'a> {
+    #[serde(borrow)]
+    clients: Vec<RawClient<'a>>,
     #[serde(default)]
     default_requests_per_minute: Option<u32>,
     #[serde(default)]
@@ -114,12 +116,15 @@ struct RawRule {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawClient {
-    name: String,
-    #[serde(default)]
-    key_sha256: Option<String>,
-    #[serde(default)]
-    key_md5: Option<String>,
+// Names and digests borrow from the document (unless escaped): a configuration of 100,000
+// clients then makes no copy of them before compiling (wasm memory never shrinks).
+struct RawClient<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(default, borrow, deserialize_with = "borrowed_opt")]
+    key_sha256: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "borrowed_opt")]
+    key_md5: Option<Cow<'a, str>>,
     #[serde(default)]
     requests_per_minute: Option<u32>,
     #[serde(default)]
@@ -130,6 +135,17 @@ struct RawClient {
     endpoints: Option<Vec<String>>,
     #[serde(default)]
     cache: Option<RawCache>,
+}
+
+/// An optional string borrowed from the document when it has no escapes (serde's own
+/// `Option<Cow<str>>` always copies).
+fn borrowed_opt<'de, D>(d: D) -> Result<Option<Cow<'de, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Borrowed<'de>>::deserialize(d)?.map(|b| b.0))
 }
 
 #[derive(Debug, Deserialize)]
@@ -303,10 +319,46 @@ pub enum Mode {
     Routed(Routing),
 }
 
+/// A step of compiling a configuration, reported by [`Config::parse_observed`] as it ends, so
+/// that a caller with a clock (`tollgate config check --timings`) can time each one. Every step
+/// is linear in the size of the configuration: no per-client work looks at the other clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The JSON document read into its fields (syntax, types, unknown fields).
+    Json,
+    /// Every client checked: name (and duplicate names), digest, limits, endpoints.
+    Clients,
+    /// The key index built from the digests (and duplicate digests found).
+    KeyIndex,
+    /// Everything else: upstream or providers and models, limiter, cache.
+    Rest,
+}
+
+impl Phase {
+    /// Short name, as `--timings` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Json => "json",
+            Phase::Clients => "clients",
+            Phase::KeyIndex => "key_index",
+            Phase::Rest => "rest",
+        }
+    }
+}
+
 impl Config {
     /// Parses and validates a plugin configuration. `env` looks up environment variables (the
     /// filter passes `std::env::var`; tests pass a fake).
     pub fn parse(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        Self::parse_observed(json, env, &mut |_| {})
+    }
+
+    /// [`Config::parse`], calling `done` as each [`Phase`] ends (not for a phase that failed).
+    pub fn parse_observed(
+        json: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+        done: &mut dyn FnMut(Phase),
+    ) -> Result<Self, ConfigError> {
         if json.iter().all(u8::is_ascii_whitespace) {
             return Err(ConfigError::new(
                 "",
@@ -347,7 +399,8 @@ impl Config {
         // Only whitespace may follow (a second object would otherwise be ignored).
         de.end()
             .map_err(|e| ConfigError::new("", format!("not valid JSON: {e}")))?;
-        compile(raw, env)
+        done(Phase::Json);
+        compile(raw, env, done)
     }
 
     /// The client with this id.
@@ -372,8 +425,9 @@ fn strip_position(message: &str) -> String {
 }
 
 fn compile(
-    mut raw: RawConfig,
+    mut raw: RawConfig<'_>,
     env: &dyn Fn(&str) -> Option<String>,
+    done: &mut dyn FnMut(Phase),
 ) -> Result<Config, ConfigError> {
     // The cache settings are compiled last, once the routing and the limiter are known.
     let client_caches: Vec<Option<RawCache>> =
@@ -409,14 +463,20 @@ fn compile(
     let forward_headers = compile_forward_headers(raw.forward_headers.take().unwrap_or_default())?;
 
     let mut clients = Vec::with_capacity(raw.clients.len());
-    let mut keys = KeyIndex::default();
-    // Name -> index, so that a configuration of many clients compiles in linear time.
-    let mut names: std::collections::HashMap<String, usize> =
-        std::collections::HashMap::with_capacity(raw.clients.len());
+    // Digests by client id; indexed once every client is valid.
+    let mut digests = Vec::with_capacity(raw.clients.len());
+    // Client ids by name hash, so that a configuration of many clients compiles in linear time;
+    // the table holds ids only and compares names in `clients` (no copy of any name).
+    use std::hash::BuildHasher as _;
+    let hasher = hashbrown::DefaultHashBuilder::default();
+    let mut names: hashbrown::HashTable<ClientId> =
+        hashbrown::HashTable::with_capacity(raw.clients.len());
     for (i, c) in raw.clients.into_iter().enumerate() {
         let at = |f: &str| format!("clients[{i}].{f}");
         check_client_name(&c.name).map_err(|m| ConfigError::new(at("name"), m))?;
-        if let Some(first) = names.insert(c.name.clone(), i) {
+        let name_hash = hasher.hash_one(&*c.name);
+        let same_name = |&j: &ClientId| clients.get(j).is_some_and(|o: &Client| o.name == c.name);
+        if let Some(&first) = names.find(name_hash, same_name) {
             return Err(ConfigError::new(
                 at("name"),
                 format!("duplicate client name {:?} (also clients[{first}])", c.name),
@@ -444,18 +504,9 @@ fn compile(
                     "missing: every client needs key_sha256 (hex SHA-256 of its key) or key_md5",
                 )),
             };
-        let field = match digest.kind() {
-            DigestKind::Sha256 => at("key_sha256"),
-            DigestKind::Md5 => at("key_md5"),
-        };
-        if let Some(other) = keys.insert(digest, clients.len()) {
-            return Err(ConfigError::new(
-                field,
-                format!("duplicate key digest (same key as clients[{other}])"),
-            ));
-        }
+        digests.push(digest);
         let requests_per_minute = match c.requests_per_minute {
-            Some(v) => check_per_minute(&at("requests_per_minute"), v)?,
+            Some(v) => per_minute(v).map_err(|m| ConfigError::new(at("requests_per_minute"), m))?,
             None => default_rpm,
         };
         let models = match c.models {
@@ -463,17 +514,42 @@ fn compile(
             Some(list) => Some(compile_patterns(&at("models"), &list)?),
         };
         let tokens_per_minute = match c.tokens_per_minute {
-            Some(v) => Some(check_per_minute(&at("tokens_per_minute"), v)?),
+            Some(v) => {
+                Some(per_minute(v).map_err(|m| ConfigError::new(at("tokens_per_minute"), m))?)
+            }
             None => default_tpm,
         };
         clients.push(Client {
-            name: c.name,
+            name: c.name.into_owned(),
             requests_per_minute,
             tokens_per_minute,
             models,
             endpoints,
         });
+        let rehash = |&j: &ClientId| {
+            clients
+                .get(j)
+                .map_or(0, |o: &Client| hasher.hash_one(o.name.as_str()))
+        };
+        names.insert_unique(name_hash, i, rehash);
     }
+    drop(names);
+    done(Phase::Clients);
+
+    let mut keys = KeyIndex::with_capacity(digests.len());
+    for (i, digest) in digests.into_iter().enumerate() {
+        if let Some(other) = keys.insert(digest, i) {
+            let field = match digest.kind() {
+                DigestKind::Sha256 => "key_sha256",
+                DigestKind::Md5 => "key_md5",
+            };
+            return Err(ConfigError::new(
+                format!("clients[{i}].{field}"),
+                format!("duplicate key digest (same key as clients[{other}])"),
+            ));
+        }
+    }
+    done(Phase::KeyIndex);
 
     let mode = match (raw.upstream, raw.providers) {
         (Some(upstream), None) => {
@@ -554,6 +630,7 @@ fn compile(
         env,
     )?;
 
+    done(Phase::Rest);
     Ok(Config {
         clients,
         keys,
@@ -1195,11 +1272,13 @@ fn compile_cache(
 }
 
 fn check_per_minute(field: &str, v: u32) -> Result<u32, ConfigError> {
+    per_minute(v).map_err(|m| ConfigError::new(field, m))
+}
+
+/// A per-minute limit, or what is wrong with it (the caller names the field, only on error).
+fn per_minute(v: u32) -> Result<u32, String> {
     if v == 0 || v > MAX_PER_MINUTE {
-        return Err(ConfigError::new(
-            field,
-            format!("must be between 1 and {MAX_PER_MINUTE}, got {v}"),
-        ));
+        return Err(format!("must be between 1 and {MAX_PER_MINUTE}, got {v}"));
     }
     Ok(v)
 }
@@ -1396,6 +1475,73 @@ mod tests {
             e,
             "clients[1].key_sha256: duplicate key digest (same key as clients[0])"
         );
+    }
+
+    /// Many clients (the compile is linear: hash tables, no scan of the other clients), and
+    /// duplicates far apart are still named by both positions.
+    #[test]
+    fn many_clients_and_distant_duplicates() {
+        let entry = |i: usize, name: &str| {
+            let hex = crate::keys::Digest::of_key(DigestKind::Sha256, format!("k{i}").as_bytes())
+                .to_hex();
+            format!(r#"{{"name":"{name}","key_sha256":"{hex}","requests_per_minute":600}}"#)
+        };
+        let n = 20_000;
+        let mut list: Vec<String> = (0..n).map(|i| entry(i, &format!("c{i}"))).collect();
+        let ok = parse(&minimal(&format!("[{}]", list.join(",")))).unwrap();
+        assert_eq!((ok.clients.len(), ok.keys.len()), (n, n));
+        assert_eq!(ok.keys.lookup(b"k19999"), Some(19_999));
+        assert_eq!(ok.clients[19_999].requests_per_minute, 600);
+
+        list.push(entry(n, "c7"));
+        assert_eq!(
+            err(&minimal(&format!("[{}]", list.join(",")))),
+            format!("clients[{n}].name: duplicate client name \"c7\" (also clients[7])")
+        );
+        list.pop();
+        list.push(entry(7, "another"));
+        assert_eq!(
+            err(&minimal(&format!("[{}]", list.join(",")))),
+            format!("clients[{n}].key_sha256: duplicate key digest (same key as clients[7])")
+        );
+    }
+
+    #[test]
+    fn escaped_names_and_digests_are_read_too() {
+        // Borrowed from the document when possible, copied when escaped: the same result.
+        let hex = format!("\\u0035{}", &DEMO_SHA[1..]);
+        let c = parse(&minimal(&format!(
+            r#"[{{"name":"\u0061b","key_sha256":"{hex}"}}]"#
+        )))
+        .unwrap();
+        assert_eq!(c.clients[0].name, "ab");
+        assert_eq!(
+            c.keys.len(),
+            1,
+            "the escaped digest is the demo digest: {DEMO_SHA}"
+        );
+        let e = err(&minimal(r#"[{"name":"a","key_md5":7}]"#));
+        assert!(e.starts_with("clients[0].key_md5: invalid type"), "{e}");
+    }
+
+    #[test]
+    fn phases_are_reported_in_order() {
+        let json = minimal(&format!(r#"[{{"name":"a","key_sha256":"{DEMO_SHA}"}}]"#));
+        let mut seen = Vec::new();
+        Config::parse_observed(json.as_bytes(), &env, &mut |p| seen.push(p)).unwrap();
+        assert_eq!(
+            seen,
+            [Phase::Json, Phase::Clients, Phase::KeyIndex, Phase::Rest]
+        );
+        assert_eq!(
+            seen.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            ["json", "clients", "key_index", "rest"]
+        );
+        // A failed phase is not reported, nor any after it.
+        let mut seen = Vec::new();
+        let bad = minimal(r#"[{"name":"a","key_sha256":"abc"}]"#);
+        assert!(Config::parse_observed(bad.as_bytes(), &env, &mut |p| seen.push(p)).is_err());
+        assert_eq!(seen, [Phase::Json]);
     }
 
     #[test]

@@ -164,14 +164,34 @@ pub struct KeyIndex {
 }
 
 impl KeyIndex {
+    /// An empty index with room for `n` digests (one allocation for a whole configuration).
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            by_digest: HashMap::with_capacity_and_hasher(n, BuildHasherDefault::default()),
+            has_md5: false,
+        }
+    }
+
+    /// Number of digests indexed.
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    /// Whether no digest is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+
     /// Adds a digest; returns the client that already has it, if any.
     pub fn insert(&mut self, digest: Digest, client: ClientId) -> Option<ClientId> {
-        if let Some(&existing) = self.by_digest.get(&digest) {
-            return Some(existing);
+        match self.by_digest.entry(digest) {
+            hashbrown::hash_map::Entry::Occupied(e) => Some(*e.get()),
+            hashbrown::hash_map::Entry::Vacant(e) => {
+                self.has_md5 |= digest.kind == DigestKind::Md5;
+                e.insert(client);
+                None
+            }
         }
-        self.has_md5 |= digest.kind == DigestKind::Md5;
-        self.by_digest.insert(digest, client);
-        None
     }
 
     /// Finds the client whose digest matches this presented key.
@@ -293,6 +313,8 @@ mod tests {
             idx.insert(Digest::of_key(DigestKind::Sha256, b"key-a"), 2),
             Some(0)
         );
+        assert_eq!(idx.len(), 2);
+        assert!(!idx.is_empty() && KeyIndex::with_capacity(8).is_empty());
         assert_eq!(idx.lookup(b"key-a"), Some(0));
         assert_eq!(idx.lookup(b"key-b"), Some(1));
         assert_eq!(idx.lookup(b"key-c"), None);
