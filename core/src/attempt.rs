@@ -11,7 +11,7 @@ use log::{debug, error};
 use crate::body;
 use crate::config::Mode;
 use crate::gateway::lazy_metric;
-use crate::host::{Action, Buffer, Host, HostError, Map};
+use crate::host::{send_local_reply, Action, Buffer, Host, HostError, Map};
 use crate::metrics;
 use crate::openai;
 use crate::routing::{ProviderId, Routing};
@@ -263,12 +263,6 @@ impl AttemptExchange {
 /// that provider's credentials.
 fn refuse(h: &dyn Host, why: &str) -> Action {
     error!("upstream: {why}; refusing the attempt");
-    let reply = openai::internal_error();
-    let mut headers = vec![("content-type", "application/json".to_string())];
-    headers.extend(reply.headers.iter().cloned());
-    if let Err(e) = h.send_reply(reply.status, &headers, reply.body.as_bytes()) {
-        error!("upstream: cannot send a local reply: {e}; resetting the stream");
-        let _ = h.reset_request();
-    }
+    send_local_reply(h, &openai::internal_error());
     Action::Pause
 }

@@ -24,7 +24,7 @@ use log::{debug, error, warn};
 
 use crate::cache::{self, Backend, Skip};
 use crate::gateway::{callout_status, timed_out, Gateway, MAX_WEBDIS_REPLY_BYTES};
-use crate::host::{Action, Buffer, Host, Map};
+use crate::host::{send_local_reply, Action, Buffer, Host, Map};
 use crate::limiter::Window;
 use crate::metrics::{CacheMetric, Outcome};
 use crate::openai::{self, LocalReply};
@@ -405,13 +405,7 @@ impl Exchange {
     /// Sends a local reply; if even that fails, resets the stream so nothing goes upstream.
     fn reply(&mut self, h: &dyn Host, reply: &LocalReply) -> Action {
         self.replied = true;
-        let mut headers = Vec::with_capacity(reply.headers.len() + 1);
-        headers.push(("content-type", "application/json".to_string()));
-        headers.extend(reply.headers.iter().cloned());
-        if let Err(e) = h.send_reply(reply.status, &headers, reply.body.as_bytes()) {
-            error!("cannot send a local reply: {e}; resetting the stream");
-            let _ = h.reset_request();
-        }
+        send_local_reply(h, reply);
         Action::Pause
     }
 

@@ -39,22 +39,10 @@ pub const FORWARDED: &[&str] = &[
 /// Prefixes of forwarded request headers: the OpenAI SDKs' platform telemetry.
 pub const FORWARDED_PREFIXES: &[&str] = &["x-stainless-"];
 
-/// Forwarded request headers that cannot change a provider's answer; every other forwarded
-/// header (`openai-beta`, `anthropic-version`, `forward_headers` of the configuration) is part
-/// of a response-cache key.
-const INERT: &[&str] = &[
-    "x-forwarded-proto",
-    "content-type",
-    "content-length",
-    "transfer-encoding",
-    "te",
-    "accept",
-    "user-agent",
-    "x-request-id",
-    "traceparent",
-    "tracestate",
-    "idempotency-key",
-];
+/// The built-in forwarded headers that can change a provider's answer: with the configuration's
+/// `forward_headers`, these are part of a response-cache key; the rest of [`FORWARDED`] and
+/// [`FORWARDED_PREFIXES`] cannot change an answer.
+const VARYING: &[&str] = &["openai-beta", "anthropic-version", "anthropic-beta"];
 
 /// Provider response headers a client never sees: they name or describe the provider account
 /// behind the gateway (its organisation and project, its cookies, its own rate-limit budget,
@@ -102,16 +90,10 @@ pub fn strip_list(headers: &[Header], extra: &[String]) -> Vec<Vec<u8>> {
 /// The forwarded request headers that can change a provider's answer, lowercase and sorted
 /// (with their values), for the response-cache key.
 pub fn varying(headers: &[Header], extra: &[String]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let is = |name: &[u8], n: &str| name.eq_ignore_ascii_case(n.as_bytes());
     let mut out: Vec<(Vec<u8>, Vec<u8>)> = headers
         .iter()
-        .filter(|(n, _)| n.first() != Some(&b':') && forwarded(n, extra))
-        .filter(|(n, _)| {
-            !INERT.iter().any(|i| n.eq_ignore_ascii_case(i.as_bytes()))
-                && !FORWARDED_PREFIXES.iter().any(|p| {
-                    n.get(..p.len())
-                        .is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes()))
-                })
-        })
+        .filter(|(n, _)| VARYING.iter().any(|v| is(n, v)) || extra.iter().any(|v| is(n, v)))
         .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
         .collect();
     out.sort();

@@ -115,3 +115,15 @@ pub trait Host: CasStore {
     /// Records a histogram sample.
     fn record(&self, id: u32, value: u64);
 }
+
+/// Answers the request with one of Tollgate's own replies (`content-type: application/json`);
+/// if even that fails, resets the stream, so that nothing of the request goes upstream.
+pub fn send_local_reply(host: &dyn Host, reply: &crate::openai::LocalReply) {
+    let mut headers = Vec::with_capacity(reply.headers.len() + 1);
+    headers.push(("content-type", "application/json".to_string()));
+    headers.extend(reply.headers.iter().cloned());
+    if let Err(e) = host.send_reply(reply.status, &headers, reply.body.as_bytes()) {
+        log::error!("cannot send a local reply: {e}; resetting the stream");
+        let _ = host.reset_request();
+    }
+}
