@@ -324,6 +324,17 @@ class Gateway:
     host_env_keys: list[str] | None = None
 
     def __post_init__(self):
+        # A free port is free only when it is picked: another process may take it before Envoy
+        # binds it. Envoy then exits saying so, and a start with new ports is the answer (bounded).
+        for attempt in range(3):
+            try:
+                self._start()
+                return
+            except RuntimeError:
+                if attempt == 2 or "Address already in use" not in self.log():
+                    raise
+
+    def _start(self) -> None:
         self.port = free_port()
         self.admin_port = free_port()
         cfg = render_envoy.load()
