@@ -57,6 +57,7 @@ lint: toolchain
 	cargo clippy --workspace --exclude tollgate-filter --all-targets -- -D warnings
 	cargo clippy -p tollgate-filter --target wasm32-wasip1 -- -D warnings
 	cargo clippy --manifest-path fuzz/Cargo.toml --target-dir target/fuzz-clippy --locked -- -D warnings
+	python3 scripts/modgraph.py
 
 unit:
 	cargo test --workspace --exclude tollgate-filter

@@ -19,9 +19,10 @@ use std::fmt::Write as _;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
-use crate::config::{ClientId, Config, Mode, Webdis};
 use crate::headers::Header;
-use crate::limiter::{CasStore, SetError};
+use crate::host::{CasStore, SetError};
+use crate::routing::Routing;
+use crate::types::{ClientId, Webdis};
 use crate::webdis::{self, base64url, ReplyError, BASE64URL_ALPHABET as B64URL};
 
 // ---------------------------------------------------------------------------------------------
@@ -474,19 +475,17 @@ pub struct RequestInfo {
     pub varying: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
-/// Decides the cache's part in a routed request: `None` when caching is off for it.
+/// Decides the cache's part in a routed request, with the settings that apply to the client and
+/// the rule (`client` names the client when the scope is per client).
 pub fn decide(
-    config: &Config,
-    client: ClientId,
+    settings: &Settings,
+    routing: &Routing,
     rule: usize,
+    client: &str,
     info: &RequestInfo,
     requested_model: &str,
     body: &[u8],
 ) -> Option<Decision> {
-    let settings = config.cache.settings(client, rule)?;
-    let Mode::Routed(routing) = &config.mode else {
-        return None;
-    };
     let mut value: Value = serde_json::from_slice(body).ok()?;
     let checked = if info.has_query {
         Err(Skip::Query)
@@ -515,7 +514,7 @@ pub fn decide(
         );
     }
     let scope = match settings.scope {
-        Scope::Client => format!("client:{}", config.client(client)?.name),
+        Scope::Client => format!("client:{client}"),
         Scope::Shared => "shared".to_string(),
     };
     Some(Decision::Use(Plan {
@@ -924,6 +923,31 @@ pub fn base64url_decode(input: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, Mode};
+
+    /// [`super::decide`] with the settings, routing and name looked up as the request path does.
+    fn decide(
+        c: &Config,
+        client: usize,
+        rule: usize,
+        info: &RequestInfo,
+        model: &str,
+        body: &[u8],
+    ) -> Option<Decision> {
+        let Mode::Routed(routing) = &c.mode else {
+            return None;
+        };
+        let name = &c.client(client)?.name;
+        super::decide(
+            c.cache.settings(client, rule)?,
+            routing,
+            rule,
+            name,
+            info,
+            model,
+            body,
+        )
+    }
     use crate::keys::{Digest, DigestKind};
     use crate::limiter::tests::FakeStore;
     use proptest::prelude::*;

@@ -13,6 +13,7 @@ use crate::cache::{self, CacheConfig, ClientCache, LocalLayout, Settings};
 use crate::endpoints::{EndpointSet, Kind};
 use crate::keys::{Digest, DigestKind, KeyIndex};
 use crate::routing::{Pattern, Provider, Routing, Rule, Target};
+pub use crate::types::{ClientId, Webdis};
 
 /// Requests per minute for a client that sets no `requests_per_minute` and a config that sets no
 /// `default_requests_per_minute`.
@@ -183,9 +184,6 @@ enum RawBackend {
 // ---------------------------------------------------------------------------------------------
 // The compiled form.
 
-/// Index of a client in [`Config::clients`]; stable for the life of one compiled config.
-pub type ClientId = usize;
-
 /// A client (a team or an application) with its own key and limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Client {
@@ -236,33 +234,6 @@ pub enum OnError {
     Deny,
     /// Count it in the local (shared-data) limiter instead, until Redis answers again.
     Local,
-}
-
-/// A Webdis service Tollgate calls (the Redis limiter's, or the response cache's).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Webdis {
-    /// Envoy cluster of the Webdis service.
-    pub cluster: String,
-    /// `:authority` of callouts to Webdis.
-    pub authority: String,
-    /// Callout timeout (never 0).
-    pub timeout_ms: u32,
-    /// `authorization` header for Webdis's HTTP basic auth, if configured.
-    pub authorization: Option<String>,
-}
-
-impl fmt::Debug for Webdis {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Webdis")
-            .field("cluster", &self.cluster)
-            .field("authority", &self.authority)
-            .field("timeout_ms", &self.timeout_ms)
-            .field(
-                "authorization",
-                &self.authorization.as_ref().map(|_| "<redacted>"),
-            )
-            .finish()
-    }
 }
 
 /// The Redis (Webdis) limiter's settings.

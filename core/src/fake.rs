@@ -7,8 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 
 use crate::headers::Header;
-use crate::host::{Buffer, Callout, Host, HostError, Map};
-use crate::limiter::{CasStore, SetError, StoreError};
+use crate::host::{Buffer, Callout, CasStore, Host, HostError, Map, SetError, StoreError};
 
 /// A local reply the fake host was asked to send.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,7 +5,27 @@
 //! module depends on another for them.
 
 use crate::headers::Header;
-pub use crate::limiter::{CasStore, SetError, StoreError};
+
+/// A shared key-value store with compare-and-swap tokens (Envoy shared data).
+pub trait CasStore {
+    /// Reads a value and its CAS token; `Ok(None)` when the key does not exist.
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
+    /// Writes a value if the key's CAS token still equals `cas` (0: unconditionally).
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
+}
+
+/// The store failed in a way a retry will not fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreError;
+
+/// Why a conditional write did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetError {
+    /// Someone else wrote since our read; read again.
+    CasMismatch,
+    /// The store failed.
+    Store,
+}
 
 /// A host call failed with this proxy-wasm status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use md5::Md5;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::ClientId;
+use crate::types::ClientId;
 
 /// Longest bearer token accepted; real keys are far shorter, and this bounds hashing work.
 pub const MAX_KEY_LEN: usize = 512;

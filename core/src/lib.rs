@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod openai;
 pub mod request;
 pub mod routing;
+pub mod types;
 pub mod upstream;
 pub mod usage;
 pub mod webdis;

@@ -12,6 +12,7 @@
 //! loop: read (value, cas), compute, write with that cas; on conflict, read again.
 
 use crate::config::Client;
+use crate::host::{CasStore, SetError, StoreError};
 
 /// Version byte of the stored record, so a future layout change cannot be misread.
 const RECORD_VERSION: u8 = 2;
@@ -29,27 +30,6 @@ pub const BUDGET_KEY_PREFIX: &str = "tollgate.v2.budget.";
 
 /// Window length in milliseconds.
 pub const WINDOW_MS: u64 = 60_000;
-
-/// A shared key-value store with compare-and-swap tokens (Envoy shared data).
-pub trait CasStore {
-    /// Reads a value and its CAS token; `Ok(None)` when the key does not exist.
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
-    /// Writes a value if the key's CAS token still equals `cas` (0: unconditionally).
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
-}
-
-/// The store failed in a way a retry will not fix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreError;
-
-/// Why a conditional write did not happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SetError {
-    /// Someone else wrote since our read; read again.
-    CasMismatch,
-    /// The store failed.
-    Store,
-}
 
 /// A limiter failure; the filter admits the request (fail open) and counts the reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

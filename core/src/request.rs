@@ -20,16 +20,13 @@ use crate::config::{ClientId, Config, LimiterBackend, Mode, OnError, RedisLimite
 use crate::endpoints::Kind;
 use crate::forwarding;
 use crate::headers::Header;
+use crate::host::CasStore;
 use crate::keys::{bearer_token, Digest, DigestKind, KeyError};
-use crate::limiter::{self, Budget, CasStore, LimiterError, Window, WINDOW_MS};
+use crate::limiter::{self, Budget, LimiterError, Window, WINDOW_MS};
 use crate::metrics::Outcome;
 use crate::openai::{self, LocalReply};
-use crate::routing::{self, Routing, DEFAULT_ROUTE};
+use crate::routing::{self, Routing, DEFAULT_ROUTE, ROUTE_HEADER};
 use crate::webdis::{self, Checked};
-
-/// Header carrying the chosen route (`r<rule index>` or `default`) to Envoy's route table and to
-/// the upstream filter instances.
-pub const ROUTE_HEADER: &str = "x-tollgate-route";
 
 /// What to do with a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -355,8 +352,11 @@ pub fn on_request_body(
     } else {
         None
     };
-    let cache =
-        cache.and_then(|info| cache::decide(config, client, rule, &info, &request.model, body));
+    let cache = cache.and_then(|info| {
+        let settings = config.cache.settings(client, rule)?;
+        let name = &config.client(client)?.name;
+        cache::decide(settings, routing, rule, name, &info, &request.model, body)
+    });
     let forward = Forward {
         rule: Some(rule),
         cache,

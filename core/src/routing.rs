@@ -140,6 +140,10 @@ pub struct Routing {
     pub max_body_bytes: usize,
 }
 
+/// Header carrying the chosen route (`r<rule index>` or `default`) to Envoy's route table and to
+/// the upstream filter instances.
+pub const ROUTE_HEADER: &str = "x-tollgate-route";
+
 /// Value of `x-tollgate-route` for requests to the default provider.
 pub const DEFAULT_ROUTE: &str = "default";
 

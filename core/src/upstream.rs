@@ -16,8 +16,7 @@
 //! needs it): providers see `x-tollgate-route: r<N>`, a rule number and nothing else.
 
 use crate::headers::Header;
-use crate::request::ROUTE_HEADER;
-use crate::routing::{ProviderId, Routing, DEFAULT_ROUTE};
+use crate::routing::{ProviderId, Routing, DEFAULT_ROUTE, ROUTE_HEADER};
 
 /// What to do with one attempt's request headers.
 #[derive(Debug, Clone, PartialEq, Eq)]

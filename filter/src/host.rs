@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tollgate_core::headers::{self, Header};
 use tollgate_core::host::{Buffer, Callout, Host, HostError, Map};
-use tollgate_core::limiter::{CasStore, SetError, StoreError};
+use tollgate_core::host::{CasStore, SetError, StoreError};
 
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
