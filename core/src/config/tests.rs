@@ -1,0 +1,552 @@
+use super::*;
+use crate::keys::DigestKind;
+
+const DEMO_SHA: &str = "5a2e6c8e5a0b0c8e6f3f2d3c6c6a0f4c9d7f1b2a3c4d5e6f708192a3b4c5d6e7";
+
+fn env(name: &str) -> Option<String> {
+    (name == "PROVIDER_KEY").then(|| "sk-provider-secret".to_string())
+}
+
+fn parse(json: &str) -> Result<Config, ConfigError> {
+    Config::parse(json.as_bytes(), &env)
+}
+
+fn minimal(clients: &str) -> String {
+    format!(r#"{{"clients":{clients},"upstream":{{"api_key_env":"PROVIDER_KEY"}}}}"#)
+}
+
+fn err(json: &str) -> String {
+    parse(json).unwrap_err().to_string()
+}
+
+#[test]
+fn endpoints_and_forwarded_headers_are_validated() {
+    let client = format!(r#"{{"name":"a","key_sha256":"{DEMO_SHA}"}}"#);
+    let with = |extra: &str, client_extra: &str| {
+        format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"{client_extra}}}],
+                "upstream":{{"api_key_env":"PROVIDER_KEY"}}{extra}}}"#
+        )
+    };
+    let c = parse(&minimal(&format!("[{client}]"))).unwrap();
+    assert_eq!(c.clients[0].endpoints, EndpointSet::defaults());
+    assert!(c.forward_headers.is_empty());
+    let c = parse(&with(
+        r#","endpoints":["embeddings"],"forward_headers":["X-Custom","x-custom"]"#,
+        r#","endpoints":["inference","files"]"#,
+    ))
+    .unwrap();
+    assert!(c.clients[0].endpoints.has_kind(Kind::Account));
+    assert_eq!(c.forward_headers, vec!["x-custom".to_string()]);
+    assert!(err(&with(r#","endpoints":["chat"]"#, "")).starts_with("endpoints[0]: unknown"));
+    assert!(err(&with("", r#","endpoints":["files","nope"]"#))
+        .starts_with("clients[0].endpoints[1]: unknown endpoint \"nope\""));
+    for bad in [
+        "authorization",
+        "x-api-key",
+        "x-tollgate-route",
+        "x-envoy-original-path",
+        "openai-organization",
+        "host",
+        "a b",
+        "",
+    ] {
+        let e = err(&with(&format!(r#","forward_headers":["{bad}"]"#), ""));
+        assert!(e.starts_with("forward_headers[0]: "), "{bad}: {e}");
+    }
+    // Account endpoints with model routing need a default provider to go to.
+    let routed = format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}","endpoints":["files"]}}],
+            "providers":[{{"name":"p","cluster":"c","api_key_env":"PROVIDER_KEY"}}],
+            "models":[{{"match":"m","providers":["p"]}}]}}"#
+    );
+    assert!(err(&routed).starts_with("clients[0].endpoints: account endpoints"));
+    let with_default = routed.replace(r#""models""#, r#""default_provider":"p","models""#);
+    assert!(parse(&with_default).is_ok());
+}
+
+#[test]
+fn minimal_config_uses_defaults() {
+    let c = parse(&minimal(&format!(
+        r#"[{{"name":"team-a","key_sha256":"{DEMO_SHA}"}}]"#
+    )))
+    .unwrap();
+    assert_eq!(c.clients[0].name, "team-a");
+    assert_eq!(
+        c.clients[0].requests_per_minute,
+        DEFAULT_REQUESTS_PER_MINUTE
+    );
+    assert_eq!(c.limiter, LimiterBackend::Local);
+    let Mode::Single(upstream) = &c.mode else {
+        panic!("{:?}", c.mode)
+    };
+    assert_eq!(upstream.authorization, "Bearer sk-provider-secret");
+}
+
+#[test]
+fn per_client_limit_overrides_default() {
+    let json = format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}","requests_per_minute":5}},
+            {{"name":"b","key_md5":"0123456789abcdef0123456789ABCDEF"}}],
+           "default_requests_per_minute":7,
+           "upstream":{{"api_key_env":"PROVIDER_KEY"}},
+           "limiter":{{"backend":"local"}}}}"#
+    );
+    let c = parse(&json).unwrap();
+    assert_eq!(c.clients[0].requests_per_minute, 5);
+    assert_eq!(c.clients[1].requests_per_minute, 7);
+}
+
+#[test]
+fn unknown_fields_are_named() {
+    let json = format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}","rpm":5}}],
+           "upstream":{{"api_key_env":"PROVIDER_KEY"}}}}"#
+    );
+    let e = err(&json);
+    assert!(e.starts_with("clients[0].rpm: unknown field `rpm`"), "{e}");
+    let e = err(r#"{"clients":[],"upstream":{"api_key_env":"X"},"extra":1}"#);
+    assert!(e.starts_with("extra: unknown field `extra`"), "{e}");
+}
+
+#[test]
+fn wrong_types_are_named() {
+    let json = format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}","requests_per_minute":"5"}}],
+           "upstream":{{"api_key_env":"PROVIDER_KEY"}}}}"#
+    );
+    let e = err(&json);
+    assert!(
+        e.starts_with("clients[0].requests_per_minute: invalid type"),
+        "{e}"
+    );
+    let e = err(
+        r#"{"clients":[],"upstream":{"api_key_env":"PROVIDER_KEY"},"default_requests_per_minute":-1}"#,
+    );
+    assert!(
+        e.starts_with("default_requests_per_minute: invalid value"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_digests_are_named() {
+    let e = err(&minimal(r#"[{"name":"a","key_sha256":"abc"}]"#));
+    assert_eq!(
+        e,
+        "clients[0].key_sha256: expected 64 hex characters (the SHA-256 of the whole key), got 3 characters"
+    );
+    let e = err(&minimal(&format!(
+        r#"[{{"name":"a","key_sha256":"{}"}}]"#,
+        "g".repeat(64)
+    )));
+    assert!(
+        e.starts_with("clients[0].key_sha256: not hexadecimal"),
+        "{e}"
+    );
+    let e = err(&minimal(r#"[{"name":"a"}]"#));
+    assert!(e.starts_with("clients[0].key_sha256: missing"), "{e}");
+    let e = err(&minimal(&format!(
+        r#"[{{"name":"a","key_sha256":"{DEMO_SHA}","key_md5":"{}"}}]"#,
+        "0".repeat(32)
+    )));
+    assert!(e.starts_with("clients[0].key_md5: set either"), "{e}");
+}
+
+#[test]
+fn duplicates_are_errors() {
+    let e = err(&minimal(&format!(
+        r#"[{{"name":"a","key_sha256":"{DEMO_SHA}"}},{{"name":"a","key_md5":"{}"}}]"#,
+        "0".repeat(32)
+    )));
+    assert_eq!(
+        e,
+        "clients[1].name: duplicate client name \"a\" (also clients[0])"
+    );
+    let upper = DEMO_SHA.to_uppercase();
+    let e = err(&minimal(&format!(
+        r#"[{{"name":"a","key_sha256":"{DEMO_SHA}"}},{{"name":"b","key_sha256":"{upper}"}}]"#
+    )));
+    assert_eq!(
+        e,
+        "clients[1].key_sha256: duplicate key digest (same key as clients[0])"
+    );
+}
+
+/// Many clients (the compile is linear: hash tables, no scan of the other clients), and
+/// duplicates far apart are still named by both positions.
+#[test]
+fn many_clients_and_distant_duplicates() {
+    let entry = |i: usize, name: &str| {
+        let hex =
+            crate::keys::Digest::of_key(DigestKind::Sha256, format!("k{i}").as_bytes()).to_hex();
+        format!(r#"{{"name":"{name}","key_sha256":"{hex}","requests_per_minute":600}}"#)
+    };
+    let n = 20_000;
+    let mut list: Vec<String> = (0..n).map(|i| entry(i, &format!("c{i}"))).collect();
+    let ok = parse(&minimal(&format!("[{}]", list.join(",")))).unwrap();
+    assert_eq!((ok.clients.len(), ok.keys.len()), (n, n));
+    assert_eq!(ok.keys.lookup(b"k19999"), Some(19_999));
+    assert_eq!(ok.clients[19_999].requests_per_minute, 600);
+
+    list.push(entry(n, "c7"));
+    assert_eq!(
+        err(&minimal(&format!("[{}]", list.join(",")))),
+        format!("clients[{n}].name: duplicate client name \"c7\" (also clients[7])")
+    );
+    list.pop();
+    list.push(entry(7, "another"));
+    assert_eq!(
+        err(&minimal(&format!("[{}]", list.join(",")))),
+        format!("clients[{n}].key_sha256: duplicate key digest (same key as clients[7])")
+    );
+}
+
+#[test]
+fn escaped_names_and_digests_are_read_too() {
+    // Borrowed from the document when possible, copied when escaped: the same result.
+    let hex = format!("\\u0035{}", &DEMO_SHA[1..]);
+    let c = parse(&minimal(&format!(
+        r#"[{{"name":"\u0061b","key_sha256":"{hex}"}}]"#
+    )))
+    .unwrap();
+    assert_eq!(c.clients[0].name, "ab");
+    assert_eq!(
+        c.keys.len(),
+        1,
+        "the escaped digest is the demo digest: {DEMO_SHA}"
+    );
+    let e = err(&minimal(r#"[{"name":"a","key_md5":7}]"#));
+    assert!(e.starts_with("clients[0].key_md5: invalid type"), "{e}");
+}
+
+#[test]
+fn phases_are_reported_in_order() {
+    let json = minimal(&format!(r#"[{{"name":"a","key_sha256":"{DEMO_SHA}"}}]"#));
+    let mut seen = Vec::new();
+    Config::parse_observed(json.as_bytes(), &env, &mut |p| seen.push(p)).unwrap();
+    assert_eq!(
+        seen,
+        [Phase::Json, Phase::Clients, Phase::KeyIndex, Phase::Rest]
+    );
+    assert_eq!(
+        seen.iter().map(|p| p.name()).collect::<Vec<_>>(),
+        ["json", "clients", "key_index", "rest"]
+    );
+    // A failed phase is not reported, nor any after it.
+    let mut seen = Vec::new();
+    let bad = minimal(r#"[{"name":"a","key_sha256":"abc"}]"#);
+    assert!(Config::parse_observed(bad.as_bytes(), &env, &mut |p| seen.push(p)).is_err());
+    assert_eq!(seen, [Phase::Json]);
+}
+
+#[test]
+fn names_must_be_label_safe() {
+    for bad in ["", "a.b", "-a", "a b", "ä", &"x".repeat(65)] {
+        let e = err(&minimal(&format!(
+            r#"[{{"name":{bad:?},"key_sha256":"{DEMO_SHA}"}}]"#
+        )));
+        assert!(e.starts_with("clients[0].name: "), "{bad:?}: {e}");
+    }
+}
+
+#[test]
+fn limits_must_be_positive() {
+    let e = err(&minimal(&format!(
+        r#"[{{"name":"a","key_sha256":"{DEMO_SHA}","requests_per_minute":0}}]"#
+    )));
+    assert_eq!(
+        e,
+        "clients[0].requests_per_minute: must be between 1 and 1000000000, got 0"
+    );
+}
+
+#[test]
+fn provider_key_must_be_present_and_is_never_echoed() {
+    let json = format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],"upstream":{{"api_key_env":"MISSING"}}}}"#
+    );
+    let e = err(&json);
+    assert!(
+        e.starts_with("upstream.api_key_env: environment variable \"MISSING\" is not set"),
+        "{e}"
+    );
+
+    let bad_env = |_: &str| Some("sk-has space".to_string());
+    let json = format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],"upstream":{{"api_key_env":"K"}}}}"#
+    );
+    let e = Config::parse(json.as_bytes(), &bad_env)
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("upstream.api_key_env: "), "{e}");
+    assert!(!e.contains("sk-has"), "{e}");
+}
+
+#[test]
+fn debug_output_redacts_the_provider_key() {
+    let c = parse(&minimal(&format!(
+        r#"[{{"name":"a","key_sha256":"{DEMO_SHA}"}}]"#
+    )))
+    .unwrap();
+    let dbg = format!("{c:?}");
+    assert!(!dbg.contains("sk-provider-secret"), "{dbg}");
+}
+
+fn with_limiter(limiter: &str) -> Result<Config, ConfigError> {
+    parse(&format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],
+            "upstream":{{"api_key_env":"PROVIDER_KEY"}},"limiter":{limiter}}}"#
+    ))
+}
+
+#[test]
+fn redis_limiter_defaults_and_errors() {
+    let c = with_limiter(r#"{"backend":"redis","cluster":"webdis"}"#).unwrap();
+    let LimiterBackend::Redis(r) = &c.limiter else {
+        panic!("{:?}", c.limiter)
+    };
+    assert_eq!(r.webdis.authority, "webdis");
+    assert_eq!(r.webdis.timeout_ms, DEFAULT_REDIS_TIMEOUT_MS);
+    assert_eq!(r.on_error, OnError::Local);
+    assert_eq!(r.webdis.authorization, None);
+    assert_eq!(c.limiter.name(), "redis");
+
+    let c = with_limiter(
+        r#"{"backend":"redis","cluster":"webdis","authority":"webdis.svc","timeout_ms":25,
+            "on_error":"deny","basic_auth_env":"PROVIDER_KEY"}"#,
+    );
+    // PROVIDER_KEY holds no colon: not a user:password pair.
+    let e = c.unwrap_err().to_string();
+    assert!(e.starts_with("limiter.basic_auth_env: "), "{e}");
+    assert!(!e.contains("sk-provider-secret"), "{e}");
+
+    let auth_env = |n: &str| match n {
+        "PROVIDER_KEY" => Some("sk-p".to_string()),
+        "WEBDIS_AUTH" => Some("tollgate:s3cret".to_string()),
+        _ => None,
+    };
+    let json = format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],"upstream":{{"api_key_env":"PROVIDER_KEY"}},
+            "limiter":{{"backend":"redis","cluster":"webdis","on_error":"allow","basic_auth_env":"WEBDIS_AUTH"}}}}"#
+    );
+    let c = Config::parse(json.as_bytes(), &auth_env).unwrap();
+    let LimiterBackend::Redis(r) = &c.limiter else {
+        panic!()
+    };
+    assert_eq!(
+        r.webdis.authorization.as_deref(),
+        Some("Basic dG9sbGdhdGU6czNjcmV0")
+    );
+    assert_eq!(r.on_error, OnError::Allow);
+    assert!(!format!("{c:?}").contains("dG9sbGdhdGU6"));
+
+    for (limiter, want) in [
+        (r#"{"backend":"redis"}"#, "limiter.cluster: required with"),
+        (
+            r#"{"backend":"redis","cluster":""}"#,
+            "limiter.cluster: must name",
+        ),
+        (
+            r#"{"backend":"redis","cluster":"w","timeout_ms":0}"#,
+            "limiter.timeout_ms: must be between",
+        ),
+        (
+            r#"{"backend":"redis","cluster":"w","on_error":"retry"}"#,
+            "limiter.on_error: unknown variant `retry`",
+        ),
+        (
+            r#"{"backend":"redis","cluster":"w","authority":"a b"}"#,
+            "limiter.authority: must be",
+        ),
+        (
+            r#"{"backend":"local","cluster":"w"}"#,
+            "limiter.cluster: only valid with",
+        ),
+        (
+            r#"{"backend":"local","on_error":"deny"}"#,
+            "limiter.on_error: only valid with",
+        ),
+        (
+            r#"{"backend":"redis","cluster":"w","tmeout_ms":5}"#,
+            "limiter.tmeout_ms: unknown field",
+        ),
+    ] {
+        let e = with_limiter(limiter).unwrap_err().to_string();
+        assert!(e.starts_with(want), "{limiter}: {e}");
+    }
+}
+
+fn routed(extra: &str) -> Result<Config, ConfigError> {
+    parse(&format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],
+            "providers":[{{"name":"p1","cluster":"c1","api_key_env":"PROVIDER_KEY"}},
+                         {{"name":"p2","cluster":"c2","api_key_env":"PROVIDER_KEY"}}],
+            {extra}}}"#
+    ))
+}
+
+#[test]
+fn routing_config() {
+    let c = routed(
+        r#""models":[{"match":"m","providers":["p1","p2"],"upstream_models":{"p2":"m2"}},
+                     {"match":"g-*","providers":["p2"]}],"default_provider":"p1""#,
+    )
+    .unwrap();
+    let Mode::Routed(r) = &c.mode else { panic!() };
+    assert_eq!(r.rule_for("m"), Some(0));
+    assert_eq!(r.rule_for("g-1"), Some(1));
+    assert_eq!(r.rule_for("x"), None);
+    assert_eq!(r.rules[0].targets[1].model.as_deref(), Some("m2"));
+    assert_eq!(r.default_provider, Some(0));
+    assert_eq!(r.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+
+    for (extra, want) in [
+        (
+            r#""models":[{"match":"m","providers":["p3"]}]"#,
+            "models[0].providers[0]: unknown provider \"p3\"",
+        ),
+        (
+            r#""models":[{"match":"m","providers":["p1","p1"]}]"#,
+            "models[0].providers[1]: provider \"p1\" is listed twice",
+        ),
+        (
+            r#""models":[{"match":"m","providers":[]}]"#,
+            "models[0].providers: at least one",
+        ),
+        (
+            r#""models":[{"match":"g*","providers":["p1"],"upstream_model":"x"}]"#,
+            "models[0].upstream_model: a glob rule cannot rename",
+        ),
+        (
+            r#""models":[{"match":"m","providers":["p1"]},{"match":"m","providers":["p2"]}]"#,
+            "models[1].match: duplicate rule",
+        ),
+        (
+            r#""models":[{"match":"m","providers":["p1"],"upstream_models":{"p2":"x"}}]"#,
+            "models[0].upstream_models.p2: not one of",
+        ),
+        (
+            r#""models":[{"match":"m","providers":["p1"]}],"default_provider":"nope""#,
+            "default_provider: unknown provider",
+        ),
+        (
+            r#""models":[{"match":"m","providers":["p1"]}],"max_body_bytes":10"#,
+            "max_body_bytes: must be between 1024",
+        ),
+        (r#""models":[]"#, "models: at least one model rule"),
+        (
+            r#""models":[{"match":"m","providers":["p1"]}],"upstream":{"api_key_env":"PROVIDER_KEY"}"#,
+            "upstream: set either",
+        ),
+        (
+            r#""models":[{"match":"m","prviders":["p1"]}]"#,
+            "models[0].prviders: unknown field",
+        ),
+    ] {
+        let e = routed(extra).unwrap_err().to_string();
+        assert!(e.starts_with(want), "{extra}: {e}");
+    }
+    // A mix of providers with and without `authority` in one rule.
+    let e = parse(&format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],
+            "providers":[{{"name":"p1","cluster":"c1","api_key_env":"PROVIDER_KEY","authority":"a.example"}},
+                         {{"name":"p2","cluster":"c2","api_key_env":"PROVIDER_KEY"}}],
+            "models":[{{"match":"m","providers":["p1","p2"]}}]}}"#
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("models[0].providers: the providers of one rule must all set"),
+        "{e}"
+    );
+    // Allow-lists and routing-only fields need routing.
+    let e = err(&minimal(&format!(
+        r#"[{{"name":"a","key_sha256":"{DEMO_SHA}","models":["m"]}}]"#
+    )));
+    assert!(
+        e.starts_with("clients[0].models: model allow-lists need"),
+        "{e}"
+    );
+    let e = err(&format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],"upstream":{{"api_key_env":"PROVIDER_KEY"}},"models":[]}}"#
+    ));
+    assert!(e.starts_with("models: only valid with `providers`"), "{e}");
+}
+
+#[test]
+fn empty_and_malformed_documents() {
+    assert!(err("").contains("empty"));
+    assert!(err("  ").contains("empty"));
+    let e = err("{not json");
+    assert_eq!(e, "not valid JSON: key must be a string at line 1 column 2");
+    let e = err(r#"{"clients": ["#);
+    assert!(e.starts_with("not valid JSON: EOF while parsing"), "{e}");
+    let e = err(r#"{"clients":[],"upstream":{"api_key_env":"PROVIDER_KEY"}}"#);
+    assert!(e.starts_with("clients: at least one client"), "{e}");
+    let e = err(
+        r#"{"clients":[],"upstream":{"api_key_env":"PROVIDER_KEY"},"limiter":{"backend":"etcd"}}"#,
+    );
+    assert!(
+        e.starts_with("limiter.backend: unknown variant `etcd`"),
+        "{e}"
+    );
+    let e = err(r#"{"upstream":{"api_key_env":"PROVIDER_KEY"}}"#);
+    assert!(e.starts_with("missing field `clients`"), "{e}");
+}
+
+/// Fuzz finding (fuzz/seeds/config/enum-given-a-number.json): valid JSON with a
+/// number for `limiter.backend` was "not valid JSON: expected value", naming no field.
+#[test]
+fn enum_fields_of_the_wrong_type_are_named() {
+    let with_limiter = |limiter: &str| {
+        let good = minimal(&format!(r#"[{{"name":"a","key_sha256":"{DEMO_SHA}"}}]"#));
+        format!(
+            r#"{},"limiter":{limiter}}}"#,
+            good.strip_suffix('}').unwrap()
+        )
+    };
+    for (limiter, field) in [
+        (r#"{"backend":5}"#, "limiter.backend"),
+        (r#"{"backend":null}"#, "limiter.backend"),
+        (
+            r#"{"backend":"redis","cluster":"w","on_error":[]}"#,
+            "limiter.on_error",
+        ),
+    ] {
+        let e = parse(&with_limiter(limiter)).unwrap_err();
+        assert_eq!(e.field, field, "{limiter}");
+        assert_eq!(e.message, "invalid type: expected a string");
+    }
+    assert!(parse(&with_limiter(r#"{"backend":"local"}"#)).is_ok());
+    let e = Config::parse(b"{\"clients\":[{\"name\":\"\xff\"}]}", &env).unwrap_err();
+    assert!(
+        e.field.is_empty() && e.message.starts_with("not valid JSON"),
+        "{e}"
+    );
+}
+
+/// Fuzz target config, seed array.json: serde reads a struct
+/// from an array, so `[[clients], null, null, {upstream}]` was a configuration.
+#[test]
+fn an_array_is_not_a_configuration() {
+    let e = err(&format!(
+        r#" [[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],null,null,{{"api_key_env":"PROVIDER_KEY"}}]"#
+    ));
+    assert_eq!(
+        e,
+        "the plugin configuration must be a JSON object, not an array"
+    );
+}
+
+/// Fuzz finding (fuzz/seeds/config/trailing-characters.json): what followed the
+/// object was ignored, e.g. a second configuration pasted after the first.
+#[test]
+fn trailing_characters_are_an_error() {
+    let good = minimal(&format!(r#"[{{"name":"a","key_sha256":"{DEMO_SHA}"}}]"#));
+    assert!(parse(&format!("{good} \n")).is_ok());
+    let e = err(&format!("{good}true"));
+    assert!(e.starts_with("not valid JSON: trailing characters"), "{e}");
+    let e = err(&format!("{good}{good}"));
+    assert!(e.starts_with("not valid JSON: trailing characters"), "{e}");
+}
