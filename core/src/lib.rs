@@ -5,6 +5,7 @@
 //! reused by the CLI and the benchmarks.
 
 pub mod attempt;
+pub mod base64;
 pub mod body;
 pub mod cache;
 pub mod config;
