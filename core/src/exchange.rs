@@ -22,6 +22,7 @@ use std::rc::Rc;
 
 use log::{debug, error, warn};
 
+use crate::access_log::{self, Record};
 use crate::cache::{self, Backend, Skip};
 use crate::gateway::{callout_status, timed_out, Gateway, MAX_WEBDIS_REPLY_BYTES};
 use crate::host::{send_local_reply, Action, Buffer, Host, Map};
@@ -116,6 +117,9 @@ pub struct Exchange {
     stream_chunks: Option<u64>,
     cache_header: Option<&'static str>,
     cache_store: Option<CacheStore>,
+    /// What the access log gets (one property, set when the request is decided and again when
+    /// the provider's usage is known).
+    log: Record,
 }
 
 impl Exchange {
@@ -139,6 +143,7 @@ impl Exchange {
             stream_chunks: None,
             cache_header: None,
             cache_store: None,
+            log: Record::default(),
         }
     }
 
@@ -223,6 +228,7 @@ impl Exchange {
         };
         if body_size > awaiting.max_bytes {
             gw.count_request(h, None, Outcome::Invalid);
+            self.log.outcome = Some(Outcome::Invalid.as_str());
             return self.reply(h, &openai::body_too_large(awaiting.max_bytes));
         }
         if !end_of_stream {
@@ -355,6 +361,16 @@ impl Exchange {
         if let Some(why) = step.key_error {
             debug!("unauthorized: {why:?}");
         }
+        self.log.client = step
+            .client
+            .and_then(|c| gw.config.client(c))
+            .map(|c| c.name.clone());
+        self.log.model = step.model.as_deref().map(access_log::model);
+        self.log.outcome = Some(step.outcome.as_str());
+        self.log.limiter_error = step
+            .limiter_errors
+            .first()
+            .map(|f| format!("{}:{}", f.backend, f.reason));
         let (action, outcome) = match step.decision {
             Decision::Reply(reply) => (self.reply(h, &reply), step.outcome),
             // Admitted (limits counted): the cache may answer it before it goes upstream.
@@ -377,7 +393,7 @@ impl Exchange {
     fn admit(
         &mut self,
         h: &dyn Host,
-        gw: &Gateway,
+        _gw: &Gateway,
         forward: Forward,
         client: Option<usize>,
         outcome: Outcome,
@@ -390,23 +406,38 @@ impl Exchange {
                 self.rule = forward.rule;
                 self.tokens = forward.tokens;
                 self.strip_usage_chunk = forward.strip_usage_chunk;
-                record_client(h, gw, client, forward.rule);
+                self.log.cache = self.cache_header;
+                self.write_log(h);
                 (Action::Continue, outcome)
             }
             Err(e) => {
                 // Never forward a request whose client key may still be on it.
                 error!("cannot rewrite request headers: {e}");
                 self.cache_store = None;
+                self.log.outcome = Some(Outcome::Error.as_str());
                 (self.reply(h, &openai::internal_error()), Outcome::Error)
             }
         }
     }
 
     /// Sends a local reply; if even that fails, resets the stream so nothing goes upstream.
+    /// The access log gets the reply's reason (an outcome not set by then is an error).
     fn reply(&mut self, h: &dyn Host, reply: &LocalReply) -> Action {
         self.replied = true;
+        self.log.reason = reply.kind.map(|k| k.reason());
+        if self.log.outcome.is_none() {
+            self.log.outcome = Some(Outcome::Error.as_str());
+        }
+        self.write_log(h);
         send_local_reply(h, reply);
         Action::Pause
+    }
+
+    /// Sets the access log's property (`wasm.tollgate`): one host call.
+    fn write_log(&self, h: &dyn Host) {
+        if let Err(e) = h.set_property(access_log::PROPERTY, &self.log.to_struct()) {
+            debug!("cannot set the access log's fields: {e}");
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -585,7 +616,8 @@ impl Exchange {
         // Settled in on_log: zero tokens used.
         self.used = Some(Usage::default());
         self.succeeded = true;
-        record_client(h, gw, client, rule);
+        self.log.cache = Some("hit");
+        self.write_log(h);
         gw.cache_count(h, CacheMetric::Hits, rule, backend, "", 1);
         gw.cache_count(
             h,
@@ -824,7 +856,7 @@ impl Exchange {
         }
     }
 
-    /// Records a response's usage: token counters and the access log's filter state.
+    /// Records a response's usage: token counters and the access log's tokens.
     fn record_usage(&mut self, h: &dyn Host, gw: &Gateway, usage: Usage) {
         self.used = Some(usage);
         let Some(client) = self.client else {
@@ -832,14 +864,9 @@ impl Exchange {
         };
         gw.count_tokens(h, client, self.rule, false, usage.prompt_tokens);
         gw.count_tokens(h, client, self.rule, true, usage.completion_tokens);
-        for (name, n) in [
-            ("tollgate_prompt_tokens", usage.prompt_tokens),
-            ("tollgate_completion_tokens", usage.completion_tokens),
-        ] {
-            if let Err(e) = h.set_property(name, n.to_string().as_bytes()) {
-                debug!("cannot set {name}: {e}");
-            }
-        }
+        self.log.prompt_tokens = Some(usage.prompt_tokens);
+        self.log.completion_tokens = Some(usage.completion_tokens);
+        self.write_log(h);
     }
 
     /// Response headers of a forwarded request: say what the cache did, and keep copying only
@@ -948,20 +975,4 @@ fn apply(h: &dyn Host, forward: &Forward) -> Result<(), crate::host::HostError> 
         h.clear_route_cache()?;
     }
     Ok(())
-}
-
-/// Names the client and the model rule for the access log
-/// (`%FILTER_STATE(wasm.tollgate_client:PLAIN)%`).
-fn record_client(h: &dyn Host, gw: &Gateway, client: Option<usize>, rule: Option<usize>) {
-    let Some(client) = client.and_then(|c| gw.config.client(c)) else {
-        return;
-    };
-    for (name, value) in [
-        ("tollgate_client", client.name.as_str()),
-        ("tollgate_model", gw.model_label(rule)),
-    ] {
-        if let Err(e) = h.set_property(name, value.as_bytes()) {
-            debug!("cannot set {name}: {e}");
-        }
-    }
 }

@@ -12,6 +12,8 @@ pub struct LocalReply {
     pub headers: Vec<(&'static str, String)>,
     /// JSON body.
     pub body: String,
+    /// The error it reports (`None` for an answer, such as `GET /v1/models`).
+    pub kind: Option<ErrorKind>,
 }
 
 /// Every error Tollgate produces; one row each in `docs/errors.md`.
@@ -93,6 +95,24 @@ impl ErrorKind {
         }
     }
 
+    /// Why, in the access log's words (its `reason` field): for a 429, the limit that refused.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidApiKey => "invalid_api_key",
+            ErrorKind::RequestsRateLimited => "requests_per_minute",
+            ErrorKind::TokensRateLimited => "tokens_per_minute",
+            ErrorKind::Internal => "internal_error",
+            ErrorKind::LimiterUnavailable => "limiter_unavailable",
+            ErrorKind::MalformedBody => "malformed_body",
+            ErrorKind::MissingModel => "missing_model",
+            ErrorKind::ModelNotAllowed => "model_not_allowed",
+            ErrorKind::ModelNotFound => "model_not_found",
+            ErrorKind::UnknownUrl => "unknown_url",
+            ErrorKind::BodyTooLarge => "body_too_large",
+            ErrorKind::LengthRequired => "length_required",
+        }
+    }
+
     /// OpenAI's `error.param`.
     pub fn param(self) -> Option<&'static str> {
         match self {
@@ -147,6 +167,7 @@ pub fn invalid_api_key() -> LocalReply {
             "Incorrect API key provided. Send your Tollgate client key as \
              'Authorization: Bearer <key>'.",
         ),
+        kind: Some(ErrorKind::InvalidApiKey),
     }
 }
 
@@ -165,6 +186,7 @@ pub fn requests_rate_limited(client: &str, limit: u64, reset_ms: u64) -> LocalRe
                 openai_duration(reset_ms)
             ),
         ),
+        kind: Some(ErrorKind::RequestsRateLimited),
     }
 }
 
@@ -190,6 +212,7 @@ pub fn tokens_rate_limited(
                 openai_duration(reset_ms)
             ),
         ),
+        kind: Some(ErrorKind::TokensRateLimited),
     }
 }
 
@@ -216,6 +239,7 @@ pub fn internal_error() -> LocalReply {
             "The gateway could not process the request. Please retry; if the error persists, \
              contact the gateway's operators.",
         ),
+        kind: Some(ErrorKind::Internal),
     }
 }
 
@@ -224,6 +248,7 @@ fn error(kind: ErrorKind, message: &str) -> LocalReply {
         status: kind.status(),
         headers: Vec::new(),
         body: error_body(kind, message),
+        kind: Some(kind),
     }
 }
 
@@ -233,6 +258,7 @@ pub fn json_ok(body: String) -> LocalReply {
         status: 200,
         headers: Vec::new(),
         body,
+        kind: None,
     }
 }
 
@@ -306,6 +332,7 @@ pub fn limiter_unavailable() -> LocalReply {
             "The gateway's rate limiter is unavailable, so the request was not sent. \
              Please retry shortly.",
         ),
+        kind: Some(ErrorKind::LimiterUnavailable),
     }
 }
 

@@ -127,6 +127,8 @@ pub struct Step {
     pub limiter_errors: Vec<LimiterFailure>,
     /// Why authentication failed (debug logs and tests; never sent to the client).
     pub key_error: Option<KeyError>,
+    /// The model the body asked for, once it was read (for the access log).
+    pub model: Option<String>,
 }
 
 /// What the filter does next with a request.
@@ -166,6 +168,8 @@ pub struct Pending {
     /// MD5 hex of the client key (the Redis keys' middle part).
     key_md5: String,
     sent_ms: u64,
+    /// The model the body asked for (carried to the step).
+    model: Option<String>,
 }
 
 /// The client's request headers that must not reach a provider (see [`forwarding`]): the filter
@@ -337,6 +341,44 @@ pub fn on_request_body(
         Err(BodyError::Malformed(why)) => return invalid(openai::malformed_body(&why)),
         Err(BodyError::NoModel) => return invalid(openai::missing_model()),
     };
+    let model = request.model.clone();
+    with_model(
+        decide_model(
+            config, routing, client, key_md5, cache, body, request, now_ms, store,
+        ),
+        model,
+    )
+}
+
+/// The model the request asked for, on whatever was decided for it.
+fn with_model(start: Start, model: String) -> Start {
+    match start {
+        Start::Done(step) => Start::Done(Step {
+            model: Some(model),
+            ..step
+        }),
+        Start::AskLimiter(pending) => Start::AskLimiter(Pending {
+            model: Some(model),
+            ..pending
+        }),
+        other => other,
+    }
+}
+
+/// Decides a routed request from its model: the allow-list, the rule, the limits.
+#[allow(clippy::too_many_arguments)]
+fn decide_model(
+    config: &Config,
+    routing: &Routing,
+    client: ClientId,
+    key_md5: Option<String>,
+    cache: Option<cache::RequestInfo>,
+    body: &[u8],
+    request: body::ModelRequest,
+    now_ms: u64,
+    store: &dyn CasStore,
+) -> Start {
+    let invalid = |r: LocalReply| Start::Done(reply(Some(client), Outcome::Invalid, r));
     let allow = config.client(client).and_then(|c| c.models.as_deref());
     if !routing::allowed(allow, &request.model) {
         let name = config.client(client).map_or("", |c| c.name.as_str());
@@ -385,6 +427,7 @@ pub fn on_limiter_reply(
         estimate,
         key_md5,
         sent_ms,
+        model,
     } = pending;
     let on_error = match &config.limiter {
         LimiterBackend::Redis(r) => r.on_error,
@@ -397,7 +440,7 @@ pub fn on_limiter_reply(
     // minute), so the reset is that window's end, even when the reply comes after it.
     let (minute, reset_at_send) = limiter::window_of(sent_ms);
     let reset_ms = reset_at_send.saturating_sub(now_ms.saturating_sub(sent_ms));
-    match reply_or_error {
+    let step = match reply_or_error {
         Ok(count) => {
             let window = Window {
                 limit,
@@ -449,7 +492,8 @@ pub fn on_limiter_reply(
                 }
             }
         }
-    }
+    };
+    Step { model, ..step }
 }
 
 /// Checks the request against the client's limits: a Redis callout, or the local limiter now.
@@ -476,6 +520,7 @@ fn limit(
             estimate,
             key_md5,
             sent_ms: now_ms,
+            model: None,
         }),
         _ => Start::Done(local_step(
             config,
@@ -509,6 +554,7 @@ fn reply(client: Option<ClientId>, outcome: Outcome, r: LocalReply) -> Step {
         outcome,
         limiter_errors: Vec::new(),
         key_error: None,
+        model: None,
     }
 }
 
@@ -694,6 +740,7 @@ fn forward_step(
         outcome: Outcome::Admitted,
         limiter_errors,
         key_error: None,
+        model: None,
     }
 }
 

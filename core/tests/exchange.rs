@@ -79,6 +79,84 @@ fn provider_response(host: &FakeHost, content_type: &str) {
     ]);
 }
 
+/// The access log's property (`wasm.tollgate`, a `google.protobuf.Struct`) as (key, value)
+/// pairs, numbers printed (leaked: a test's few bytes).
+fn log_record(host: &FakeHost) -> Vec<(&'static str, &'static str)> {
+    fn varint(b: &mut &[u8]) -> u64 {
+        let (mut n, mut shift) = (0u64, 0);
+        loop {
+            let byte = b[0];
+            *b = &b[1..];
+            n |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return n;
+            }
+            shift += 7;
+        }
+    }
+    fn field<'a>(b: &mut &'a [u8]) -> &'a [u8] {
+        varint(b);
+        let n = varint(b) as usize;
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        head
+    }
+    let properties = host.properties.borrow();
+    let mut b = properties
+        .get("tollgate")
+        .expect("the log property")
+        .as_slice();
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let mut entry = field(&mut b);
+        let key = String::from_utf8(field(&mut entry).to_vec()).unwrap();
+        let mut value = field(&mut entry);
+        let shown = if value[0] == 0x11 {
+            f64::from_le_bytes(value[1..9].try_into().unwrap()).to_string()
+        } else {
+            String::from_utf8(field(&mut value).to_vec()).unwrap()
+        };
+        out.push((&*key.leak(), &*shown.leak()));
+    }
+    out
+}
+
+#[test]
+fn a_rate_limited_request_names_its_client_model_and_limit() {
+    let host = FakeHost::new(NOW, &[]);
+    let json = routed().replace(
+        r#""models":["gpt-4.1","fast"]"#,
+        r#""models":["gpt-4.1","fast"],"requests_per_minute":1"#,
+    );
+    let gw = gateway(&host, &json);
+    for expected in [200, 429] {
+        let mut ex = Exchange::new(Some(gw.clone()));
+        chat_request(&host, 20);
+        host.request
+            .borrow_mut()
+            .retain(|(n, _)| n != b"x-tollgate-route");
+        assert_eq!(ex.on_request_headers(&host, false), Action::Pause);
+        *host.request_body.borrow_mut() = br#"{"model":"fast"}"#.to_vec();
+        host.take_calls();
+        let action = ex.on_request_body(&host, 16, true);
+        let calls = host.take_calls();
+        if expected == 429 {
+            assert_eq!(action, Action::Pause);
+            assert_eq!(host.replies.borrow()[0].status, 429);
+            assert_eq!(calls.iter().filter(|c| **c == "set_property").count(), 1);
+        }
+    }
+    assert_eq!(
+        log_record(&host),
+        [
+            ("client", "team"),
+            ("model", "fast"),
+            ("outcome", "rate_limited"),
+            ("reason", "requests_per_minute")
+        ]
+    );
+}
+
 #[test]
 fn an_admitted_json_request_end_to_end_and_its_host_calls() {
     let host = FakeHost::new(NOW, &[]);
@@ -150,11 +228,21 @@ fn an_admitted_json_request_end_to_end_and_its_host_calls() {
             body_calls.len(),
             log_calls.len()
         ),
-        (10, 2, 7, 5),
+        (9, 2, 6, 5),
         "host calls per phase"
     );
-    // Three of them define a metric series on its first use in this VM, once.
-    assert_eq!(all, 24);
+    // Three of them define a metric series on its first use in this VM, once. Two set the
+    // access log's one property: at admission, and again with the provider's usage.
+    assert_eq!(all, 22);
+    assert_eq!(
+        log_record(&host),
+        [
+            ("client", "team"),
+            ("outcome", "admitted"),
+            ("prompt_tokens", "7"),
+            ("completion_tokens", "5"),
+        ]
+    );
 }
 
 #[test]
@@ -168,8 +256,21 @@ fn a_refused_request_strips_nothing_and_is_answered() {
         .retain(|(n, _)| n != b"authorization");
     assert_eq!(ex.on_request_headers(&host, false), Action::Pause);
     let calls = host.take_calls();
-    assert_eq!(calls, vec!["get_headers", "now", "send_reply", "increment"]);
+    assert_eq!(
+        calls,
+        vec![
+            "get_headers",
+            "now",
+            "set_property",
+            "send_reply",
+            "increment"
+        ]
+    );
     assert_eq!(host.replies.borrow()[0].status, 401);
+    assert_eq!(
+        log_record(&host),
+        [("outcome", "unauthorized"), ("reason", "invalid_api_key")]
+    );
     // Whatever follows stays held: nothing of this request goes upstream.
     assert_eq!(ex.on_request_body(&host, 100, false), Action::Pause);
     assert_eq!(ex.on_request_trailers(&host), Action::Pause);
@@ -235,6 +336,15 @@ fn a_model_off_the_allow_list_is_refused_whatever_the_framing() {
         };
         assert_eq!(action, Action::Pause);
         assert_eq!(host.replies.borrow()[0].status, 403);
+        assert_eq!(
+            log_record(&host),
+            [
+                ("client", "team"),
+                ("model", "o1"),
+                ("outcome", "invalid"),
+                ("reason", "model_not_allowed")
+            ]
+        );
         assert!(!ex.forwarded());
     }
 }
@@ -322,7 +432,15 @@ fn a_routed_request_and_its_attempt_in_host_calls() {
     assert_eq!(ex.on_request_body(&host, 33, true), Action::Continue);
     let body = host.take_calls();
     println!("headers {headers:?}\nbody {body:?}");
-    assert_eq!((headers.len(), body.len()), (3, 8));
+    assert_eq!((headers.len(), body.len()), (3, 7));
+    assert_eq!(
+        log_record(&host),
+        [
+            ("client", "team"),
+            ("model", "gpt-4.1"),
+            ("outcome", "admitted")
+        ]
+    );
 
     // The upstream role's attempt on the same request.
     let config = Config::parse(routed().as_bytes(), &|_| Some("sk-provider".into())).unwrap();
