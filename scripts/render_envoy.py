@@ -425,12 +425,12 @@ ACCESS_LOG_FIELDS = {
     # and never x-envoy-original-path, which a client can send.
     "path": "%PATH(NQ:PATH)%",
     "status": "%RESPONSE_CODE%",
-    "client": "%FILTER_STATE(wasm.tollgate_client:PLAIN)%",
-    "model": "%FILTER_STATE(wasm.tollgate_model:PLAIN)%",
     "upstream_cluster": "%UPSTREAM_CLUSTER%",
     "upstream_host": "%UPSTREAM_HOST%",
-    "prompt_tokens": "%FILTER_STATE(wasm.tollgate_prompt_tokens:PLAIN)%",
-    "completion_tokens": "%FILTER_STATE(wasm.tollgate_completion_tokens:PLAIN)%",
+    # What Tollgate decided (client, model, outcome, reason, cache, tokens): one property the
+    # filter declares as a google.protobuf.Struct, so it is written as a typed object
+    # {"@type": ..., "value": {...}}; null when Tollgate decided nothing (docs/metrics.md).
+    "tollgate": "%FILTER_STATE(wasm.tollgate:TYPED)%",
     "duration_ms": "%DURATION%",
     "response_flags": "%RESPONSE_FLAGS%",
     # Why Envoy answered itself, e.g. path_normalization_failed, request_headers_timeout.
