@@ -1,0 +1,139 @@
+"""End to end: every request Tollgate decides is attributable in the JSON access log. For each
+outcome (admitted, each refusal, cache hit, limiter fail-open, unauthenticated, and a request
+Envoy refused before Tollgate saw it) the test reads the line and checks every documented field
+of its `tollgate` object (docs/metrics.md#access-log): what is there, and that nothing else is."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import harness
+from harness import chat_body, sha256_hex
+
+KEY = "sk-log-team-5c1d"
+SLOW = "sk-log-slow-0b7e"
+TINY = "sk-log-tiny-93fa"
+DOCUMENTED = {"client", "model", "outcome", "reason", "cache", "limiter_error",
+              "prompt_tokens", "completion_tokens"}
+STRUCT = "type.googleapis.com/google.protobuf.Struct"
+
+
+def plugin(**extra) -> dict:
+    return {
+        "clients": [
+            {"name": "log-team", "key_sha256": sha256_hex(KEY), "requests_per_minute": 1000,
+             "models": ["gpt-4.1", "gpt-4.1-mini", "unknown-*"]},
+            {"name": "log-slow", "key_sha256": sha256_hex(SLOW), "requests_per_minute": 1},
+            {"name": "log-tiny", "key_sha256": sha256_hex(TINY), "requests_per_minute": 1000,
+             "tokens_per_minute": 10},
+        ],
+        "providers": [{"name": "relay", "cluster": "provider_relay",
+                       "api_key_env": harness.PROVIDER_KEY_ENV}],
+        "models": [
+            {"match": "gpt-4.1", "providers": ["relay"]},
+            {"match": "gpt-4.1-mini", "providers": ["relay"], "cache": {"backend": "local"}},
+            {"match": "o1", "providers": ["relay"]},
+        ],
+        **extra,
+    }
+
+
+@pytest.fixture
+def relay(workdir):
+    r = harness.MockProvider(workdir, name="relay", expect_key=harness.PROVIDER_KEY)
+    yield r
+    r.stop()
+
+
+def log_lines(gw, count: int) -> list[dict]:
+    """The first `count` access-log lines, once Envoy has flushed them."""
+    def lines():
+        found = [json.loads(ln) for ln in gw.log().splitlines() if ln.startswith("{")]
+        return found if len(found) >= count else None
+    return harness.wait_until(lines, f"{count} access-log lines", timeout_s=15)[:count]
+
+
+def fields(line: dict) -> dict | None:
+    """The line's `tollgate` object (None when Tollgate decided nothing)."""
+    t = line["tollgate"]
+    if t is None:
+        return None
+    assert t["@type"] == STRUCT, t
+    assert set(t["value"]) <= DOCUMENTED, t
+    return t["value"]
+
+
+def test_every_outcome_is_logged_with_its_fields(start_gateway, relay):
+    gw = start_gateway(plugin(), {"relay": {"url": relay.url}})
+    harness.wait_for_fresh_window()
+    body = lambda model, **kw: json.dumps(chat_body(model, **kw)).encode()  # noqa: E731
+
+    admitted = gw.post(key=KEY, body=body("gpt-4.1"))
+    assert admitted.status == 200
+    usage = admitted.json()["usage"]
+    assert gw.post(key="sk-not-a-client", body=body("gpt-4.1")).status == 401
+    assert gw.post(key=KEY, body=body("o1")).status == 403
+    assert gw.post(key=KEY, body=body("unknown-model")).status == 404
+    assert gw.post(key=KEY, path="/v1/nothing-here").status == 404
+    assert gw.post(key=KEY, body=b"{not json").status == 400
+    slow = gw.post(key=SLOW, body=body("gpt-4.1"))
+    assert slow.status == 200
+    assert gw.post(key=SLOW, body=body("gpt-4.1")).status == 429
+    assert gw.post(key=TINY, body=body("gpt-4.1", max_tokens=100)).status == 429
+    miss = gw.post(key=KEY, body=body("gpt-4.1-mini", temperature=0))
+    assert miss.header("x-tollgate-cache") == "miss"
+    harness.wait_until(lambda: gw.counter("tollgate_cache_stores_total", backend="local",
+                                          model="gpt-4_1-mini") >= 1, "the response stored")
+    hit = gw.post(key=KEY, body=body("gpt-4.1-mini", temperature=0))
+    assert hit.header("x-tollgate-cache") == "hit"
+    # Refused by Envoy itself (an escaped slash): Tollgate decided nothing.
+    assert harness.request(gw.url, "POST", "/v1%2Fchat/completions",
+                           [("authorization", f"Bearer {KEY}")], chat_body()).status == 400
+
+    lines = log_lines(gw, 12)
+    got = [(line["status"], fields(line)) for line in lines]
+    team = {"client": "log-team"}
+    mini_usage = miss.json()["usage"]
+    assert got == [
+        (200, {**team, "model": "gpt-4.1", "outcome": "admitted",
+               "prompt_tokens": usage["prompt_tokens"],
+               "completion_tokens": usage["completion_tokens"]}),
+        (401, {"outcome": "unauthorized", "reason": "invalid_api_key"}),
+        (403, {**team, "model": "o1", "outcome": "invalid", "reason": "model_not_allowed"}),
+        (404, {**team, "model": "unknown-model", "outcome": "invalid",
+               "reason": "model_not_found"}),
+        (404, {**team, "outcome": "invalid", "reason": "unknown_url"}),
+        (400, {**team, "outcome": "invalid", "reason": "malformed_body"}),
+        (200, {"client": "log-slow", "model": "gpt-4.1", "outcome": "admitted",
+               "prompt_tokens": slow.json()["usage"]["prompt_tokens"],
+               "completion_tokens": slow.json()["usage"]["completion_tokens"]}),
+        (429, {"client": "log-slow", "model": "gpt-4.1", "outcome": "rate_limited",
+               "reason": "requests_per_minute"}),
+        (429, {"client": "log-tiny", "model": "gpt-4.1", "outcome": "rate_limited",
+               "reason": "tokens_per_minute"}),
+        (200, {**team, "model": "gpt-4.1-mini", "outcome": "admitted", "cache": "miss",
+               "prompt_tokens": mini_usage["prompt_tokens"],
+               "completion_tokens": mini_usage["completion_tokens"]}),
+        (200, {**team, "model": "gpt-4.1-mini", "outcome": "admitted", "cache": "hit"}),
+        (400, None),
+    ]
+    assert KEY not in json.dumps(lines) and harness.PROVIDER_KEY not in json.dumps(lines)
+
+
+def test_a_limiter_failing_open_is_logged(start_gateway, relay):
+    """The Redis limiter is unreachable and `on_error: allow`: the request is admitted without
+    limits, and the log says which limiter failed and why."""
+    dead = f"127.0.0.1:{harness.free_port()}"
+    limiter = {"backend": "redis", "cluster": "webdis", "on_error": "allow", "timeout_ms": 200}
+    gw = start_gateway(plugin(limiter=limiter), {"relay": {"url": relay.url}}, webdis=dead)
+    r = gw.post(key=KEY, body=json.dumps(chat_body("gpt-4.1")).encode())
+    assert r.status == 200
+    (line,) = log_lines(gw, 1)
+    got = fields(line)
+    assert got.pop("limiter_error").startswith("redis:"), line
+    usage = r.json()["usage"]
+    assert got == {"client": "log-team", "model": "gpt-4.1", "outcome": "admitted",
+                   "prompt_tokens": usage["prompt_tokens"],
+                   "completion_tokens": usage["completion_tokens"]}
