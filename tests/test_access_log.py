@@ -137,3 +137,20 @@ def test_a_limiter_failing_open_is_logged(start_gateway, relay):
     assert got == {"client": "log-team", "model": "gpt-4.1", "outcome": "admitted",
                    "prompt_tokens": usage["prompt_tokens"],
                    "completion_tokens": usage["completion_tokens"]}
+
+
+def test_the_otlp_example_validates(tmp_path):
+    """docs/examples/otel-access-log.yaml, added to the demo bootstrap, passes
+    `envoy --mode validate` (which also loads the module and runs its configuration)."""
+    import render_envoy
+    import yaml
+    from test_envoy_configs import validate
+
+    example = yaml.safe_load((harness.ROOT / "docs" / "examples" / "otel-access-log.yaml").read_text())
+    cfg = render_envoy.load()
+    render_envoy._hcm(cfg)["access_log"].extend(example["access_log"])
+    cfg["static_resources"]["clusters"].extend(example["clusters"])
+    path = tmp_path / "otel.yaml"
+    path.write_text(render_envoy.dump(cfg))
+    r = validate(path)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
