@@ -11,6 +11,7 @@
 mod cache;
 mod clients;
 mod limiter;
+mod path;
 mod routing;
 #[cfg(test)]
 mod tests;
@@ -181,19 +182,13 @@ impl Config {
             ));
         }
         let de = &mut serde_json::Deserializer::from_slice(json);
-        let raw: RawConfig = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
-            let inner = e.inner();
-            if (inner.is_syntax() || inner.is_eof()) && !is_json(json) {
+        let raw = RawConfig::deserialize(&mut *de).map_err(|e| {
+            if (e.is_syntax() || e.is_eof()) && !is_json(json) {
                 // Broken JSON has no field yet; its line and column are what helps.
-                return ConfigError::new("", format!("not valid JSON: {inner}"));
+                return ConfigError::new("", format!("not valid JSON: {e}"));
             }
-            let path = e.path().to_string();
-            let field = if path == "." || path == "?" {
-                String::new()
-            } else {
-                path
-            };
-            let message = strip_position(&inner.to_string());
+            let field = path::path_at(json, path::offset_of(json, e.line(), e.column()));
+            let message = strip_position(&e.to_string());
             // serde_json's error for an enum field given a number, array or null, reported
             // as a syntax error at that value.
             let message = if message == "expected value" {
