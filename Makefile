@@ -41,6 +41,7 @@ deps: system-packages toolchain $(VENV)/.installed $(DEPLOY_VENV)/.installed
 
 build: toolchain
 	cargo build --release --target wasm32-wasip1 -p tollgate-filter
+	bash scripts/optimize-wasm.sh $(WASM)
 	cargo build --release -p tollgate-mock-provider -p tollgate-cli
 	@ls -l $(WASM) | awk '{print "tollgate.wasm: " $$5 " bytes"}'
 
