@@ -27,6 +27,10 @@ pub const MAX_PENDING_STORES: usize = 64;
 /// Webdis's answers to checks and stores are a few dozen bytes; anything longer is not one.
 pub const MAX_WEBDIS_REPLY_BYTES: usize = 4096;
 
+/// The hasher of the metric-id maps the request path reads (no per-VM random keys needed: the
+/// keys are the configuration's indexes, not anything a client chooses).
+type FastHash = hashbrown::DefaultHashBuilder;
+
 /// (metric, rule, backend, reason) of a `tollgate_cache_*` series.
 type CacheSeries = (CacheMetric, Option<usize>, Backend, &'static str);
 
@@ -155,12 +159,16 @@ impl Gateway {
         }
     }
 
-    /// Counts a request in `tollgate_requests_total{client,outcome}`.
+    /// Counts a request in `tollgate_requests_total{client,outcome}` (a client's series is
+    /// defined on its first use).
     pub fn count_request(&self, host: &dyn Host, client: Option<usize>, outcome: Outcome) {
-        let row = client
-            .and_then(|c| self.metrics.requests.get(c))
-            .unwrap_or(&self.metrics.anonymous);
-        if let Some(&id) = row.get(outcome.index()) {
+        let id = match client.and_then(|c| self.config.client(c).map(|k| (c, k))) {
+            Some((c, known)) => lazy_metric(&self.metrics.requests, (c, outcome.index()), || {
+                host.define_counter(&metrics::requests_total(&known.name, outcome))
+            }),
+            None => self.metrics.anonymous.get(outcome.index()).copied(),
+        };
+        if let Some(id) = id {
             host.increment(id, 1);
         }
     }
@@ -404,8 +412,8 @@ pub fn timed_out(e: cache::Error, now_ms: u64, sent_ms: u64, timeout_ms: u32) ->
 
 /// The id of a metric defined on first use: from `cache`, else defined and cached. Label sets
 /// are bounded by the configuration, so the caches are too.
-pub fn lazy_metric<K: Eq + std::hash::Hash>(
-    cache: &RefCell<HashMap<K, u32>>,
+pub fn lazy_metric<K: Eq + std::hash::Hash, S: std::hash::BuildHasher>(
+    cache: &RefCell<HashMap<K, u32, S>>,
     key: K,
     define: impl FnOnce() -> Result<u32, HostError>,
 ) -> Option<u32> {
@@ -426,8 +434,10 @@ pub fn lazy_metric<K: Eq + std::hash::Hash>(
 
 /// Counter ids defined once per configuration, so the request path never builds a name.
 struct MetricIds {
-    /// `[client][outcome]` for configured clients.
-    requests: Vec<[u32; 5]>,
+    /// `(client, outcome)` ids of configured clients, defined on a client's first request with
+    /// that outcome: defining five counters for every configured client in every VM costs time
+    /// and memory in proportion to all clients, not to those seen (issue #23: 100,000 clients).
+    requests: RefCell<HashMap<(usize, usize), u32, FastHash>>,
     /// Requests without a known client: `[outcome]`.
     anonymous: [u32; 5],
     /// `(backend, reason, id)` for every limiter failure this configuration can meet.
@@ -443,11 +453,6 @@ impl MetricIds {
             }
             Ok(ids)
         };
-        let requests = config
-            .clients
-            .iter()
-            .map(|c| per_outcome(&c.name))
-            .collect::<Result<Vec<_>, _>>()?;
         // The local limiter runs in every mode (as the Redis fallback too).
         let mut failures: Vec<(&'static str, &'static str)> =
             [LimiterError::Contention, LimiterError::Store]
@@ -467,7 +472,7 @@ impl MetricIds {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            requests,
+            requests: RefCell::new(HashMap::default()),
             anonymous: per_outcome(ANONYMOUS)?,
             limiter_errors,
         })

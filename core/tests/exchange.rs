@@ -228,12 +228,13 @@ fn an_admitted_json_request_end_to_end_and_its_host_calls() {
             body_calls.len(),
             log_calls.len()
         ),
-        (9, 2, 6, 5),
+        (10, 2, 6, 5),
         "host calls per phase"
     );
-    // Three of them define a metric series on its first use in this VM, once. Two set the
-    // access log's one property: at admission, and again with the provider's usage.
-    assert_eq!(all, 22);
+    // Four of them define a metric series on its first use in this VM, once (the client's
+    // request counter, two token counters, the duration histogram). Two set the access log's
+    // one property: at admission, and again with the provider's usage.
+    assert_eq!(all, 23);
     assert_eq!(
         log_record(&host),
         [
@@ -432,7 +433,8 @@ fn a_routed_request_and_its_attempt_in_host_calls() {
     assert_eq!(ex.on_request_body(&host, 33, true), Action::Continue);
     let body = host.take_calls();
     println!("headers {headers:?}\nbody {body:?}");
-    assert_eq!((headers.len(), body.len()), (3, 7));
+    // The body's eight include the client's request counter, defined on its first use.
+    assert_eq!((headers.len(), body.len()), (3, 8));
     assert_eq!(
         log_record(&host),
         [
