@@ -34,6 +34,10 @@ type FastHash = hashbrown::DefaultHashBuilder;
 /// (metric, rule, backend, reason) of a `tollgate_cache_*` series.
 type CacheSeries = (CacheMetric, Option<usize>, Backend, &'static str);
 
+/// (client, rule, reason) of a `tollgate_refusals_total` series (`None`: no valid key; `Some(None)`
+/// rule: one provider; `None` rule: no rule matched).
+type RefusalSeries = (Option<usize>, Option<Option<usize>>, &'static str);
+
 /// (client, rule, completion?) of a `tollgate_tokens_total` series.
 type TokenSeries = (usize, Option<usize>, bool);
 
@@ -60,6 +64,8 @@ pub struct Gateway {
     /// `tollgate_tokens_total` ids, defined on first use: the label set is bounded by the
     /// configuration, but defining every combination up front would not be.
     tokens: RefCell<HashMap<TokenSeries, u32>>,
+    /// `tollgate_refusals_total` ids, defined on first use.
+    refusals: RefCell<HashMap<RefusalSeries, u32, FastHash>>,
     /// Histogram ids by (rule, first-byte?), defined on first use.
     timings: RefCell<HashMap<(Option<usize>, bool), u32>>,
     /// Token adjustments for the Redis limiter, sent on the root tick.
@@ -101,6 +107,7 @@ impl Gateway {
             config,
             metrics,
             tokens: RefCell::new(HashMap::new()),
+            refusals: RefCell::new(HashMap::default()),
             timings: RefCell::new(HashMap::new()),
             settlements: RefCell::new(Settlements::default()),
             cache_metrics: RefCell::new(HashMap::new()),
@@ -168,6 +175,34 @@ impl Gateway {
             }),
             None => self.metrics.anonymous.get(outcome.index()).copied(),
         };
+        if let Some(id) = id {
+            host.increment(id, 1);
+        }
+    }
+
+    /// Counts a request Tollgate answered itself in `tollgate_refusals_total`, under the rule
+    /// its model matched (`model`: what the body asked for, once read).
+    pub fn count_refusal(
+        &self,
+        host: &dyn Host,
+        client: Option<usize>,
+        model: Option<&str>,
+        reason: &'static str,
+    ) {
+        let rule = match &self.config.mode {
+            Mode::Single(_) => Some(None),
+            Mode::Routed(r) => model.and_then(|m| r.rule_for(m)).map(Some),
+        };
+        let id = lazy_metric(&self.refusals, (client, rule, reason), || {
+            let name = client
+                .and_then(|c| self.config.client(c))
+                .map_or(ANONYMOUS, |c| c.name.as_str());
+            let model = match rule {
+                Some(rule) => self.model_label(rule),
+                None => metrics::NO_MODEL,
+            };
+            host.define_counter(&metrics::refusals_total(name, model, reason))
+        });
         if let Some(id) = id {
             host.increment(id, 1);
         }

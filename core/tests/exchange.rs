@@ -262,12 +262,21 @@ fn a_refused_request_strips_nothing_and_is_answered() {
         vec![
             "get_headers",
             "now",
+            // tollgate_refusals_total{reason="invalid_api_key"}, defined on its first use.
+            "define_metric",
+            "increment",
             "set_property",
             "send_reply",
             "increment"
         ]
     );
     assert_eq!(host.replies.borrow()[0].status, 401);
+    assert_eq!(
+        host.counter(
+            "tollgate_refusals_total.client=_anonymous.model=_default.reason=invalid_api_key"
+        ),
+        1
+    );
     assert_eq!(
         log_record(&host),
         [("outcome", "unauthorized"), ("reason", "invalid_api_key")]
