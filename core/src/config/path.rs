@@ -67,8 +67,7 @@ pub(super) fn path_at(json: &[u8], offset: usize) -> String {
                 let end = i.saturating_sub(1).max(start);
                 match stack.last_mut() {
                     Some(Frame::Object(key @ None)) => {
-                        let raw = text.get(start..end).unwrap_or_default();
-                        *key = Some(String::from_utf8_lossy(raw).into_owned());
+                        *key = Some(key_text(text, start, end));
                     }
                     _ => start_value(&mut stack),
                 }
@@ -97,6 +96,20 @@ pub(super) fn path_at(json: &[u8], offset: usize) -> String {
     path
 }
 
+/// The key between the quotes at `start..end`, its escapes decoded (`"n\u0061me"` is the
+/// key `name`, as serde_json reads it); raw text if it does not decode.
+fn key_text(text: &[u8], start: usize, end: usize) -> String {
+    let raw = text.get(start..end).unwrap_or_default();
+    if raw.contains(&b'\\') {
+        if let Some(quoted) = text.get(start.saturating_sub(1)..end.saturating_add(1)) {
+            if let Ok(key) = serde_json::from_slice::<String>(quoted) {
+                return key;
+            }
+        }
+    }
+    String::from_utf8_lossy(raw).into_owned()
+}
+
 /// A value starts: in an array, it is the current element.
 fn start_value(stack: &mut [Frame]) {
     if let Some(Frame::Array(n @ None)) = stack.last_mut() {
@@ -114,6 +127,12 @@ mod tests {
     }
 
     #[test]
+    fn escaped_keys_are_decoded() {
+        let doc = r#"{"clh\u0065nts": [{"n\"ame": 1}]}"#;
+        assert_eq!(at(doc, "1"), r#"clhents[0].n"ame"#);
+    }
+
+    #[test]
     fn paths_of_members_and_elements() {
         let doc = r#"{"clients": [{"name": "a"}, {"name": "b", "rpm": 5}], "limiter": {"on_error": "x"}}"#;
         assert_eq!(at(doc, r#""rpm""#), "clients[1].rpm");
@@ -123,7 +142,7 @@ mod tests {
         assert_eq!(at(doc, r#""x""#), "limiter.on_error");
         assert_eq!(at(doc, r#""x"}}"#), "");
         assert_eq!(at(r#"{"a": [[1, 2], [3, "x"]]}"#, "\"x\""), "a[1][1]");
-        assert_eq!(at(r#"{"a\"b": 1}"#, "1"), "a\\\"b");
+        assert_eq!(at(r#"{"a\"b": 1}"#, "1"), "a\"b");
     }
 
     #[test]
