@@ -120,6 +120,19 @@ def test_every_outcome_is_logged_with_its_fields(start_gateway, relay):
         (400, None),
     ]
     assert KEY not in json.dumps(lines) and harness.PROVIDER_KEY not in json.dumps(lines)
+    # Every refusal Tollgate answered is counted by client, model rule and reason.
+    refusals = {(line["tollgate"]["value"].get("client", "_anonymous"),
+                 line["tollgate"]["value"].get("reason"))
+                for line in lines if line["tollgate"] and line["tollgate"]["value"].get("reason")}
+    rules = {"requests_per_minute": "gpt-4_1", "tokens_per_minute": "gpt-4_1",
+             "model_not_allowed": "o1"}
+    for client, reason in sorted(refusals):
+        model = "_none" if client == "_anonymous" else rules.get(reason, "_none")
+        assert gw.counter("tollgate_refusals_total", client=client, model=model,
+                          reason=reason) == 1, (client, reason)
+    assert len(refusals) == 7
+    # Nothing went upstream for a refusal or a cache hit; one try for each admitted request.
+    assert [line["attempts"] for line in lines] == [1, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0]
 
 
 def test_a_limiter_failing_open_is_logged(start_gateway, relay):
