@@ -116,6 +116,8 @@ pub struct Exchange {
     stream_chunks: Option<u64>,
     cache_header: Option<&'static str>,
     cache_store: Option<CacheStore>,
+    /// The upstream role's attempts were counted (once, at the response or at the log).
+    attempts_counted: bool,
 }
 
 impl Exchange {
@@ -139,6 +141,7 @@ impl Exchange {
             stream_chunks: None,
             cache_header: None,
             cache_store: None,
+            attempts_counted: false,
         }
     }
 
@@ -614,6 +617,8 @@ impl Exchange {
         let Some(gw) = self.gateway.clone() else {
             return Action::Continue;
         };
+        // Envoy's router made its last attempt: count them before the client sees the answer.
+        self.count_attempts(h, &gw);
         // One read of the whole map: status, content type, and the headers to remove.
         let headers = match h.headers(Map::Response) {
             Ok(headers) => headers,
@@ -775,6 +780,8 @@ impl Exchange {
             self.client = wait.client;
             self.tokens = wait.forward.tokens;
         }
+        // No response headers (client gone, stream reset): the attempts made still count.
+        self.count_attempts(h, &gw);
         if let Some(store) = self.cache_store.take() {
             // The response never reached its end of stream (reset, client gone).
             let skip = Skip::Incomplete.reason();
@@ -821,6 +828,14 @@ impl Exchange {
                     },
                 );
             }
+        }
+    }
+
+    /// Counts the upstream role's attempts of a forwarded request, once.
+    fn count_attempts(&mut self, h: &dyn Host, gw: &Gateway) {
+        if self.forwarded && !self.attempts_counted {
+            self.attempts_counted = true;
+            gw.count_attempts(h);
         }
     }
 
