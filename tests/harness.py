@@ -352,6 +352,8 @@ class Gateway:
     name: str = "envoy"
     webdis: str | None = None
     host_env_keys: list[str] | None = None
+    # Changes the rendered config last (e.g. an Istio-like bootstrap: tests/test_istio_stats.py).
+    transform: object = None
 
     def __post_init__(self):
         # A free port is free only when it is picked: another process may take it before Envoy
@@ -381,6 +383,8 @@ class Gateway:
             render_envoy.set_webdis(cfg, self.webdis)
         if self.host_env_keys:
             render_envoy.set_host_env_keys(cfg, self.host_env_keys)
+        if self.transform is not None:
+            self.transform(cfg)
         self.config_path = self.log_dir / f"{self.name}.yaml"
         self.config_path.write_text(render_envoy.dump(cfg))
         self.log_path = self.log_dir / f"{self.name}.log"
