@@ -309,9 +309,8 @@ impl AttemptCounters {
         provider: ProviderId,
         status: u16,
     ) -> Option<u32> {
-        if routing.providers.get(provider).is_none() {
-            return None;
-        }
+        // An unknown provider (a log another filter wrote) gets no series.
+        routing.providers.get(provider)?;
         if let Some(&id) = self.errors.borrow().get(&(provider, status)) {
             return Some(id);
         }
