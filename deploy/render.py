@@ -300,6 +300,24 @@ def istio_envoyfilter() -> dict:
     }
 
 
+ISTIO_BOOTSTRAP_OVERRIDE = "tollgate-stats-tags"
+
+
+def istio_stats_bootstrap() -> dict:
+    """The ConfigMap that Istio merges into the gateway proxy's bootstrap (annotation
+    `sidecar.istio.io/bootstrapOverride` on the pod): envoy/demo.yaml's `stats_tags`, appended to
+    Istio's own, so Tollgate's series get their names and labels in Istio's Prometheus output
+    (`tollgate_requests_total{client,outcome}` instead of `wasmcustom_tollgate_...`)."""
+    tags = render_envoy.load()["stats_config"]["stats_tags"]
+    override = {"stats_config": {"stats_tags": copy.deepcopy(tags)}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": ISTIO_BOOTSTRAP_OVERRIDE, "namespace": NAMESPACE},
+        "data": {"custom_bootstrap.json": json.dumps(override, indent=2) + "\n"},
+    }
+
+
 def envoy_gateway_policy() -> dict:
     wasm, plugin = mesh_plugin_config(None)
     return {
@@ -424,6 +442,7 @@ def outputs() -> dict[str, str]:
         "k8s/istio-envoyfilter/envoyfilter.yaml": _yaml(istio_envoyfilter(), "Istio EnvoyFilter"),
         "k8s/envoy-gateway/extensionpolicy.yaml": _yaml(envoy_gateway_policy(), "Envoy Gateway EnvoyExtensionPolicy"),
         "k8s/istio/edge.yaml": _yaml(istio_edge_envoyfilter(), "Istio EnvoyFilter, edge settings"),
+        "k8s/istio/stats-tags.yaml": _yaml(istio_stats_bootstrap(), "Istio bootstrap override, Tollgate's stats_tags"),
         "k8s/envoy-gateway/clienttrafficpolicy.yaml": _yaml(
             envoy_gateway_client_traffic_policy(), "Envoy Gateway ClientTrafficPolicy, edge settings"),
     }

@@ -118,7 +118,7 @@ def wasm_config(cfg: dict) -> dict:
 
 def _all_wasm_configs(cfg: dict):
     """The listener's Tollgate PluginConfig and those of the upstream filters of provider
-    clusters (routing mode), which must stay identical but for name and root_id."""
+    clusters (routing mode), which must stay identical but for name, root_id and vm_id."""
     yield wasm_config(cfg)
     for c in cfg["static_resources"]["clusters"]:
         opts = c.get("typed_extension_protocol_options", {}).get(HTTP_OPTIONS, {})
@@ -252,6 +252,11 @@ def configure_routing(cfg: dict, plugin: dict, providers: dict[str, dict]) -> No
     upstream = json.loads(json.dumps(base))
     upstream["name"] = "tollgate-upstream"
     upstream["root_id"] = "tollgate_upstream"
+    # A VM of its own: the VM is created by the first filter that asks for its vm_id, and
+    # before Envoy 1.39 a VM an upstream filter created puts every custom metric under that
+    # cluster's stats scope (`cluster.<name>.wasmcustom.*`). With vm_id `tollgate` shared,
+    # the listener role's metrics were renamed so on 1.36-1.38 (docs/compatibility.md).
+    upstream["vm_config"]["vm_id"] = "tollgate_upstream"
     # Envoy runs the upstream filters of the cluster a route names: the provider's cluster for
     # one-provider rules, the aggregate cluster for rules with fallbacks.
     upstream_options = {HTTP_OPTIONS: {

@@ -3,9 +3,21 @@ loopback ports, stopped on teardown whether the test passed or not."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 import harness
+
+
+def pytest_report_header(config):
+    """Which Envoy ran: the compat matrix (scripts/compat.sh) runs the suite once per version."""
+    binary = harness.envoy_bin()
+    try:
+        version = ".".join(map(str, harness.envoy_version(binary)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        version = f"unknown ({e})"
+    return f"envoy: {version} ({binary})"
 
 
 @pytest.fixture

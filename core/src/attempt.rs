@@ -2,78 +2,34 @@
 //! how the attempt's provider is found). An attempt it cannot prepare (no route chosen by
 //! Tollgate, a header it cannot set, a body it cannot rename) is refused, never sent.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
-use log::{debug, error};
+use log::{debug, error, warn};
 
 use crate::body;
 use crate::config::Mode;
-use crate::gateway::lazy_metric;
 use crate::host::{send_local_reply, Action, Buffer, Host, HostError, Map};
-use crate::metrics;
 use crate::openai;
-use crate::routing::{ProviderId, Routing};
-use crate::upstream;
+use crate::routing::Routing;
+use crate::upstream::{self, provider_name};
 use crate::Config;
 
-/// The upstream role's state in one VM: the configuration and its counter ids.
+/// The upstream role's state in one VM: the configuration. It defines no metric (see
+/// [`crate::upstream`]): each attempt is recorded in the stream property
+/// [`upstream::ATTEMPTS_PROPERTY`] and counted by the listener role.
 pub struct Upstream {
     config: Config,
-    /// `[rule][position]` attempts, and the default route's.
-    attempts: Vec<Vec<u32>>,
-    default_attempts: Option<u32>,
-    /// `[rule][position]` fallbacks into that position (`None` at position 0).
-    fallbacks: Vec<Vec<Option<u32>>>,
-    /// `tollgate_upstream_errors_total` ids by (provider, status), defined on first use.
-    errors: RefCell<HashMap<(ProviderId, u16), u32>>,
 }
 
 impl Upstream {
-    /// Builds the role and defines its counters; an error names what is wrong.
-    pub fn configure(host: &dyn Host, config: Config) -> Result<Self, String> {
-        let Mode::Routed(routing) = &config.mode else {
+    /// Builds the role; an error names what is wrong.
+    pub fn configure(_host: &dyn Host, config: Config) -> Result<Self, String> {
+        if !matches!(config.mode, Mode::Routed(_)) {
             return Err(
                 "runs as an upstream filter but the configuration has no `providers`".into(),
             );
-        };
-        let counter = |name: String| host.define_counter(&name).map_err(|e| e.to_string());
-        let mut attempts = Vec::with_capacity(routing.rules.len());
-        let mut fallbacks = Vec::with_capacity(routing.rules.len());
-        for rule in &routing.rules {
-            let model = rule.pattern.as_str();
-            let mut per_position = Vec::new();
-            let mut fb = Vec::new();
-            for (k, t) in rule.targets.iter().enumerate() {
-                let name = provider_name(routing, t.provider);
-                per_position.push(counter(metrics::upstream_requests_total(name, model))?);
-                fb.push(match k.checked_sub(1).and_then(|j| rule.targets.get(j)) {
-                    Some(prev) => Some(counter(metrics::fallbacks_total(
-                        model,
-                        provider_name(routing, prev.provider),
-                        name,
-                    ))?),
-                    None => None,
-                });
-            }
-            attempts.push(per_position);
-            fallbacks.push(fb);
         }
-        let default_attempts = match routing.default_provider {
-            Some(p) => Some(counter(metrics::upstream_requests_total(
-                provider_name(routing, p),
-                metrics::DEFAULT_MODEL,
-            ))?),
-            None => None,
-        };
-        Ok(Self {
-            attempts,
-            default_attempts,
-            fallbacks,
-            errors: RefCell::new(HashMap::new()),
-            config,
-        })
+        Ok(Self { config })
     }
 
     fn routing(&self) -> Option<&Routing> {
@@ -82,50 +38,6 @@ impl Upstream {
             Mode::Single(_) => None,
         }
     }
-
-    fn record(&self, host: &dyn Host, attempt: &upstream::Attempt) {
-        let Some(rule) = attempt.rule else {
-            if attempt.provider.is_some() {
-                if let Some(id) = self.default_attempts {
-                    host.increment(id, 1);
-                }
-            }
-            return;
-        };
-        if let Some(&id) = self
-            .attempts
-            .get(rule)
-            .and_then(|r| r.get(attempt.position))
-        {
-            host.increment(id, 1);
-        }
-        if let Some(Some(id)) = self
-            .fallbacks
-            .get(rule)
-            .and_then(|r| r.get(attempt.position))
-        {
-            host.increment(*id, 1);
-        }
-    }
-
-    fn count_error(&self, host: &dyn Host, provider: ProviderId, status: u16) {
-        let Some(routing) = self.routing() else {
-            return;
-        };
-        let id = lazy_metric(&self.errors, (provider, status), || {
-            host.define_counter(&metrics::upstream_errors_total(
-                provider_name(routing, provider),
-                status,
-            ))
-        });
-        if let Some(id) = id {
-            host.increment(id, 1);
-        }
-    }
-}
-
-fn provider_name(routing: &Routing, id: ProviderId) -> &str {
-    routing.providers.get(id).map_or("", |p| p.name.as_str())
 }
 
 /// One attempt to one provider.
@@ -133,8 +45,8 @@ pub struct AttemptExchange {
     upstream: Rc<Upstream>,
     /// The body's `model` must become this name before the attempt is sent.
     rename: Option<String>,
-    /// The provider this attempt goes to.
-    provider: Option<ProviderId>,
+    /// The stream's attempt log as this attempt wrote it (its error status is appended).
+    log: Vec<u8>,
 }
 
 impl AttemptExchange {
@@ -143,7 +55,7 @@ impl AttemptExchange {
         Self {
             upstream,
             rename: None,
-            provider: None,
+            log: Vec::new(),
         }
     }
 
@@ -170,8 +82,7 @@ impl AttemptExchange {
             // Only a request the listener role decided carries a route to a provider.
             return refuse(h, "the request has no route chosen by Tollgate");
         }
-        self.upstream.record(h, &attempt);
-        self.provider = attempt.provider;
+        self.record(h, &attempt);
         let edits: Result<(), HostError> = (|| {
             for name in &attempt.remove {
                 h.remove_header(Map::Request, name)?;
@@ -226,12 +137,36 @@ impl AttemptExchange {
             .ok()
             .flatten()
             .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u16>().ok());
-        if let (Some(provider), Some(status)) = (self.provider, status) {
-            if status >= 400 {
-                self.upstream.count_error(h, provider, status);
-            }
+        if let Some(log) = status.and_then(|s| upstream::record_status(&self.log, s)) {
+            self.write_log(h, log);
         }
         Action::Continue
+    }
+
+    /// Appends this attempt to the stream's attempt log. The first attempt starts it (one host
+    /// call); a fallback reads what the attempts before it wrote.
+    fn record(&mut self, h: &dyn Host, attempt: &upstream::Attempt) {
+        let before = if attempt.position == 0 {
+            Vec::new()
+        } else {
+            match h.property(upstream::ATTEMPTS_PROPERTY) {
+                Ok(log) => log.unwrap_or_default(),
+                Err(e) => {
+                    warn!("upstream: cannot read the attempt log: {e}");
+                    Vec::new()
+                }
+            }
+        };
+        if let Some(log) = upstream::record_attempt(&before, attempt) {
+            self.write_log(h, log);
+        }
+    }
+
+    fn write_log(&mut self, h: &dyn Host, log: Vec<u8>) {
+        if let Err(e) = h.set_property(upstream::ATTEMPTS_PROPERTY, &log) {
+            warn!("upstream: cannot record the attempt: {e}");
+        }
+        self.log = log;
     }
 
     /// Renames the body's `model` for this attempt's provider (the body is complete).

@@ -120,6 +120,8 @@ pub struct Exchange {
     /// What the access log gets (one property, set when the request is decided and again when
     /// the provider's usage is known).
     log: Record,
+    /// The upstream role's attempts were counted (once, at the response or at the log).
+    attempts_counted: bool,
 }
 
 impl Exchange {
@@ -144,6 +146,7 @@ impl Exchange {
             cache_header: None,
             cache_store: None,
             log: Record::default(),
+            attempts_counted: false,
         }
     }
 
@@ -652,6 +655,8 @@ impl Exchange {
         let Some(gw) = self.gateway.clone() else {
             return Action::Continue;
         };
+        // Envoy's router made its last attempt: count them before the client sees the answer.
+        self.count_attempts(h, &gw);
         // One read of the whole map: status, content type, and the headers to remove.
         let headers = match h.headers(Map::Response) {
             Ok(headers) => headers,
@@ -813,6 +818,8 @@ impl Exchange {
             self.client = wait.client;
             self.tokens = wait.forward.tokens;
         }
+        // No response headers (client gone, stream reset): the attempts made still count.
+        self.count_attempts(h, &gw);
         if let Some(store) = self.cache_store.take() {
             // The response never reached its end of stream (reset, client gone).
             let skip = Skip::Incomplete.reason();
@@ -859,6 +866,14 @@ impl Exchange {
                     },
                 );
             }
+        }
+    }
+
+    /// Counts the upstream role's attempts of a forwarded request, once.
+    fn count_attempts(&mut self, h: &dyn Host, gw: &Gateway) {
+        if self.forwarded && !self.attempts_counted {
+            self.attempts_counted = true;
+            gw.count_attempts(h);
         }
     }
 

@@ -243,6 +243,11 @@ impl Host for FakeHost {
         Ok(())
     }
 
+    fn property(&self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+        self.call("property")?;
+        Ok(self.properties.borrow().get(name).cloned())
+    }
+
     fn dispatch(&self, call: &Callout) -> Result<u32, HostError> {
         self.call("dispatch")?;
         let mut callouts = self.callouts.borrow_mut();

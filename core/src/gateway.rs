@@ -13,6 +13,7 @@ use crate::host::{Callout, Host, HostError, Map};
 use crate::limiter::{self, LimiterError};
 use crate::metrics::{self, CacheMetric, Outcome, ANONYMOUS};
 use crate::request::{self, LimiterFailure};
+use crate::upstream::AttemptCounters;
 use crate::webdis::{self, ReplyError, Settlements};
 use crate::Config;
 
@@ -61,6 +62,9 @@ pub struct Gateway {
     /// The compiled configuration.
     pub config: Config,
     metrics: MetricIds,
+    /// Attempts, fallbacks and provider errors of model routing, counted from what the upstream
+    /// role recorded (see `crate::upstream`).
+    attempts: Option<AttemptCounters>,
     /// `tollgate_tokens_total` ids, defined on first use: the label set is bounded by the
     /// configuration, but defining every combination up front would not be.
     tokens: RefCell<HashMap<TokenSeries, u32>>,
@@ -84,6 +88,10 @@ impl Gateway {
     /// `limiter::ensure_record`).
     pub fn configure(host: &dyn Host, config: Config) -> Result<Self, HostError> {
         let metrics = MetricIds::define(host, &config)?;
+        let attempts = match &config.mode {
+            Mode::Routed(r) => Some(AttemptCounters::define(host, r)?),
+            Mode::Single(_) => None,
+        };
         for client in &config.clients {
             let key = limiter::budget_key(client);
             if limiter::ensure_record(host, &key).is_err() {
@@ -106,6 +114,7 @@ impl Gateway {
         Ok(Self {
             config,
             metrics,
+            attempts,
             tokens: RefCell::new(HashMap::new()),
             refusals: RefCell::new(HashMap::default()),
             timings: RefCell::new(HashMap::new()),
@@ -205,6 +214,19 @@ impl Gateway {
         });
         if let Some(id) = id {
             host.increment(id, 1);
+        }
+    }
+
+    /// Counts the attempts a forwarded request made, from the upstream role's log (model routing
+    /// only; one host call).
+    pub fn count_attempts(&self, host: &dyn Host) {
+        let (Some(counters), Mode::Routed(routing)) = (&self.attempts, &self.config.mode) else {
+            return;
+        };
+        match host.property(crate::upstream::ATTEMPTS_PROPERTY) {
+            Ok(Some(log)) => counters.count(host, routing, &log),
+            Ok(None) => {}
+            Err(e) => warn!("cannot read the attempt log: {e}"),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod body;
 pub mod cache;
 pub mod config;
 pub mod endpoints;
+pub mod envoy;
 pub mod exchange;
 pub mod fake;
 pub mod forwarding;

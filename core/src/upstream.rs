@@ -14,8 +14,19 @@
 //! without any provider's prefix, the extra headers of every provider removed but its own, and
 //! the model name. For the same reason the route header stays on the request (the next attempt
 //! needs it): providers see `x-tollgate-route: r<N>`, a rule number and nothing else.
+//!
+//! The upstream role defines no metric. It records each attempt in a stream property
+//! ([`ATTEMPTS_PROPERTY`]) and the listener role counts them ([`AttemptCounters`]): Envoy before
+//! 1.39 creates the custom metrics of a VM that an upstream filter created under that cluster's
+//! stats scope (`cluster.<name>.wasmcustom.*`), so counted in the upstream role they would be
+//! renamed on 1.36-1.38 (docs/compatibility.md).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 use crate::headers::Header;
+use crate::host::{Host, HostError};
+use crate::metrics;
 use crate::routing::{ProviderId, Routing, DEFAULT_ROUTE, ROUTE_HEADER};
 
 /// What to do with one attempt's request headers.
@@ -120,10 +131,302 @@ pub fn on_attempt_headers(routing: &Routing, headers: &[Header]) -> Attempt {
     }
 }
 
+/// The stream property (Envoy filter state `wasm.tollgate_attempts`) through which the upstream
+/// role hands its attempts to the listener role: `<rule|d>.<position>.<provider>[=<status>]`,
+/// comma separated, one entry per attempt, the status only for a provider's error (4xx, 5xx).
+pub const ATTEMPTS_PROPERTY: &str = "tollgate_attempts";
+
+/// Attempts recorded per request at most (Envoy's retries are bounded by the route; this bounds
+/// the property whatever the configuration).
+pub const MAX_RECORDED_ATTEMPTS: usize = 16;
+
+/// One attempt as the upstream role records it for the listener role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptRecord {
+    /// The rule it served (`None`: the default route).
+    pub rule: Option<usize>,
+    /// Position in the rule's provider list.
+    pub position: usize,
+    /// The provider it went to.
+    pub provider: ProviderId,
+    /// The provider's answer when it was an error (4xx, 5xx).
+    pub status: Option<u16>,
+}
+
+/// `log` with `attempt` appended, or `None` when there is nothing to record (no provider) or
+/// the log is full.
+pub fn record_attempt(log: &[u8], attempt: &Attempt) -> Option<Vec<u8>> {
+    let provider = attempt.provider?;
+    if parse_attempts(log).len() >= MAX_RECORDED_ATTEMPTS {
+        return None;
+    }
+    let rule = attempt
+        .rule
+        .map_or_else(|| "d".to_string(), |r| r.to_string());
+    let mut out = log.to_vec();
+    if !out.is_empty() {
+        out.push(b',');
+    }
+    out.extend_from_slice(format!("{rule}.{}.{provider}", attempt.position).as_bytes());
+    Some(out)
+}
+
+/// `log` with the error `status` given to its last attempt, or `None` when there is no attempt
+/// to give it to, it has one, or the status is not an error.
+pub fn record_status(log: &[u8], status: u16) -> Option<Vec<u8>> {
+    if status < 400 || log.is_empty() || log.ends_with(b",") {
+        return None;
+    }
+    let last = log.rsplit(|&b| b == b',').next()?;
+    if last.contains(&b'=') {
+        return None;
+    }
+    let mut out = log.to_vec();
+    out.extend_from_slice(format!("={status}").as_bytes());
+    Some(out)
+}
+
+/// The attempts in a log; malformed entries are skipped (a property is stream state that
+/// another filter could have written).
+pub fn parse_attempts(log: &[u8]) -> Vec<AttemptRecord> {
+    let Ok(text) = std::str::from_utf8(log) else {
+        return Vec::new();
+    };
+    text.split(',')
+        .filter_map(|entry| {
+            let (head, status) = match entry.split_once('=') {
+                Some((h, s)) => (h, Some(s.parse::<u16>().ok()?)),
+                None => (entry, None),
+            };
+            let mut parts = head.split('.');
+            let rule = match parts.next()? {
+                "d" => None,
+                r => Some(r.parse::<usize>().ok()?),
+            };
+            let position = parts.next()?.parse::<usize>().ok()?;
+            let provider = parts.next()?.parse::<ProviderId>().ok()?;
+            if parts.next().is_some() {
+                return None;
+            }
+            Some(AttemptRecord {
+                rule,
+                position,
+                provider,
+                status,
+            })
+        })
+        .take(MAX_RECORDED_ATTEMPTS)
+        .collect()
+}
+
+/// The listener role's counters of what the upstream role recorded:
+/// `tollgate_upstream_requests_total`, `tollgate_fallbacks_total` (defined with the
+/// configuration) and `tollgate_upstream_errors_total` (defined on first use).
+pub struct AttemptCounters {
+    /// `[rule][position]` attempts.
+    attempts: Vec<Vec<u32>>,
+    /// The default route's attempts.
+    default_attempts: Option<u32>,
+    /// `[rule][position]` fallbacks into that position (`None` at position 0).
+    fallbacks: Vec<Vec<Option<u32>>>,
+    /// Error ids by (provider, status).
+    errors: RefCell<HashMap<(ProviderId, u16), u32>>,
+}
+
+impl AttemptCounters {
+    /// Defines the counters of every rule's providers and of the default route.
+    pub fn define(host: &dyn Host, routing: &Routing) -> Result<Self, HostError> {
+        let mut attempts = Vec::with_capacity(routing.rules.len());
+        let mut fallbacks = Vec::with_capacity(routing.rules.len());
+        for rule in &routing.rules {
+            let model = rule.pattern.as_str();
+            let mut per_position = Vec::with_capacity(rule.targets.len());
+            let mut into = Vec::with_capacity(rule.targets.len());
+            let mut previous: Option<&str> = None;
+            for t in &rule.targets {
+                let name = provider_name(routing, t.provider);
+                per_position
+                    .push(host.define_counter(&metrics::upstream_requests_total(name, model))?);
+                into.push(match previous {
+                    Some(prev) => {
+                        Some(host.define_counter(&metrics::fallbacks_total(model, prev, name))?)
+                    }
+                    None => None,
+                });
+                previous = Some(name);
+            }
+            attempts.push(per_position);
+            fallbacks.push(into);
+        }
+        let default_attempts = match routing.default_provider {
+            Some(p) => Some(host.define_counter(&metrics::upstream_requests_total(
+                provider_name(routing, p),
+                metrics::DEFAULT_MODEL,
+            ))?),
+            None => None,
+        };
+        Ok(Self {
+            attempts,
+            default_attempts,
+            fallbacks,
+            errors: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// Counts every attempt of a log: the attempt, the fallback into it, the provider's error.
+    pub fn count(&self, host: &dyn Host, routing: &Routing, log: &[u8]) {
+        for a in parse_attempts(log) {
+            let (attempt, fallback) = match a.rule {
+                None => (self.default_attempts, None),
+                Some(rule) => (
+                    self.attempts
+                        .get(rule)
+                        .and_then(|r| r.get(a.position))
+                        .copied(),
+                    self.fallbacks
+                        .get(rule)
+                        .and_then(|r| r.get(a.position))
+                        .copied()
+                        .flatten(),
+                ),
+            };
+            for id in [attempt, fallback].into_iter().flatten() {
+                host.increment(id, 1);
+            }
+            if let Some(status) = a.status {
+                if let Some(id) = self.error_id(host, routing, a.provider, status) {
+                    host.increment(id, 1);
+                }
+            }
+        }
+    }
+
+    fn error_id(
+        &self,
+        host: &dyn Host,
+        routing: &Routing,
+        provider: ProviderId,
+        status: u16,
+    ) -> Option<u32> {
+        // An unknown provider (a log another filter wrote) gets no series.
+        routing.providers.get(provider)?;
+        if let Some(&id) = self.errors.borrow().get(&(provider, status)) {
+            return Some(id);
+        }
+        let name = metrics::upstream_errors_total(provider_name(routing, provider), status);
+        match host.define_counter(&name) {
+            Ok(id) => {
+                self.errors.borrow_mut().insert((provider, status), id);
+                Some(id)
+            }
+            Err(e) => {
+                log::warn!("cannot define a metric: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// A provider's configured name (empty for an unknown id).
+pub fn provider_name(routing: &Routing, id: ProviderId) -> &str {
+    routing.providers.get(id).map_or("", |p| p.name.as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{Config, Mode};
+
+    fn attempt(rule: Option<usize>, position: usize, provider: Option<usize>) -> Attempt {
+        Attempt {
+            remove: Vec::new(),
+            set: Vec::new(),
+            rename_model: None,
+            rule,
+            provider,
+            position,
+        }
+    }
+
+    #[test]
+    fn attempts_round_trip_through_the_log() {
+        let log = record_attempt(b"", &attempt(Some(0), 0, Some(0))).unwrap();
+        let log = record_status(&log, 500).unwrap();
+        assert_eq!(record_status(&log, 502), None, "one status per attempt");
+        let log = record_attempt(&log, &attempt(Some(0), 1, Some(1))).unwrap();
+        assert_eq!(record_status(&log, 200), None, "successes are not recorded");
+        let log = record_attempt(&log, &attempt(None, 0, Some(1))).unwrap();
+        assert_eq!(log, b"0.0.0=500,0.1.1,d.0.1");
+        let rec = |rule, position, provider, status| AttemptRecord {
+            rule,
+            position,
+            provider,
+            status,
+        };
+        assert_eq!(
+            parse_attempts(&log),
+            vec![
+                rec(Some(0), 0, 0, Some(500)),
+                rec(Some(0), 1, 1, None),
+                rec(None, 0, 1, None)
+            ]
+        );
+    }
+
+    #[test]
+    fn attempts_without_provider_or_past_the_bound_are_not_recorded() {
+        assert_eq!(record_attempt(b"", &attempt(Some(0), 0, None)), None);
+        assert_eq!(record_status(b"", 500), None);
+        let mut log = Vec::new();
+        for k in 0..MAX_RECORDED_ATTEMPTS {
+            log = record_attempt(&log, &attempt(Some(0), k, Some(0))).unwrap();
+        }
+        assert_eq!(record_attempt(&log, &attempt(Some(0), 99, Some(0))), None);
+        assert_eq!(parse_attempts(&log).len(), MAX_RECORDED_ATTEMPTS);
+    }
+
+    #[test]
+    fn malformed_entries_are_skipped() {
+        assert_eq!(parse_attempts(b"x,0.0,1.2.3.4,0.0.0=abc,,\xff"), vec![]);
+        assert_eq!(
+            parse_attempts(b"x,0.0,2.1.0=429"),
+            vec![AttemptRecord {
+                rule: Some(2),
+                position: 1,
+                provider: 0,
+                status: Some(429)
+            }]
+        );
+    }
+
+    #[test]
+    fn the_listener_counts_attempts_fallbacks_and_errors() {
+        let r = routing();
+        let host = crate::fake::FakeHost::default();
+        let counters = AttemptCounters::define(&host, &r).unwrap();
+        counters.count(&host, &r, b"0.0.0=503,0.1.1,d.0.0,9.9.9=500");
+        let c = |n: &str| host.counter(n);
+        assert_eq!(
+            c("tollgate_upstream_requests_total.provider=relay.model=gpt-4_1"),
+            1
+        );
+        assert_eq!(
+            c("tollgate_upstream_requests_total.provider=deepseek.model=gpt-4_1"),
+            1
+        );
+        assert_eq!(
+            c("tollgate_upstream_requests_total.provider=relay.model=_default"),
+            1
+        );
+        assert_eq!(
+            c("tollgate_fallbacks_total.model=gpt-4_1.from=relay.to=deepseek"),
+            1
+        );
+        assert_eq!(
+            c("tollgate_upstream_errors_total.provider=relay.status=503"),
+            1
+        );
+    }
 
     fn routing() -> Routing {
         let sha = crate::keys::Digest::of_key(crate::keys::DigestKind::Sha256, b"k").to_hex();

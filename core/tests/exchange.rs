@@ -456,7 +456,8 @@ fn a_routed_request_and_its_attempt_in_host_calls() {
     // The upstream role's attempt on the same request.
     let config = Config::parse(routed().as_bytes(), &|_| Some("sk-provider".into())).unwrap();
     let upstream = Rc::new(Upstream::configure(&host, config).unwrap());
-    host.take_calls();
+    // The upstream role defines no metric (the listener role counts its attempts).
+    assert!(host.take_calls().is_empty());
     host.request
         .borrow_mut()
         .push((b"x-envoy-attempt-count".to_vec(), b"1".to_vec()));
@@ -469,4 +470,98 @@ fn a_routed_request_and_its_attempt_in_host_calls() {
         Some("Bearer sk-provider")
     );
     assert_eq!(attempt_calls.len(), 3);
+    // The provider fails: the attempt records its status (one host call, no read).
+    *host.response.borrow_mut() = pairs(&[(":status", "503")]);
+    assert_eq!(attempt.on_response_headers(&host), Action::Continue);
+    assert_eq!(host.take_calls(), ["get_header", "set_property"]);
+
+    // The listener role counts the attempts when the response starts (one property read),
+    // once: not again at the log.
+    *host.response.borrow_mut() = pairs(&[(":status", "503"), ("content-type", "text/plain")]);
+    assert_eq!(ex.on_response_headers(&host), Action::Continue);
+    let response = host.take_calls();
+    println!("response {response:?}");
+    assert_eq!(response.iter().filter(|c| **c == "property").count(), 1);
+    ex.on_log(&host);
+    assert!(!host.take_calls().contains(&"property"));
+    assert_eq!(
+        host.counter("tollgate_upstream_requests_total.provider=relay.model=gpt-4_1"),
+        1
+    );
+    assert_eq!(
+        host.counter("tollgate_upstream_errors_total.provider=relay.status=503"),
+        1
+    );
+}
+
+#[test]
+fn a_fallback_reads_the_attempt_log_and_the_listener_counts_it() {
+    use tollgate_core::attempt::{AttemptExchange, Upstream};
+    let json = format!(
+        r#"{{"clients":[{{"name":"team","key_sha256":"{}"}}],
+            "providers":[{{"name":"relay","cluster":"relay","api_key_env":"K"}},
+                         {{"name":"backup","cluster":"backup","api_key_env":"K"}}],
+            "models":[{{"match":"gpt-4.1","providers":["relay","backup"]}}]}}"#,
+        sha(KEY)
+    );
+    let host = FakeHost::new(NOW, &[]);
+    let gw = gateway(&host, &json);
+    let config = Config::parse(json.as_bytes(), &|_| Some("sk-provider".into())).unwrap();
+    let upstream = Rc::new(Upstream::configure(&host, config).unwrap());
+    let mut ex = Exchange::new(Some(gw));
+    chat_request(&host, 33);
+    assert_eq!(ex.on_request_headers(&host, false), Action::Pause);
+    *host.request_body.borrow_mut() = br#"{"model":"gpt-4.1","messages":[]}"#.to_vec();
+    assert_eq!(ex.on_request_body(&host, 33, true), Action::Continue);
+    for (n, status) in [("1", "500"), ("2", "200")] {
+        host.request
+            .borrow_mut()
+            .retain(|(name, _)| name != b"x-envoy-attempt-count");
+        host.request
+            .borrow_mut()
+            .push((b"x-envoy-attempt-count".to_vec(), n.as_bytes().to_vec()));
+        let mut attempt = AttemptExchange::new(upstream.clone());
+        host.take_calls();
+        assert_eq!(attempt.on_request_headers(&host, false), Action::Continue);
+        // The first attempt starts the log; the fallback reads it first.
+        let reads = host
+            .take_calls()
+            .iter()
+            .filter(|c| **c == "property")
+            .count();
+        assert_eq!(reads, usize::from(n == "2"));
+        *host.response.borrow_mut() = pairs(&[(":status", status)]);
+        attempt.on_response_headers(&host);
+    }
+    assert_eq!(
+        host.properties.borrow().get("tollgate_attempts").cloned(),
+        Some(b"0.0.0=500,0.1.1".to_vec())
+    );
+    *host.response.borrow_mut() =
+        pairs(&[(":status", "200"), ("content-type", "application/json")]);
+    ex.on_response_headers(&host);
+    for (name, n) in [
+        (
+            "tollgate_upstream_requests_total.provider=relay.model=gpt-4_1",
+            1,
+        ),
+        (
+            "tollgate_upstream_requests_total.provider=backup.model=gpt-4_1",
+            1,
+        ),
+        (
+            "tollgate_fallbacks_total.model=gpt-4_1.from=relay.to=backup",
+            1,
+        ),
+        (
+            "tollgate_upstream_errors_total.provider=relay.status=500",
+            1,
+        ),
+        (
+            "tollgate_upstream_errors_total.provider=backup.status=200",
+            0,
+        ),
+    ] {
+        assert_eq!(host.counter(name), n, "{name}");
+    }
 }

@@ -545,6 +545,10 @@ impl Host for WasmHost {
         set_property(name, value)
     }
 
+    fn property(&self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+        property(&[name])
+    }
+
     fn dispatch(&self, call: &Callout) -> Result<u32, HostError> {
         dispatch(call)
     }

@@ -4,7 +4,7 @@
 
 use std::rc::Rc;
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action as SdkAction, ContextType};
 
@@ -24,6 +24,18 @@ fn sdk(action: Action) -> SdkAction {
         Action::Continue => SdkAction::Continue,
         Action::Pause => SdkAction::Pause,
     }
+}
+
+/// Envoy's (major, minor) from the attribute `xds.node.user_agent_build_version`, which Envoy
+/// fills in with its own build version (8-byte little-endian integers).
+fn envoy_version() -> Option<(u64, u64)> {
+    let part = |name: &str| {
+        host::property(&["xds", "node", "user_agent_build_version", "version", name])
+            .ok()
+            .flatten()
+            .and_then(|b| tollgate_core::envoy::property_int(&b))
+    };
+    Some((part("major_number")?, part("minor_number")?))
 }
 
 /// Which role this plugin instance has.
@@ -71,6 +83,15 @@ impl RootContext for Root {
                 return false;
             }
         };
+        let version = envoy_version();
+        match tollgate_core::envoy::support_line(version) {
+            Some(line) => warn!("{line}"),
+            None => {
+                if let Some((major, minor)) = version {
+                    debug!("running on Envoy {major}.{minor}");
+                }
+            }
+        }
         let root_id = host::property(&["plugin_root_id"])
             .ok()
             .flatten()
