@@ -31,7 +31,7 @@ RELOAD_BOUND_S = 5.0
 
 STEADY = "sk-reload-steady-0001"
 METERED = "sk-reload-metered-0002"
-ADDED = "sk-reload-added-0003"
+CLI = harness.ROOT / "target" / "release" / "tollgate"
 METERED_RPM = 1000
 # Envoy's statistics of the listener filter's discovered configuration.
 ECDS = "extension_config_discovery.http_filter.tollgate."
@@ -185,18 +185,23 @@ def test_keys_and_limits_change_under_load_without_a_failed_request_or_a_lost_co
     reloads = gw.stat(ECDS + "update_success")
     timings = {}
 
-    # A key added: accepted.
-    added = {**base, "clients": base["clients"] + [client("added", ADDED, 100)]}
-    t = gw.push(added)
-    timings["added"] = until(lambda: gw.post(ADDED).status == 200, "the added key to be accepted", t)
+    # A key added with the CLI, on the file Envoy watches: accepted.
+    t = time.monotonic()
+    out = subprocess.run([str(CLI), "keys", "add", str(gw.path), "--name", "added", "--rpm", "100", "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    added_key = json.loads(out)["key"]
+    timings["added"] = until(lambda: gw.post(added_key).status == 200, "the added key to be accepted", t)
     r = gw.post(METERED)
     used += 1
     assert remaining(r) == (METERED_RPM, METERED_RPM - used), "the window count carried on"
     load.advance()
 
-    # The key revoked: refused.
-    t = gw.push(base)
-    timings["revoked"] = until(lambda: gw.post(ADDED).status == 401, "the revoked key to be refused", t)
+    # The key revoked with the CLI: refused.
+    t = time.monotonic()
+    subprocess.run([str(CLI), "keys", "revoke", str(gw.path), "--name", "added", "--all"],
+                   check=True, capture_output=True)
+    timings["revoked"] = until(lambda: gw.post(added_key).status == 401, "the revoked key to be refused", t)
+    assert gw.plugin() == base
     load.advance()
 
     # The limit changed: applies, counting what the window already holds.
@@ -227,7 +232,7 @@ def test_keys_and_limits_change_under_load_without_a_failed_request_or_a_lost_co
                        "Envoy to refuse the invalid file", timeout_s=RELOAD_BOUND_S)
     assert "clients[2].key_sha256: expected 64 hex characters" in gw.log()
     assert gw.post(METERED).status == 429, "the old configuration (and its count) still serves"
-    assert gw.post(ADDED).status == 401
+    assert gw.post(added_key).status == 401
     load.advance()
 
     statuses, errors = load.finish()
