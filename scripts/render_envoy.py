@@ -499,6 +499,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--webdis", help="host:port of Webdis")
     p.add_argument("--wasm")
     p.add_argument("--plugin-config", help="file holding the plugin configuration JSON")
+    p.add_argument("--reload-dir", help="live reload: write the filter configuration to watched files "
+                   "in this directory (scripts/ecds.py) instead of into the bootstrap")
     p.add_argument("-o", "--output", default="-")
     a = p.parse_args(argv)
     cfg = load(pathlib.Path(a.template))
@@ -532,6 +534,10 @@ def main(argv: list[str]) -> int:
         set_wasm(cfg, a.wasm)
     if a.plugin_config:
         set_plugin_config(cfg, pathlib.Path(a.plugin_config).read_text(encoding="utf-8"))
+    if a.reload_dir:
+        import ecds
+        reload_dir = pathlib.Path(a.reload_dir).resolve()
+        ecds.write(reload_dir, ecds.use_ecds(cfg, str(reload_dir)))
     out = dump(cfg)
     if a.output == "-":
         sys.stdout.write(out)

@@ -76,7 +76,7 @@ fi
 
 "$PYTHON" scripts/render_envoy.py --listen "$LISTEN" --admin "$ADMIN" \
   --provider "backup=http://$BACKUP_LISTEN" --provider-url "$provider_url" \
-  "${limiter_args[@]}" -o "$RUN_DIR/envoy.yaml"
+  "${limiter_args[@]}" --reload-dir "$RUN_DIR/filter" -o "$RUN_DIR/envoy.yaml"
 
 "$ENVOY" -c "$RUN_DIR/envoy.yaml" --concurrency 2 --disable-hot-restart \
   --log-level warning --component-log-level wasm:info --file-flush-interval-msec 1000 &
@@ -108,6 +108,8 @@ Tollgate is running on http://$LISTEN  (provider: $provider_desc)
             fast (an alias: backup receives "deepseek-chat")
             curl -s http://$LISTEN/v1/models -H 'authorization: Bearer sk-tollgate-demo'
   metrics:  curl -s http://$ADMIN/stats/prometheus | grep tollgate_
+  keys:     target/release/tollgate keys add $RUN_DIR/filter/tollgate.json --name NAME
+            (applies within a second, no restart; docs/keys.md)
   Ctrl-C stops everything.
 
 MSG

@@ -2,12 +2,14 @@
 //!
 //! - `tollgate keys new`: a new client key and its config entry (the key's digest only);
 //! - `tollgate keys hash`: the digests of an existing key, read from standard input;
+//! - `tollgate keys add | revoke | rotate FILE`: a client's keys edited in a configuration file;
 //! - `tollgate config check`: the filter's parser on a plugin configuration or an Envoy bootstrap.
 //!
 //! Exit codes: 0 success, 1 an invalid configuration or a refused key, 2 a usage or I/O error.
 
 mod args;
 mod check;
+mod edit;
 mod envoy;
 mod explain;
 mod keys;
@@ -126,6 +128,76 @@ Exit codes: 0 done, 1 key refused, 2 usage error.",
             flag("json"),
         ],
         run: keys::hash,
+    },
+    Command {
+        words: ["keys", "add"],
+        usage: "tollgate keys add FILE --name NAME [--label L] [--expires-at T] [--rpm N] [--tpm N] [--json]",
+        help: "\
+Adds a new key to client NAME in FILE, or a new client NAME with that key. The key is made as by
+`keys new`, printed once and stored nowhere; FILE gets its SHA-256 in the client's `keys` list.
+
+FILE is the filter's discovery file of a live-reload deployment (tollgate.json: Envoy applies
+the change within a second), a plugin configuration (JSON object with \"clients\") or a clients
+array (clients.json). The edited configuration is checked with the filter's own parser first:
+if the filter would refuse it, nothing is written. FILE is then replaced in one rename.
+
+Options:
+  --name NAME       the client (required)
+  --label L         a label for the key (1-64 letters, digits, '-', '_', '.', ':', '@')
+  --expires-at T    RFC 3339 time from which the key is refused, e.g. 2025-07-01T00:00:00Z
+  --rpm N, --tpm N  limits of a new client (an existing client keeps its own)
+  --json            print {\"client\", \"key\", \"file\"}
+
+Exit codes: 0 written, 1 refused (nothing written), 2 usage or I/O error.",
+        opts: &[
+            value("name", "NAME"),
+            value("label", "L"),
+            value("expires-at", "T"),
+            value("rpm", "N"),
+            value("tpm", "N"),
+            flag("json"),
+        ],
+        run: edit::add,
+    },
+    Command {
+        words: ["keys", "revoke"],
+        usage: "tollgate keys revoke FILE --name NAME (--label L | --key-sha256 HEX | --all)",
+        help: "\
+Removes keys of client NAME from FILE (see `keys add` for FILE): the key with label L, the key
+with this SHA-256, or with --all every key and so the client. A client left without keys is
+removed. Checked with the filter's parser before FILE is replaced in one rename.
+
+Exit codes: 0 written, 1 refused (nothing written), 2 usage or I/O error.",
+        opts: &[
+            value("name", "NAME"),
+            value("label", "L"),
+            value("key-sha256", "HEX"),
+            flag("all"),
+        ],
+        run: edit::revoke,
+    },
+    Command {
+        words: ["keys", "rotate"],
+        usage: "tollgate keys rotate FILE --name NAME [--label L] [--old-expires-at T] [--json]",
+        help: "\
+Adds a new key to client NAME in FILE (see `keys add`) and, with --old-expires-at, makes its
+other keys expire at T (one that expires earlier keeps its time). Both keys spend the client's
+one budget; move the client to the new key, then revoke the old one (or let it expire).
+
+Options:
+  --name NAME            the client (required; it must exist)
+  --label L              the new key's label
+  --old-expires-at T     RFC 3339 time from which the client's other keys are refused
+  --json                 print {\"client\", \"key\", \"file\"}
+
+Exit codes: 0 written, 1 refused (nothing written), 2 usage or I/O error.",
+        opts: &[
+            value("name", "NAME"),
+            value("label", "L"),
+            value("old-expires-at", "T"),
+            flag("json"),
+        ],
+        run: edit::rotate,
     },
     Command {
         words: ["config", "check"],
@@ -345,7 +417,12 @@ mod tests {
         assert!(out.starts_with("Usage: tollgate keys new"), "{out}");
         assert_eq!(
             run_with("help config check", "").1,
-            command_help(&COMMANDS[2])
+            command_help(
+                COMMANDS
+                    .iter()
+                    .find(|c| c.words == ["config", "check"])
+                    .unwrap()
+            )
         );
         assert_eq!(run_with("keys --help", "").0, 0);
         let (code, out, _) = run_with("--version", "");

@@ -156,10 +156,19 @@ impl Hasher for PassThrough {
     }
 }
 
+/// A key's owner and, for a key that expires, when (Unix milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyHolder {
+    /// The client the key belongs to; all of a client's keys spend its one budget.
+    pub client: ClientId,
+    /// First instant at which the key is refused; `None`: never.
+    pub expires_at_ms: Option<u64>,
+}
+
 /// Maps key digests to clients.
 #[derive(Debug, Default)]
 pub struct KeyIndex {
-    by_digest: HashMap<Digest, ClientId, BuildHasherDefault<PassThrough>>,
+    by_digest: HashMap<Digest, KeyHolder, BuildHasherDefault<PassThrough>>,
     has_md5: bool,
 }
 
@@ -182,23 +191,34 @@ impl KeyIndex {
         self.by_digest.is_empty()
     }
 
-    /// Adds a digest; returns the client that already has it, if any.
+    /// Adds a key that never expires; returns the client that already has it, if any.
     pub fn insert(&mut self, digest: Digest, client: ClientId) -> Option<ClientId> {
+        self.insert_key(
+            digest,
+            KeyHolder {
+                client,
+                expires_at_ms: None,
+            },
+        )
+    }
+
+    /// Adds a key; returns the client that already has it, if any.
+    pub fn insert_key(&mut self, digest: Digest, holder: KeyHolder) -> Option<ClientId> {
         match self.by_digest.entry(digest) {
-            hashbrown::hash_map::Entry::Occupied(e) => Some(*e.get()),
+            hashbrown::hash_map::Entry::Occupied(e) => Some(e.get().client),
             hashbrown::hash_map::Entry::Vacant(e) => {
                 self.has_md5 |= digest.kind == DigestKind::Md5;
-                e.insert(client);
+                e.insert(holder);
                 None
             }
         }
     }
 
-    /// Finds the client whose digest matches this presented key.
-    pub fn lookup(&self, key: &[u8]) -> Option<ClientId> {
+    /// Finds the holder of the digest that matches this presented key, expired or not.
+    pub fn holder(&self, key: &[u8]) -> Option<KeyHolder> {
         let sha = Digest::of_key(DigestKind::Sha256, key);
-        if let Some(&id) = self.by_digest.get(&sha) {
-            return Some(id);
+        if let Some(&h) = self.by_digest.get(&sha) {
+            return Some(h);
         }
         if self.has_md5 {
             return self
@@ -207,6 +227,21 @@ impl KeyIndex {
                 .copied();
         }
         None
+    }
+
+    /// Finds the client whose digest matches this presented key (expired or not).
+    pub fn lookup(&self, key: &[u8]) -> Option<ClientId> {
+        self.holder(key).map(|h| h.client)
+    }
+
+    /// The client of a presented key that is valid at `now_ms` (Unix milliseconds): unknown
+    /// keys are [`KeyError::Unknown`], keys at or past their expiry [`KeyError::Expired`].
+    pub fn admit(&self, key: &[u8], now_ms: u64) -> Result<ClientId, KeyError> {
+        let h = self.holder(key).ok_or(KeyError::Unknown)?;
+        match h.expires_at_ms {
+            Some(at) if now_ms >= at => Err(KeyError::Expired),
+            _ => Ok(h.client),
+        }
     }
 }
 
@@ -222,6 +257,9 @@ pub enum KeyError {
     Malformed,
     /// Well-formed, but no client has it.
     Unknown,
+    /// A client's key whose `expires_at` has passed. The only failure whose answer differs
+    /// (the message says the key expired): only a holder of the exact key can get it.
+    Expired,
 }
 
 /// Extracts the bearer token from the `authorization` header values of a request.
@@ -319,6 +357,27 @@ mod tests {
         assert_eq!(idx.lookup(b"key-b"), Some(1));
         assert_eq!(idx.lookup(b"key-c"), None);
         assert_eq!(idx.lookup(b""), None);
+    }
+
+    #[test]
+    fn expired_keys_are_refused_from_their_expiry_on() {
+        let mut idx = KeyIndex::default();
+        let holder = |expires_at_ms| KeyHolder {
+            client: 3,
+            expires_at_ms,
+        };
+        let soon = Digest::of_key(DigestKind::Sha256, b"soon");
+        let never = Digest::of_key(DigestKind::Md5, b"never");
+        assert_eq!(idx.insert_key(soon, holder(Some(1_000))), None);
+        assert_eq!(idx.insert_key(never, holder(None)), None);
+        assert_eq!(idx.admit(b"soon", 999), Ok(3));
+        assert_eq!(idx.admit(b"soon", 1_000), Err(KeyError::Expired));
+        assert_eq!(idx.admit(b"soon", u64::MAX), Err(KeyError::Expired));
+        assert_eq!(idx.admit(b"never", u64::MAX), Ok(3));
+        assert_eq!(idx.admit(b"other", 0), Err(KeyError::Unknown));
+        // Lookup ignores expiry (duplicate checks, tools).
+        assert_eq!(idx.lookup(b"soon"), Some(3));
+        assert_eq!(idx.insert_key(soon, holder(None)), Some(3));
     }
 
     #[test]

@@ -171,6 +171,20 @@ pub fn invalid_api_key() -> LocalReply {
     }
 }
 
+/// 401 for a client key past its `expires_at`: the same status, code and header as
+/// [`invalid_api_key`] (SDKs treat it alike), with a message that says what to do.
+pub fn expired_api_key() -> LocalReply {
+    LocalReply {
+        status: ErrorKind::InvalidApiKey.status(),
+        headers: vec![("www-authenticate", "Bearer".to_string())],
+        body: error_body(
+            ErrorKind::InvalidApiKey,
+            "This API key has expired. Ask the gateway's operator for a new key.",
+        ),
+        kind: Some(ErrorKind::InvalidApiKey),
+    }
+}
+
 /// 429 with OpenAI's request-limit headers and `retry-after`.
 pub fn requests_rate_limited(client: &str, limit: u64, reset_ms: u64) -> LocalReply {
     let mut headers = rate_limit_request_headers(limit, 0, reset_ms);

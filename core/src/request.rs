@@ -202,21 +202,31 @@ pub fn on_request_headers(
         .filter(|(n, _)| n.eq_ignore_ascii_case(b"authorization"))
         .map(|(_, v)| v.as_slice());
     let authenticated = bearer_token(auth_values).and_then(|token| {
-        let id = config.keys.lookup(token).ok_or(KeyError::Unknown)?;
+        let id = config.keys.admit(token, now_ms)?;
         Ok((id, token))
     });
     let (client, token) = match authenticated {
         Ok(found) => found,
         Err(why) => {
+            let answer = match why {
+                KeyError::Expired => openai::expired_api_key(),
+                _ => openai::invalid_api_key(),
+            };
             return Start::Done(Step {
                 key_error: Some(why),
-                ..reply(None, Outcome::Unauthorized, openai::invalid_api_key())
-            })
+                ..reply(None, Outcome::Unauthorized, answer)
+            });
         }
     };
     // The Redis limiter's key is derived from the client key; keep only that digest.
     let key_md5 = match config.limiter {
-        LimiterBackend::Redis(_) => Some(Digest::of_key(DigestKind::Md5, token).to_hex()),
+        // All of a `keys` list spend one budget: its Redis keys are named after the client.
+        LimiterBackend::Redis(_) => Some(
+            config
+                .client(client)
+                .and_then(|c| c.redis_id.clone())
+                .unwrap_or_else(|| Digest::of_key(DigestKind::Md5, token).to_hex()),
+        ),
         LimiterBackend::Local => None,
     };
     // Deny by default: only the endpoints granted to this client, matched exactly.

@@ -8,7 +8,7 @@ use super::cache::RawCache;
 use super::routing::compile_patterns;
 use super::{check_client_name, per_minute, ConfigError, Phase};
 use crate::endpoints::EndpointSet;
-use crate::keys::{Digest, DigestKind, KeyIndex};
+use crate::keys::{Digest, DigestKind, KeyHolder, KeyIndex};
 use crate::routing::Pattern;
 use crate::types::ClientId;
 
@@ -22,6 +22,26 @@ pub const MAX_PER_MINUTE: u32 = 1_000_000_000;
 /// Longest accepted client name. Names become metric labels and shared-data keys.
 pub const MAX_CLIENT_NAME_LEN: usize = 64;
 
+/// Most keys one client may have (a rotation needs two; a few more cover staged roll-outs).
+pub const MAX_KEYS_PER_CLIENT: usize = 16;
+
+/// Longest accepted key label.
+pub const MAX_KEY_LABEL_LEN: usize = 64;
+
+/// One of a client's keys (`clients[].keys[]`): a digest, an optional label and expiry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKey<'a> {
+    #[serde(default, borrow, deserialize_with = "borrowed_opt")]
+    pub(super) key_sha256: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "borrowed_opt")]
+    pub(super) key_md5: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "borrowed_opt")]
+    pub(super) label: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "borrowed_opt")]
+    pub(super) expires_at: Option<Cow<'a, str>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 // Names and digests borrow from the document (unless escaped): a configuration of 100,000
@@ -33,6 +53,8 @@ pub(super) struct RawClient<'a> {
     pub(super) key_sha256: Option<Cow<'a, str>>,
     #[serde(default, borrow, deserialize_with = "borrowed_opt")]
     pub(super) key_md5: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub(super) keys: Option<Vec<RawKey<'a>>>,
     #[serde(default)]
     pub(super) requests_per_minute: Option<u32>,
     #[serde(default)]
@@ -69,6 +91,10 @@ pub struct Client {
     pub models: Option<Vec<Pattern>>,
     /// Endpoints this client may reach (its own `endpoints`, or the configuration's).
     pub endpoints: EndpointSet,
+    /// The middle part of this client's Redis limiter keys, for a client whose keys are a
+    /// `keys` list (`name-<name>`, so that all of them spend one budget); `None`: the MD5 hex of
+    /// the presented key, as the older proxy counted (`key_sha256` or `key_md5` on the client).
+    pub redis_id: Option<String>,
 }
 
 /// What a client that does not say gets.
@@ -109,24 +135,70 @@ pub(super) fn compile_clients(
             Some(list) => EndpointSet::from_names(list)
                 .map_err(|(j, m)| ConfigError::new(at(&format!("endpoints[{j}]")), m))?,
         };
-        let digest =
-            match (c.key_sha256, c.key_md5) {
-                (Some(hex), None) => Digest::from_hex(DigestKind::Sha256, &hex)
-                    .map_err(|m| ConfigError::new(at("key_sha256"), m))?,
-                (None, Some(hex)) => Digest::from_hex(DigestKind::Md5, &hex)
-                    .map_err(|m| ConfigError::new(at("key_md5"), m))?,
-                (Some(_), Some(_)) => {
+        let redis_id = c.keys.as_ref().map(|_| format!("name-{}", c.name));
+        match (c.keys, c.key_sha256.is_some() || c.key_md5.is_some()) {
+            (None, _) => {
+                let digest =
+                    one_digest(c.key_sha256, c.key_md5, &at("key_sha256"), &at("key_md5"))?;
+                digests.push((
+                    digest,
+                    KeyHolder {
+                        client: i,
+                        expires_at_ms: None,
+                    },
+                    None,
+                ));
+            }
+            (Some(_), true) => {
+                let field = if c.key_sha256.is_some() {
+                    "key_sha256"
+                } else {
+                    "key_md5"
+                };
+                return Err(ConfigError::new(
+                    at(field),
+                    "set either `keys` (a list) or one key_sha256/key_md5 on the client, not both",
+                ));
+            }
+            (Some(list), false) => {
+                if list.is_empty() || list.len() > MAX_KEYS_PER_CLIENT {
                     return Err(ConfigError::new(
-                        at("key_md5"),
-                        "set either key_sha256 or key_md5, not both",
-                    ))
+                        at("keys"),
+                        format!(
+                            "expected 1 to {MAX_KEYS_PER_CLIENT} keys, got {}",
+                            list.len()
+                        ),
+                    ));
                 }
-                (None, None) => return Err(ConfigError::new(
-                    at("key_sha256"),
-                    "missing: every client needs key_sha256 (hex SHA-256 of its key) or key_md5",
-                )),
-            };
-        digests.push(digest);
+                for (k, key) in list.into_iter().enumerate() {
+                    let kat = |f: &str| at(&format!("keys[{k}].{f}"));
+                    let digest = one_digest(
+                        key.key_sha256,
+                        key.key_md5,
+                        &kat("key_sha256"),
+                        &kat("key_md5"),
+                    )?;
+                    if let Some(label) = &key.label {
+                        check_label(label).map_err(|m| ConfigError::new(kat("label"), m))?;
+                    }
+                    let expires_at_ms = match &key.expires_at {
+                        None => None,
+                        Some(t) => Some(
+                            parse_rfc3339_ms(t)
+                                .map_err(|m| ConfigError::new(kat("expires_at"), m))?,
+                        ),
+                    };
+                    digests.push((
+                        digest,
+                        KeyHolder {
+                            client: i,
+                            expires_at_ms,
+                        },
+                        Some(k),
+                    ));
+                }
+            }
+        }
         let requests_per_minute = match c.requests_per_minute {
             Some(v) => per_minute(v).map_err(|m| ConfigError::new(at("requests_per_minute"), m))?,
             None => defaults.requests_per_minute,
@@ -147,6 +219,7 @@ pub(super) fn compile_clients(
             tokens_per_minute,
             models,
             endpoints,
+            redis_id,
         });
         let rehash = |&j: &ClientId| {
             clients
@@ -159,18 +232,168 @@ pub(super) fn compile_clients(
     done(Phase::Clients);
 
     let mut keys = KeyIndex::with_capacity(digests.len());
-    for (i, digest) in digests.into_iter().enumerate() {
-        if let Some(other) = keys.insert(digest, i) {
+    for (digest, holder, in_list) in digests {
+        if let Some(other) = keys.insert_key(digest, holder) {
             let field = match digest.kind() {
                 DigestKind::Sha256 => "key_sha256",
                 DigestKind::Md5 => "key_md5",
             };
-            return Err(ConfigError::new(
-                format!("clients[{i}].{field}"),
-                format!("duplicate key digest (same key as clients[{other}])"),
-            ));
+            let what = if other == holder.client {
+                "duplicate key digest (listed twice for this client)".to_string()
+            } else {
+                format!("duplicate key digest (same key as clients[{other}])")
+            };
+            let i = holder.client;
+            let field = match in_list {
+                None => format!("clients[{i}].{field}"),
+                Some(k) => format!("clients[{i}].keys[{k}].{field}"),
+            };
+            return Err(ConfigError::new(field, what));
         }
     }
     done(Phase::KeyIndex);
     Ok((clients, keys))
+}
+
+/// The digest of one key: exactly one of `key_sha256` and `key_md5`.
+fn one_digest(
+    sha256: Option<Cow<'_, str>>,
+    md5: Option<Cow<'_, str>>,
+    sha_field: &str,
+    md5_field: &str,
+) -> Result<Digest, ConfigError> {
+    match (sha256, md5) {
+        (Some(hex), None) => {
+            Digest::from_hex(DigestKind::Sha256, &hex).map_err(|m| ConfigError::new(sha_field, m))
+        }
+        (None, Some(hex)) => {
+            Digest::from_hex(DigestKind::Md5, &hex).map_err(|m| ConfigError::new(md5_field, m))
+        }
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            md5_field,
+            "set either key_sha256 or key_md5, not both",
+        )),
+        (None, None) => Err(ConfigError::new(
+            sha_field,
+            "missing: every client needs key_sha256 (hex SHA-256 of its key), key_md5, or a \
+             `keys` list",
+        )),
+    }
+}
+
+/// Key labels name a key for people and tools (`tollgate keys revoke --label`); they are never
+/// metric labels.
+fn check_label(label: &str) -> Result<(), String> {
+    let ok = !label.is_empty()
+        && label.len() <= MAX_KEY_LABEL_LEN
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{label:?} is not a valid label: use 1-{MAX_KEY_LABEL_LEN} letters, digits, or \
+             '-', '_', '.', ':', '@'"
+        ))
+    }
+}
+
+/// Parses an RFC 3339 time (`2025-07-01T00:00:00Z`, fractions of a second and a `+02:00`
+/// offset allowed) into Unix milliseconds. Times before 1970 are refused.
+pub fn parse_rfc3339_ms(t: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "{t:?} is not an RFC 3339 time: write e.g. \"2025-07-01T00:00:00Z\" (UTC) or \
+             \"2025-07-01T02:00:00+02:00\""
+        )
+    };
+    let b = t.as_bytes();
+    let num = |from: usize, len: usize| -> Option<i64> {
+        let digits = b.get(from..from + len)?;
+        if !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    };
+    let sep = |at: usize, want: &[u8]| b.get(at).is_some_and(|c| want.contains(c));
+    let (Some(year), Some(month), Some(day), Some(hour), Some(min), Some(sec)) = (
+        num(0, 4),
+        num(5, 2),
+        num(8, 2),
+        num(11, 2),
+        num(14, 2),
+        num(17, 2),
+    ) else {
+        return Err(bad());
+    };
+    if !(sep(4, b"-") && sep(7, b"-") && sep(10, b"Tt ") && sep(13, b":") && sep(16, b":")) {
+        return Err(bad());
+    }
+    let mut at = 19;
+    let mut millis = 0i64;
+    if sep(at, b".") {
+        at += 1;
+        let start = at;
+        while b.get(at).is_some_and(u8::is_ascii_digit) {
+            at += 1;
+        }
+        if at == start {
+            return Err(bad());
+        }
+        let frac = b.get(start..at.min(start + 3)).unwrap_or_default();
+        for (i, d) in frac.iter().enumerate() {
+            millis += i64::from(d - b'0') * [100, 10, 1].get(i).copied().unwrap_or(0);
+        }
+    }
+    let offset_min = match b.get(at) {
+        Some(b'Z' | b'z') if at + 1 == b.len() => 0,
+        Some(&s @ (b'+' | b'-')) if at + 6 == b.len() && sep(at + 3, b":") => {
+            let (Some(h), Some(m)) = (num(at + 1, 2), num(at + 4, 2)) else {
+                return Err(bad());
+            };
+            if h > 23 || m > 59 {
+                return Err(bad());
+            }
+            let total = h * 60 + m;
+            if s == b'+' {
+                total
+            } else {
+                -total
+            }
+        }
+        _ => return Err(bad()),
+    };
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let max_day = usize::try_from(month - 1)
+        .ok()
+        .and_then(|m| month_days.get(m).copied())
+        .ok_or_else(bad)?;
+    if day < 1 || day > max_day || hour > 23 || min > 59 || sec > 59 {
+        return Err(bad());
+    }
+    // Days since 1970-01-01 (Howard Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + min * 60 + sec - offset_min * 60;
+    u64::try_from(secs * 1000 + millis).map_err(|_| format!("{t:?} is before 1970-01-01T00:00:00Z"))
 }

@@ -28,7 +28,10 @@ pub use crate::types::{ClientId, Webdis};
 
 use self::cache::{compile_cache, RawCache, RawCacheBackends};
 use self::clients::{compile_clients, Defaults, RawClient};
-pub use self::clients::{Client, DEFAULT_REQUESTS_PER_MINUTE, MAX_CLIENT_NAME_LEN, MAX_PER_MINUTE};
+pub use self::clients::{
+    parse_rfc3339_ms, Client, DEFAULT_REQUESTS_PER_MINUTE, MAX_CLIENT_NAME_LEN,
+    MAX_KEYS_PER_CLIENT, MAX_KEY_LABEL_LEN, MAX_PER_MINUTE,
+};
 use self::limiter::{compile_limiter, RawLimiter};
 pub use self::limiter::{
     LimiterBackend, OnError, RedisLimiter, DEFAULT_REDIS_TIMEOUT_MS, MAX_REDIS_TIMEOUT_MS,

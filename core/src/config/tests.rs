@@ -550,3 +550,178 @@ fn trailing_characters_are_an_error() {
     let e = err(&format!("{good}{good}"));
     assert!(e.starts_with("not valid JSON: trailing characters"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Several keys per client (`keys`), labels and expiry.
+
+fn sha(key: &str) -> String {
+    crate::keys::Digest::of_key(DigestKind::Sha256, key.as_bytes()).to_hex()
+}
+
+#[test]
+fn a_client_may_have_several_keys_with_labels_and_expiry() {
+    let c = parse(&minimal(&format!(
+        r#"[{{"name":"a","keys":[{{"key_sha256":"{}","label":"2025-q1"}},
+                                 {{"key_sha256":"{}","label":"2025-q2","expires_at":"2025-07-01T00:00:00Z"}}]}},
+            {{"name":"b","key_sha256":"{}"}}]"#,
+        sha("k-a1"),
+        sha("k-a2"),
+        sha("k-b")
+    )))
+    .unwrap();
+    assert_eq!(c.keys.len(), 3);
+    assert_eq!(c.keys.admit(b"k-a1", u64::MAX), Ok(0));
+    let expiry = 1_751_328_000_000; // 2025-07-01T00:00:00Z
+    assert_eq!(c.keys.admit(b"k-a2", expiry - 1), Ok(0));
+    assert_eq!(
+        c.keys.admit(b"k-a2", expiry),
+        Err(crate::keys::KeyError::Expired)
+    );
+    assert_eq!(c.keys.admit(b"k-b", 0), Ok(1));
+    // A `keys` list names the Redis budget after the client; one key keeps the key's MD5.
+    assert_eq!(c.clients[0].redis_id.as_deref(), Some("name-a"));
+    assert_eq!(c.clients[1].redis_id, None);
+}
+
+#[test]
+fn key_list_errors_name_the_key() {
+    let e = err(&minimal(&format!(
+        r#"[{{"name":"a","key_sha256":"{}","keys":[{{"key_sha256":"{}"}}]}}]"#,
+        sha("x"),
+        sha("y")
+    )));
+    assert!(
+        e.starts_with("clients[0].key_sha256: set either `keys`"),
+        "{e}"
+    );
+    let e = err(&minimal(r#"[{"name":"a","keys":[]}]"#));
+    assert!(
+        e.starts_with("clients[0].keys: expected 1 to 16 keys, got 0"),
+        "{e}"
+    );
+    let e = err(&minimal(&format!(
+        r#"[{{"name":"a","keys":[{{"key_sha256":"{}"}},{{"key_sha256":"abc"}}]}}]"#,
+        sha("x")
+    )));
+    assert!(
+        e.starts_with("clients[0].keys[1].key_sha256: expected 64 hex"),
+        "{e}"
+    );
+    let e = err(&minimal(r#"[{"name":"a","keys":[{"label":"x"}]}]"#));
+    assert!(
+        e.starts_with("clients[0].keys[0].key_sha256: missing"),
+        "{e}"
+    );
+    let e = err(&minimal(&format!(
+        r#"[{{"name":"a","keys":[{{"key_sha256":"{}","expires_at":"2025-07-01"}}]}}]"#,
+        sha("x")
+    )));
+    assert!(
+        e.starts_with("clients[0].keys[0].expires_at: \"2025-07-01\" is not an RFC 3339"),
+        "{e}"
+    );
+    let e = err(&minimal(&format!(
+        r#"[{{"name":"a","keys":[{{"key_sha256":"{}","label":"no spaces"}}]}}]"#,
+        sha("x")
+    )));
+    assert!(e.starts_with("clients[0].keys[0].label: "), "{e}");
+    let e = err(&minimal(&format!(
+        r#"[{{"name":"a","keys":[{{"key_sha256":"{}","expiry":"x"}}]}}]"#,
+        sha("x")
+    )));
+    assert!(
+        e.starts_with("clients[0].keys[0].expiry: unknown field `expiry`"),
+        "{e}"
+    );
+    // The same key twice: in one client's list, and in two clients.
+    let e = err(&minimal(&format!(
+        r#"[{{"name":"a","keys":[{{"key_sha256":"{0}"}},{{"key_sha256":"{0}"}}]}}]"#,
+        sha("x")
+    )));
+    assert_eq!(
+        e,
+        "clients[0].keys[1].key_sha256: duplicate key digest (listed twice for this client)"
+    );
+    let e = err(&minimal(&format!(
+        r#"[{{"name":"a","key_sha256":"{0}"}},{{"name":"b","keys":[{{"key_md5":"{1}"}},{{"key_sha256":"{0}"}}]}}]"#,
+        sha("x"),
+        "ab".repeat(16)
+    )));
+    assert_eq!(
+        e,
+        "clients[1].keys[1].key_sha256: duplicate key digest (same key as clients[0])"
+    );
+}
+
+#[test]
+fn rfc3339_times() {
+    let ok = |t: &str| parse_rfc3339_ms(t).unwrap();
+    assert_eq!(ok("1970-01-01T00:00:00Z"), 0);
+    assert_eq!(ok("2025-07-01T00:00:00Z"), 1_751_328_000_000);
+    assert_eq!(ok("2025-07-01T02:00:00+02:00"), 1_751_328_000_000);
+    assert_eq!(ok("2025-06-30T23:30:00-00:30"), 1_751_328_000_000);
+    assert_eq!(ok("2025-07-01t00:00:00.25z"), 1_751_328_000_250);
+    assert_eq!(ok("2025-07-01T00:00:00.123456789Z"), 1_751_328_000_123);
+    assert_eq!(ok("2024-02-29T12:00:00Z"), 1_709_208_000_000);
+    for bad in [
+        "",
+        "2025-07-01",
+        "2025-07-01T00:00:00",
+        "2025-07-01T00:00:00+0200",
+        "2025-02-29T00:00:00Z",
+        "2025-13-01T00:00:00Z",
+        "2025-07-01T24:00:00Z",
+        "2025-07-01T00:00:00.Z",
+        "2025-07-01T00:00:00Zx",
+        "1969-12-31T23:59:59Z",
+        "+025-07-01T00:00:00Z",
+        "2025-07-01T00:00:00+24:00",
+    ] {
+        assert!(parse_rfc3339_ms(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn two_keys_of_one_client_spend_one_budget_and_expired_keys_get_their_own_401() {
+    use crate::limiter::tests::FakeStore;
+    use crate::request::{on_request_headers, Decision, Start};
+    let json = minimal(&format!(
+        r#"[{{"name":"a","requests_per_minute":3,"keys":[{{"key_sha256":"{}"}},
+             {{"key_sha256":"{}","expires_at":"2023-11-14T22:13:30Z"}}]}}]"#,
+        sha("old"),
+        sha("new")
+    ));
+    let c = parse(&json).unwrap();
+    let store = FakeStore::default();
+    let now = 1_700_000_000_000; // 2023-11-14T22:13:20Z, ten seconds before the expiry
+    let status = |key: &str, now: u64| {
+        let headers: Vec<(Vec<u8>, Vec<u8>)> = [
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            ("content-length", "2"),
+            ("authorization", &format!("Bearer {key}")),
+        ]
+        .iter()
+        .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+        match on_request_headers(&c, &headers, false, now, &store) {
+            Start::Done(step) => match step.decision {
+                Decision::Reply(r) => (r.status, r.body),
+                Decision::Forward(_) => (200, String::new()),
+            },
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(status("old", now).0, 200);
+    assert_eq!(status("new", now).0, 200);
+    assert_eq!(status("old", now + 1).0, 200);
+    // The fourth request of the window is over the client's one budget, whichever key.
+    assert_eq!(status("new", now + 2).0, 429);
+    assert_eq!(status("old", now + 3).0, 429);
+    let (code, body) = status("new", now + 10_000);
+    assert_eq!(code, 401);
+    assert!(body.contains("expired"), "{body}");
+    let (code, body) = status("other", now);
+    assert_eq!(code, 401);
+    assert!(!body.contains("expired"), "{body}");
+}
