@@ -4,6 +4,7 @@
 //! returns. Everything here builds and is tested on the host target against small fakes, and is
 //! reused by the CLI and the benchmarks.
 
+pub mod anthropic;
 pub mod attempt;
 pub mod base64;
 pub mod body;
