@@ -353,13 +353,21 @@ impl EndpointSet {
     }
 }
 
-/// The API whose error shape a request gets: that of the catalogue endpoint with this path
-/// (whatever the method, and whether or not it is granted), else OpenAI's.
+/// The API whose key header and error shape a request gets: that of the catalogue endpoint
+/// with this path (whatever the method, and whether or not it is granted); Anthropic's for
+/// anything else under `/v1/messages` (its batches, say, which Tollgate does not serve: a
+/// Claude client gets a 404 it understands); else OpenAI's.
 pub fn api_of_path(path: &[u8]) -> Api {
-    CATALOGUE
+    if let Some(e) = CATALOGUE
         .iter()
         .find(|e| e.routes.iter().any(|r| matches(r.path, path)))
-        .map_or(Api::OpenAi, |e| e.api)
+    {
+        return e.api;
+    }
+    match path.strip_prefix(b"/v1/messages".as_slice()) {
+        Some(rest) if rest.is_empty() || rest.starts_with(b"/") => Api::Anthropic,
+        _ => Api::OpenAi,
+    }
 }
 
 /// Longest id segment accepted for a `*`.
@@ -457,7 +465,10 @@ mod tests {
         assert_eq!(find(only_chat, "POST", "/v1/messages"), None);
         assert_eq!(api_of_path(b"/v1/messages"), Api::Anthropic);
         assert_eq!(api_of_path(b"/v1/messages/count_tokens"), Api::Anthropic);
-        assert_eq!(api_of_path(b"/v1/messages/"), Api::OpenAi);
+        assert_eq!(api_of_path(b"/v1/messages/"), Api::Anthropic);
+        assert_eq!(api_of_path(b"/v1/messages/batches"), Api::Anthropic);
+        assert_eq!(api_of_path(b"/v1/messagesx"), Api::OpenAi);
+        assert_eq!(api_of_path(b"/v1/Messages"), Api::OpenAi);
         assert_eq!(api_of_path(b"/v1/chat/completions"), Api::OpenAi);
         assert_eq!(api_of_path(b"/nope"), Api::OpenAi);
     }
