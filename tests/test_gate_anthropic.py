@@ -108,7 +108,7 @@ def test_other_methods_and_spellings_never_reach_a_provider(gate, method, path):
     r = harness.request(gw.url, method, path, VERSION + [("x-api-key", INTERN)], body("claude-opus-4"))
     # (401 for a spelling outside /v1/messages: an OpenAI-style path reads no x-api-key.)
     assert r.status in (400, 401, 403, 404), (r.status, r.body)
-    if path.startswith("/v1/messages") and r.status != 400:
+    if (path == "/v1/messages" or path.startswith("/v1/messages/")) and r.status != 400:
         assert r.json()["type"] == "error", r.body
     assert mock.requests() == [], f"{method} {path} reached the provider"
 
