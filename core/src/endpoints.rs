@@ -8,6 +8,28 @@
 //! digits and `._:-`, never `.` or `..` alone. Anything else (percent escapes, `;` parameters,
 //! upper case, a trailing slash) matches nothing.
 
+/// Which provider API an endpoint belongs to: it decides how the client's key is read, how the
+/// provider's key is sent, the shape of Tollgate's own errors and budget headers, and how usage
+/// is read from the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Api {
+    /// OpenAI's API (and the many providers compatible with it).
+    #[default]
+    OpenAi,
+    /// Anthropic's Messages API (Anthropic itself, and relays that offer it).
+    Anthropic,
+}
+
+impl Api {
+    /// The configuration's name for it (`providers[].api`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Api::OpenAi => "openai",
+            Api::Anthropic => "anthropic",
+        }
+    }
+}
+
 /// How Tollgate handles a request to an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -17,6 +39,10 @@ pub enum Kind {
     /// The model list: answered by Tollgate itself with model routing (the client's allowed
     /// models), forwarded in one-provider mode. Counted as a request.
     ModelList,
+    /// A token count (`/v1/messages/count_tokens`): routed by its body's `model` like an
+    /// inference call and counted as a request, but no tokens are reserved or charged (the
+    /// provider reports no usage for it and bills none).
+    Count,
     /// An account endpoint (files, batches, ...): forwarded to the one provider or the
     /// `default_provider`, body not read, counted as a request (no tokens: no usage is reported).
     Account,
@@ -42,6 +68,8 @@ pub struct Endpoint {
     pub kind: Kind,
     /// Granted to every client unless the configuration says otherwise (the inference API).
     pub default: bool,
+    /// The provider API it belongs to.
+    pub api: Api,
 }
 
 const fn r(method: &'static str, path: &'static str) -> Route {
@@ -54,41 +82,53 @@ const fn account(name: &'static str, routes: &'static [Route]) -> Endpoint {
         routes,
         kind: Kind::Account,
         default: false,
+        api: Api::OpenAi,
     }
 }
 
-/// Every endpoint Tollgate knows: OpenAI's inference API (granted by default) and its account
-/// API (granted explicitly, per client or for everyone).
+/// An inference endpoint of OpenAI's API, granted by default.
+const fn openai(name: &'static str, routes: &'static [Route], kind: Kind) -> Endpoint {
+    Endpoint {
+        name,
+        routes,
+        kind,
+        default: true,
+        api: Api::OpenAi,
+    }
+}
+
+/// Every endpoint Tollgate knows: OpenAI's inference API and Anthropic's Messages API (granted
+/// by default), and OpenAI's account API (granted explicitly, per client or for everyone).
 pub const CATALOGUE: &[Endpoint] = &[
+    openai(
+        "chat_completions",
+        &[r("POST", "/v1/chat/completions")],
+        Kind::Model,
+    ),
+    openai("completions", &[r("POST", "/v1/completions")], Kind::Model),
+    openai("embeddings", &[r("POST", "/v1/embeddings")], Kind::Model),
+    openai("responses", &[r("POST", "/v1/responses")], Kind::Model),
+    openai(
+        "models",
+        &[r("GET", "/v1/models"), r("GET", "/v1/models/*")],
+        Kind::ModelList,
+    ),
+    // Anthropic's Messages API, granted by default too: a request reaches a provider only when
+    // its model's rule names providers that speak Anthropic's API (else 404), so granting it
+    // opens nothing an operator did not configure.
     Endpoint {
-        name: "chat_completions",
-        routes: &[r("POST", "/v1/chat/completions")],
+        name: "messages",
+        routes: &[r("POST", "/v1/messages")],
         kind: Kind::Model,
         default: true,
+        api: Api::Anthropic,
     },
     Endpoint {
-        name: "completions",
-        routes: &[r("POST", "/v1/completions")],
-        kind: Kind::Model,
+        name: "messages_count_tokens",
+        routes: &[r("POST", "/v1/messages/count_tokens")],
+        kind: Kind::Count,
         default: true,
-    },
-    Endpoint {
-        name: "embeddings",
-        routes: &[r("POST", "/v1/embeddings")],
-        kind: Kind::Model,
-        default: true,
-    },
-    Endpoint {
-        name: "responses",
-        routes: &[r("POST", "/v1/responses")],
-        kind: Kind::Model,
-        default: true,
-    },
-    Endpoint {
-        name: "models",
-        routes: &[r("GET", "/v1/models"), r("GET", "/v1/models/*")],
-        kind: Kind::ModelList,
-        default: true,
+        api: Api::Anthropic,
     },
     account(
         "files",
@@ -313,6 +353,23 @@ impl EndpointSet {
     }
 }
 
+/// The API whose key header and error shape a request gets: that of the catalogue endpoint
+/// with this path (whatever the method, and whether or not it is granted); Anthropic's for
+/// anything else under `/v1/messages` (its batches, say, which Tollgate does not serve: a
+/// Claude client gets a 404 it understands); else OpenAI's.
+pub fn api_of_path(path: &[u8]) -> Api {
+    if let Some(e) = CATALOGUE
+        .iter()
+        .find(|e| e.routes.iter().any(|r| matches(r.path, path)))
+    {
+        return e.api;
+    }
+    match path.strip_prefix(b"/v1/messages".as_slice()) {
+        Some(rest) if rest.is_empty() || rest.starts_with(b"/") => Api::Anthropic,
+        _ => Api::OpenAi,
+    }
+}
+
 /// Longest id segment accepted for a `*`.
 pub const MAX_ID_LEN: usize = 256;
 
@@ -381,6 +438,39 @@ mod tests {
         ] {
             assert_eq!(find(d, m, p), None, "{m} {p}");
         }
+    }
+
+    #[test]
+    fn anthropics_messages_api_is_in_the_default_set() {
+        let d = EndpointSet::defaults();
+        assert_eq!(find(d, "POST", "/v1/messages"), Some("messages"));
+        assert_eq!(
+            find(d, "POST", "/v1/messages/count_tokens"),
+            Some("messages_count_tokens")
+        );
+        for (m, p) in [
+            ("GET", "/v1/messages"),
+            ("POST", "/v1/messages/"),
+            ("POST", "/v1/messages/batches"),
+            ("POST", "/v1/Messages"),
+            ("POST", "/v1/messages;x"),
+            ("POST", "/v1//messages"),
+            ("POST", "/v1/messages/count_tokens/"),
+            ("POST", "/v1/complete"),
+        ] {
+            assert_eq!(find(d, m, p), None, "{m} {p}");
+        }
+        // Only `messages` can be taken away on its own.
+        let only_chat = EndpointSet::from_names(&["chat_completions"]).unwrap();
+        assert_eq!(find(only_chat, "POST", "/v1/messages"), None);
+        assert_eq!(api_of_path(b"/v1/messages"), Api::Anthropic);
+        assert_eq!(api_of_path(b"/v1/messages/count_tokens"), Api::Anthropic);
+        assert_eq!(api_of_path(b"/v1/messages/"), Api::Anthropic);
+        assert_eq!(api_of_path(b"/v1/messages/batches"), Api::Anthropic);
+        assert_eq!(api_of_path(b"/v1/messagesx"), Api::OpenAi);
+        assert_eq!(api_of_path(b"/v1/Messages"), Api::OpenAi);
+        assert_eq!(api_of_path(b"/v1/chat/completions"), Api::OpenAi);
+        assert_eq!(api_of_path(b"/nope"), Api::OpenAi);
     }
 
     #[test]

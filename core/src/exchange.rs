@@ -23,7 +23,9 @@ use std::rc::Rc;
 use log::{debug, error, warn};
 
 use crate::access_log::{self, Record};
+use crate::anthropic;
 use crate::cache::{self, Backend, Skip};
+use crate::endpoints::Api;
 use crate::gateway::{callout_status, timed_out, Gateway, MAX_WEBDIS_REPLY_BYTES};
 use crate::host::{send_local_reply, Action, Buffer, Host, Map};
 use crate::limiter::Window;
@@ -122,6 +124,11 @@ pub struct Exchange {
     log: Record,
     /// The upstream role's attempts were counted (once, at the response or at the log).
     attempts_counted: bool,
+    /// The API of the request's path: the shape of Tollgate's answers and budget headers, and
+    /// how usage is read.
+    api: Api,
+    /// Envoy's `x-request-id`, for the `request-id` of Anthropic-shaped errors.
+    request_id: Option<String>,
 }
 
 impl Exchange {
@@ -147,6 +154,8 @@ impl Exchange {
             cache_store: None,
             log: Record::default(),
             attempts_counted: false,
+            api: Api::OpenAi,
+            request_id: None,
         }
     }
 
@@ -175,6 +184,14 @@ impl Exchange {
             }
         };
         self.started_ms = Some(now);
+        self.api = request::api_of(&headers);
+        if self.api == Api::Anthropic {
+            self.request_id = headers
+                .iter()
+                .find(|(n, _)| n.as_slice() == b"x-request-id")
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+                .map(str::to_string);
+        }
         let start = request::on_request_headers(&gw.config, &headers, end_of_stream, now, h);
         let start = match start {
             // No body will follow (a POST without one): decide on the empty body now.
@@ -430,7 +447,8 @@ impl Exchange {
     }
 
     /// Sends a local reply; if even that fails, resets the stream so nothing goes upstream.
-    /// The access log gets the reply's reason (an outcome not set by then is an error).
+    /// Every answer is in the shape of the client's API (Anthropic's SDKs read Anthropic's);
+    /// the access log gets the reply's reason (an outcome not set by then is an error).
     fn reply(&mut self, h: &dyn Host, reply: &LocalReply) -> Action {
         self.replied = true;
         self.log.reason = reply.kind.map(|k| k.reason());
@@ -438,7 +456,14 @@ impl Exchange {
             self.log.outcome = Some(Outcome::Error.as_str());
         }
         self.write_log(h);
-        send_local_reply(h, reply);
+        match self.api {
+            Api::OpenAi => send_local_reply(h, reply),
+            Api::Anthropic => {
+                let at = self.started_ms.unwrap_or_default();
+                let shaped = anthropic::error_reply(reply, at, self.request_id.as_deref());
+                send_local_reply(h, &shaped);
+            }
+        }
         Action::Pause
     }
 
@@ -605,18 +630,21 @@ impl Exchange {
             (CACHE_HEADER, "hit".to_string()),
             ("age", entry.age_s(now_ms).to_string()),
         ];
-        if let Some(w) = &forward.window {
-            headers.extend(request::response_headers(w));
-        }
-        if let Some(t) = &forward.tokens {
+        let refunded = forward.tokens.as_ref().map(|t| {
             let mut refunded = t.clone();
             refunded.state.remaining = t
                 .state
                 .remaining
                 .saturating_add(t.estimate.total())
                 .min(t.state.limit);
-            headers.extend(request::token_headers(&refunded));
-        }
+            refunded
+        });
+        headers.extend(request::budget_headers(
+            self.api,
+            forward.window.as_ref(),
+            refunded.as_ref(),
+            self.started_ms.unwrap_or_default(),
+        ));
         self.replied = true;
         self.client = client;
         self.rule = rule;
@@ -669,8 +697,13 @@ impl Exchange {
         };
         let head = ResponseHead::read(&headers);
         self.cache_response_headers(&gw, h, &head);
-        let (remove, mut set) =
-            request::response_edits(&headers, self.window.as_ref(), self.tokens.as_ref());
+        let (remove, mut set) = request::response_edits(
+            self.api,
+            &headers,
+            self.window.as_ref(),
+            self.tokens.as_ref(),
+            self.started_ms.unwrap_or_default(),
+        );
         if let Some(value) = self.cache_header {
             set.push((CACHE_HEADER, value.to_string()));
         }
@@ -705,10 +738,10 @@ impl Exchange {
                 }
             }
             self.usage = if streaming {
-                Some(UsageReader::Sse(if self.strip_usage_chunk {
-                    SseUsage::stripping_usage_chunk()
-                } else {
-                    SseUsage::default()
+                Some(UsageReader::Sse(match self.api {
+                    Api::Anthropic => SseUsage::anthropic(),
+                    Api::OpenAi if self.strip_usage_chunk => SseUsage::stripping_usage_chunk(),
+                    Api::OpenAi => SseUsage::default(),
                 }))
             } else if head.is_json() {
                 Some(UsageReader::Json(Vec::new()))
@@ -788,7 +821,10 @@ impl Exchange {
                     self.stream_chunks = Some(sse.chunks);
                     sse.usage
                 }
-                Some(UsageReader::Json(body)) => usage::from_json(&body),
+                Some(UsageReader::Json(body)) => match self.api {
+                    Api::OpenAi => usage::from_json(&body),
+                    Api::Anthropic => usage::from_anthropic_json(&body),
+                },
                 None => None,
             };
             if let Some(u) = found {

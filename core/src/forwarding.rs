@@ -58,6 +58,18 @@ pub const RESPONSE_STRIPPED: &[&str] = &[
     "x-ratelimit-limit-tokens",
     "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-tokens",
+    "anthropic-ratelimit-requests-limit",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-requests-reset",
+    "anthropic-ratelimit-tokens-limit",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-tokens-reset",
+    "anthropic-ratelimit-input-tokens-limit",
+    "anthropic-ratelimit-input-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-reset",
+    "anthropic-ratelimit-output-tokens-limit",
+    "anthropic-ratelimit-output-tokens-remaining",
+    "anthropic-ratelimit-output-tokens-reset",
 ];
 
 /// Whether a client's request header may reach a provider. `extra` holds the configuration's
@@ -223,6 +235,7 @@ mod tests {
             ("x-ratelimit-remaining-requests", "9999"),
             ("x-ratelimit-remaining-tokens", "1"),
             ("openai-processing-ms", "12"),
+            ("anthropic-ratelimit-input-tokens-remaining", "7"),
         ]);
         assert_eq!(
             response_strip_list(&headers, &["x-ratelimit-remaining-requests"]),
@@ -230,7 +243,8 @@ mod tests {
                 "openai-organization",
                 "openai-project",
                 "set-cookie",
-                "x-ratelimit-remaining-tokens"
+                "x-ratelimit-remaining-tokens",
+                "anthropic-ratelimit-input-tokens-remaining"
             ]
         );
     }

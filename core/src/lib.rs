@@ -5,6 +5,7 @@
 //! reused by the CLI and the benchmarks.
 
 pub mod access_log;
+pub mod anthropic;
 pub mod attempt;
 pub mod base64;
 pub mod body;

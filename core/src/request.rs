@@ -14,10 +14,11 @@
 //! response headers ◄── x-ratelimit-*-requests (the client's own budget)
 //! ```
 
+use crate::anthropic;
 use crate::body::{self, BodyError};
 use crate::cache;
 use crate::config::{ClientId, Config, LimiterBackend, Mode, OnError, RedisLimiter, Webdis};
-use crate::endpoints::Kind;
+use crate::endpoints::{self, Api, Kind};
 use crate::forwarding;
 use crate::headers::Header;
 use crate::host::CasStore;
@@ -153,6 +154,10 @@ pub struct AwaitBody {
     key_md5: Option<String>,
     /// What the response cache needs from the headers, when caching is configured.
     cache: Option<cache::RequestInfo>,
+    /// The endpoint's API: the model's providers must speak it.
+    api: Api,
+    /// Tokens are reserved and charged (not for a token count).
+    charged: bool,
 }
 
 impl AwaitBody {
@@ -197,11 +202,23 @@ pub fn on_request_headers(
     now_ms: u64,
     store: &dyn CasStore,
 ) -> Start {
-    let auth_values = headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case(b"authorization"))
-        .map(|(_, v)| v.as_slice());
-    let authenticated = bearer_token(auth_values).and_then(|token| {
+    let method = header(headers, b":method").unwrap_or_default();
+    let full_path = header(headers, b":path").unwrap_or_default();
+    let mut parts = full_path.splitn(2, |&b| b == b'?');
+    let path = parts.next().unwrap_or_default();
+    let has_query = parts.next().is_some();
+    // The key where the client's API puts it: Anthropic's clients send `x-api-key`.
+    let api = endpoints::api_of_path(path);
+    let presented = match api {
+        Api::OpenAi => bearer_token(
+            headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(b"authorization"))
+                .map(|(_, v)| v.as_slice()),
+        ),
+        Api::Anthropic => anthropic::client_key(headers),
+    };
+    let authenticated = presented.and_then(|token| {
         let id = config.keys.admit(token, now_ms)?;
         Ok((id, token))
     });
@@ -230,11 +247,6 @@ pub fn on_request_headers(
         LimiterBackend::Local => None,
     };
     // Deny by default: only the endpoints granted to this client, matched exactly.
-    let method = header(headers, b":method").unwrap_or_default();
-    let full_path = header(headers, b":path").unwrap_or_default();
-    let mut parts = full_path.splitn(2, |&b| b == b'?');
-    let path = parts.next().unwrap_or_default();
-    let has_query = parts.next().is_some();
     let granted = config
         .client(client)
         .map(|c| c.endpoints)
@@ -254,6 +266,17 @@ pub fn on_request_headers(
     let length = declared_length(headers);
     let routing = match &config.mode {
         Mode::Single(upstream) => {
+            // The one provider serves its own API only.
+            if endpoint.api != upstream.api {
+                return Start::Done(reply(
+                    Some(client),
+                    Outcome::Invalid,
+                    openai::unknown_url(
+                        &String::from_utf8_lossy(method),
+                        &String::from_utf8_lossy(path),
+                    ),
+                ));
+            }
             if endpoint.kind == Kind::Model && length.is_none() && !end_of_stream {
                 return Start::Done(reply(
                     Some(client),
@@ -261,15 +284,12 @@ pub fn on_request_headers(
                     openai::length_required(),
                 ));
             }
-            let forward = Forward::new(
-                vec![("authorization", upstream.authorization.clone())],
-                false,
-            );
+            let forward = Forward::new(vec![upstream.credential()], false);
             // The body is not read in this mode: the prompt is estimated from its declared size
             // (`max_tokens` is unknown; the completion is settled from the usage).
             let estimate = match endpoint.kind {
                 Kind::Model => estimate_tokens(length.unwrap_or(0), None),
-                Kind::ModelList | Kind::Account => Estimate::default(),
+                Kind::Count | Kind::ModelList | Kind::Account => Estimate::default(),
             };
             return limit(config, client, key_md5, forward, estimate, now_ms, store);
         }
@@ -290,7 +310,7 @@ pub fn on_request_headers(
             };
             Start::Done(reply(Some(client), Outcome::Admitted, answer))
         }
-        Kind::Model => {
+        Kind::Model | Kind::Count => {
             if length.is_some_and(|n| n > routing.max_body_bytes) {
                 return Start::Done(reply(
                     Some(client),
@@ -309,6 +329,8 @@ pub fn on_request_headers(
                 client,
                 key_md5,
                 cache,
+                api: endpoint.api,
+                charged: endpoint.kind == Kind::Model,
             })
         }
         // Account endpoints go to the default provider (the configuration guarantees one when
@@ -341,6 +363,8 @@ pub fn on_request_body(
         client,
         key_md5,
         cache,
+        api,
+        charged,
     } = awaiting;
     let Mode::Routed(routing) = &config.mode else {
         return Start::Done(reply(
@@ -361,7 +385,7 @@ pub fn on_request_body(
     let model = request.model.clone();
     with_model(
         decide_model(
-            config, routing, client, key_md5, cache, body, request, now_ms, store,
+            config, routing, client, key_md5, cache, api, charged, body, request, now_ms, store,
         ),
         model,
     )
@@ -390,6 +414,8 @@ fn decide_model(
     client: ClientId,
     key_md5: Option<String>,
     cache: Option<cache::RequestInfo>,
+    api: Api,
+    charged: bool,
     body: &[u8],
     request: body::ModelRequest,
     now_ms: u64,
@@ -401,12 +427,17 @@ fn decide_model(
         let name = config.client(client).map_or("", |c| c.name.as_str());
         return invalid(openai::model_not_allowed(name, &request.model));
     }
-    let Some(rule) = routing.rule_for(&request.model) else {
+    // A model whose providers speak another API is not served on this endpoint.
+    let Some(rule) = routing
+        .rule_for(&request.model)
+        .filter(|&rule| routing.rule_api(rule) == api)
+    else {
         return invalid(openai::model_not_found(&request.model));
     };
     // Every stream reports its usage: ask for it when the client did not, and take the extra
-    // chunk out again on the way back, so the client sees the stream it asked for.
-    let new_body = if request.stream {
+    // chunk out again on the way back, so the client sees the stream it asked for. (Anthropic's
+    // streams always report it.)
+    let new_body = if request.stream && api == Api::OpenAi {
         body::with_stream_usage(body)
     } else {
         None
@@ -423,7 +454,11 @@ fn decide_model(
         body: new_body,
         ..Forward::new(vec![(ROUTE_HEADER, Routing::route_id(rule))], true)
     };
-    let estimate = estimate_tokens(body.len(), request.max_tokens);
+    let estimate = if charged {
+        estimate_tokens(body.len(), request.max_tokens)
+    } else {
+        Estimate::default()
+    };
     limit(config, client, key_md5, forward, estimate, now_ms, store)
 }
 
@@ -843,20 +878,59 @@ impl ResponseHead {
     }
 }
 
+/// The API a request's path belongs to (see [`endpoints::api_of_path`]): it decides the shape
+/// of Tollgate's answers and budget headers, and how the response's usage is read.
+pub fn api_of(headers: &[Header]) -> Api {
+    let full_path = header(headers, b":path").unwrap_or_default();
+    let path = full_path.split(|&b| b == b'?').next().unwrap_or_default();
+    endpoints::api_of_path(path)
+}
+
+/// The client's budget headers in its API's names: `x-ratelimit-*` for OpenAI's,
+/// `anthropic-ratelimit-*` for Anthropic's (whose resets are times: the window's reset counted
+/// from `admitted_ms`, when the window was read).
+pub fn budget_headers(
+    api: Api,
+    window: Option<&Window>,
+    tokens: Option<&TokenReservation>,
+    admitted_ms: u64,
+) -> Vec<(&'static str, String)> {
+    match api {
+        Api::OpenAi => {
+            let mut set = Vec::new();
+            if let Some(w) = window {
+                set.extend(response_headers(w));
+            }
+            if let Some(t) = tokens {
+                set.extend(token_headers(t));
+            }
+            set
+        }
+        Api::Anthropic => {
+            let budget = |w: &Window| anthropic::Budget {
+                limit: w.limit,
+                remaining: w.remaining,
+                reset_ms: w.reset_ms,
+            };
+            anthropic::budget_headers(
+                window.map(budget),
+                tokens.map(|t| budget(&t.state)),
+                admitted_ms,
+            )
+        }
+    }
+}
+
 /// The header edits of a forwarded response: the provider's account headers go (see
 /// [`forwarding::RESPONSE_STRIPPED`]), the client's own budget replaces the provider's.
 pub fn response_edits(
+    api: Api,
     headers: &[Header],
     window: Option<&Window>,
     tokens: Option<&TokenReservation>,
+    admitted_ms: u64,
 ) -> (Vec<&'static str>, Vec<(&'static str, String)>) {
-    let mut set = Vec::new();
-    if let Some(w) = window {
-        set.extend(response_headers(w));
-    }
-    if let Some(t) = tokens {
-        set.extend(token_headers(t));
-    }
+    let set = budget_headers(api, window, tokens, admitted_ms);
     let replaced: Vec<&str> = set.iter().map(|(n, _)| *n).collect();
     (forwarding::response_strip_list(headers, &replaced), set)
 }
@@ -1370,6 +1444,160 @@ mod tests {
             404
         );
         assert_eq!(status(start(b"sk-dev", b"GET", b"/v1/files")), 404);
+    }
+
+    fn messages_config() -> Config {
+        let sha = Digest::of_key(DigestKind::Sha256, b"sk-team-a").to_hex();
+        let json = format!(
+            r#"{{"clients":[{{"name":"team-a","key_sha256":"{sha}","tokens_per_minute":1000,
+                             "models":["claude-*","gpt-4.1"]}}],
+                "providers":[{{"name":"claude","cluster":"c","api_key_env":"K","api":"anthropic"}},
+                             {{"name":"oai","cluster":"o","api_key_env":"K"}}],
+                "models":[{{"match":"claude-*","providers":["claude"]}},
+                          {{"match":"gpt-4.1","providers":["oai"]}},
+                          {{"match":"o1","providers":["oai"]}}]}}"#
+        );
+        Config::parse(json.as_bytes(), &|_| Some("sk-provider".into())).unwrap()
+    }
+
+    fn messages_step(c: &Config, path: &[u8], auth: (&str, &[u8]), body: &[u8]) -> Step {
+        let store = FakeStore::default();
+        let headers = h(&[(":method", b"POST"), (":path", path), auth]);
+        match on_request_headers(c, &headers, false, NOW, &store) {
+            Start::ReadBody(wait) => done(on_request_body(c, wait, body, NOW, &store)),
+            other => done(other),
+        }
+    }
+
+    #[test]
+    fn messages_take_the_key_from_x_api_key_and_go_to_anthropic_providers() {
+        let c = messages_config();
+        let body = br#"{"model":"claude-sonnet-4","max_tokens":100,"stream":true,"messages":[]}"#;
+        for auth in [
+            ("x-api-key", b"sk-team-a".as_slice()),
+            ("authorization", b"Bearer sk-team-a"),
+        ] {
+            let step = messages_step(&c, b"/v1/messages", auth, body);
+            let f = forward(&step);
+            assert_eq!(f.rule, Some(0));
+            // Anthropic's streams report usage anyway: the body is not touched.
+            assert_eq!((f.body.as_ref(), f.strip_usage_chunk), (None, false));
+            assert_eq!(
+                f.tokens.as_ref().unwrap().estimate,
+                estimate_tokens(body.len(), Some(100))
+            );
+        }
+        // x-api-key is no key on OpenAI's endpoints.
+        let step = messages_step(
+            &c,
+            b"/v1/chat/completions",
+            ("x-api-key", b"sk-team-a"),
+            br#"{"model":"gpt-4.1"}"#,
+        );
+        assert_eq!(step.outcome, Outcome::Unauthorized);
+        // A model served by an OpenAI provider is not found on /v1/messages, and the other way.
+        let step = messages_step(
+            &c,
+            b"/v1/messages",
+            ("x-api-key", b"sk-team-a"),
+            br#"{"model":"gpt-4.1"}"#,
+        );
+        assert_eq!(status(Start::Done(step)), 404);
+        let step = messages_step(
+            &c,
+            b"/v1/chat/completions",
+            ("authorization", b"Bearer sk-team-a"),
+            br#"{"model":"claude-x"}"#,
+        );
+        assert_eq!(status(Start::Done(step)), 404);
+        // The allow-list holds on the new endpoint too.
+        let step = messages_step(
+            &c,
+            b"/v1/messages",
+            ("x-api-key", b"sk-team-a"),
+            br#"{"model":"o1"}"#,
+        );
+        assert_eq!(status(Start::Done(step)), 403);
+        // A token count is routed and counted as a request, but reserves no tokens.
+        let step = messages_step(
+            &c,
+            b"/v1/messages/count_tokens",
+            ("x-api-key", b"sk-team-a"),
+            br#"{"model":"claude-haiku","max_tokens":500,"messages":[]}"#,
+        );
+        assert_eq!(forward(&step).tokens.as_ref().unwrap().estimate.total(), 0);
+    }
+
+    #[test]
+    fn one_provider_serves_its_own_api_only() {
+        let sha = Digest::of_key(DigestKind::Sha256, b"sk-team-a").to_hex();
+        let json = format!(
+            r#"{{"clients":[{{"name":"team-a","key_sha256":"{sha}"}}],
+                "upstream":{{"api_key_env":"K","api":"anthropic"}}}}"#
+        );
+        let c = Config::parse(json.as_bytes(), &|_| Some("sk-provider".into())).unwrap();
+        let send = |path: &[u8]| {
+            let headers = h(&[
+                (":method", b"POST"),
+                (":path", path),
+                ("x-api-key", b"sk-team-a"),
+                ("authorization", b"Bearer sk-team-a"),
+                ("content-length", b"10"),
+            ]);
+            done(on_request_headers(
+                &c,
+                &headers,
+                false,
+                NOW,
+                &FakeStore::default(),
+            ))
+        };
+        let step = send(b"/v1/messages");
+        assert_eq!(
+            forward(&step).set,
+            vec![("x-api-key", "sk-provider".to_string())]
+        );
+        assert_eq!(status(Start::Done(send(b"/v1/chat/completions"))), 404);
+        // And an OpenAI upstream does not serve /v1/messages.
+        assert_eq!(
+            status(Start::Done(done(on_request_headers(
+                &config(10),
+                &h(&[
+                    (":method", b"POST"),
+                    (":path", b"/v1/messages"),
+                    ("x-api-key", b"sk-team-a"),
+                    ("content-length", b"10"),
+                ]),
+                false,
+                NOW,
+                &FakeStore::default()
+            )))),
+            404
+        );
+    }
+
+    #[test]
+    fn anthropic_budget_headers_count_the_reset_from_admission() {
+        let w = Window {
+            limit: 60,
+            remaining: 12,
+            reset_ms: 30_500,
+        };
+        assert_eq!(
+            budget_headers(Api::Anthropic, Some(&w), None, 0),
+            vec![
+                ("anthropic-ratelimit-requests-limit", "60".to_string()),
+                ("anthropic-ratelimit-requests-remaining", "12".to_string()),
+                (
+                    "anthropic-ratelimit-requests-reset",
+                    "1970-01-01T00:00:31Z".to_string()
+                ),
+            ]
+        );
+        assert_eq!(
+            api_of(&h(&[(":path", b"/v1/messages?beta=true")])),
+            Api::Anthropic
+        );
     }
 
     #[test]

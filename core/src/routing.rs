@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::endpoints::Api;
+
 /// A model name pattern: an exact name, or a glob where `*` matches any run of characters and
 /// `?` one character (`gpt-4*`, `claude-?-opus`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +87,10 @@ pub struct Provider {
     pub name: String,
     /// Envoy cluster.
     pub cluster: String,
-    /// `authorization` value: `Bearer <key>` from the provider's env var.
+    /// The API it speaks: it serves only that API's endpoints.
+    pub api: Api,
+    /// The value of its credential header (see [`Provider::credential`]), from its env var:
+    /// `Bearer <key>` for OpenAI's API, the bare key for Anthropic's.
     pub authorization: String,
     /// Name of that env var (for messages).
     pub api_key_env: String,
@@ -102,10 +107,27 @@ impl std::fmt::Debug for Provider {
         f.debug_struct("Provider")
             .field("name", &self.name)
             .field("cluster", &self.cluster)
+            .field("api", &self.api)
             .field("api_key_env", &self.api_key_env)
             .field("authority", &self.authority)
             .field("path_prefix", &self.path_prefix)
             .finish_non_exhaustive()
+    }
+}
+
+impl Provider {
+    /// The header that carries the provider key, and its value.
+    pub fn credential(&self) -> (&'static str, &str) {
+        (credential_header(self.api), &self.authorization)
+    }
+}
+
+/// The header a provider of this API expects its key in: `authorization` (`Bearer <key>`) for
+/// OpenAI's API, `x-api-key` for Anthropic's.
+pub fn credential_header(api: Api) -> &'static str {
+    match api {
+        Api::OpenAi => "authorization",
+        Api::Anthropic => "x-api-key",
     }
 }
 
@@ -154,6 +176,15 @@ impl Routing {
             .iter()
             .position(|r| !r.pattern.is_glob() && r.pattern.matches(model))
             .or_else(|| self.rules.iter().position(|r| r.pattern.matches(model)))
+    }
+
+    /// The API a rule's providers speak (the configuration makes them all speak the same).
+    pub fn rule_api(&self, rule: usize) -> Api {
+        self.rules
+            .get(rule)
+            .and_then(|r| r.targets.first())
+            .and_then(|t| self.providers.get(t.provider))
+            .map_or(Api::OpenAi, |p| p.api)
     }
 
     /// The provider with this name.

@@ -94,7 +94,18 @@ pub fn on_attempt_headers(routing: &Routing, headers: &[Header]) -> Attempt {
 
     let mut set = Vec::new();
     if let Some(p) = provider.and_then(|id| routing.providers.get(id)) {
-        set.push(("authorization".to_string(), p.authorization.clone()));
+        // The key in the header this provider's API expects, and no other credential header
+        // (the listener role stripped the client's; this keeps a shared map clean).
+        let (credential, key) = p.credential();
+        for other in ["authorization", "x-api-key"] {
+            let present = headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(other.as_bytes()));
+            if other != credential && present {
+                remove.push(other.as_bytes().to_vec());
+            }
+        }
+        set.push((credential.to_string(), key.to_string()));
         if let Some(a) = &p.authority {
             set.push((":authority".to_string(), a.clone()));
         }
@@ -525,6 +536,46 @@ mod tests {
             (a.rule, a.position, a.rename_model.as_deref()),
             (Some(1), 0, Some("deepseek-chat"))
         );
+    }
+
+    #[test]
+    fn an_anthropic_provider_gets_its_key_in_x_api_key() {
+        let sha = crate::keys::Digest::of_key(crate::keys::DigestKind::Sha256, b"k").to_hex();
+        let json = format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{sha}"}}],
+               "providers":[
+                 {{"name":"claude","cluster":"c1","api_key_env":"A_KEY","api":"anthropic"}},
+                 {{"name":"relay","cluster":"c2","api_key_env":"B_KEY","api":"anthropic"}},
+                 {{"name":"oai","cluster":"c3","api_key_env":"O_KEY"}}],
+               "models":[{{"match":"claude-*","providers":["claude","relay"]}},
+                         {{"match":"gpt","providers":["oai"]}}]}}"#
+        );
+        let env = |n: &str| Some(format!("sk-{n}"));
+        let Mode::Routed(r) = Config::parse(json.as_bytes(), &env).unwrap().mode else {
+            panic!()
+        };
+        let a = on_attempt_headers(&r, &h(&[("x-tollgate-route", "r0")]));
+        assert_eq!(a.set, vec![("x-api-key".into(), "sk-A_KEY".into())]);
+        assert!(a.remove.is_empty());
+        // A fallback replaces the key; a stray authorization header goes.
+        let a = on_attempt_headers(
+            &r,
+            &h(&[
+                ("x-tollgate-route", "r0"),
+                ("x-envoy-attempt-count", "2"),
+                ("x-api-key", "sk-A_KEY"),
+                ("authorization", "Bearer x"),
+            ]),
+        );
+        assert_eq!(a.set, vec![("x-api-key".into(), "sk-B_KEY".into())]);
+        assert_eq!(a.remove, vec![b"authorization".to_vec()]);
+        // An OpenAI provider never receives an x-api-key.
+        let a = on_attempt_headers(&r, &h(&[("x-tollgate-route", "r1"), ("X-Api-Key", "k")]));
+        assert_eq!(
+            a.set,
+            vec![("authorization".into(), "Bearer sk-O_KEY".into())]
+        );
+        assert_eq!(a.remove, vec![b"x-api-key".to_vec()]);
     }
 
     #[test]

@@ -12,6 +12,8 @@ use std::marker::PhantomData;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
+use crate::anthropic::{self, MessageUsage, StreamUsage};
+
 /// Tokens a response used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -19,6 +21,22 @@ pub struct Usage {
     pub prompt_tokens: u64,
     /// Completion (output) tokens; 0 for embeddings.
     pub completion_tokens: u64,
+}
+
+impl From<MessageUsage> for Usage {
+    /// Anthropic's prompt tokens are its input tokens plus those written to and read from its
+    /// prompt cache (reported apart from `input_tokens`): all of them count.
+    fn from(u: MessageUsage) -> Self {
+        Usage {
+            prompt_tokens: u.prompt_total(),
+            completion_tokens: u.output,
+        }
+    }
+}
+
+/// Usage of a message of Anthropic's Messages API; `None` if it has none.
+pub fn from_anthropic_json(body: &[u8]) -> Option<Usage> {
+    anthropic::usage_from_json(body).map(Usage::from)
 }
 
 #[derive(Deserialize)]
@@ -139,6 +157,8 @@ pub struct SseUsage {
     /// Drop the usage-only chunk from what is forwarded (the gateway asked for it, the client
     /// did not): see [`SseUsage::push_filtered`].
     strip_usage_chunk: bool,
+    /// A stream of Anthropic's Messages API (`message_start` ... `message_stop`).
+    anthropic: Option<StreamUsage>,
 }
 
 impl SseUsage {
@@ -147,6 +167,15 @@ impl SseUsage {
     pub fn stripping_usage_chunk() -> Self {
         Self {
             strip_usage_chunk: true,
+            ..Self::default()
+        }
+    }
+
+    /// A reader of a Messages API stream (Anthropic's): usage from `message_start` and
+    /// `message_delta`, one chunk per `content_block_delta`.
+    pub fn anthropic() -> Self {
+        Self {
+            anthropic: Some(StreamUsage::default()),
             ..Self::default()
         }
     }
@@ -277,6 +306,15 @@ impl SseUsage {
             (None, None) => return false,
         };
         if data.is_empty() {
+            return false;
+        }
+        if let Some(stream) = self.anthropic.as_mut() {
+            match stream.event(data) {
+                anthropic::Event::Content => self.chunks += 1,
+                anthropic::Event::Usage => self.usage = stream.usage().map(Usage::from),
+                anthropic::Event::Other => {}
+            }
+            // Anthropic's streams are passed on untouched: no usage-only event to take out.
             return false;
         }
         if data == b"[DONE]" {
@@ -698,6 +736,54 @@ mod tests {
         let r = read(&[s]);
         assert_eq!(r.usage.map(|u| u.prompt_tokens), Some(3));
         assert_eq!(r.chunks, 0);
+    }
+
+    const MESSAGE_STREAM: &str = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"usage\":{\"input_tokens\":12,\"cache_creation_input_tokens\":2,\"cache_read_input_tokens\":3,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\n",
+        "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: ping\ndata: {\"type\": \"ping\"}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"h\u{e9}llo \u{1F600}\"}}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" world\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: message_delta\n",
+        "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":6}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    #[test]
+    fn a_messages_stream_reports_every_prompt_token() {
+        for size in [MESSAGE_STREAM.len(), 1, 7] {
+            let mut r = SseUsage::anthropic();
+            for c in MESSAGE_STREAM.as_bytes().chunks(size) {
+                r.push(c);
+            }
+            r.finish();
+            assert_eq!(
+                r.usage,
+                Some(Usage {
+                    prompt_tokens: 17,
+                    completion_tokens: 6
+                })
+            );
+            assert_eq!((r.events, r.chunks), (8, 2));
+        }
+        // Cut after the first delta: no usage, one content chunk delivered.
+        let cut = MESSAGE_STREAM.find("event: content_block_delta\n").unwrap() + 60;
+        let cut = MESSAGE_STREAM[cut..].find("\n\n").unwrap() + cut + 2;
+        let mut r = SseUsage::anthropic();
+        r.push(&MESSAGE_STREAM.as_bytes()[..cut]);
+        assert_eq!((r.usage, r.chunks), (None, 1));
+        // The OpenAI reader finds no usage in it: the two APIs need their own readers.
+        let r = read(&[MESSAGE_STREAM.as_bytes()]);
+        assert_eq!(r.usage, None);
+        assert_eq!(
+            from_anthropic_json(br#"{"type":"message","usage":{"input_tokens":4,"output_tokens":2,"cache_read_input_tokens":10}}"#),
+            Some(Usage { prompt_tokens: 14, completion_tokens: 2 })
+        );
     }
 
     proptest! {

@@ -2,6 +2,7 @@
 //! benchmarks. Never for production. See docs/mock-provider.md.
 
 mod account;
+mod anthropic;
 mod config;
 mod control;
 mod http;

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::account;
+use crate::anthropic;
 use crate::config::Config;
 use crate::http::{Head, Response};
 use crate::ids::IdGen;
@@ -19,6 +20,8 @@ pub struct State {
     pub log: RequestLog,
     pub rules: Rules,
     pub ids: IdGen,
+    /// Anthropic's prompt cache (see `anthropic`): what `cache_control` blocks were seen.
+    pub prompt_cache: anthropic::PromptCache,
 }
 
 impl State {
@@ -28,6 +31,7 @@ impl State {
             log: RequestLog::new(crate::log::CAPACITY),
             rules: Rules::new(),
             ids: IdGen::new(),
+            prompt_cache: anthropic::PromptCache::default(),
         }
     }
 }
@@ -148,6 +152,10 @@ impl V1<'_> {
     }
 
     fn route(&self) -> Answer {
+        let path = self.head.path();
+        if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+            return self.messages(path);
+        }
         let inj = &self.behaviour;
         if let Some(key) = &self.state.cfg.expect_key {
             let auth = self.head.header("authorization");
@@ -272,6 +280,72 @@ impl V1<'_> {
             chunk_delay: inj.chunk_delay,
             abort_after: inj.abort_after,
         })
+    }
+
+    /// Anthropic's Messages API: its key header, its errors, its headers.
+    fn messages(&self, path: &str) -> Answer {
+        let inj = &self.behaviour;
+        let method = self.head.method.as_str();
+        let fail = |e: anthropic::Error| {
+            Answer::Full(Response::new(
+                e.status,
+                self.anthropic_headers(e.status),
+                e.body(&self.request_id),
+            ))
+        };
+        if let Some(key) = &self.state.cfg.expect_key {
+            let got = self.head.header("x-api-key");
+            if got != Some(key.as_str()) {
+                return fail(anthropic::Error::invalid_api_key(got.is_some()));
+            }
+        }
+        if let Some(body) = &inj.error_body {
+            return Answer::Full(Response::new(
+                inj.status,
+                self.anthropic_headers(inj.status),
+                body.clone().into_bytes(),
+            ));
+        }
+        if inj.status != 200 {
+            return fail(anthropic::Error::injected(inj.status));
+        }
+        let count_only = match (path, method) {
+            ("/v1/messages", "POST") => false,
+            ("/v1/messages/count_tokens", "POST") => true,
+            _ => return fail(anthropic::Error::not_found(method, path)),
+        };
+        let req = match anthropic::parse(self.body, count_only, &self.state.prompt_cache) {
+            Ok(req) => req,
+            Err(e) => return fail(e),
+        };
+        let ok =
+            |body: Vec<u8>| Answer::Full(Response::new(200, self.anthropic_headers(200), body));
+        if count_only {
+            return ok(anthropic::count(&req));
+        }
+        let reply = Reply::new(&self.state.cfg.name, &req.echo, Some(req.max_tokens));
+        let id = self.state.ids.object_id("msg_");
+        if req.stream {
+            let mut headers = self.anthropic_headers(200);
+            if let Some((_, v)) = headers.iter_mut().find(|(n, _)| n == "content-type") {
+                *v = "text/event-stream; charset=utf-8".into();
+            }
+            headers.push(("cache-control".into(), "no-cache".into()));
+            return Answer::Stream(Stream {
+                status: 200,
+                headers,
+                events: anthropic::stream(&id, &req, &reply),
+                chunk_delay: inj.chunk_delay,
+                abort_after: inj.abort_after,
+            });
+        }
+        ok(anthropic::message(&id, &req, &reply))
+    }
+
+    fn anthropic_headers(&self, status: u16) -> Vec<(String, String)> {
+        let mut h = json_headers(self.state);
+        h.extend(anthropic::headers(status, &self.request_id));
+        h
     }
 
     fn models(&self) -> Answer {

@@ -21,7 +21,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::cache::CacheConfig;
-use crate::endpoints::{EndpointSet, Kind};
+use crate::endpoints::{Api, EndpointSet, Kind};
 use crate::keys::KeyIndex;
 use crate::routing::Routing;
 pub use crate::types::{ClientId, Webdis};
@@ -321,7 +321,29 @@ fn compile(
         }
     }
     if let Mode::Routed(routing) = &mode {
-        // Account endpoints go to the default provider: without one they could reach nothing.
+        // Account endpoints go to the default provider: without one they could reach nothing,
+        // and they are OpenAI's API, so that provider must speak it.
+        let default_api = routing
+            .default_provider
+            .and_then(|p| routing.providers.get(p))
+            .map(|p| p.api);
+        if default_api.is_some_and(|api| api != Api::OpenAi) {
+            let field = if default_endpoints.has_kind(Kind::Account) {
+                Some("default_provider".to_string())
+            } else {
+                clients
+                    .iter()
+                    .position(|c| c.endpoints.has_kind(Kind::Account))
+                    .map(|i| format!("clients[{i}].endpoints"))
+            };
+            if let Some(field) = field {
+                return Err(ConfigError::new(
+                    field,
+                    "account endpoints (files, batches, ...) are OpenAI's API and go to \
+                     `default_provider`, which speaks another API (`api`)",
+                ));
+            }
+        }
         if routing.default_provider.is_none() {
             let field = if default_endpoints.has_kind(Kind::Account) {
                 Some("endpoints".to_string())

@@ -7,7 +7,26 @@ use serde::Deserialize;
 
 use super::cache::RawCache;
 use super::{check_client_name, ConfigError};
+use crate::endpoints::Api;
 use crate::routing::{Pattern, Provider, Routing, Rule, Target};
+
+/// `api` of a provider or of `upstream`: which API it speaks.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawApi {
+    #[default]
+    OpenAi,
+    Anthropic,
+}
+
+impl From<RawApi> for Api {
+    fn from(raw: RawApi) -> Self {
+        match raw {
+            RawApi::OpenAi => Api::OpenAi,
+            RawApi::Anthropic => Api::Anthropic,
+        }
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -15,6 +34,8 @@ pub(super) struct RawProvider {
     pub(super) name: String,
     pub(super) cluster: String,
     pub(super) api_key_env: String,
+    #[serde(default)]
+    pub(super) api: RawApi,
     #[serde(default)]
     pub(super) authority: Option<String>,
     #[serde(default)]
@@ -41,6 +62,8 @@ pub(super) struct RawRule {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawUpstream {
     pub(super) api_key_env: String,
+    #[serde(default)]
+    pub(super) api: RawApi,
 }
 
 /// How the provider is called.
@@ -48,8 +71,20 @@ pub(super) struct RawUpstream {
 pub struct Upstream {
     /// Name of the environment variable the provider key came from (for messages; never the key).
     pub api_key_env: String,
-    /// The complete `authorization` header value sent to the provider: `Bearer <provider key>`.
+    /// The API the provider speaks: only that API's endpoints are served.
+    pub api: Api,
+    /// The value of the provider's credential header (see [`Upstream::credential`]).
     pub authorization: String,
+}
+
+impl Upstream {
+    /// The header that carries the provider key, and its value.
+    pub fn credential(&self) -> (&'static str, String) {
+        (
+            crate::routing::credential_header(self.api),
+            self.authorization.clone(),
+        )
+    }
 }
 
 impl fmt::Debug for Upstream {
@@ -57,6 +92,7 @@ impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream")
             .field("api_key_env", &self.api_key_env)
+            .field("api", &self.api)
             .field("authorization", &"<redacted>")
             .finish()
     }
@@ -120,7 +156,8 @@ pub(super) fn compile_routing(
                 "must name an Envoy cluster",
             ));
         }
-        let authorization = provider_key(&at("api_key_env"), &p.api_key_env, env)?;
+        let api = Api::from(p.api);
+        let authorization = provider_key(&at("api_key_env"), &p.api_key_env, api, env)?;
         if let Some(a) = &p.authority {
             if !is_header_value(a) || a.is_empty() || a.contains(' ') {
                 return Err(ConfigError::new(at("authority"), "must be a host name"));
@@ -161,6 +198,7 @@ pub(super) fn compile_routing(
         providers.push(Provider {
             name: p.name,
             cluster: p.cluster,
+            api,
             authorization,
             api_key_env: p.api_key_env,
             authority: p.authority,
@@ -230,6 +268,23 @@ pub(super) fn compile_routing(
             }
             targets.push(Target { provider, model });
         }
+        // A fallback resends the same request: every provider of a rule must understand it.
+        let apis = targets
+            .iter()
+            .filter_map(|t| providers.get(t.provider).map(|p| p.api));
+        if let Some(first) = apis.clone().next() {
+            if let Some(other) = apis.clone().find(|a| *a != first) {
+                return Err(ConfigError::new(
+                    at("providers"),
+                    format!(
+                        "the providers of one rule must speak the same API (`api`), here {} and \
+                         {}: a fallback sends the same request to the next provider",
+                        first.name(),
+                        other.name()
+                    ),
+                ));
+            }
+        }
         // Every attempt of a request shares one header map: a provider without `authority`
         // after one with it would inherit the previous attempt's host.
         let with_authority = targets
@@ -289,17 +344,21 @@ pub(super) fn compile_upstream(
     raw: RawUpstream,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Upstream, ConfigError> {
-    let authorization = provider_key("upstream.api_key_env", &raw.api_key_env, env)?;
+    let api = Api::from(raw.api);
+    let authorization = provider_key("upstream.api_key_env", &raw.api_key_env, api, env)?;
     Ok(Upstream {
         authorization,
+        api,
         api_key_env: raw.api_key_env,
     })
 }
 
-/// `Bearer <key>` from the named environment variable.
+/// The provider's credential header value from the named environment variable: `Bearer <key>`
+/// for OpenAI's API (`authorization`), the bare key for Anthropic's (`x-api-key`).
 pub(super) fn provider_key(
     field: &str,
     name: &str,
+    api: Api,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<String, ConfigError> {
     if name.is_empty() {
@@ -326,5 +385,8 @@ pub(super) fn provider_key(
             ),
         ));
     }
-    Ok(format!("Bearer {key}"))
+    Ok(match api {
+        Api::OpenAi => format!("Bearer {key}"),
+        Api::Anthropic => key.to_string(),
+    })
 }

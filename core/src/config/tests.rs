@@ -725,3 +725,69 @@ fn two_keys_of_one_client_spend_one_budget_and_expired_keys_get_their_own_401() 
     assert_eq!(code, 401);
     assert!(!body.contains("expired"), "{body}");
 }
+
+#[test]
+fn providers_say_which_api_they_speak() {
+    let with = |providers: &str, rules: &str, extra: &str| {
+        format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"{extra}}}],
+                "providers":{providers},"models":{rules}}}"#
+        )
+    };
+    let two = r#"[{"name":"claude","cluster":"c","api_key_env":"PROVIDER_KEY","api":"anthropic"},
+                  {"name":"oai","cluster":"o","api_key_env":"PROVIDER_KEY"}]"#;
+    let c = parse(&with(
+        two,
+        r#"[{"match":"claude-*","providers":["claude"]}]"#,
+        "",
+    ))
+    .unwrap();
+    let Mode::Routed(r) = &c.mode else { panic!() };
+    assert_eq!(
+        r.providers[0].credential(),
+        ("x-api-key", "sk-provider-secret")
+    );
+    assert_eq!(
+        r.providers[1].credential(),
+        ("authorization", "Bearer sk-provider-secret")
+    );
+    assert_eq!(r.rule_api(0), Api::Anthropic);
+    // One rule, two APIs: a fallback would send a request its provider cannot read.
+    let e = err(&with(
+        two,
+        r#"[{"match":"m","providers":["claude","oai"]}]"#,
+        "",
+    ));
+    assert!(
+        e.starts_with("models[0].providers: the providers of one rule must speak the same API"),
+        "{e}"
+    );
+    let e = err(&with(
+        r#"[{"name":"p","cluster":"c","api_key_env":"PROVIDER_KEY","api":"gemini"}]"#,
+        r#"[{"match":"m","providers":["p"]}]"#,
+        "",
+    ));
+    assert!(e.starts_with("providers[0].api: unknown variant"), "{e}");
+    // Account endpoints are OpenAI's: their default provider must speak it.
+    let e = err(&format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}","endpoints":["files"]}}],
+            "providers":{two},"models":[{{"match":"m","providers":["oai"]}}],
+            "default_provider":"claude"}}"#
+    ));
+    assert!(
+        e.starts_with("clients[0].endpoints: account endpoints"),
+        "{e}"
+    );
+    // One provider of Anthropic's API.
+    let c = parse(&format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],
+            "upstream":{{"api_key_env":"PROVIDER_KEY","api":"anthropic"}}}}"#
+    ))
+    .unwrap();
+    let Mode::Single(u) = &c.mode else { panic!() };
+    assert_eq!(
+        u.credential(),
+        ("x-api-key", "sk-provider-secret".to_string())
+    );
+    assert!(!format!("{u:?}").contains("secret"));
+}
