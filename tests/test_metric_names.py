@@ -32,12 +32,16 @@ def plugin() -> dict:
 
 OUTCOMES = ("admitted", "unauthorized", "rate_limited", "invalid", "error")
 
-# Every counter series of the scenario, with its value (tokens: any positive count).
+# Every counter series of the scenario, with its value (tokens: any positive count). A
+# client's request series are defined on its first request with that outcome; the anonymous
+# client's at configure.
 COUNTERS = {
-    **{("tollgate_requests_total", (("client", c), ("outcome", o))): 0
-       for c in ("team", "_anonymous") for o in OUTCOMES},
+    **{("tollgate_requests_total", (("client", "_anonymous"), ("outcome", o))): 0
+       for o in OUTCOMES},
     ("tollgate_requests_total", (("client", "team"), ("outcome", "admitted"))): 2,
     ("tollgate_requests_total", (("client", "_anonymous"), ("outcome", "unauthorized"))): 1,
+    ("tollgate_refusals_total",
+     (("client", "_anonymous"), ("model", "_none"), ("reason", "invalid_api_key"))): 1,
     ("tollgate_limiter_errors_total", (("backend", "local"), ("reason", "contention"))): 0,
     ("tollgate_limiter_errors_total", (("backend", "local"), ("reason", "store"))): 0,
     ("tollgate_upstream_requests_total", (("model", "gpt-4_1"), ("provider", "relay"))): 1,
