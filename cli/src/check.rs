@@ -371,6 +371,30 @@ impl<'f> Reporter<'f> {
         {
             self.warn(None, &w, ctx)?;
         }
+        let missing = explain::unpriced(config);
+        if !config.prices.models.is_empty() && !missing.is_empty() {
+            let w = format!(
+                "models without a price are counted in tokens only (and are free for money \
+                 budgets): {}",
+                missing.join(", ")
+            );
+            self.warn(at, &w, ctx)?;
+        }
+        if let LimiterBackend::Local = config.limiter {
+            if config.clients.iter().any(|c| {
+                c.budgets
+                    .iter()
+                    .any(|b| b.period > tollgate_core::spend::Period::Minute)
+            }) {
+                self.warn(
+                    at,
+                    "budgets over an hour or longer with the local limiter start from zero when \
+                     Envoy restarts, and each Envoy replica grants the whole budget; use the \
+                     Redis limiter for durable budgets",
+                    ctx,
+                )?;
+            }
+        }
         let n = config.clients.len();
         writeln!(
             ctx.out,

@@ -110,6 +110,8 @@ pub struct Exchange {
     strip_usage_chunk: bool,
     /// Tokens reserved at admission, settled when the exchange ends.
     tokens: Option<TokenReservation>,
+    /// The price the response is charged at, and the request's estimate.
+    price: Option<(crate::spend::PriceId, request::Estimate)>,
     /// When the request's headers arrived (Unix ms).
     started_ms: Option<u64>,
     used: Option<Usage>,
@@ -137,6 +139,7 @@ impl Exchange {
             usage: None,
             strip_usage_chunk: false,
             tokens: None,
+            price: None,
             started_ms: None,
             used: None,
             succeeded: false,
@@ -405,6 +408,7 @@ impl Exchange {
                 self.client = client;
                 self.rule = forward.rule;
                 self.tokens = forward.tokens;
+                self.price = forward.price.map(|p| (p, forward.estimate));
                 self.strip_usage_chunk = forward.strip_usage_chunk;
                 self.log.cache = self.cache_header;
                 self.write_log(h);
@@ -822,9 +826,6 @@ impl Exchange {
         if let (Some(_), Some(start), Ok(now)) = (self.client, self.started_ms, h.now_ms()) {
             gw.record_timing(h, self.rule, false, now.saturating_sub(start));
         }
-        let (Some(client), Some(t)) = (self.client, self.tokens.take()) else {
-            return;
-        };
         // A stream cut off before its end still has its reader: count what it delivered.
         let stream_chunks = match &self.usage {
             Some(UsageReader::Sse(sse)) => Some(sse.chunks),
@@ -836,6 +837,15 @@ impl Exchange {
                 .map(|u| u.prompt_tokens.saturating_add(u.completion_tokens)),
             stream_chunks,
             succeeded: self.succeeded,
+        };
+        if let (Some(client), Some((price, estimate))) = (self.client, self.price.take()) {
+            if let Some(p) = gw.config.prices.get(price) {
+                let cost = request::charge_money(p, estimate, self.used.as_ref(), delivered);
+                gw.count_spend(h, client, price, cost);
+            }
+        }
+        let (Some(client), Some(t)) = (self.client, self.tokens.take()) else {
+            return;
         };
         match request::settle_tokens(&gw.config, client, &t, delivered, h) {
             Ok(None) => {}

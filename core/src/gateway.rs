@@ -56,6 +56,8 @@ pub struct Gateway {
     /// `tollgate_tokens_total` ids, defined on first use: the label set is bounded by the
     /// configuration, but defining every combination up front would not be.
     tokens: RefCell<HashMap<TokenSeries, u32>>,
+    /// `tollgate_spend_micros_total` ids by (client, price), defined on first use.
+    spend: RefCell<HashMap<(usize, usize), u32>>,
     /// Histogram ids by (rule, first-byte?), defined on first use.
     timings: RefCell<HashMap<(Option<usize>, bool), u32>>,
     /// Token adjustments for the Redis limiter, sent on the root tick.
@@ -97,6 +99,7 @@ impl Gateway {
             config,
             metrics,
             tokens: RefCell::new(HashMap::new()),
+            spend: RefCell::new(HashMap::new()),
             timings: RefCell::new(HashMap::new()),
             settlements: RefCell::new(Settlements::default()),
             cache_metrics: RefCell::new(HashMap::new()),
@@ -196,6 +199,25 @@ impl Gateway {
         });
         if let Some(id) = id {
             host.increment(id, n);
+        }
+    }
+
+    /// Adds a response's cost (micro-units) to `tollgate_spend_micros_total`.
+    pub fn count_spend(&self, host: &dyn Host, client: usize, price: usize, micros: u64) {
+        if micros == 0 {
+            return;
+        }
+        let id = lazy_metric(&self.spend, (client, price), || {
+            let name = self.config.client(client).map_or("", |c| c.name.as_str());
+            let model = self
+                .config
+                .prices
+                .get(price)
+                .map_or("", |p| p.model.as_str());
+            host.define_counter(&metrics::spend_micros_total(name, model))
+        });
+        if let Some(id) = id {
+            host.increment(id, micros);
         }
     }
 

@@ -26,6 +26,8 @@ use crate::limiter::{self, Budget, LimiterError, Window, WINDOW_MS};
 use crate::metrics::Outcome;
 use crate::openai::{self, LocalReply};
 use crate::routing::{self, Routing, DEFAULT_ROUTE, ROUTE_HEADER};
+use crate::spend::{Price, PriceId};
+use crate::usage::Usage;
 use crate::webdis::{self, Checked};
 
 /// What to do with a request.
@@ -57,6 +59,10 @@ pub struct Forward {
     pub strip_usage_chunk: bool,
     /// The response cache's part (looked up after admission, so limits count every request).
     pub cache: Option<cache::Decision>,
+    /// The price of the model the provider bills (the rule's first target, after aliasing).
+    pub price: Option<PriceId>,
+    /// The request's token estimate (what a response without usage is charged from).
+    pub estimate: Estimate,
 }
 
 impl Forward {
@@ -71,6 +77,8 @@ impl Forward {
             body: None,
             strip_usage_chunk: false,
             cache: None,
+            price: None,
+            estimate: Estimate::default(),
         }
     }
 }
@@ -399,14 +407,23 @@ fn decide_model(
         let name = &config.client(client)?.name;
         cache::decide(settings, routing, rule, name, &info, &request.model, body)
     });
+    // Priced as the provider bills it: the name the rule's first provider gets.
+    let billed = routing
+        .rules
+        .get(rule)
+        .and_then(|r| r.targets.first())
+        .and_then(|t| t.model.as_deref())
+        .unwrap_or(&request.model);
+    let estimate = estimate_tokens(body.len(), request.max_tokens);
     let forward = Forward {
         rule: Some(rule),
+        price: config.prices.find(billed),
+        estimate,
         cache,
         strip_usage_chunk: new_body.is_some(),
         body: new_body,
         ..Forward::new(vec![(ROUTE_HEADER, Routing::route_id(rule))], true)
     };
-    let estimate = estimate_tokens(body.len(), request.max_tokens);
     limit(config, client, key_md5, forward, estimate, now_ms, store)
 }
 
@@ -700,6 +717,34 @@ pub fn charge(estimate: Estimate, delivered: Delivered) -> u64 {
             ..
         } => estimate.prompt.saturating_add(chunks),
         _ => estimate.total(),
+    }
+}
+
+/// Money to charge for a finished request, by the same rules as [`charge`]: the reported
+/// usage at its price; nothing for a failed response without usage; for a stream without usage,
+/// the prompt estimate plus one output token per content chunk; otherwise the estimate.
+pub fn charge_money(
+    price: &Price,
+    estimate: Estimate,
+    used: Option<&Usage>,
+    delivered: Delivered,
+) -> u64 {
+    match (used, delivered) {
+        (Some(u), _) => price.cost(u),
+        (
+            None,
+            Delivered {
+                succeeded: false, ..
+            },
+        ) => 0,
+        (
+            None,
+            Delivered {
+                stream_chunks: Some(chunks),
+                ..
+            },
+        ) => price.estimate(estimate.prompt, chunks),
+        (None, _) => price.estimate(estimate.prompt, estimate.completion),
     }
 }
 

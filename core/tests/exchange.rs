@@ -459,3 +459,71 @@ fn a_routed_request_and_its_attempt_in_host_calls() {
     );
     assert_eq!(attempt_calls.len(), 3);
 }
+
+fn priced() -> String {
+    routed().replace(
+        r#""models":[{"match""#,
+        r#""prices":[{"model":"gpt-4.1","input_per_million_tokens":2,"cached_input_per_million_tokens":0.5,"output_per_million_tokens":8},
+                     {"model":"deepseek-chat","input_per_million_tokens":0.28,"output_per_million_tokens":0.42}],
+            "models":[{"match""#,
+    )
+}
+
+/// A routed request for `model` with `body` as the provider's answer: the exchange from its
+/// headers to its log.
+fn routed_exchange(
+    host: &FakeHost,
+    gw: &Rc<Gateway>,
+    model: &str,
+    content_type: &str,
+    body: &[u8],
+) {
+    let mut ex = Exchange::new(Some(gw.clone()));
+    chat_request(host, 40);
+    host.request
+        .borrow_mut()
+        .retain(|(n, _)| n != b"x-api-key" && n != b"x-tollgate-route");
+    assert_eq!(ex.on_request_headers(host, false), Action::Pause);
+    *host.request_body.borrow_mut() =
+        format!(r#"{{"model":"{model}","messages":[]}}"#).into_bytes();
+    let len = host.request_body.borrow().len();
+    assert_eq!(ex.on_request_body(host, len, true), Action::Continue);
+    provider_response(host, content_type);
+    assert_eq!(ex.on_response_headers(host), Action::Continue);
+    *host.response_chunk.borrow_mut() = body.to_vec();
+    assert_eq!(
+        ex.on_response_body(host, body.len(), true),
+        Action::Continue
+    );
+    ex.on_log(host);
+}
+
+#[test]
+fn spend_is_counted_at_the_billed_model_price_with_cached_and_reasoning_tokens() {
+    let host = FakeHost::new(NOW, &[]);
+    let gw = gateway(&host, &priced());
+    // 1000 in (600 cached), 500 out (200 reasoning): 400 x 2 + 600 x 0.5 + 500 x 8 = 5100.
+    routed_exchange(
+        &host,
+        &gw,
+        "gpt-4.1",
+        "application/json",
+        br#"{"usage":{"prompt_tokens":1000,"completion_tokens":500,"prompt_tokens_details":{"cached_tokens":600},"completion_tokens_details":{"reasoning_tokens":200}}}"#,
+    );
+    assert_eq!(
+        host.counter("tollgate_spend_micros_total.client=team.model=gpt-4_1"),
+        5100
+    );
+    // `fast` is billed as deepseek-chat: 3 x 0.28 + 7 x 0.42 = 3.78, charged 4.
+    let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":7}}\n\ndata: [DONE]\n\n";
+    routed_exchange(&host, &gw, "fast", "text/event-stream", stream.as_bytes());
+    assert_eq!(
+        host.counter("tollgate_spend_micros_total.client=team.model=deepseek-chat"),
+        4
+    );
+    routed_exchange(&host, &gw, "fast", "text/event-stream", stream.as_bytes());
+    assert_eq!(
+        host.counter("tollgate_spend_micros_total.client=team.model=deepseek-chat"),
+        8
+    );
+}

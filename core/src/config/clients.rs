@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 
 use super::cache::RawCache;
+use super::prices::{compile_budgets, RawBudget};
 use super::routing::compile_patterns;
 use super::{check_client_name, per_minute, ConfigError, Phase};
 use crate::endpoints::EndpointSet;
@@ -43,6 +44,8 @@ pub(super) struct RawClient<'a> {
     pub(super) endpoints: Option<Vec<String>>,
     #[serde(default)]
     pub(super) cache: Option<RawCache>,
+    #[serde(default)]
+    pub(super) budgets: Option<Vec<RawBudget>>,
 }
 
 /// An optional string borrowed from the document when it has no escapes (serde's own
@@ -69,6 +72,8 @@ pub struct Client {
     pub models: Option<Vec<Pattern>>,
     /// Endpoints this client may reach (its own `endpoints`, or the configuration's).
     pub endpoints: EndpointSet,
+    /// Budgets over longer windows, shortest window first (at most one per window).
+    pub budgets: Vec<crate::spend::Budget>,
 }
 
 /// What a client that does not say gets.
@@ -141,12 +146,17 @@ pub(super) fn compile_clients(
             }
             None => defaults.tokens_per_minute,
         };
+        let budgets = match c.budgets {
+            None => Vec::new(),
+            Some(list) => compile_budgets(&at("budgets"), list)?,
+        };
         clients.push(Client {
             name: c.name.into_owned(),
             requests_per_minute,
             tokens_per_minute,
             models,
             endpoints,
+            budgets,
         });
         let rehash = |&j: &ClientId| {
             clients

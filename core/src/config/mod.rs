@@ -12,6 +12,7 @@ mod cache;
 mod clients;
 mod limiter;
 mod path;
+mod prices;
 mod routing;
 #[cfg(test)]
 mod tests;
@@ -24,6 +25,7 @@ use crate::cache::CacheConfig;
 use crate::endpoints::{EndpointSet, Kind};
 use crate::keys::KeyIndex;
 use crate::routing::Routing;
+use crate::spend::Prices;
 pub use crate::types::{ClientId, Webdis};
 
 use self::cache::{compile_cache, RawCache, RawCacheBackends};
@@ -33,6 +35,8 @@ use self::limiter::{compile_limiter, RawLimiter};
 pub use self::limiter::{
     LimiterBackend, OnError, RedisLimiter, DEFAULT_REDIS_TIMEOUT_MS, MAX_REDIS_TIMEOUT_MS,
 };
+use self::prices::{check_offset, compile_prices, RawPrice};
+pub use self::prices::{MAX_MONEY_BUDGET, MAX_PRICE_PER_MILLION};
 use self::routing::{compile_routing, compile_upstream, RawProvider, RawRule, RawUpstream};
 pub use self::routing::{Upstream, DEFAULT_MAX_BODY_BYTES, MAX_MAX_BODY_BYTES};
 
@@ -96,6 +100,12 @@ struct RawConfig<'a> {
     endpoints: Option<Vec<String>>,
     #[serde(default)]
     forward_headers: Option<Vec<String>>,
+    #[serde(default)]
+    currency: Option<String>,
+    #[serde(default)]
+    prices: Option<Vec<RawPrice>>,
+    #[serde(default)]
+    budget_utc_offset_minutes: Option<i32>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -116,6 +126,10 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Request headers forwarded besides [`crate::forwarding::FORWARDED`], lowercase.
     pub forward_headers: Vec<String>,
+    /// Prices per model (see [`crate::spend`]).
+    pub prices: Prices,
+    /// Budgets' days, weeks and months start at midnight of UTC plus this many minutes.
+    pub budget_utc_offset_minutes: i32,
 }
 
 /// One provider for everything, or routing by model.
@@ -263,6 +277,8 @@ fn compile(
             .map_err(|(j, m)| ConfigError::new(format!("endpoints[{j}]"), m))?,
     };
     let forward_headers = compile_forward_headers(raw.forward_headers.take().unwrap_or_default())?;
+    let prices = compile_prices(raw.currency.take(), raw.prices.take())?;
+    let budget_utc_offset_minutes = check_offset(raw.budget_utc_offset_minutes)?;
 
     let defaults = Defaults {
         endpoints: default_endpoints,
@@ -310,6 +326,13 @@ fn compile(
         }
     };
     if let Mode::Single(_) = mode {
+        if !prices.models.is_empty() {
+            return Err(ConfigError::new(
+                "prices",
+                "prices need model routing (`providers` and `models`): with one `upstream` \
+                 the request body is not read, so the model is unknown",
+            ));
+        }
         if let Some(i) = clients.iter().position(|c| c.models.is_some()) {
             return Err(ConfigError::new(
                 format!("clients[{i}].models"),
@@ -358,6 +381,8 @@ fn compile(
         limiter,
         cache,
         forward_headers,
+        prices,
+        budget_utc_offset_minutes,
     })
 }
 
