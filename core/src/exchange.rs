@@ -110,6 +110,8 @@ pub struct Exchange {
     strip_usage_chunk: bool,
     /// Tokens reserved at admission, settled when the exchange ends.
     tokens: Option<TokenReservation>,
+    /// What the request holds of its client's budgets, settled when the exchange ends.
+    budgets: Option<request::BudgetReservation>,
     /// The price the response is charged at, and the request's estimate.
     price: Option<(crate::spend::PriceId, request::Estimate)>,
     /// When the request's headers arrived (Unix ms).
@@ -139,6 +141,7 @@ impl Exchange {
             usage: None,
             strip_usage_chunk: false,
             tokens: None,
+            budgets: None,
             price: None,
             started_ms: None,
             used: None,
@@ -408,6 +411,7 @@ impl Exchange {
                 self.client = client;
                 self.rule = forward.rule;
                 self.tokens = forward.tokens;
+                self.budgets = forward.budgets;
                 self.price = forward.price.map(|p| (p, forward.estimate));
                 self.strip_usage_chunk = forward.strip_usage_chunk;
                 self.log.cache = self.cache_header;
@@ -617,7 +621,8 @@ impl Exchange {
         self.rule = rule;
         self.window = forward.window;
         self.tokens = forward.tokens;
-        // Settled in on_log: zero tokens used.
+        self.budgets = forward.budgets;
+        // Settled in on_log: zero tokens used (and, unpriced here, no money).
         self.used = Some(Usage::default());
         self.succeeded = true;
         self.log.cache = Some("hit");
@@ -810,6 +815,7 @@ impl Exchange {
             gw.count_request(h, wait.client, wait.outcome);
             self.client = wait.client;
             self.tokens = wait.forward.tokens;
+            self.budgets = wait.forward.budgets;
         }
         if let Some(store) = self.cache_store.take() {
             // The response never reached its end of stream (reset, client gone).
@@ -838,18 +844,35 @@ impl Exchange {
             stream_chunks,
             succeeded: self.succeeded,
         };
+        let mut cost = 0;
         if let (Some(client), Some((price, estimate))) = (self.client, self.price.take()) {
             if let Some(p) = gw.config.prices.get(price) {
-                let cost = request::charge_money(p, estimate, self.used.as_ref(), delivered);
+                cost = request::charge_money(p, estimate, self.used.as_ref(), delivered);
                 gw.count_spend(h, client, price, cost);
             }
         }
-        let (Some(client), Some(t)) = (self.client, self.tokens.take()) else {
+        let (tokens, budgets) = (self.tokens.take(), self.budgets.take());
+        let Some(client) = self
+            .client
+            .filter(|_| tokens.is_some() || budgets.is_some())
+        else {
             return;
         };
-        match request::settle_tokens(&gw.config, client, &t, delivered, h) {
-            Ok(None) => {}
-            Ok(Some((key, delta))) => gw.queue_settlement(h, key, delta),
+        let settled = request::settle(
+            &gw.config,
+            client,
+            tokens.as_ref(),
+            budgets.as_ref(),
+            delivered,
+            cost,
+            h,
+        );
+        match settled {
+            Ok(adjustments) => {
+                for (key, delta) in adjustments {
+                    gw.queue_settlement(h, key, delta);
+                }
+            }
             Err(e) => {
                 warn!(
                     "cannot settle token usage ({}); the estimate stays counted",

@@ -116,7 +116,7 @@ impl Gateway {
                 .config
                 .clients
                 .iter()
-                .any(|c| c.tokens_per_minute.is_some());
+                .any(|c| c.tokens_per_minute.is_some() || !c.budgets.is_empty());
         (self.config.cache.uses(Backend::Redis) || redis_tokens).then_some(ROOT_TICK_MS)
     }
 

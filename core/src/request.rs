@@ -22,15 +22,18 @@ use crate::forwarding;
 use crate::headers::Header;
 use crate::host::CasStore;
 use crate::keys::{bearer_token, Digest, DigestKind, KeyError};
-use crate::limiter::{self, Budget, LimiterError, Window, WINDOW_MS};
+use crate::limiter::{self, Budget, BudgetAsk, Exceeded, LimiterError, Window, WINDOW_MS};
 use crate::metrics::Outcome;
 use crate::openai::{self, LocalReply};
 use crate::routing::{self, Routing, DEFAULT_ROUTE, ROUTE_HEADER};
-use crate::spend::{Price, PriceId};
+use crate::spend::{Measure, Period, Price, PriceId};
 use crate::usage::Usage;
 use crate::webdis::{self, Checked};
 
 /// What to do with a request.
+// Made and moved once per request: boxing the larger variant would cost an allocation for
+// every admitted request to save a copy of a few hundred bytes.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
     /// Answer the client now; the request goes no further.
@@ -63,6 +66,22 @@ pub struct Forward {
     pub price: Option<PriceId>,
     /// The request's token estimate (what a response without usage is charged from).
     pub estimate: Estimate,
+    /// What the request holds of its client's budgets, settled with its usage.
+    pub budgets: Option<BudgetReservation>,
+}
+
+/// A request's hold on its client's budgets (every period's current window), from admission
+/// until its usage is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetReservation {
+    /// The windows counted in: period and window number.
+    pub windows: Vec<(Period, u64)>,
+    /// Tokens reserved (the estimate).
+    pub estimate: Estimate,
+    /// Money reserved, micro-units (the estimate at the billed model's price; 0 unpriced).
+    pub money: u64,
+    /// Counted in Redis (settled there by the root tick), not in the local record.
+    pub redis: bool,
 }
 
 impl Forward {
@@ -79,6 +98,7 @@ impl Forward {
             cache: None,
             price: None,
             estimate: Estimate::default(),
+            budgets: None,
         }
     }
 }
@@ -175,6 +195,8 @@ pub struct Pending {
     estimate: Estimate,
     /// MD5 hex of the client key (the Redis keys' middle part).
     key_md5: String,
+    /// With budgets, the counters of the one script call, and what each one is.
+    counters: Option<Vec<(webdis::Counter, Counted)>>,
     sent_ms: u64,
     /// The model the body asked for (carried to the step).
     model: Option<String>,
@@ -443,6 +465,7 @@ pub fn on_limiter_reply(
         forward,
         estimate,
         key_md5,
+        counters,
         sent_ms,
         model,
     } = pending;
@@ -450,6 +473,13 @@ pub fn on_limiter_reply(
         LimiterBackend::Redis(r) => r.on_error,
         LimiterBackend::Local => OnError::Local,
     };
+    if let Some(counters) = counters {
+        let step = on_counters_reply(
+            config, client, forward, estimate, &key_md5, counters, &call, status, body, sent_ms,
+            now_ms, store, on_error,
+        );
+        return Step { model, ..step };
+    }
     let reply_or_error = webdis::parse_reply(status, body)
         .map_err(|e| webdis::timed_out(e, now_ms.saturating_sub(sent_ms), call.timeout_ms));
     let limit = requests_per_minute(config, client);
@@ -524,21 +554,34 @@ fn limit(
     store: &dyn CasStore,
 ) -> Start {
     match (&config.limiter, key_md5) {
-        (LimiterBackend::Redis(redis), Some(key_md5)) => Start::AskLimiter(Pending {
-            call: redis_callout(
-                redis,
-                &key_md5,
-                requests_per_minute(config, client),
-                tokens_per_minute(config, client).map(|tpm| (tpm, estimate.total())),
-                now_ms,
-            ),
-            client,
-            forward,
-            estimate,
-            key_md5,
-            sent_ms: now_ms,
-            model: None,
-        }),
+        (LimiterBackend::Redis(redis), Some(key_md5)) => {
+            let counters = redis_counters(config, client, &key_md5, &forward, estimate, now_ms);
+            let call = match &counters {
+                Some(list) => webdis_call(
+                    &redis.webdis,
+                    webdis::counters_command(
+                        &list.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>(),
+                    ),
+                ),
+                None => redis_callout(
+                    redis,
+                    &key_md5,
+                    requests_per_minute(config, client),
+                    tokens_per_minute(config, client).map(|tpm| (tpm, estimate.total())),
+                    now_ms,
+                ),
+            };
+            Start::AskLimiter(Pending {
+                call,
+                client,
+                forward,
+                estimate,
+                key_md5,
+                counters,
+                sent_ms: now_ms,
+                model: None,
+            })
+        }
         _ => Start::Done(local_step(
             config,
             client,
@@ -548,6 +591,206 @@ fn limit(
             store,
             Vec::new(),
         )),
+    }
+}
+
+/// The client's budgets as this request asks them (each period's current window, its limits,
+/// and the costs: one request, the token estimate, the money estimate at the billed model's
+/// price), and the reservation they make if admitted. `None` without budgets.
+fn budget_asks(
+    config: &Config,
+    client: ClientId,
+    forward: &Forward,
+    estimate: Estimate,
+    now_ms: u64,
+) -> (Vec<BudgetAsk>, Option<BudgetReservation>) {
+    let Some(c) = config.client(client).filter(|c| !c.budgets.is_empty()) else {
+        return (Vec::new(), None);
+    };
+    let money = forward
+        .price
+        .and_then(|p| config.prices.get(p))
+        .map_or(0, |p| p.estimate(estimate.prompt, estimate.completion));
+    let tokens = estimate.total();
+    let asks: Vec<BudgetAsk> = c
+        .budgets
+        .iter()
+        .map(|b| {
+            let w = b.period.window(now_ms, config.budget_utc_offset_minutes);
+            BudgetAsk {
+                period: b.period,
+                window: w.id,
+                reset_ms: w.reset_ms(now_ms),
+                limits: b.limits,
+                costs: [1, tokens, money],
+            }
+        })
+        .collect();
+    let reservation = BudgetReservation {
+        windows: asks.iter().map(|a| (a.period, a.window)).collect(),
+        estimate,
+        money,
+        redis: false,
+    };
+    (asks, Some(reservation))
+}
+
+/// What one counter of a Redis budget check counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// The minute's requests (`rate:` key).
+    Requests,
+    /// The minute's tokens (`tokens:` key).
+    Tokens,
+    /// A budget's measure; its reset in ms from the check.
+    Budget(Period, Measure, u64),
+}
+
+/// The counters of a Redis check for a client with budgets (the budgets' longest window
+/// first, then the minute's tokens and requests), or `None` without budgets (the minute's
+/// own script is used).
+fn redis_counters(
+    config: &Config,
+    client: ClientId,
+    key_md5: &str,
+    forward: &Forward,
+    estimate: Estimate,
+    now_ms: u64,
+) -> Option<Vec<(webdis::Counter, Counted)>> {
+    let c = config.client(client)?;
+    let (asks, _) = budget_asks(config, client, forward, estimate, now_ms);
+    if asks.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(asks.len() * 3 + 2);
+    for a in asks.iter().rev() {
+        let w = a.period.window(now_ms, config.budget_utc_offset_minutes);
+        // Kept one more window after their own (read by `tollgate spend` and the budget
+        // endpoint of a late request), then gone.
+        let ttl_ms = a.reset_ms + (w.end_ms - w.start_ms);
+        for m in Measure::ALL {
+            out.push((
+                webdis::Counter {
+                    key: webdis::budget_key(&c.name, a.period, a.window, m),
+                    limit: a.limits.get(m.index()).copied().flatten(),
+                    cost: a.costs.get(m.index()).copied().unwrap_or(0),
+                    ttl_ms,
+                },
+                Counted::Budget(a.period, m, a.reset_ms),
+            ));
+        }
+    }
+    let (minute, reset_ms) = limiter::window_of(now_ms);
+    if let Some(tpm) = c.tokens_per_minute {
+        out.push((
+            webdis::Counter {
+                key: webdis::tokens_key(key_md5, minute),
+                limit: Some(u64::from(tpm)),
+                cost: estimate.total(),
+                ttl_ms: reset_ms + WINDOW_MS,
+            },
+            Counted::Tokens,
+        ));
+    }
+    out.push((
+        webdis::Counter {
+            key: webdis::window_key(key_md5, minute),
+            limit: Some(u64::from(c.requests_per_minute)),
+            cost: 1,
+            ttl_ms: reset_ms + WINDOW_MS,
+        },
+        Counted::Requests,
+    ));
+    Some(out)
+}
+
+/// Decides a request whose budgets were checked in Redis ([`webdis::COUNTERS_SCRIPT`]).
+#[allow(clippy::too_many_arguments)]
+fn on_counters_reply(
+    config: &Config,
+    client: ClientId,
+    mut forward: Forward,
+    estimate: Estimate,
+    key_md5: &str,
+    counters: Vec<(webdis::Counter, Counted)>,
+    call: &Callout,
+    status: Option<u16>,
+    body: &[u8],
+    sent_ms: u64,
+    now_ms: u64,
+    store: &dyn CasStore,
+    on_error: OnError,
+) -> Step {
+    let elapsed = now_ms.saturating_sub(sent_ms);
+    let (minute, reset_at_send) = limiter::window_of(sent_ms);
+    let reset_ms = reset_at_send.saturating_sub(elapsed);
+    let answer = webdis::parse_counters_reply(status, body, counters.len())
+        .map_err(|e| webdis::timed_out(e, elapsed, call.timeout_ms));
+    match answer {
+        Ok(webdis::Counted::Admitted(values)) => {
+            let mut window = None;
+            for ((counter, what), used) in counters.iter().zip(values) {
+                let limit = counter.limit.unwrap_or(0);
+                let state = Window {
+                    limit,
+                    remaining: limit.saturating_sub(used),
+                    reset_ms,
+                };
+                match what {
+                    Counted::Requests => window = Some(state),
+                    Counted::Tokens => {
+                        forward.tokens = Some(TokenReservation {
+                            window: minute,
+                            estimate,
+                            state,
+                            redis_key: Some(webdis::tokens_key(key_md5, minute)),
+                        })
+                    }
+                    Counted::Budget(..) => {}
+                }
+            }
+            let (_, reservation) = budget_asks(config, client, &forward, estimate, sent_ms);
+            forward.budgets = reservation.map(|r| BudgetReservation { redis: true, ..r });
+            forward_step(client, forward, window, Vec::new())
+        }
+        Ok(webdis::Counted::Refused(i, used)) => {
+            let Some((counter, what)) = counters.get(i) else {
+                return reply(Some(client), Outcome::Error, openai::internal_error());
+            };
+            let limit = counter.limit.unwrap_or(0);
+            let state = |reset_ms| Window {
+                limit,
+                remaining: limit.saturating_sub(used),
+                reset_ms,
+            };
+            let over = match *what {
+                Counted::Requests => Over::Requests(state(reset_ms)),
+                Counted::Tokens => Over::Tokens(state(reset_ms), estimate.total()),
+                Counted::Budget(period, measure, reset) => Over::Budget(Exceeded {
+                    period,
+                    measure,
+                    window: state(reset.saturating_sub(elapsed).max(1)),
+                    asked: counter.cost,
+                }),
+            };
+            limited_step(config, client, over, Vec::new())
+        }
+        Err(e) => {
+            let failure = vec![LimiterFailure {
+                backend: "redis",
+                reason: e.reason(),
+            }];
+            match on_error {
+                OnError::Allow => forward_step(client, forward, None, failure),
+                OnError::Deny => Step {
+                    limiter_errors: failure,
+                    ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
+                },
+                OnError::Local => {
+                    local_step(config, client, forward, estimate, now_ms, store, failure)
+                }
+            }
+        }
     }
 }
 
@@ -655,11 +898,13 @@ fn local_step(
     let Some(c) = config.client(client) else {
         return forward_step(client, forward, None, failures);
     };
+    let (asks, reservation) = budget_asks(config, client, &forward, estimate, now_ms);
     let ask = limiter::Ask {
         requests: Some(u64::from(c.requests_per_minute)),
         tokens: c
             .tokens_per_minute
             .map(|tpm| (u64::from(tpm), estimate.total())),
+        budgets: &asks,
     };
     match limiter::check_budget(store, &limiter::budget_key(c), ask, now_ms) {
         Ok(Budget::Admitted { requests, tokens }) => {
@@ -669,8 +914,10 @@ fn local_step(
                 state,
                 redis_key: None,
             });
+            forward.budgets = reservation;
             forward_step(client, forward, requests, failures)
         }
+        Ok(Budget::OverBudget(e)) => limited_step(config, client, Over::Budget(e), failures),
         Ok(Budget::OverTokens(w)) => {
             limited_step(config, client, Over::Tokens(w, estimate.total()), failures)
         }
@@ -772,6 +1019,69 @@ pub fn settle_tokens(
     Ok(None)
 }
 
+/// Settles everything a finished request reserved, once: its minute tokens and its budgets
+/// (tokens by [`charge`], money by `money` from [`charge_money`]). Local reservations are
+/// adjusted in the store now, in one compare-and-swap; Redis ones are returned as
+/// `(key, amount to add)` for the worker's next batch.
+pub fn settle(
+    config: &Config,
+    client: ClientId,
+    tokens: Option<&TokenReservation>,
+    budgets: Option<&BudgetReservation>,
+    delivered: Delivered,
+    money: u64,
+    store: &dyn CasStore,
+) -> Result<Vec<(String, i64)>, LimiterError> {
+    let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let mut out = Vec::new();
+    let mut minute = None;
+    if let Some(t) = tokens {
+        let delta =
+            to_i64(charge(t.estimate, delivered)).saturating_sub(to_i64(t.estimate.total()));
+        match &t.redis_key {
+            Some(key) if delta != 0 => out.push((key.clone(), delta)),
+            Some(_) => {}
+            None => minute = Some((t.window, delta)),
+        }
+    }
+    let mut local_budgets: &[(Period, u64)] = &[];
+    let (mut tokens_delta, mut money_delta) = (0, 0);
+    if let Some(b) = budgets {
+        tokens_delta =
+            to_i64(charge(b.estimate, delivered)).saturating_sub(to_i64(b.estimate.total()));
+        money_delta = to_i64(money).saturating_sub(to_i64(b.money));
+        if b.redis {
+            if let Some(c) = config.client(client) {
+                for &(period, window) in &b.windows {
+                    for (m, d) in [
+                        (Measure::Tokens, tokens_delta),
+                        (Measure::Money, money_delta),
+                    ] {
+                        if d != 0 {
+                            out.push((webdis::budget_key(&c.name, period, window, m), d));
+                        }
+                    }
+                }
+            }
+        } else {
+            local_budgets = &b.windows;
+        }
+    }
+    if minute.is_some() || !local_budgets.is_empty() {
+        if let Some(c) = config.client(client) {
+            limiter::adjust_all(
+                store,
+                &limiter::budget_key(c),
+                minute,
+                local_budgets,
+                tokens_delta,
+                money_delta,
+            )?;
+        }
+    }
+    Ok(out)
+}
+
 fn forward_step(
     client: ClientId,
     mut forward: Forward,
@@ -795,6 +1105,8 @@ enum Over {
     Requests(Window),
     /// Tokens per minute, with the client's token window and the tokens the request asked for.
     Tokens(Window, u64),
+    /// A budget over a longer window.
+    Budget(Exceeded),
 }
 
 fn limited_step(
@@ -809,6 +1121,16 @@ fn limited_step(
         Over::Tokens(w, asked) => {
             openai::tokens_rate_limited(name, w.limit, w.remaining, asked, w.reset_ms)
         }
+        Over::Budget(e) => openai::budget_exceeded(
+            name,
+            e.period.as_str(),
+            e.measure,
+            e.window.limit,
+            e.window.remaining,
+            e.asked,
+            e.window.reset_ms,
+            &config.prices.currency,
+        ),
     };
     Step {
         limiter_errors,

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use crate::base64;
+use crate::spend::{Measure, Period};
 
 /// Checks a request against its minute window and, with a second key, its token window,
 /// atomically. `ARGV`: request limit, key ttl in ms, token limit, token cost.
@@ -46,6 +47,99 @@ pub const SETTLE_SCRIPT: &str = "for i, k in ipairs(KEYS) do \
 if redis.call('EXISTS', k) == 1 then \
 if redis.call('INCRBY', k, ARGV[i]) < 0 then redis.call('SET', k, 0, 'KEEPTTL') end end end \
 return #KEYS";
+
+/// Checks and counts any number of counters atomically: `ARGV` holds, per key, its limit (-1:
+/// none, counted only), this request's cost and the key's ttl in ms. A counter with a limit
+/// refuses when its value plus the cost (at least 1) would pass the limit. Returns
+/// `{1, 0, value of each counter after counting}` or, refused, `{0, index of the first counter
+/// that refused (1-based), its value}`; a refusal counts nothing.
+pub const COUNTERS_SCRIPT: &str = "for i = 1, #KEYS do \
+local n = tonumber(redis.call('GET', KEYS[i]) or '0') \
+local limit = tonumber(ARGV[3*i-2]) \
+if limit >= 0 and n + math.max(tonumber(ARGV[3*i-1]), 1) > limit then return {0, i, n} end end \
+local out = {1, 0} \
+for i = 1, #KEYS do \
+out[i+2] = redis.call('INCRBY', KEYS[i], ARGV[3*i-1]) \
+if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[3*i]) end end \
+return out";
+
+/// Redis key of one measure of a client's budget window:
+/// `tollgate:budget:<client>:<period>:<window number>:<measure>`.
+pub fn budget_key(client: &str, period: Period, window: u64, measure: Measure) -> String {
+    format!(
+        "tollgate:budget:{client}:{}:{window}:{}",
+        period.as_str(),
+        measure.as_str()
+    )
+}
+
+/// One counter of a [`COUNTERS_SCRIPT`] call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counter {
+    /// Redis key.
+    pub key: String,
+    /// Limit, if this counter can refuse.
+    pub limit: Option<u64>,
+    /// What this request adds.
+    pub cost: u64,
+    /// The key's lifetime when the script creates it.
+    pub ttl_ms: u64,
+}
+
+/// The Webdis request body that checks and counts `counters` with [`COUNTERS_SCRIPT`].
+pub fn counters_command(counters: &[Counter]) -> Vec<u8> {
+    let mut body = String::with_capacity(COUNTERS_SCRIPT.len() * 3 / 2 + counters.len() * 96);
+    body.push_str("EVAL/");
+    percent_encode_into(&mut body, COUNTERS_SCRIPT);
+    let _ = write!(body, "/{}", counters.len());
+    for c in counters {
+        body.push('/');
+        percent_encode_into(&mut body, &c.key);
+    }
+    for c in counters {
+        match c.limit {
+            Some(l) => {
+                let _ = write!(body, "/{l}");
+            }
+            None => body.push_str("/-1"),
+        }
+        let _ = write!(body, "/{}/{}", c.cost, c.ttl_ms);
+    }
+    body.into_bytes()
+}
+
+/// The answer of a [`COUNTERS_SCRIPT`] call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Counted {
+    /// Every counter counted; their values after counting, in order.
+    Admitted(Vec<u64>),
+    /// The counter at this index (0-based) refused, with its value; nothing counted.
+    Refused(usize, u64),
+}
+
+/// Reads a Webdis reply to [`counters_command`] of `n` counters.
+pub fn parse_counters_reply(
+    status: Option<u16>,
+    body: &[u8],
+    n: usize,
+) -> Result<Counted, ReplyError> {
+    let reply = eval_reply(status, body)?;
+    let items = reply.as_array().ok_or(ReplyError::Malformed)?;
+    let number = |v: &serde_json::Value| v.as_u64().ok_or(ReplyError::Malformed);
+    match items.as_slice() {
+        [v, i, used] if v.as_i64() == Some(0) => {
+            let i = usize::try_from(number(i)?).map_err(|_| ReplyError::Malformed)?;
+            if i == 0 || i > n {
+                return Err(ReplyError::Malformed);
+            }
+            Ok(Counted::Refused(i - 1, number(used)?))
+        }
+        [v, _, values @ ..] if v.as_i64() == Some(1) && values.len() == n => Ok(Counted::Admitted(
+            values.iter().map(number).collect::<Result<_, _>>()?,
+        )),
+        _ => Err(ReplyError::Malformed),
+    }
+}
 
 /// Redis key of a client's window: `rate:<md5 hex>:<unix minute>`.
 pub fn window_key(key_md5_hex: &str, minute: u64) -> String {
@@ -321,6 +415,51 @@ pub fn basic_authorization(user_password: &str) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn counters_command_and_replies() {
+        let body = counters_command(&[
+            Counter {
+                key: budget_key("team-a", Period::Day, 20_427, Measure::Money),
+                limit: Some(5_000_000),
+                cost: 120,
+                ttl_ms: 1000,
+            },
+            Counter {
+                key: "rate:x:1".into(),
+                limit: None,
+                cost: 1,
+                ttl_ms: 2000,
+            },
+        ]);
+        let body = String::from_utf8(body).unwrap();
+        assert!(body.starts_with("EVAL/"));
+        assert!(body.ends_with(
+            "/2/tollgate%3Abudget%3Ateam-a%3Aday%3A20427%3Amoney/rate%3Ax%3A1/5000000/120/1000/-1/1/2000"
+        ));
+        assert_eq!(
+            parse_counters_reply(Some(200), br#"{"EVAL":[1,0,120,7]}"#, 2),
+            Ok(Counted::Admitted(vec![120, 7]))
+        );
+        assert_eq!(
+            parse_counters_reply(Some(200), br#"{"EVAL":[0,1,4999990]}"#, 2),
+            Ok(Counted::Refused(0, 4_999_990))
+        );
+        for bad in [
+            &br#"{"EVAL":[1,0,120]}"#[..],
+            br#"{"EVAL":[0,3,1]}"#,
+            br#"{"EVAL":[0,0,1]}"#,
+            br#"{"EVAL":[2,0,1,1]}"#,
+            br#"{"EVAL":[1,0,-1,1]}"#,
+        ] {
+            assert_eq!(
+                parse_counters_reply(Some(200), bad, 2),
+                Err(ReplyError::Malformed),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 
     #[test]
     fn key_layout_matches_the_older_proxy() {
