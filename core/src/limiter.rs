@@ -209,9 +209,25 @@ pub fn read_slots(
     key: &str,
     windows: &[(Period, u64)],
 ) -> Result<Vec<Slot>, LimiterError> {
+    Ok(read_usage(store, key, 0, windows)?.1)
+}
+
+/// The requests and tokens counted in minute `window` and the budgets' slots ([`read_slots`]),
+/// in one read.
+pub fn read_usage(
+    store: &dyn CasStore,
+    key: &str,
+    window: u64,
+    windows: &[(Period, u64)],
+) -> Result<((u64, u64), Vec<Slot>), LimiterError> {
     let (current, _) = read(store, key)?;
     let r = current.unwrap_or_default();
-    Ok(windows.iter().map(|&(p, w)| r.slot(p, w)).collect())
+    let minute = if r.window == window {
+        (r.requests, r.tokens)
+    } else {
+        (0, 0)
+    };
+    Ok((minute, windows.iter().map(|&(p, w)| r.slot(p, w)).collect()))
 }
 
 /// One budget of a check: its window and, per measure, the limit and this request's cost

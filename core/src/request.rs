@@ -197,6 +197,8 @@ pub struct Pending {
     key_md5: String,
     /// With budgets, the counters of the one script call, and what each one is.
     counters: Option<Vec<(webdis::Counter, Counted)>>,
+    /// A read for the budget endpoint ([`BUDGETS_PATH`]), not a check.
+    report: bool,
     sent_ms: u64,
     /// The model the body asked for (carried to the step).
     model: Option<String>,
@@ -248,6 +250,9 @@ pub fn on_request_headers(
     let mut parts = full_path.splitn(2, |&b| b == b'?');
     let path = parts.next().unwrap_or_default();
     let has_query = parts.next().is_some();
+    if path == BUDGETS_PATH.as_bytes() && method == b"GET" {
+        return budgets_report(config, client, key_md5, now_ms, store);
+    }
     let granted = config
         .client(client)
         .map(|c| c.endpoints)
@@ -466,9 +471,45 @@ pub fn on_limiter_reply(
         estimate,
         key_md5,
         counters,
+        report,
         sent_ms,
         model,
     } = pending;
+    if report {
+        let answer = webdis::parse_read_reply(
+            status,
+            body,
+            report_keys(config, client, &key_md5, sent_ms).len(),
+        )
+        .map_err(|e| webdis::timed_out(e, now_ms.saturating_sub(sent_ms), call.timeout_ms));
+        return match answer {
+            Ok(values) => {
+                let mut v = values.into_iter();
+                let minute = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+                let windows = budget_windows(config, client, sent_ms);
+                let slots = windows
+                    .iter()
+                    .map(|&(period, window)| limiter::Slot {
+                        period,
+                        window,
+                        used: [
+                            v.next().unwrap_or(0),
+                            v.next().unwrap_or(0),
+                            v.next().unwrap_or(0),
+                        ],
+                    })
+                    .collect::<Vec<_>>();
+                budgets_step(config, client, now_ms, minute, &slots)
+            }
+            Err(e) => Step {
+                limiter_errors: vec![LimiterFailure {
+                    backend: "redis",
+                    reason: e.reason(),
+                }],
+                ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
+            },
+        };
+    }
     let on_error = match &config.limiter {
         LimiterBackend::Redis(r) => r.on_error,
         LimiterBackend::Local => OnError::Local,
@@ -578,6 +619,7 @@ fn limit(
                 estimate,
                 key_md5,
                 counters,
+                report: false,
                 sent_ms: now_ms,
                 model: None,
             })
@@ -592,6 +634,159 @@ fn limit(
             Vec::new(),
         )),
     }
+}
+
+/// `GET` on this path: the authenticated client's own limits and budgets, answered by Tollgate
+/// (not counted against them, never forwarded).
+pub const BUDGETS_PATH: &str = "/v1/tollgate/budgets";
+
+/// The current window of each of the client's budgets.
+fn budget_windows(config: &Config, client: ClientId, now_ms: u64) -> Vec<(Period, u64)> {
+    config.client(client).map_or_else(Vec::new, |c| {
+        c.budgets
+            .iter()
+            .map(|b| {
+                (
+                    b.period,
+                    b.period.window(now_ms, config.budget_utc_offset_minutes).id,
+                )
+            })
+            .collect()
+    })
+}
+
+/// The Redis keys the budget endpoint reads: the minute's requests and tokens, then each
+/// budget's requests, tokens and money.
+fn report_keys(config: &Config, client: ClientId, key_md5: &str, now_ms: u64) -> Vec<String> {
+    let (minute, _) = limiter::window_of(now_ms);
+    let mut keys = vec![
+        webdis::window_key(key_md5, minute),
+        webdis::tokens_key(key_md5, minute),
+    ];
+    if let Some(c) = config.client(client) {
+        for (period, window) in budget_windows(config, client, now_ms) {
+            for m in Measure::ALL {
+                keys.push(webdis::budget_key(&c.name, period, window, m));
+            }
+        }
+    }
+    keys
+}
+
+/// The budget endpoint: read the counters (the local record now, or Redis by a callout).
+fn budgets_report(
+    config: &Config,
+    client: ClientId,
+    key_md5: Option<String>,
+    now_ms: u64,
+    store: &dyn CasStore,
+) -> Start {
+    if let (LimiterBackend::Redis(redis), Some(key_md5)) = (&config.limiter, key_md5) {
+        let call = webdis_call(
+            &redis.webdis,
+            webdis::read_command(&report_keys(config, client, &key_md5, now_ms)),
+        );
+        return Start::AskLimiter(Pending {
+            call,
+            client,
+            forward: Forward::new(Vec::new(), false),
+            estimate: Estimate::default(),
+            key_md5,
+            counters: None,
+            report: true,
+            sent_ms: now_ms,
+            model: None,
+        });
+    }
+    let Some(c) = config.client(client) else {
+        return Start::Done(reply(
+            Some(client),
+            Outcome::Error,
+            openai::internal_error(),
+        ));
+    };
+    let windows = budget_windows(config, client, now_ms);
+    let (minute, _) = limiter::window_of(now_ms);
+    match limiter::read_usage(store, &limiter::budget_key(c), minute, &windows) {
+        Ok((counts, slots)) => Start::Done(budgets_step(config, client, now_ms, counts, &slots)),
+        Err(e) => Start::Done(Step {
+            limiter_errors: vec![LimiterFailure {
+                backend: "local",
+                reason: e.reason(),
+            }],
+            ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
+        }),
+    }
+}
+
+/// The budget endpoint's answer from the counts: the minute's limits, then every budget.
+fn budgets_step(
+    config: &Config,
+    client: ClientId,
+    now_ms: u64,
+    (requests, tokens): (u64, u64),
+    slots: &[limiter::Slot],
+) -> Step {
+    use serde_json::{json, Value};
+    let Some(c) = config.client(client) else {
+        return reply(Some(client), Outcome::Error, openai::internal_error());
+    };
+    let measure = |limit: Option<u64>, used: u64| {
+        json!({
+            "limit": limit,
+            "used": used,
+            "remaining": limit.map(|l| l.saturating_sub(used)),
+        })
+    };
+    let window = |w: crate::spend::Window| {
+        json!({
+            "window_start": w.start_ms / 1000,
+            "resets_at": w.end_ms / 1000,
+            "reset_ms": w.reset_ms(now_ms),
+        })
+    };
+    let offset = config.budget_utc_offset_minutes;
+    let mut per_minute = window(Period::Minute.window(now_ms, 0));
+    if let Value::Object(m) = &mut per_minute {
+        m.insert(
+            "requests".into(),
+            measure(Some(u64::from(c.requests_per_minute)), requests),
+        );
+        m.insert(
+            "tokens".into(),
+            measure(c.tokens_per_minute.map(u64::from), tokens),
+        );
+    }
+    let budgets: Vec<Value> = c
+        .budgets
+        .iter()
+        .zip(slots)
+        .map(|(b, slot)| {
+            let mut v = window(b.period.window(now_ms, offset));
+            if let Value::Object(m) = &mut v {
+                m.insert("window".into(), json!(b.period.as_str()));
+                for mm in Measure::ALL {
+                    m.insert(mm.as_str().into(), measure(b.limit(mm), slot.used(mm)));
+                }
+            }
+            v
+        })
+        .collect();
+    let body = json!({
+        "object": "tollgate.budgets",
+        "client": c.name,
+        "limiter": config.limiter.name(),
+        "currency": config.prices.currency,
+        "money_unit": "micros",
+        "utc_offset_minutes": offset,
+        "per_minute": per_minute,
+        "budgets": budgets,
+    });
+    reply(
+        Some(client),
+        Outcome::Admitted,
+        openai::json_ok(body.to_string()),
+    )
 }
 
 /// The client's budgets as this request asks them (each period's current window, its limits,

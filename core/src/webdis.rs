@@ -63,6 +63,41 @@ out[i+2] = redis.call('INCRBY', KEYS[i], ARGV[3*i-1]) \
 if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[3*i]) end end \
 return out";
 
+/// Reads counters: the value of each key, 0 where it does not exist.
+pub const READ_SCRIPT: &str = "local out = {} \
+for i, k in ipairs(KEYS) do out[i] = tonumber(redis.call('GET', k) or '0') end \
+return out";
+
+/// The Webdis request body that reads `keys` with [`READ_SCRIPT`].
+pub fn read_command(keys: &[String]) -> Vec<u8> {
+    let mut body = String::with_capacity(READ_SCRIPT.len() * 3 / 2 + keys.len() * 64);
+    body.push_str("EVAL/");
+    percent_encode_into(&mut body, READ_SCRIPT);
+    let _ = write!(body, "/{}", keys.len());
+    for k in keys {
+        body.push('/');
+        percent_encode_into(&mut body, k);
+    }
+    body.into_bytes()
+}
+
+/// Reads a Webdis reply to [`read_command`] of `n` keys.
+pub fn parse_read_reply(
+    status: Option<u16>,
+    body: &[u8],
+    n: usize,
+) -> Result<Vec<u64>, ReplyError> {
+    let reply = eval_reply(status, body)?;
+    let items = reply.as_array().ok_or(ReplyError::Malformed)?;
+    if items.len() != n {
+        return Err(ReplyError::Malformed);
+    }
+    items
+        .iter()
+        .map(|v| v.as_u64().ok_or(ReplyError::Malformed))
+        .collect()
+}
+
 /// Redis key of one measure of a client's budget window:
 /// `tollgate:budget:<client>:<period>:<window number>:<measure>`.
 pub fn budget_key(client: &str, period: Period, window: u64, measure: Measure) -> String {

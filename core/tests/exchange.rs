@@ -578,6 +578,32 @@ fn a_daily_money_budget_refuses_exactly_at_the_budget_with_no_extra_host_call() 
         host.counter("tollgate_spend_micros_total.client=team.model=gpt-4_1"),
         50
     );
+    // The client's budget endpoint agrees with the metric, and is not counted.
+    let mut ex = Exchange::new(Some(gw.clone()));
+    *host.request.borrow_mut() = pairs(&[
+        (":method", "GET"),
+        (":path", "/v1/tollgate/budgets"),
+        ("authorization", &format!("Bearer {KEY}")),
+    ]);
+    host.take_calls();
+    assert_eq!(ex.on_request_headers(&host, true), Action::Pause);
+    let calls = host.take_calls();
+    assert_eq!(calls.iter().filter(|c| **c == "get_shared_data").count(), 1);
+    let reply = host.replies.borrow().last().cloned().unwrap();
+    assert_eq!(reply.status, 200);
+    let b: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(b["client"], "team");
+    assert_eq!(b["currency"], "USD");
+    assert_eq!(b["budgets"][0]["window"], "day");
+    assert_eq!(b["budgets"][0]["money"]["used"], 50);
+    assert_eq!(b["budgets"][0]["money"]["remaining"], 0);
+    assert_eq!(b["budgets"][0]["requests"]["used"], 5);
+    assert_eq!(b["budgets"][0]["tokens"]["used"], 5 * 19);
+    assert_eq!(b["budgets"][1]["window"], "month");
+    assert_eq!(b["budgets"][1]["requests"]["remaining"], 995);
+    assert_eq!(b["budgets"][0]["resets_at"], NOW / 1000 + 57_600);
+    assert_eq!(b["per_minute"]["requests"]["used"], 5);
+
     // 50 of 50 micro-units used: the sixth is refused, in OpenAI's shape.
     let mut ex = Exchange::new(Some(gw.clone()));
     routed_admission(&host, &mut ex, "gpt-4.1", 10);
