@@ -849,6 +849,12 @@ impl Exchange {
             if let Some(p) = gw.config.prices.get(price) {
                 cost = request::charge_money(p, estimate, self.used.as_ref(), delivered);
                 gw.count_spend(h, client, price, cost);
+                let started = self.started_ms.unwrap_or_default();
+                if let Some((key, n)) =
+                    request::spend_record(&gw.config, client, price, cost, started)
+                {
+                    gw.queue_settlement(h, key, n);
+                }
             }
         }
         let (tokens, budgets) = (self.tokens.take(), self.budgets.take());

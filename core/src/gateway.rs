@@ -111,12 +111,14 @@ impl Gateway {
     /// The root context's timer period, when this configuration needs one (Redis cache
     /// stores, Redis token settlements).
     pub fn tick_period_ms(&self) -> Option<u32> {
+        // Token and budget settlements, and spend records for `tollgate spend`.
         let redis_tokens = matches!(self.config.limiter, LimiterBackend::Redis(_))
-            && self
-                .config
-                .clients
-                .iter()
-                .any(|c| c.tokens_per_minute.is_some() || !c.budgets.is_empty());
+            && (!self.config.prices.models.is_empty()
+                || self
+                    .config
+                    .clients
+                    .iter()
+                    .any(|c| c.tokens_per_minute.is_some() || !c.budgets.is_empty()));
         (self.config.cache.uses(Backend::Redis) || redis_tokens).then_some(ROOT_TICK_MS)
     }
 

@@ -1214,6 +1214,29 @@ pub fn settle_tokens(
     Ok(None)
 }
 
+/// The Redis spend record of a priced response (`tollgate spend` reads them): its key for the
+/// day of `started_ms` and the micro-units to add; `None` with the local limiter or at no cost.
+pub fn spend_record(
+    config: &Config,
+    client: ClientId,
+    price: PriceId,
+    micros: u64,
+    started_ms: u64,
+) -> Option<(String, i64)> {
+    if micros == 0 || !matches!(config.limiter, LimiterBackend::Redis(_)) {
+        return None;
+    }
+    let day = Period::Day
+        .window(started_ms, config.budget_utc_offset_minutes)
+        .id;
+    let name = &config.client(client)?.name;
+    let model = &config.prices.get(price)?.model;
+    Some((
+        webdis::spend_key(day, name, model),
+        i64::try_from(micros).unwrap_or(i64::MAX),
+    ))
+}
+
 /// Settles everything a finished request reserved, once: its minute tokens and its budgets
 /// (tokens by [`charge`], money by `money` from [`charge_money`]). Local reservations are
 /// adjusted in the store now, in one compare-and-swap; Redis ones are returned as

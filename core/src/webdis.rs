@@ -98,6 +98,41 @@ pub fn parse_read_reply(
         .collect()
 }
 
+/// Prefix of the spend records: `tollgate:spend:<day number>:<client>:<model>`, micro-units
+/// spent that day (days of the budgets' time zone), for `tollgate spend`.
+pub const SPEND_KEY_PREFIX: &str = "tollgate:spend:";
+
+/// How long a day's spend record is kept: a little more than a year.
+pub const SPEND_TTL_MS: u64 = 400 * 86_400_000;
+
+/// Adds `ARGV[i]` to `KEYS[i]`, creating it with a ttl of the last `ARGV` if it is new.
+pub const SPEND_SCRIPT: &str = "local n = #KEYS \
+for i, k in ipairs(KEYS) do redis.call('INCRBY', k, ARGV[i]) \
+if redis.call('PTTL', k) < 0 then redis.call('PEXPIRE', k, ARGV[n+1]) end end \
+return n";
+
+/// Redis key of a client's spend on a model in a day.
+pub fn spend_key(day: u64, client: &str, model: &str) -> String {
+    format!("{SPEND_KEY_PREFIX}{day}:{client}:{model}")
+}
+
+/// The Webdis request body that records spend with [`SPEND_SCRIPT`].
+pub fn spend_command(records: &[(String, i64)]) -> Vec<u8> {
+    let mut body = String::with_capacity(SPEND_SCRIPT.len() * 3 / 2 + records.len() * 64);
+    body.push_str("EVAL/");
+    percent_encode_into(&mut body, SPEND_SCRIPT);
+    let _ = write!(body, "/{}", records.len());
+    for (key, _) in records {
+        body.push('/');
+        percent_encode_into(&mut body, key);
+    }
+    for (_, n) in records {
+        let _ = write!(body, "/{n}");
+    }
+    let _ = write!(body, "/{SPEND_TTL_MS}");
+    body.into_bytes()
+}
+
 /// Redis key of one measure of a client's budget window:
 /// `tollgate:budget:<client>:<period>:<window number>:<measure>`.
 pub fn budget_key(client: &str, period: Period, window: u64, measure: Measure) -> String {
@@ -243,6 +278,8 @@ pub fn settle_command(adjustments: &[(String, i64)]) -> Vec<u8> {
 #[derive(Debug, Default)]
 pub struct Settlements {
     pending: HashMap<String, i64>,
+    /// Spend records ([`SPEND_KEY_PREFIX`] keys), created when new.
+    spend: HashMap<String, i64>,
 }
 
 impl Settlements {
@@ -252,24 +289,32 @@ impl Settlements {
     pub const BATCH: usize = 64;
 
     /// Adds `delta` to `key`'s pending adjustment. `false`: refused, the queue is full.
+    /// A [`SPEND_KEY_PREFIX`] key is a spend record, created if new; any other key is an
+    /// adjustment of a counter that only applies while the counter exists.
     pub fn add(&mut self, key: String, delta: i64) -> bool {
         if delta == 0 {
             return true;
         }
-        if let Some(d) = self.pending.get_mut(&key) {
+        let full = self.pending.len() + self.spend.len() >= Self::MAX_KEYS;
+        let map = if key.starts_with(SPEND_KEY_PREFIX) {
+            &mut self.spend
+        } else {
+            &mut self.pending
+        };
+        if let Some(d) = map.get_mut(&key) {
             *d = d.saturating_add(delta);
             return true;
         }
-        if self.pending.len() >= Self::MAX_KEYS {
+        if full {
             return false;
         }
-        self.pending.insert(key, delta);
+        map.insert(key, delta);
         true
     }
 
     /// Nothing waiting.
     pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
+        self.pending.is_empty() && self.spend.is_empty()
     }
 
     /// Takes everything waiting, as Webdis request bodies of at most [`Settlements::BATCH`]
@@ -277,7 +322,12 @@ impl Settlements {
     pub fn drain_commands(&mut self) -> Vec<Vec<u8>> {
         let mut all: Vec<(String, i64)> = self.pending.drain().filter(|(_, d)| *d != 0).collect();
         all.sort();
-        all.chunks(Self::BATCH).map(settle_command).collect()
+        let mut spend: Vec<(String, i64)> = self.spend.drain().filter(|(_, d)| *d != 0).collect();
+        spend.sort();
+        all.chunks(Self::BATCH)
+            .map(settle_command)
+            .chain(spend.chunks(Self::BATCH).map(spend_command))
+            .collect()
     }
 }
 

@@ -679,10 +679,19 @@ fn budgets_in_redis_are_one_callout_and_settle_through_the_root_tick() {
     host.callouts.borrow_mut().clear();
     gw.on_tick(&host);
     let settle = host.callouts.borrow();
-    assert_eq!(settle.len(), 1);
+    // The budgets' adjustments, then the day's spend record for `tollgate spend`.
+    assert_eq!(settle.len(), 2);
     let body = String::from_utf8(settle[0].body.clone()).unwrap();
     assert!(body.contains("%3Amoney"), "{body}");
     assert!(body.contains("%3Atokens"), "{body}");
+    let body = String::from_utf8(settle[1].body.clone()).unwrap();
+    let day = NOW / 86_400_000;
+    assert!(
+        body.contains(&format!(
+            "/tollgate%3Aspend%3A{day}%3Ateam%3Agpt-4%2E1/600/"
+        )),
+        "{body}"
+    );
 
     // Refused by the money counter (index 3): insufficient_quota.
     drop(settle);
