@@ -427,6 +427,8 @@ ACCESS_LOG_FIELDS = {
     "status": "%RESPONSE_CODE%",
     "upstream_cluster": "%UPSTREAM_CLUSTER%",
     "upstream_host": "%UPSTREAM_HOST%",
+    # Tries of the request upstream (1 + retries, a fallback to the next provider included).
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
     # What Tollgate decided (client, model, outcome, reason, cache, tokens): one property the
     # filter declares as a google.protobuf.Struct, so it is written as a typed object
     # {"@type": ..., "value": {...}}; null when Tollgate decided nothing (docs/metrics.md).

@@ -234,6 +234,7 @@ impl Exchange {
         };
         if body_size > awaiting.max_bytes {
             gw.count_request(h, None, Outcome::Invalid);
+            gw.count_refusal(h, Some(awaiting.client()), None, "body_too_large");
             self.log.outcome = Some(Outcome::Invalid.as_str());
             return self.reply(h, &openai::body_too_large(awaiting.max_bytes));
         }
@@ -378,7 +379,12 @@ impl Exchange {
             .first()
             .map(|f| format!("{}:{}", f.backend, f.reason));
         let (action, outcome) = match step.decision {
-            Decision::Reply(reply) => (self.reply(h, &reply), step.outcome),
+            Decision::Reply(reply) => {
+                if let Some(kind) = reply.kind {
+                    gw.count_refusal(h, step.client, step.model.as_deref(), kind.reason());
+                }
+                (self.reply(h, &reply), step.outcome)
+            }
             // Admitted (limits counted): the cache may answer it before it goes upstream.
             Decision::Forward(forward) => {
                 match self.look_up(h, gw, forward, step.client, step.outcome) {

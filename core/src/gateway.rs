@@ -27,8 +27,16 @@ pub const MAX_PENDING_STORES: usize = 64;
 /// Webdis's answers to checks and stores are a few dozen bytes; anything longer is not one.
 pub const MAX_WEBDIS_REPLY_BYTES: usize = 4096;
 
+/// The hasher of the metric-id maps the request path reads (no per-VM random keys needed: the
+/// keys are the configuration's indexes, not anything a client chooses).
+type FastHash = hashbrown::DefaultHashBuilder;
+
 /// (metric, rule, backend, reason) of a `tollgate_cache_*` series.
 type CacheSeries = (CacheMetric, Option<usize>, Backend, &'static str);
+
+/// (client, rule, reason) of a `tollgate_refusals_total` series (`None`: no valid key; `Some(None)`
+/// rule: one provider; `None` rule: no rule matched).
+type RefusalSeries = (Option<usize>, Option<Option<usize>>, &'static str);
 
 /// (client, rule, completion?) of a `tollgate_tokens_total` series.
 type TokenSeries = (usize, Option<usize>, bool);
@@ -58,6 +66,8 @@ pub struct Gateway {
     tokens: RefCell<HashMap<TokenSeries, u32>>,
     /// `tollgate_spend_micros_total` ids by (client, price), defined on first use.
     spend: RefCell<HashMap<(usize, usize), u32>>,
+    /// `tollgate_refusals_total` ids, defined on first use.
+    refusals: RefCell<HashMap<RefusalSeries, u32, FastHash>>,
     /// Histogram ids by (rule, first-byte?), defined on first use.
     timings: RefCell<HashMap<(Option<usize>, bool), u32>>,
     /// Token adjustments for the Redis limiter, sent on the root tick.
@@ -100,6 +110,7 @@ impl Gateway {
             metrics,
             tokens: RefCell::new(HashMap::new()),
             spend: RefCell::new(HashMap::new()),
+            refusals: RefCell::new(HashMap::default()),
             timings: RefCell::new(HashMap::new()),
             settlements: RefCell::new(Settlements::default()),
             cache_metrics: RefCell::new(HashMap::new()),
@@ -160,12 +171,44 @@ impl Gateway {
         }
     }
 
-    /// Counts a request in `tollgate_requests_total{client,outcome}`.
+    /// Counts a request in `tollgate_requests_total{client,outcome}` (a client's series is
+    /// defined on its first use).
     pub fn count_request(&self, host: &dyn Host, client: Option<usize>, outcome: Outcome) {
-        let row = client
-            .and_then(|c| self.metrics.requests.get(c))
-            .unwrap_or(&self.metrics.anonymous);
-        if let Some(&id) = row.get(outcome.index()) {
+        let id = match client.and_then(|c| self.config.client(c).map(|k| (c, k))) {
+            Some((c, known)) => lazy_metric(&self.metrics.requests, (c, outcome.index()), || {
+                host.define_counter(&metrics::requests_total(&known.name, outcome))
+            }),
+            None => self.metrics.anonymous.get(outcome.index()).copied(),
+        };
+        if let Some(id) = id {
+            host.increment(id, 1);
+        }
+    }
+
+    /// Counts a request Tollgate answered itself in `tollgate_refusals_total`, under the rule
+    /// its model matched (`model`: what the body asked for, once read).
+    pub fn count_refusal(
+        &self,
+        host: &dyn Host,
+        client: Option<usize>,
+        model: Option<&str>,
+        reason: &'static str,
+    ) {
+        let rule = match &self.config.mode {
+            Mode::Single(_) => Some(None),
+            Mode::Routed(r) => model.and_then(|m| r.rule_for(m)).map(Some),
+        };
+        let id = lazy_metric(&self.refusals, (client, rule, reason), || {
+            let name = client
+                .and_then(|c| self.config.client(c))
+                .map_or(ANONYMOUS, |c| c.name.as_str());
+            let model = match rule {
+                Some(rule) => self.model_label(rule),
+                None => metrics::NO_MODEL,
+            };
+            host.define_counter(&metrics::refusals_total(name, model, reason))
+        });
+        if let Some(id) = id {
             host.increment(id, 1);
         }
     }
@@ -428,8 +471,8 @@ pub fn timed_out(e: cache::Error, now_ms: u64, sent_ms: u64, timeout_ms: u32) ->
 
 /// The id of a metric defined on first use: from `cache`, else defined and cached. Label sets
 /// are bounded by the configuration, so the caches are too.
-pub fn lazy_metric<K: Eq + std::hash::Hash>(
-    cache: &RefCell<HashMap<K, u32>>,
+pub fn lazy_metric<K: Eq + std::hash::Hash, S: std::hash::BuildHasher>(
+    cache: &RefCell<HashMap<K, u32, S>>,
     key: K,
     define: impl FnOnce() -> Result<u32, HostError>,
 ) -> Option<u32> {
@@ -450,8 +493,10 @@ pub fn lazy_metric<K: Eq + std::hash::Hash>(
 
 /// Counter ids defined once per configuration, so the request path never builds a name.
 struct MetricIds {
-    /// `[client][outcome]` for configured clients.
-    requests: Vec<[u32; 5]>,
+    /// `(client, outcome)` ids of configured clients, defined on a client's first request with
+    /// that outcome: defining five counters for every configured client in every VM costs time
+    /// and memory in proportion to all clients, not to those seen (issue #23: 100,000 clients).
+    requests: RefCell<HashMap<(usize, usize), u32, FastHash>>,
     /// Requests without a known client: `[outcome]`.
     anonymous: [u32; 5],
     /// `(backend, reason, id)` for every limiter failure this configuration can meet.
@@ -467,11 +512,6 @@ impl MetricIds {
             }
             Ok(ids)
         };
-        let requests = config
-            .clients
-            .iter()
-            .map(|c| per_outcome(&c.name))
-            .collect::<Result<Vec<_>, _>>()?;
         // The local limiter runs in every mode (as the Redis fallback too).
         let mut failures: Vec<(&'static str, &'static str)> =
             [LimiterError::Contention, LimiterError::Store]
@@ -491,7 +531,7 @@ impl MetricIds {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            requests,
+            requests: RefCell::new(HashMap::default()),
             anonymous: per_outcome(ANONYMOUS)?,
             limiter_errors,
         })

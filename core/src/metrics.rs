@@ -9,6 +9,9 @@ pub const ANONYMOUS: &str = "_anonymous";
 /// Model label of requests on the default route (no model rule).
 pub const DEFAULT_MODEL: &str = "_default";
 
+/// `model` label of a refusal whose model matched no rule (or was never read).
+pub const NO_MODEL: &str = "_none";
+
 /// What happened to a request, for `tollgate_requests_total{client,outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
@@ -78,6 +81,18 @@ pub fn requests_total(client: &str, outcome: Outcome) -> String {
         "tollgate_requests_total.client={}.outcome={}",
         label_value(client),
         outcome.as_str()
+    )
+}
+
+/// `tollgate_refusals_total{client,model,reason}`: requests Tollgate answered itself, by why
+/// (`ErrorKind::reason`: `requests_per_minute`, `model_not_allowed`, ...); `model` is the rule
+/// the requested model matched (`_default` with one provider, `_none` when none did).
+pub fn refusals_total(client: &str, model: &str, reason: &str) -> String {
+    format!(
+        "tollgate_refusals_total.client={}.model={}.reason={}",
+        label_value(client),
+        label_value(model),
+        label_value(reason)
     )
 }
 

@@ -183,6 +183,13 @@ pub struct AwaitBody {
     cache: Option<cache::RequestInfo>,
 }
 
+impl AwaitBody {
+    /// The authenticated client whose body this is.
+    pub fn client(&self) -> ClientId {
+        self.client
+    }
+}
+
 pub use crate::host::Callout;
 
 /// A request waiting for the limiter's reply.

@@ -162,10 +162,27 @@ pub fn from_json(body: &[u8]) -> Option<Usage> {
         .usage()
 }
 
-/// Whether `json` may hold a `usage` member: it names `"usage"`, or it has a `\u` escape,
-/// which may spell the key (`"us\u0061ge"` is `usage` too). The others need no parsing.
-fn may_name_usage(json: &[u8]) -> bool {
-    json.windows(7).any(|w| w == b"\"usage\"") || json.windows(2).any(|w| w == b"\\u")
+/// Whether `json` may hold a `usage` member worth reading: it names `"usage"` with a value other
+/// than `null`, or it has a `\u` escape, which may spell the key (`"us\u0061ge"` is `usage`
+/// too). The others need no parsing: a chat stream that asked for usage has `"usage":null` in
+/// every content chunk.
+fn may_carry_usage(json: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    if memchr::memmem::find(json, b"\\u").is_some() {
+        return true;
+    }
+    let mut rest = json;
+    while let Some(at) = memchr::memmem::find(rest, KEY) {
+        let after = rest.get(at + KEY.len()..).unwrap_or_default();
+        let after = after.trim_ascii_start();
+        if let Some(value) = after.strip_prefix(b":") {
+            if !value.trim_ascii_start().starts_with(b"null") {
+                return true;
+            }
+        }
+        rest = after;
+    }
+    false
 }
 
 /// Longest SSE event read; longer ones are not read (they are counted in `oversized` and
@@ -210,18 +227,19 @@ impl SseUsage {
     pub fn push_filtered(&mut self, chunk: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(chunk.len() + self.pending.len());
         let strip = self.strip_usage_chunk;
-        self.scan(chunk, |event: Option<&[u8]>, raw: &[u8]| match event {
-            // Unread (too long) or not stripping: as it came.
-            None => out.extend_from_slice(raw),
-            Some(_) if !strip => out.extend_from_slice(raw),
-            Some(event) => {
-                if !is_usage_only(event) {
-                    // With include_usage, providers add `"usage":null` to every chunk; without
-                    // it they do not, and neither does the gateway.
-                    out.extend_from_slice(&without_null_usage(raw));
-                }
-            }
-        });
+        self.scan(
+            chunk,
+            |event: Option<(&[u8], bool)>, raw: &[u8]| match event {
+                // Unread (too long) or not stripping: as it came.
+                None => out.extend_from_slice(raw),
+                Some(_) if !strip => out.extend_from_slice(raw),
+                // Only an event that may carry usage can be the usage-only chunk.
+                Some((event, true)) if is_usage_only(event) => {}
+                // With include_usage, providers add `"usage":null` to every chunk; without it
+                // they do not, and neither does the gateway.
+                Some(_) => push_without_null_usage(&mut out, raw),
+            },
+        );
         out
     }
 
@@ -237,18 +255,16 @@ impl SseUsage {
         self.scan(chunk, |_, _| {});
     }
 
-    /// Splits the stream into events; calls `each(Some(event), raw bytes with separator)` for
-    /// every complete event after reading it, and `each(None, raw bytes)` for the bytes of
-    /// events too long to read.
-    fn scan<F: FnMut(Option<&[u8]>, &[u8])>(&mut self, chunk: &[u8], mut each: F) {
+    /// Splits the stream into events; calls `each(Some((event, may carry usage)), raw bytes
+    /// with separator)` for every complete event after reading it, and `each(None, raw bytes)`
+    /// for the bytes of events too long to read.
+    fn scan<F: FnMut(Option<(&[u8], bool)>, &[u8])>(&mut self, chunk: &[u8], mut each: F) {
         // A separator may have begun in the last bytes already pending.
         let mut scan = self.pending.len().saturating_sub(3);
         let mut buf = std::mem::take(&mut self.pending);
         buf.extend_from_slice(chunk);
         let mut start = 0;
-        while let Some((at, len)) =
-            (scan..buf.len()).find_map(|i| separator_at(&buf, i).map(|l| (i, l)))
-        {
+        while let Some((at, len)) = next_separator(&buf, scan) {
             let event = buf.get(start..at).unwrap_or_default();
             let raw = buf.get(start..at + len).unwrap_or_default();
             // The same bound whether the event came in one chunk or many.
@@ -258,8 +274,8 @@ impl SseUsage {
                 }
                 each(None, raw);
             } else {
-                self.event(event);
-                each(Some(event), raw);
+                let may_carry = self.event(event);
+                each(Some((event, may_carry)), raw);
             }
             self.skipping = false;
             start = at + len;
@@ -297,60 +313,73 @@ impl SseUsage {
         }
     }
 
-    fn event(&mut self, event: &[u8]) {
+    /// Reads one event; says whether its data may carry usage (see [`may_carry_usage`]).
+    fn event(&mut self, event: &[u8]) -> bool {
         self.events += 1;
-        let mut data: Vec<u8> = Vec::new();
-        let mut data_lines = 0usize;
+        // One data line (the usual event) is read where it is; more are joined.
+        let mut first: Option<&[u8]> = None;
+        let mut joined: Option<Vec<u8>> = None;
         for line in event.split(|&b| b == b'\n') {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if let Some(value) = line.strip_prefix(b"data:") {
                 let value = value.strip_prefix(b" ").unwrap_or(value);
                 // Lines join with LF even when empty (SSE: each line's value, then LF).
-                if data_lines > 0 {
-                    data.push(b'\n');
+                match (&mut joined, first) {
+                    (Some(data), _) => {
+                        data.push(b'\n');
+                        data.extend_from_slice(value);
+                    }
+                    (None, Some(f)) => {
+                        let mut data = Vec::with_capacity(f.len() + 1 + value.len());
+                        data.extend_from_slice(f);
+                        data.push(b'\n');
+                        data.extend_from_slice(value);
+                        joined = Some(data);
+                    }
+                    (None, None) => first = Some(value),
                 }
-                data_lines += 1;
-                data.extend_from_slice(value);
             }
             // `event:`, `id:`, `retry:` and `:` comments carry no usage.
         }
+        let data = match (&joined, first) {
+            (Some(data), _) => data.as_slice(),
+            (None, Some(data)) => data,
+            (None, None) => return false,
+        };
         if data.is_empty() {
-            return;
+            return false;
         }
         if data == b"[DONE]" {
             self.done = true;
-            return;
+            return false;
         }
-        // Only an event that may name `usage` can carry it: the others are not parsed at all.
-        let usage = if may_name_usage(&data) {
-            from_json(&data)
-        } else {
-            None
-        };
+        // Only an event that may carry usage is parsed at all.
+        let may_carry = may_carry_usage(data);
+        let usage = if may_carry { from_json(data) } else { None };
         match usage {
             Some(u) => self.usage = Some(u),
             None => self.chunks += 1,
         }
+        may_carry
     }
 }
 
-/// An event's bytes without the `,"usage":null` that ends its JSON payload, if it has one.
-fn without_null_usage(raw: &[u8]) -> Vec<u8> {
+/// Appends an event's bytes without the `,"usage":null` that ends its JSON payload, if it has
+/// one (only when the payload ends right there: the `}` closes the chunk object).
+fn push_without_null_usage(out: &mut Vec<u8>, raw: &[u8]) {
     const NULL_USAGE: &[u8] = b",\"usage\":null}";
-    match raw.windows(NULL_USAGE.len()).rposition(|w| w == NULL_USAGE) {
-        // Only when the payload ends right there (the `}` closes the chunk object).
-        Some(at)
-            if raw
-                .get(at + NULL_USAGE.len()..)
-                .is_some_and(|rest| rest.iter().all(|b| matches!(b, b'\r' | b'\n'))) =>
-        {
-            let mut out = Vec::with_capacity(raw.len());
-            out.extend_from_slice(raw.get(..at).unwrap_or_default());
+    let end = raw
+        .iter()
+        .rposition(|b| !matches!(b, b'\r' | b'\n'))
+        .map_or(0, |i| i + 1);
+    let (payload, separator) = raw.split_at(end.min(raw.len()));
+    match payload.strip_suffix(NULL_USAGE) {
+        Some(kept) => {
+            out.extend_from_slice(kept);
             out.push(b'}');
-            out.extend_from_slice(raw.get(at + NULL_USAGE.len()..).unwrap_or_default());
-            out
+            out.extend_from_slice(separator);
         }
-        _ => raw.to_vec(),
+        None => out.extend_from_slice(raw),
     }
 }
 
@@ -391,10 +420,65 @@ fn separator_at(b: &[u8], i: usize) -> Option<usize> {
     }
 }
 
+/// The first event separator at or after `from`: its position and length.
+fn next_separator(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    let mut i = from;
+    loop {
+        let at = i + memchr::memchr2(b'\n', b'\r', buf.get(i..)?)?;
+        if let Some(len) = separator_at(buf, at) {
+            return Some((at, len));
+        }
+        i = at + 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn only_events_that_may_carry_usage_are_parsed() {
+        for (data, expected) in [
+            (&br#"{"choices":[],"usage":null}"#[..], false),
+            (br#"{"usage" :  null, "x": 1}"#, false),
+            (br#"{"object":"usage","n":1}"#, false),
+            (br#"{"usage":{"prompt_tokens":1}}"#, true),
+            (br#"{"usage" : {"prompt_tokens":1}}"#, true),
+            (
+                br#"{"usage":null,"response":{"usage":{"input_tokens":1}}}"#,
+                true,
+            ),
+            (br#"{"us\u0061ge":{"prompt_tokens":1}}"#, true),
+            (br#"{"usage":7}"#, true),
+        ] {
+            assert_eq!(
+                may_carry_usage(data),
+                expected,
+                "{}",
+                String::from_utf8_lossy(data)
+            );
+        }
+    }
+
+    #[test]
+    fn null_usage_is_cut_only_where_the_payload_ends() {
+        let cut = |raw: &[u8]| {
+            let mut out = Vec::new();
+            push_without_null_usage(&mut out, raw);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            cut(b"data: {\"a\":1,\"usage\":null}\r\n\r\n"),
+            "data: {\"a\":1}\r\n\r\n"
+        );
+        assert_eq!(cut(b"data: {\"a\":1,\"usage\":null}"), "data: {\"a\":1}");
+        assert_eq!(
+            cut(b"data: {\"a\":1,\"usage\":null} \n\n"),
+            "data: {\"a\":1,\"usage\":null} \n\n"
+        );
+        assert_eq!(cut(b"\n\n"), "\n\n");
+    }
 
     const STREAM: &str = concat!(
         ": keep-alive comment\n\n",

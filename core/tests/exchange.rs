@@ -228,12 +228,13 @@ fn an_admitted_json_request_end_to_end_and_its_host_calls() {
             body_calls.len(),
             log_calls.len()
         ),
-        (9, 2, 6, 5),
+        (10, 2, 6, 5),
         "host calls per phase"
     );
-    // Three of them define a metric series on its first use in this VM, once. Two set the
-    // access log's one property: at admission, and again with the provider's usage.
-    assert_eq!(all, 22);
+    // Four of them define a metric series on its first use in this VM, once (the client's
+    // request counter, two token counters, the duration histogram). Two set the access log's
+    // one property: at admission, and again with the provider's usage.
+    assert_eq!(all, 23);
     assert_eq!(
         log_record(&host),
         [
@@ -261,12 +262,21 @@ fn a_refused_request_strips_nothing_and_is_answered() {
         vec![
             "get_headers",
             "now",
+            // tollgate_refusals_total{reason="invalid_api_key"}, defined on its first use.
+            "define_metric",
+            "increment",
             "set_property",
             "send_reply",
             "increment"
         ]
     );
     assert_eq!(host.replies.borrow()[0].status, 401);
+    assert_eq!(
+        host.counter(
+            "tollgate_refusals_total.client=_anonymous.model=_default.reason=invalid_api_key"
+        ),
+        1
+    );
     assert_eq!(
         log_record(&host),
         [("outcome", "unauthorized"), ("reason", "invalid_api_key")]
@@ -432,7 +442,8 @@ fn a_routed_request_and_its_attempt_in_host_calls() {
     assert_eq!(ex.on_request_body(&host, 33, true), Action::Continue);
     let body = host.take_calls();
     println!("headers {headers:?}\nbody {body:?}");
-    assert_eq!((headers.len(), body.len()), (3, 7));
+    // The body's eight include the client's request counter, defined on its first use.
+    assert_eq!((headers.len(), body.len()), (3, 8));
     assert_eq!(
         log_record(&host),
         [

@@ -16,7 +16,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use tollgate_core::headers;
-use tollgate_core::limiter::{CasStore, SetError, StoreError};
+use tollgate_core::host::{CasStore, SetError, StoreError};
 use tollgate_core::request::{self, Decision, Start};
 use tollgate_core::usage::{self, SseUsage};
 use tollgate_core::Config;
