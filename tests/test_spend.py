@@ -236,3 +236,22 @@ def test_local_budgets_refuse_with_insufficient_quota_and_the_sdk_does_not_retry
     month = budgets(gw)["budgets"][0]
     assert (month["money"]["used"], month["money"]["remaining"]) == (10, 0)
     assert budgets(gw)["limiter"] == "local"
+
+
+def test_the_demo_budget_is_reached_by_a_few_large_requests(start_gateway, providers):
+    """The README's demo: the demo client's 0.02 USD a day, prompts of 10 200 characters."""
+    relay, backup = providers
+    demo = harness.render_envoy.plugin_config(harness.render_envoy.load())
+    gw = start_gateway(demo, provider_urls(relay, backup))
+    big = "lorem ipsum " * 850
+    demo_key = "sk-tollgate-demo"
+    statuses = [gw.post(key=demo_key, body=chat_body("gpt-4.1", content=big)).status for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    r = gw.post(key=demo_key, body=chat_body("gpt-4.1", content=big))
+    assert r.json()["error"]["code"] == "insufficient_quota"
+    assert r.header("x-tollgate-budget") == "money-per-day"
+    spent = int(gw.counter("tollgate_spend_micros_total", client="demo", model="gpt-4_1"))
+    r = harness.request(gw.url, "GET", "/v1/tollgate/budgets", [("authorization", f"Bearer {demo_key}")])
+    day = r.json()["budgets"][0]
+    assert (day["money"]["limit"], day["money"]["used"]) == (20_000, spent)
+    assert 15_000 < spent <= 20_000

@@ -378,7 +378,7 @@ impl<'f> Reporter<'f> {
                  budgets): {}",
                 missing.join(", ")
             );
-            self.warn(at, &w, ctx)?;
+            self.warn(None, &w, ctx)?;
         }
         if let LimiterBackend::Local = config.limiter {
             if config.clients.iter().any(|c| {
@@ -387,7 +387,7 @@ impl<'f> Reporter<'f> {
                     .any(|b| b.period > tollgate_core::spend::Period::Minute)
             }) {
                 self.warn(
-                    at,
+                    None,
                     "budgets over an hour or longer with the local limiter start from zero when \
                      Envoy restarts, and each Envoy replica grants the whole budget; use the \
                      Redis limiter for durable budgets",
