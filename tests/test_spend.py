@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
+import subprocess
 import threading
 
 import openai
@@ -182,6 +184,18 @@ def test_a_daily_money_budget_refuses_exactly_at_the_budget_across_two_envoys(
         assert day["requests"]["used"] == 20
     keys = redis.cli("KEYS", f"tollgate:budget:{CLIENT}:day:*:money").split()
     assert len(keys) == 1 and redis.cli("GET", keys[0]) == str(budget)
+
+    # `tollgate spend` reads the same figure from the spend records the root ticks write.
+    def cli_total():
+        r = subprocess.run(
+            [str(harness.ROOT / "target" / "release" / "tollgate"), "spend", "--redis", f"127.0.0.1:{redis.port}",
+             "--password-env", "REDIS_PW", "--window", "day", "--json"],
+            capture_output=True, text=True, timeout=30, env={**os.environ, "REDIS_PW": harness.REDIS_PASSWORD})
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        return out["total_micros"] == budget and out
+    out = harness.wait_until(cli_total, "the spend records to reach Redis", timeout_s=10)
+    assert out["spend"] == [{"client": CLIENT, "model": "gpt-4.1", "micros": budget}]
 
 
 def test_a_budget_survives_an_envoy_restart_with_redis(start_gateway, providers, redis, webdis):
