@@ -169,6 +169,9 @@ def routing_plugin(clients: list[dict], providers: list[dict], models: list[dict
     if default_provider:
         plugin["default_provider"] = default_provider
     plugin["limiter"] = {"backend": "local"}
+    if any(c.get("budgets") for c in clients):
+        # The demo's daily budget: the local limiter starts it again when Envoy restarts.
+        plugin["limiter"]["budgets_on_restart"] = "reset"
     if limiter == "redis":
         plugin["limiter"] = {"backend": "redis", "cluster": "webdis", "timeout_ms": 100,
                              "on_error": "local", "basic_auth_env": WEBDIS_AUTH_ENV}

@@ -233,7 +233,8 @@ def test_the_budget_endpoint_agrees_with_the_metrics_after_settlement(start_gate
 
 def test_local_budgets_refuse_with_insufficient_quota_and_the_sdk_does_not_retry(start_gateway, providers):
     relay, backup = providers
-    cfg = plugin(budgets=[{"window": "month", "money": 0.00001}], prices=cheap_prices())
+    cfg = plugin(budgets=[{"window": "month", "money": 0.00001}], prices=cheap_prices(),
+                 limiter={"backend": "local", "budgets_on_restart": "reset"})
     gw = start_gateway(cfg, provider_urls(relay, backup))
     c = sdk(gw, retries=2)
     for _ in range(2):

@@ -380,21 +380,6 @@ impl<'f> Reporter<'f> {
             );
             self.warn(None, &w, ctx)?;
         }
-        if let LimiterBackend::Local = config.limiter {
-            if config.clients.iter().any(|c| {
-                c.budgets
-                    .iter()
-                    .any(|b| b.period > tollgate_core::spend::Period::Minute)
-            }) {
-                self.warn(
-                    None,
-                    "budgets over an hour or longer with the local limiter start from zero when \
-                     Envoy restarts, and each Envoy replica grants the whole budget; use the \
-                     Redis limiter for durable budgets",
-                    ctx,
-                )?;
-            }
-        }
         let n = config.clients.len();
         writeln!(
             ctx.out,

@@ -312,13 +312,21 @@ pub fn unpriced(config: &Config) -> Vec<String> {
                 (Some(m), _) => m.clone(),
                 (None, false) => rule.pattern.as_str().to_string(),
                 (None, true) => format!(
-                    "{} (a glob: priced only where prices names the model)",
+                    "{} (a glob: no price names a model it matches)",
                     rule.pattern.as_str()
                 ),
             };
             let name = billed.split(' ').next().unwrap_or_default();
-            let unpriced =
-                (rule.pattern.is_glob() && t.model.is_none()) || config.prices.find(name).is_none();
+            // A glob is unpriced when no price in the table is one of the names it matches.
+            let unpriced = if rule.pattern.is_glob() && t.model.is_none() {
+                !config
+                    .prices
+                    .models
+                    .iter()
+                    .any(|p| rule.pattern.matches(&p.model))
+            } else {
+                config.prices.find(name).is_none()
+            };
             if unpriced && !out.contains(&billed) {
                 out.push(billed);
             }
@@ -414,9 +422,9 @@ fn budgets(s: &Subject, out: &mut Vec<String>) {
         .any(|c| c.budgets.iter().any(|b| b.period > Period::Minute));
     match (&s.config.limiter, long) {
         (LimiterBackend::Local, true) => out.push(
-            "  with the local limiter, budgets live in this Envoy's shared data: a restart of \
-             Envoy starts every window from zero, and each replica grants the whole budget \
-             (use the Redis limiter for durable, shared budgets)"
+            "  with the local limiter (limiter.budgets_on_restart: reset), budgets live in this \
+             Envoy's shared data: a restart of Envoy starts every window from zero, and each \
+             replica grants the whole budget (use the Redis limiter for durable, shared budgets)"
                 .into(),
         ),
         (LimiterBackend::Redis(_), _) => out.push(

@@ -563,6 +563,11 @@ fn a_daily_money_budget_refuses_exactly_at_the_budget_with_no_extra_host_call() 
     let budgeted = plain.replace(
         r#""models":["gpt-4.1","fast"]"#,
         r#""models":["gpt-4.1","fast"],"budgets":[{"window":"day","money":0.00005},{"window":"month","requests":1000,"tokens":100000}]"#,
+    )
+    .replacen(
+        r#""providers""#,
+        r#""limiter":{"backend":"local","budgets_on_restart":"reset"},"providers""#,
+        1,
     );
     let host = FakeHost::new(NOW, &[]);
     let gw_plain = gateway(&host, &plain);

@@ -33,7 +33,8 @@ use self::clients::{compile_clients, Defaults, RawClient};
 pub use self::clients::{Client, DEFAULT_REQUESTS_PER_MINUTE, MAX_CLIENT_NAME_LEN, MAX_PER_MINUTE};
 use self::limiter::{compile_limiter, RawLimiter};
 pub use self::limiter::{
-    LimiterBackend, OnError, RedisLimiter, DEFAULT_REDIS_TIMEOUT_MS, MAX_REDIS_TIMEOUT_MS,
+    LimiterBackend, OnError, OnRestart, RedisLimiter, DEFAULT_REDIS_TIMEOUT_MS,
+    MAX_REDIS_TIMEOUT_MS,
 };
 use self::prices::{check_offset, compile_prices, RawPrice};
 pub use self::prices::{MAX_MONEY_BUDGET, MAX_PRICE_PER_MILLION};
@@ -130,6 +131,8 @@ pub struct Config {
     pub prices: Prices,
     /// Budgets' days, weeks and months start at midnight of UTC plus this many minutes.
     pub budget_utc_offset_minutes: i32,
+    /// `limiter.budgets_on_restart`: set when the local limiter holds budgets of an hour or more.
+    pub budgets_on_restart: Option<OnRestart>,
 }
 
 /// One provider for everything, or routing by model.
@@ -360,10 +363,31 @@ fn compile(
             }
         }
     }
+    let on_restart = raw.limiter.as_ref().and_then(|l| l.budgets_on_restart);
     let limiter = match raw.limiter {
         None => LimiterBackend::Local,
         Some(l) => compile_limiter(l, env)?,
     };
+    // The local limiter's counts live in the Envoy process: a budget longer than a process may
+    // live is accepted only when the configuration says what a restart does to it.
+    if limiter == LimiterBackend::Local && on_restart.is_none() {
+        let long = clients.iter().enumerate().find_map(|(i, c)| {
+            c.budgets
+                .iter()
+                .position(|b| b.period > crate::spend::Period::Minute)
+                .map(|j| (i, c.budgets.get(j).map_or("", |b| b.period.as_str())))
+        });
+        if let Some((i, period)) = long {
+            return Err(ConfigError::new(
+                format!("clients[{i}].budgets"),
+                format!(
+                    "a budget per {period} with the local limiter starts from zero when Envoy \
+                     restarts: set limiter.budgets_on_restart to \"reset\" to accept that, or \
+                     use the Redis limiter"
+                ),
+            ));
+        }
+    }
     let cache = compile_cache(
         rule_caches,
         client_caches,
@@ -383,6 +407,7 @@ fn compile(
         forward_headers,
         prices,
         budget_utc_offset_minutes,
+        budgets_on_restart: on_restart,
     })
 }
 

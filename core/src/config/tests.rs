@@ -594,11 +594,23 @@ fn prices_and_budgets_are_validated() {
     );
     assert!(err(&single).starts_with("prices: prices need model routing"));
 
+    // The local limiter takes budgets of an hour or more only when told what a restart does.
+    let budgets = r#","budgets":[{"window":"month","money":100.25,"requests":5},{"window":"day","tokens":1000}]"#;
+    assert!(err(&routed(budgets, "")).starts_with(
+        "clients[0].budgets: a budget per day with the local limiter starts from zero when Envoy restarts"
+    ));
+    assert!(parse(&routed(r#","budgets":[{"window":"minute","money":1}]"#, "")).is_ok());
+    assert!(err(&routed(
+        "",
+        r#","limiter":{"backend":"redis","cluster":"w","budgets_on_restart":"reset"}"#
+    ))
+    .starts_with("limiter.budgets_on_restart: only valid with"));
     let c = parse(&routed(
-        r#","budgets":[{"window":"month","money":100.25,"requests":5},{"window":"day","tokens":1000}]"#,
-        r#","budget_utc_offset_minutes":60"#,
+        budgets,
+        r#","budget_utc_offset_minutes":60,"limiter":{"backend":"local","budgets_on_restart":"reset"}"#,
     ))
     .unwrap();
+    assert_eq!(c.budgets_on_restart, Some(OnRestart::Reset));
     let b = &c.clients[0].budgets;
     assert_eq!(b.len(), 2);
     assert_eq!(
@@ -608,7 +620,12 @@ fn prices_and_budgets_are_validated() {
     );
     assert_eq!(b[1].limit(crate::spend::Measure::Money), Some(100_250_000));
     assert_eq!(c.budget_utc_offset_minutes, 60);
-    let bad_budget = |b: &str| err(&routed(&format!(r#","budgets":[{b}]"#), ""));
+    let bad_budget = |b: &str| {
+        err(&routed(
+            &format!(r#","budgets":[{b}]"#),
+            r#","limiter":{"backend":"local","budgets_on_restart":"reset"}"#,
+        ))
+    };
     assert!(bad_budget(r#"{"window":"year","money":1}"#)
         .starts_with("clients[0].budgets[0].window: expected one of"));
     assert!(
