@@ -169,6 +169,9 @@ def routing_plugin(clients: list[dict], providers: list[dict], models: list[dict
     if default_provider:
         plugin["default_provider"] = default_provider
     plugin["limiter"] = {"backend": "local"}
+    if any(c.get("budgets") for c in clients):
+        # The demo's daily budget: the local limiter starts it again when Envoy restarts.
+        plugin["limiter"]["budgets_on_restart"] = "reset"
     if limiter == "redis":
         plugin["limiter"] = {"backend": "redis", "cluster": "webdis", "timeout_ms": 100,
                              "on_error": "local", "basic_auth_env": WEBDIS_AUTH_ENV}
@@ -179,11 +182,16 @@ def bootstrap(providers: list[dict], *, models: list[dict] = ALL_MODELS, default
               limiter: str = "redis", webdis_host: str = "webdis", clients: list[dict] | None = None) -> dict:
     """The container bootstrap: envoy/demo.yaml with these providers, container addresses and paths."""
     cfg = render_envoy.load()
+    demo_clients = clients is None
     if clients is None:
         clients = render_envoy.plugin_config(cfg)["clients"]
     if default_provider == "first":
         default_provider = providers[0]["name"]
     plugin = routing_plugin(clients, providers, models, default_provider, limiter)
+    if not demo_clients:
+        # The demo's prices belong to the demo's models and client budget (docs/spend.md).
+        for field in ("currency", "prices"):
+            plugin.pop(field, None)
     # configure_routing keeps the clusters it does not own: drop the demo's provider clusters.
     demo_clusters = {p["cluster"] for p in render_envoy.plugin_config(cfg).get("providers", [])}
     cfg["static_resources"]["clusters"] = [c for c in _clusters(cfg) if c["name"] not in demo_clusters]

@@ -34,6 +34,7 @@ MODELS = {
     ("networking.istio.io/v1", "ServiceEntry"): "cloudcoil.models.istio.networking.v1",
     ("networking.istio.io/v1", "DestinationRule"): "cloudcoil.models.istio.networking.v1",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "cloudcoil.models.prometheus_operator.v1",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "cloudcoil.models.prometheus_operator.v1",
 }
 
 # No Python models exist for Envoy Gateway or the Gateway API: these trees list the fields

@@ -218,7 +218,8 @@ class MockProvider:
     def rule(self, match: str = "", *, method: str | None = None, status: int | None = None,
              error_body: str | None = None, delay_ms: int | None = None, chunk_delay_ms: int | None = None,
              abort_after: int | None = None, headers: list[tuple[str, str]] | None = None,
-             times: int | None = None) -> dict:
+             times: int | None = None, cached_tokens: int | None = None,
+             reasoning_tokens: int | None = None) -> dict:
         """Add a rule; returns it as stored (with its `id`, `times` left and `hits`). The first
         rule (oldest first) whose `match` occurs in a request's path or body, with `method` if
         given and uses left, decides that request. `times` bounds how many requests it takes
@@ -226,7 +227,8 @@ class MockProvider:
         request body, so concurrent tests never take each other's rules."""
         spec = {"match": match, "method": method, "status": status, "error_body": error_body,
                 "delay_ms": delay_ms, "chunk_delay_ms": chunk_delay_ms, "abort_after": abort_after,
-                "headers": [list(h) for h in headers] if headers else None, "times": times}
+                "headers": [list(h) for h in headers] if headers else None, "times": times,
+                "cached_tokens": cached_tokens, "reasoning_tokens": reasoning_tokens}
         return self._control("POST", "/__mock/rules", {k: v for k, v in spec.items() if v is not None},
                              expect=201).json()
 

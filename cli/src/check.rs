@@ -371,6 +371,15 @@ impl<'f> Reporter<'f> {
         {
             self.warn(None, &w, ctx)?;
         }
+        let missing = explain::unpriced(config);
+        if !config.prices.models.is_empty() && !missing.is_empty() {
+            let w = format!(
+                "models without a price are counted in tokens only (and are free for money \
+                 budgets): {}",
+                missing.join(", ")
+            );
+            self.warn(None, &w, ctx)?;
+        }
         let n = config.clients.len();
         writeln!(
             ctx.out,

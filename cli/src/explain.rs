@@ -13,6 +13,7 @@ use tollgate_core::config::{
     DEFAULT_REQUESTS_PER_MINUTE,
 };
 use tollgate_core::routing::{Pattern, Routing};
+use tollgate_core::spend::{format_micros, Measure, Period};
 use tollgate_core::Config;
 
 use crate::check::{EnvSource, EnvUse};
@@ -38,6 +39,8 @@ const SECTIONS: &[Section] = &[
     providers,
     model_routes,
     limiter,
+    prices,
+    budgets,
     cache,
 ];
 
@@ -293,6 +296,144 @@ fn redis(s: &Subject, r: &RedisLimiter, out: &mut Vec<String>) {
     out.push(format!(
         "  on_error    when Redis cannot answer, a request is {on_error}"
     ));
+}
+
+/// The models requests can be billed as that have no price (counted in tokens only): each
+/// rule's targets' upstream names, or the rule's own name when it is exact; a glob rule
+/// without an upstream name bills whatever matches, priced only where the table names it.
+pub fn unpriced(config: &Config) -> Vec<String> {
+    let Mode::Routed(r) = &config.mode else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = Vec::new();
+    for rule in &r.rules {
+        for t in &rule.targets {
+            let billed = match (&t.model, rule.pattern.is_glob()) {
+                (Some(m), _) => m.clone(),
+                (None, false) => rule.pattern.as_str().to_string(),
+                (None, true) => format!(
+                    "{} (a glob: no price names a model it matches)",
+                    rule.pattern.as_str()
+                ),
+            };
+            let name = billed.split(' ').next().unwrap_or_default();
+            // A glob is unpriced when no price in the table is one of the names it matches.
+            let unpriced = if rule.pattern.is_glob() && t.model.is_none() {
+                !config
+                    .prices
+                    .models
+                    .iter()
+                    .any(|p| rule.pattern.matches(&p.model))
+            } else {
+                config.prices.find(name).is_none()
+            };
+            if unpriced && !out.contains(&billed) {
+                out.push(billed);
+            }
+        }
+    }
+    out
+}
+
+fn prices(s: &Subject, out: &mut Vec<String>) {
+    let p = &s.config.prices;
+    if p.models.is_empty() {
+        if routing(s).is_some() {
+            out.push("prices: none (spend is not counted; money budgets cannot be met)".into());
+        }
+        return;
+    }
+    out.push(format!(
+        "prices ({}), in {} per million tokens (input / cached input / output); spend is counted \
+         in micro-units of {} per client and model (tollgate_spend_micros_total):",
+        p.models.len(),
+        p.currency,
+        p.currency
+    ));
+    let width = p.models.iter().map(|m| m.model.len()).max().unwrap_or(0);
+    for m in &p.models {
+        out.push(format!(
+            "  {:<width$}  {} / {} / {}",
+            m.model,
+            format_micros(m.input),
+            format_micros(m.cached_input),
+            format_micros(m.output)
+        ));
+    }
+    let missing = unpriced(s.config);
+    if !missing.is_empty() {
+        out.push(format!(
+            "  without a price (counted in tokens only, free for money budgets): {}",
+            missing.join(", ")
+        ));
+    }
+}
+
+fn budgets(s: &Subject, out: &mut Vec<String>) {
+    let with: Vec<_> = s
+        .config
+        .clients
+        .iter()
+        .filter(|c| !c.budgets.is_empty())
+        .collect();
+    if with.is_empty() {
+        return;
+    }
+    let offset = s.config.budget_utc_offset_minutes;
+    let zone = if offset == 0 {
+        "UTC".to_string()
+    } else {
+        format!(
+            "UTC{}{:02}:{:02}",
+            if offset < 0 { '-' } else { '+' },
+            offset.abs() / 60,
+            offset.abs() % 60
+        )
+    };
+    out.push(format!(
+        "budgets ({} clients), reserved at admission and settled to the reported usage; days, \
+         ISO weeks (from Monday) and calendar months start at midnight {zone}:",
+        with.len()
+    ));
+    let currency = &s.config.prices.currency;
+    for c in with {
+        let parts: Vec<String> = c
+            .budgets
+            .iter()
+            .map(|b| {
+                let limits: Vec<String> = Measure::ALL
+                    .iter()
+                    .filter_map(|&m| {
+                        b.limit(m).map(|v| match m {
+                            Measure::Money => format!("{} {currency}", format_micros(v)),
+                            other => format!("{v} {}", other.as_str()),
+                        })
+                    })
+                    .collect();
+                format!("{} per {}", limits.join(" + "), b.period.as_str())
+            })
+            .collect();
+        out.push(format!("  {}: {}", c.name, parts.join("; ")));
+    }
+    let long = s
+        .config
+        .clients
+        .iter()
+        .any(|c| c.budgets.iter().any(|b| b.period > Period::Minute));
+    match (&s.config.limiter, long) {
+        (LimiterBackend::Local, true) => out.push(
+            "  with the local limiter (limiter.budgets_on_restart: reset), budgets live in this \
+             Envoy's shared data: a restart of Envoy starts every window from zero, and each \
+             replica grants the whole budget (use the Redis limiter for durable, shared budgets)"
+                .into(),
+        ),
+        (LimiterBackend::Redis(_), _) => out.push(
+            "  counted in Redis, shared by every replica and kept across Envoy restarts (as \
+             durable as Redis's persistence)"
+                .into(),
+        ),
+        _ => {}
+    }
 }
 
 fn cache_settings(c: &Settings) -> String {

@@ -3,7 +3,8 @@
 //! - `tollgate keys new`: a new client key and its config entry (the key's digest only);
 //! - `tollgate keys hash`: the digests of an existing key, read from standard input;
 //! - `tollgate keys add | revoke | rotate FILE`: a client's keys edited in a configuration file;
-//! - `tollgate config check`: the filter's parser on a plugin configuration or an Envoy bootstrap.
+//! - `tollgate config check`: the filter's parser on a plugin configuration or an Envoy bootstrap;
+//! - `tollgate spend`: spend per client and model in a day, week or month, from Redis.
 //!
 //! Exit codes: 0 success, 1 an invalid configuration or a refused key, 2 a usage or I/O error.
 
@@ -13,6 +14,7 @@ mod edit;
 mod envoy;
 mod explain;
 mod keys;
+mod spend;
 
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -226,6 +228,41 @@ Exit codes: 0 valid, 1 invalid, 2 usage or I/O error.",
         opts: &[flag("explain"), flag("strict-env"), flag("timings")],
         run: check::run,
     },
+    // One word: `tollgate spend`.
+    Command {
+        words: ["spend", ""],
+        usage: "tollgate spend [--redis HOST:PORT] [--password-env VAR] [--window day|week|month] [--date YYYY-MM-DD] [--utc-offset-minutes N] [--client NAME] [--currency CODE] [--json]",
+        help: "\
+Prints what each client spent on each model in one window, from the spend records the Redis
+limiter keeps (`tollgate:spend:<day>:<client>:<model>`, micro-units, written by every Envoy as
+its responses end; kept about 400 days). Only configurations with the Redis limiter and prices
+write them.
+
+Options:
+  --redis HOST:PORT         Redis (not Webdis); default 127.0.0.1:6379
+  --password-env VAR        send AUTH with the password in this environment variable
+  --window day|week|month   the window (ISO weeks start on Monday); default month
+  --date YYYY-MM-DD         a day in the window; default today
+  --utc-offset-minutes N    the configuration's budget_utc_offset_minutes (days are counted in
+                            that time zone); default 0
+  --client NAME             only this client
+  --currency CODE           the configuration's currency, for the heading; default USD
+  --json                    one JSON object: window, from, to, currency, spend [{client, model,
+                            micros}], total_micros
+
+Exit codes: 0 done, 2 usage error or Redis unreachable.",
+        opts: &[
+            value("redis", "HOST:PORT"),
+            value("password-env", "VAR"),
+            value("window", "W"),
+            value("date", "YYYY-MM-DD"),
+            value("utc-offset-minutes", "N"),
+            value("client", "NAME"),
+            value("currency", "CODE"),
+            flag("json"),
+        ],
+        run: spend::run,
+    },
 ];
 
 fn top_help() -> String {
@@ -282,8 +319,9 @@ fn report(failure: &Failure, command: Option<&Command>, ctx: &mut Ctx) -> io::Re
             match command {
                 Some(c) => writeln!(
                     ctx.err,
-                    "Usage: {}\n`tollgate {} {} --help` tells more.",
-                    c.usage, c.words[0], c.words[1]
+                    "Usage: {}\n`{} --help` tells more.",
+                    c.usage,
+                    format!("tollgate {} {}", c.words[0], c.words[1]).trim_end()
                 ),
                 None => write!(ctx.err, "{}", top_help()),
             }
@@ -318,7 +356,22 @@ fn dispatch(args: &[String], ctx: &mut Ctx) -> Dispatched {
                 None,
             )),
         },
+        ["help", "spend"] => match find("spend", "") {
+            Some(c) => print(ctx, &command_help(c)),
+            None => Err((Failure::Usage("no such command".into()), None)),
+        },
         ["help", ..] => Err((Failure::Usage("no such command".into()), None)),
+        ["spend", ..] => {
+            let Some(c) = find("spend", "") else {
+                return Err((Failure::Usage("no command \"spend\"".into()), None));
+            };
+            let rest = args.get(1..).unwrap_or_default();
+            let parsed = args::parse(rest, c.opts).map_err(|m| (Failure::Usage(m), Some(c)))?;
+            if parsed.help {
+                return print(ctx, &command_help(c));
+            }
+            (c.run)(&parsed, ctx).map_err(|f| (f, Some(c)))
+        }
         [group, "-h" | "--help"] if is_group(group) => print(ctx, &group_help(group)),
         [group] if is_group(group) => Err((
             Failure::Usage(format!("\"{group}\" needs a subcommand")),

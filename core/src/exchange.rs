@@ -112,6 +112,10 @@ pub struct Exchange {
     strip_usage_chunk: bool,
     /// Tokens reserved at admission, settled when the exchange ends.
     tokens: Option<TokenReservation>,
+    /// What the request holds of its client's budgets, settled when the exchange ends.
+    budgets: Option<request::BudgetReservation>,
+    /// The price the response is charged at, and the request's estimate.
+    price: Option<(crate::spend::PriceId, request::Estimate)>,
     /// When the request's headers arrived (Unix ms).
     started_ms: Option<u64>,
     used: Option<Usage>,
@@ -146,6 +150,8 @@ impl Exchange {
             usage: None,
             strip_usage_chunk: false,
             tokens: None,
+            budgets: None,
+            price: None,
             started_ms: None,
             used: None,
             succeeded: false,
@@ -431,6 +437,8 @@ impl Exchange {
                 self.client = client;
                 self.rule = forward.rule;
                 self.tokens = forward.tokens;
+                self.budgets = forward.budgets;
+                self.price = forward.price.map(|p| (p, forward.estimate));
                 self.strip_usage_chunk = forward.strip_usage_chunk;
                 self.log.cache = self.cache_header;
                 self.write_log(h);
@@ -650,7 +658,8 @@ impl Exchange {
         self.rule = rule;
         self.window = forward.window;
         self.tokens = forward.tokens;
-        // Settled in on_log: zero tokens used.
+        self.budgets = forward.budgets;
+        // Settled in on_log: zero tokens used (and, unpriced here, no money).
         self.used = Some(Usage::default());
         self.succeeded = true;
         self.log.cache = Some("hit");
@@ -853,6 +862,7 @@ impl Exchange {
             gw.count_request(h, wait.client, wait.outcome);
             self.client = wait.client;
             self.tokens = wait.forward.tokens;
+            self.budgets = wait.forward.budgets;
         }
         // No response headers (client gone, stream reset): the attempts made still count.
         self.count_attempts(h, &gw);
@@ -871,9 +881,6 @@ impl Exchange {
         if let (Some(_), Some(start), Ok(now)) = (self.client, self.started_ms, h.now_ms()) {
             gw.record_timing(h, self.rule, false, now.saturating_sub(start));
         }
-        let (Some(client), Some(t)) = (self.client, self.tokens.take()) else {
-            return;
-        };
         // A stream cut off before its end still has its reader: count what it delivered.
         let stream_chunks = match &self.usage {
             Some(UsageReader::Sse(sse)) => Some(sse.chunks),
@@ -886,9 +893,41 @@ impl Exchange {
             stream_chunks,
             succeeded: self.succeeded,
         };
-        match request::settle_tokens(&gw.config, client, &t, delivered, h) {
-            Ok(None) => {}
-            Ok(Some((key, delta))) => gw.queue_settlement(h, key, delta),
+        let mut cost = 0;
+        if let (Some(client), Some((price, estimate))) = (self.client, self.price.take()) {
+            if let Some(p) = gw.config.prices.get(price) {
+                cost = request::charge_money(p, estimate, self.used.as_ref(), delivered);
+                gw.count_spend(h, client, price, cost);
+                let started = self.started_ms.unwrap_or_default();
+                if let Some((key, n)) =
+                    request::spend_record(&gw.config, client, price, cost, started)
+                {
+                    gw.queue_settlement(h, key, n);
+                }
+            }
+        }
+        let (tokens, budgets) = (self.tokens.take(), self.budgets.take());
+        let Some(client) = self
+            .client
+            .filter(|_| tokens.is_some() || budgets.is_some())
+        else {
+            return;
+        };
+        let settled = request::settle(
+            &gw.config,
+            client,
+            tokens.as_ref(),
+            budgets.as_ref(),
+            delivered,
+            cost,
+            h,
+        );
+        match settled {
+            Ok(adjustments) => {
+                for (key, delta) in adjustments {
+                    gw.queue_settlement(h, key, delta);
+                }
+            }
             Err(e) => {
                 warn!(
                     "cannot settle token usage ({}); the estimate stays counted",

@@ -68,6 +68,8 @@ pub struct Gateway {
     /// `tollgate_tokens_total` ids, defined on first use: the label set is bounded by the
     /// configuration, but defining every combination up front would not be.
     tokens: RefCell<HashMap<TokenSeries, u32>>,
+    /// `tollgate_spend_micros_total` ids by (client, price), defined on first use.
+    spend: RefCell<HashMap<(usize, usize), u32>>,
     /// `tollgate_refusals_total` ids, defined on first use.
     refusals: RefCell<HashMap<RefusalSeries, u32, FastHash>>,
     /// Histogram ids by (rule, first-byte?), defined on first use.
@@ -116,6 +118,7 @@ impl Gateway {
             metrics,
             attempts,
             tokens: RefCell::new(HashMap::new()),
+            spend: RefCell::new(HashMap::new()),
             refusals: RefCell::new(HashMap::default()),
             timings: RefCell::new(HashMap::new()),
             settlements: RefCell::new(Settlements::default()),
@@ -128,12 +131,14 @@ impl Gateway {
     /// The root context's timer period, when this configuration needs one (Redis cache
     /// stores, Redis token settlements).
     pub fn tick_period_ms(&self) -> Option<u32> {
+        // Token and budget settlements, and spend records for `tollgate spend`.
         let redis_tokens = matches!(self.config.limiter, LimiterBackend::Redis(_))
-            && self
-                .config
-                .clients
-                .iter()
-                .any(|c| c.tokens_per_minute.is_some());
+            && (!self.config.prices.models.is_empty()
+                || self
+                    .config
+                    .clients
+                    .iter()
+                    .any(|c| c.tokens_per_minute.is_some() || !c.budgets.is_empty()));
         (self.config.cache.uses(Backend::Redis) || redis_tokens).then_some(ROOT_TICK_MS)
     }
 
@@ -261,6 +266,25 @@ impl Gateway {
         });
         if let Some(id) = id {
             host.increment(id, n);
+        }
+    }
+
+    /// Adds a response's cost (micro-units) to `tollgate_spend_micros_total`.
+    pub fn count_spend(&self, host: &dyn Host, client: usize, price: usize, micros: u64) {
+        if micros == 0 {
+            return;
+        }
+        let id = lazy_metric(&self.spend, (client, price), || {
+            let name = self.config.client(client).map_or("", |c| c.name.as_str());
+            let model = self
+                .config
+                .prices
+                .get(price)
+                .map_or("", |p| p.model.as_str());
+            host.define_counter(&metrics::spend_micros_total(name, model))
+        });
+        if let Some(id) = id {
+            host.increment(id, micros);
         }
     }
 

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod openai;
 pub mod request;
 pub mod routing;
+pub mod spend;
 pub mod types;
 pub mod upstream;
 pub mod usage;

@@ -13,11 +13,17 @@
 
 use crate::config::Client;
 use crate::host::{CasStore, SetError, StoreError};
+use crate::spend::{Measure, Period};
 
 /// Version byte of the stored record, so a future layout change cannot be misread.
 const RECORD_VERSION: u8 = 2;
 /// Version, window, requests counted, tokens counted.
 const RECORD_LEN: usize = 25;
+
+/// Version byte of a record that also holds budget slots (after the 24 bytes of the minute).
+const RECORD_VERSION_BUDGETS: u8 = 3;
+/// A budget slot: period tag, window number, requests, tokens, money (micro-units).
+const SLOT_LEN: usize = 33;
 
 /// Attempts of the read-compute-write loop before giving up (see [`LimiterError::Contention`]).
 /// A conflict means another worker's write succeeded, so every retry follows progress elsewhere;
@@ -80,20 +86,57 @@ pub fn budget_key(client: &Client) -> String {
     format!("{BUDGET_KEY_PREFIX}{}", client.name)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct Record {
     window: u64,
     requests: u64,
     tokens: u64,
+    /// The budgets' windows, one per period (a period no longer configured is dropped on the
+    /// next write; one newly configured starts empty).
+    slots: Vec<Slot>,
+}
+
+/// What a client used in one window of a budget's period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// The period.
+    pub period: Period,
+    /// The window's number ([`Period::window`]).
+    pub window: u64,
+    /// Used per [`Measure::index`]: requests, tokens, money (micro-units).
+    pub used: [u64; 3],
+}
+
+impl Slot {
+    /// What was used of one measure.
+    pub fn used(&self, m: Measure) -> u64 {
+        self.used.get(m.index()).copied().unwrap_or(0)
+    }
+}
+
+fn le(bytes: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
 }
 
 impl Record {
-    fn encode(self) -> [u8; RECORD_LEN] {
-        let mut out = [0u8; RECORD_LEN];
-        out[0] = RECORD_VERSION;
-        out[1..9].copy_from_slice(&self.window.to_le_bytes());
-        out[9..17].copy_from_slice(&self.requests.to_le_bytes());
-        out[17..25].copy_from_slice(&self.tokens.to_le_bytes());
+    /// Without budget slots, the version-2 layout, byte for byte.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(RECORD_LEN + self.slots.len() * SLOT_LEN);
+        out.push(if self.slots.is_empty() {
+            RECORD_VERSION
+        } else {
+            RECORD_VERSION_BUDGETS
+        });
+        out.extend_from_slice(&self.window.to_le_bytes());
+        out.extend_from_slice(&self.requests.to_le_bytes());
+        out.extend_from_slice(&self.tokens.to_le_bytes());
+        for s in &self.slots {
+            out.push(s.period.tag());
+            out.extend_from_slice(&s.window.to_le_bytes());
+            for u in s.used {
+                out.extend_from_slice(&u.to_le_bytes());
+            }
+        }
         out
     }
 
@@ -101,16 +144,30 @@ impl Record {
     /// stays available and the next write replaces it with a good record.
     fn decode(bytes: &[u8]) -> Option<Self> {
         let (&version, rest) = bytes.split_first()?;
-        if version != RECORD_VERSION || rest.len() != RECORD_LEN - 1 {
-            return None;
-        }
-        let field = |at: usize| -> Option<u64> {
-            Some(u64::from_le_bytes(rest.get(at..at + 8)?.try_into().ok()?))
+        let slots_bytes = match version {
+            RECORD_VERSION if rest.len() == RECORD_LEN - 1 => &[][..],
+            RECORD_VERSION_BUDGETS
+                if rest.len() >= RECORD_LEN - 1
+                    && (rest.len() - (RECORD_LEN - 1)) % SLOT_LEN == 0 =>
+            {
+                rest.get(RECORD_LEN - 1..)?
+            }
+            _ => return None,
         };
+        let mut slots = Vec::with_capacity(slots_bytes.len() / SLOT_LEN);
+        for slot in slots_bytes.chunks_exact(SLOT_LEN) {
+            let (&tag, fields) = slot.split_first()?;
+            slots.push(Slot {
+                period: Period::from_tag(tag)?,
+                window: le(fields, 0)?,
+                used: [le(fields, 8)?, le(fields, 16)?, le(fields, 24)?],
+            });
+        }
         Some(Self {
-            window: field(0)?,
-            requests: field(8)?,
-            tokens: field(16)?,
+            window: le(rest, 0)?,
+            requests: le(rest, 8)?,
+            tokens: le(rest, 16)?,
+            slots,
         })
     }
 
@@ -118,22 +175,101 @@ impl Record {
     fn in_window(current: Option<Self>, window: u64) -> Self {
         match current {
             Some(r) if r.window == window => r,
-            _ => Self {
+            Some(r) => Self {
+                window,
+                slots: r.slots,
+                ..Self::default()
+            },
+            None => Self {
                 window,
                 ..Self::default()
             },
         }
     }
+
+    /// What was used in `window` of `period` (zero for another window).
+    fn slot(&self, period: Period, window: u64) -> Slot {
+        self.slots
+            .iter()
+            .find(|s| s.period == period && s.window == window)
+            .copied()
+            .unwrap_or(Slot {
+                period,
+                window,
+                used: [0; 3],
+            })
+    }
+}
+
+/// A client's budgets as the local limiter counted them, for the budget endpoint: the slot of
+/// each period in its current window (`windows`: period and window number), empty where the
+/// record has an older window or none.
+pub fn read_slots(
+    store: &dyn CasStore,
+    key: &str,
+    windows: &[(Period, u64)],
+) -> Result<Vec<Slot>, LimiterError> {
+    Ok(read_usage(store, key, 0, windows)?.1)
+}
+
+/// The requests and tokens counted in minute `window` and the budgets' slots ([`read_slots`]),
+/// in one read.
+pub fn read_usage(
+    store: &dyn CasStore,
+    key: &str,
+    window: u64,
+    windows: &[(Period, u64)],
+) -> Result<((u64, u64), Vec<Slot>), LimiterError> {
+    let (current, _) = read(store, key)?;
+    let r = current.unwrap_or_default();
+    let minute = if r.window == window {
+        (r.requests, r.tokens)
+    } else {
+        (0, 0)
+    };
+    Ok((minute, windows.iter().map(|&(p, w)| r.slot(p, w)).collect()))
+}
+
+/// One budget of a check: its window and, per measure, the limit and this request's cost
+/// (every measure is counted; only those with a limit can refuse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetAsk {
+    /// The period.
+    pub period: Period,
+    /// The current window's number.
+    pub window: u64,
+    /// Milliseconds until the window ends (for a refusal's reset).
+    pub reset_ms: u64,
+    /// Limits per [`Measure::index`].
+    pub limits: [Option<u64>; 3],
+    /// Costs per [`Measure::index`]: 1 request, the token estimate, the money reservation.
+    pub costs: [u64; 3],
+}
+
+/// A budget that refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exceeded {
+    /// The budget's period.
+    pub period: Period,
+    /// What ran out.
+    pub measure: Measure,
+    /// The limit, the remaining amount and the reset.
+    pub window: Window,
+    /// What the request asked for.
+    pub asked: u64,
 }
 
 /// What one budget check asks: a request against `requests` (the limit, if any) and a token
-/// reservation `(limit, cost)` (if the client has a token limit).
+/// reservation `(limit, cost)` (if the client has a token limit), and the client's budgets over
+/// longer windows, all in the same record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ask {
+pub struct Ask<'a> {
     /// The request limit of the window.
     pub requests: Option<u64>,
     /// The token limit and this request's estimate.
     pub tokens: Option<(u64, u64)>,
+    /// The budgets (see [`BudgetAsk`]).
+    pub budgets: &'a [BudgetAsk],
 }
 
 /// The answer to an [`Ask`].
@@ -150,6 +286,8 @@ pub enum Budget {
     OverTokens(Window),
     /// Over the request limit; nothing counted.
     OverRequests(Window),
+    /// Over a budget of a longer window; nothing counted.
+    OverBudget(Exceeded),
 }
 
 /// Checks a request against both of a client's budgets in one read and one compare-and-swap:
@@ -165,7 +303,38 @@ pub fn check_budget(
     for _ in 0..CAS_ATTEMPTS {
         let (current, cas) = read(store, key)?;
         let r = Record::in_window(current, window);
-        let mut next = r;
+        let mut next = r.clone();
+        // The longer budgets first: a refusal there is the one a client cannot wait out.
+        let mut slots = Vec::with_capacity(ask.budgets.len());
+        for b in ask.budgets.iter().rev() {
+            let mut slot = r.slot(b.period, b.window);
+            for m in Measure::ALL {
+                let i = m.index();
+                let (used, cost) = (slot.used(m), b.costs.get(i).copied().unwrap_or(0));
+                if let Some(limit) = b.limits.get(i).copied().flatten() {
+                    if used.saturating_add(cost.max(1)) > limit {
+                        return Ok(Budget::OverBudget(Exceeded {
+                            period: b.period,
+                            measure: m,
+                            window: Window {
+                                limit,
+                                remaining: limit.saturating_sub(used),
+                                reset_ms: b.reset_ms,
+                            },
+                            asked: cost,
+                        }));
+                    }
+                }
+                if let Some(u) = slot.used.get_mut(i) {
+                    *u = used.saturating_add(cost);
+                }
+            }
+            slots.push(slot);
+        }
+        if !ask.budgets.is_empty() {
+            slots.reverse();
+            next.slots = slots;
+        }
         let mut tokens = None;
         if let Some((limit, cost)) = ask.tokens {
             // A zero cost (nothing to reserve) still needs budget left.
@@ -237,12 +406,14 @@ pub fn check(
     let ask = Ask {
         requests: Some(limit),
         tokens: None,
+        budgets: &[],
     };
     Ok(match check_budget(store, key, ask, now_ms)? {
         Budget::Admitted {
             requests: Some(w), ..
         } => Verdict::Admitted(w),
         Budget::OverRequests(w) | Budget::OverTokens(w) => Verdict::Limited(w),
+        Budget::OverBudget(e) => Verdict::Limited(e.window),
         Budget::Admitted { requests: None, .. } => Verdict::Limited(Window {
             limit,
             remaining: 0,
@@ -263,12 +434,14 @@ pub fn check_cost(
     let ask = Ask {
         requests: None,
         tokens: Some((limit, cost)),
+        budgets: &[],
     };
     Ok(match check_budget(store, key, ask, now_ms)? {
         Budget::Admitted {
             tokens: Some(w), ..
         } => Verdict::Admitted(w),
         Budget::OverRequests(w) | Budget::OverTokens(w) => Verdict::Limited(w),
+        Budget::OverBudget(e) => Verdict::Limited(e.window),
         Budget::Admitted { tokens: None, .. } => Verdict::Limited(Window {
             limit,
             remaining: 0,
@@ -285,20 +458,59 @@ pub fn adjust(
     window: u64,
     delta: i64,
 ) -> Result<(), LimiterError> {
-    if delta == 0 {
+    adjust_all(store, key, Some((window, delta)), &[], 0, 0)
+}
+
+fn add_signed(n: u64, delta: i64) -> u64 {
+    if delta < 0 {
+        n.saturating_sub(delta.unsigned_abs())
+    } else {
+        n.saturating_add(delta.unsigned_abs())
+    }
+}
+
+/// Settles a request in one compare-and-swap: `minute` (window, token delta) for the minute's
+/// token count, and for each budget window in `budgets` (those still current) the token and
+/// money deltas. Windows that have passed are left alone.
+pub fn adjust_all(
+    store: &dyn CasStore,
+    key: &str,
+    minute: Option<(u64, i64)>,
+    budgets: &[(Period, u64)],
+    tokens_delta: i64,
+    money_delta: i64,
+) -> Result<(), LimiterError> {
+    let minute = minute.filter(|(_, d)| *d != 0);
+    let budgets_change = !budgets.is_empty() && (tokens_delta != 0 || money_delta != 0);
+    if minute.is_none() && !budgets_change {
         return Ok(());
     }
     for _ in 0..CAS_ATTEMPTS {
         let (current, cas) = read(store, key)?;
-        let Some(r) = current.filter(|r| r.window == window) else {
+        let Some(mut r) = current else {
             return Ok(());
         };
-        let tokens = if delta < 0 {
-            r.tokens.saturating_sub(delta.unsigned_abs())
-        } else {
-            r.tokens.saturating_add(delta.unsigned_abs())
-        };
-        match store.set(key, &Record { tokens, ..r }.encode(), cas) {
+        let mut changed = false;
+        if let Some((window, delta)) = minute {
+            if r.window == window {
+                r.tokens = add_signed(r.tokens, delta);
+                changed = true;
+            }
+        }
+        if budgets_change {
+            for slot in r.slots.iter_mut() {
+                if budgets.contains(&(slot.period, slot.window)) {
+                    let [_, tokens, money] = &mut slot.used;
+                    *tokens = add_signed(*tokens, tokens_delta);
+                    *money = add_signed(*money, money_delta);
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+        match store.set(key, &r.encode(), cas) {
             Ok(()) => return Ok(()),
             Err(SetError::CasMismatch) => continue,
             Err(SetError::Store) => return Err(LimiterError::Store),
@@ -474,6 +686,7 @@ pub(crate) mod tests {
             window: 7,
             requests: 9,
             tokens: 11,
+            slots: Vec::new(),
         };
         assert_eq!(Record::decode(&r.encode()), Some(r));
         // A record of the earlier layout (version 1, one count) is not misread.
@@ -488,6 +701,7 @@ pub(crate) mod tests {
         let ask = |cost| Ask {
             requests: Some(2),
             tokens: Some((100, cost)),
+            budgets: &[],
         };
         let Budget::Admitted {
             requests: Some(r),
@@ -552,6 +766,124 @@ pub(crate) mod tests {
             check_cost(&s, K, 100, 0, T0).unwrap(),
             Verdict::Limited(_)
         ));
+    }
+
+    fn day_budget(money: u64, cost: u64, window: u64) -> BudgetAsk {
+        BudgetAsk {
+            period: Period::Day,
+            window,
+            reset_ms: 1000,
+            limits: [None, None, Some(money)],
+            costs: [1, 10, cost],
+        }
+    }
+
+    #[test]
+    fn budgets_share_the_record_and_refuse_exactly_at_the_limit() {
+        let s = FakeStore::default();
+        ensure_record(&s, K).unwrap();
+        let asks = [day_budget(100, 30, 7)];
+        let ask = Ask {
+            requests: Some(1000),
+            tokens: None,
+            budgets: &asks,
+        };
+        for _ in 0..3 {
+            assert!(matches!(
+                check_budget(&s, K, ask, T0).unwrap(),
+                Budget::Admitted { .. }
+            ));
+        }
+        let sets = s.sets.get();
+        // 90 used: 30 more would pass 100.
+        match check_budget(&s, K, ask, T0).unwrap() {
+            Budget::OverBudget(e) => {
+                assert_eq!((e.period, e.measure), (Period::Day, Measure::Money));
+                assert_eq!((e.window.limit, e.window.remaining, e.asked), (100, 10, 30));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.sets.get(), sets, "a refusal writes nothing");
+        // Settled lower: 3 x 30 reserved, 3 x 20 used; the next minute keeps the day.
+        for _ in 0..3 {
+            adjust_all(&s, K, None, &[(Period::Day, 7)], -5, -10).unwrap();
+        }
+        let next_minute = T0 + WINDOW_MS;
+        let slots = read_slots(&s, K, &[(Period::Day, 7), (Period::Week, 1)]).unwrap();
+        assert_eq!(slots[0].used, [3, 15, 60]);
+        assert_eq!(slots[1].used, [0, 0, 0]);
+        assert!(matches!(
+            check_budget(&s, K, ask, next_minute).unwrap(),
+            Budget::Admitted { .. }
+        ));
+        // 90 used: exactly 10 left, a cost of 10 fits, then nothing does, not even a free one.
+        let asks = [day_budget(100, 10, 7)];
+        let ten = Ask {
+            budgets: &asks,
+            ..ask
+        };
+        assert!(matches!(
+            check_budget(&s, K, ten, next_minute).unwrap(),
+            Budget::Admitted { .. }
+        ));
+        let asks = [day_budget(100, 0, 7)];
+        let free = Ask {
+            budgets: &asks,
+            ..ask
+        };
+        assert!(matches!(
+            check_budget(&s, K, free, next_minute).unwrap(),
+            Budget::OverBudget(_)
+        ));
+        // A new day starts from zero; a settlement for the old day changes nothing.
+        let asks = [day_budget(100, 30, 8)];
+        let tomorrow = Ask {
+            budgets: &asks,
+            ..ask
+        };
+        assert!(matches!(
+            check_budget(&s, K, tomorrow, next_minute).unwrap(),
+            Budget::Admitted { .. }
+        ));
+        adjust_all(&s, K, None, &[(Period::Day, 7)], -5, -10).unwrap();
+        assert_eq!(
+            read_slots(&s, K, &[(Period::Day, 8)]).unwrap()[0].used,
+            [1, 10, 30]
+        );
+    }
+
+    #[test]
+    fn records_without_budgets_keep_the_old_layout_and_with_budgets_round_trip() {
+        let r = Record {
+            window: 5,
+            requests: 2,
+            tokens: 9,
+            slots: Vec::new(),
+        };
+        assert_eq!(r.encode().len(), RECORD_LEN);
+        assert_eq!(Record::decode(&r.encode()), Some(r.clone()));
+        let with = Record {
+            slots: vec![
+                Slot {
+                    period: Period::Day,
+                    window: 3,
+                    used: [1, 2, 3],
+                },
+                Slot {
+                    period: Period::Month,
+                    window: 4,
+                    used: [4, 5, u64::MAX],
+                },
+            ],
+            ..r
+        };
+        let bytes = with.encode();
+        assert_eq!(bytes.len(), RECORD_LEN + 2 * SLOT_LEN);
+        assert_eq!(Record::decode(&bytes), Some(with));
+        assert_eq!(Record::decode(&bytes[..bytes.len() - 1]), None);
+        let mut bad_tag = bytes.clone();
+        bad_tag[RECORD_LEN] = 9;
+        assert_eq!(Record::decode(&bad_tag), None);
     }
 
     #[test]

@@ -135,6 +135,16 @@ pub fn tokens_total(client: &str, model: &str, kind: &str) -> String {
     )
 }
 
+/// `tollgate_spend_micros_total{client,model}`: what responses cost, in micro-units of the
+/// configured currency, `model` being the priced model (the price table's name).
+pub fn spend_micros_total(client: &str, model: &str) -> String {
+    format!(
+        "tollgate_spend_micros_total.client={}.model={}",
+        label_value(client),
+        label_value(model)
+    )
+}
+
 /// `tollgate_request_duration_ms{model}` (histogram): admitted requests, from their headers to
 /// the end of the response.
 pub fn request_duration_ms(model: &str) -> String {

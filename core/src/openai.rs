@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::spend::{format_micros, Measure};
+
 /// A response the filter sends itself instead of forwarding the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalReply {
@@ -43,6 +45,12 @@ pub enum ErrorKind {
     BodyTooLarge,
     /// 411: a body of unknown length where Tollgate needs its length (one-provider mode).
     LengthRequired,
+    /// 429: a money budget (per hour, day, week, month...) cannot cover the request.
+    InsufficientQuota,
+    /// 429: a request budget over a window other than the per-minute limit is spent.
+    RequestsBudget,
+    /// 429: a token budget over a window other than the per-minute limit cannot cover it.
+    TokensBudget,
 }
 
 impl ErrorKind {
@@ -58,6 +66,9 @@ impl ErrorKind {
             ErrorKind::ModelNotFound | ErrorKind::UnknownUrl => 404,
             ErrorKind::BodyTooLarge => 413,
             ErrorKind::LengthRequired => 411,
+            ErrorKind::InsufficientQuota | ErrorKind::RequestsBudget | ErrorKind::TokensBudget => {
+                429
+            }
         }
     }
 
@@ -72,8 +83,9 @@ impl ErrorKind {
             | ErrorKind::UnknownUrl
             | ErrorKind::BodyTooLarge
             | ErrorKind::LengthRequired => "invalid_request_error",
-            ErrorKind::RequestsRateLimited => "requests",
-            ErrorKind::TokensRateLimited => "tokens",
+            ErrorKind::RequestsRateLimited | ErrorKind::RequestsBudget => "requests",
+            ErrorKind::TokensRateLimited | ErrorKind::TokensBudget => "tokens",
+            ErrorKind::InsufficientQuota => "insufficient_quota",
             ErrorKind::Internal | ErrorKind::LimiterUnavailable => "server_error",
         }
     }
@@ -82,9 +94,11 @@ impl ErrorKind {
     pub fn code(self) -> Option<&'static str> {
         match self {
             ErrorKind::InvalidApiKey => Some("invalid_api_key"),
-            ErrorKind::RequestsRateLimited | ErrorKind::TokensRateLimited => {
-                Some("rate_limit_exceeded")
-            }
+            ErrorKind::RequestsRateLimited
+            | ErrorKind::TokensRateLimited
+            | ErrorKind::RequestsBudget
+            | ErrorKind::TokensBudget => Some("rate_limit_exceeded"),
+            ErrorKind::InsufficientQuota => Some("insufficient_quota"),
             ErrorKind::Internal => Some("internal_error"),
             ErrorKind::LimiterUnavailable => Some("limiter_unavailable"),
             ErrorKind::ModelNotAllowed => Some("model_not_allowed"),
@@ -110,6 +124,9 @@ impl ErrorKind {
             ErrorKind::UnknownUrl => "unknown_url",
             ErrorKind::BodyTooLarge => "body_too_large",
             ErrorKind::LengthRequired => "length_required",
+            ErrorKind::InsufficientQuota => "budget_money",
+            ErrorKind::RequestsBudget => "budget_requests",
+            ErrorKind::TokensBudget => "budget_tokens",
         }
     }
 
@@ -347,6 +364,75 @@ pub fn limiter_unavailable() -> LocalReply {
              Please retry shortly.",
         ),
         kind: Some(ErrorKind::LimiterUnavailable),
+    }
+}
+
+/// `x-tollgate-budget`: which budget refused a request, `<measure>-per-<window>`.
+pub const BUDGET_HEADER: &str = "x-tollgate-budget";
+
+/// 429 for a budget over a window (money: `insufficient_quota`, as OpenAI answers a used-up
+/// quota), with headers naming the budget, its limit, what remains and when it resets:
+/// `x-tollgate-budget` (`money-per-day`), `x-tollgate-budget-limit`,
+/// `x-tollgate-budget-remaining` (money in currency units), `x-tollgate-budget-reset` (seconds),
+/// `retry-after`, and `x-should-retry: false` when the reset is more than a minute away (the
+/// OpenAI SDKs then do not retry in vain).
+#[allow(clippy::too_many_arguments)]
+pub fn budget_exceeded(
+    client: &str,
+    window: &str,
+    measure: Measure,
+    limit: u64,
+    remaining: u64,
+    requested: u64,
+    reset_ms: u64,
+    currency: &str,
+) -> LocalReply {
+    let amount = |n: u64| match measure {
+        Measure::Money => format_micros(n),
+        _ => n.to_string(),
+    };
+    let shown = |n: u64| match measure {
+        Measure::Money => format!("{} {currency}", format_micros(n)),
+        _ => n.to_string(),
+    };
+    let secs = retry_after_secs(reset_ms);
+    let mut headers = vec![
+        (BUDGET_HEADER, format!("{}-per-{window}", measure.as_str())),
+        ("x-tollgate-budget-limit", amount(limit)),
+        ("x-tollgate-budget-remaining", amount(remaining)),
+        ("x-tollgate-budget-reset", secs.to_string()),
+        ("retry-after", secs.to_string()),
+    ];
+    if reset_ms > 60_000 {
+        headers.push(("x-should-retry", "false".to_string()));
+    }
+    let kind = match measure {
+        Measure::Money => ErrorKind::InsufficientQuota,
+        Measure::Requests => ErrorKind::RequestsBudget,
+        Measure::Tokens => ErrorKind::TokensBudget,
+    };
+    let message = match measure {
+        Measure::Money => format!(
+            "You exceeded your current quota: client {client} has a budget of {} per {window}, \
+             {} left, and this request may cost up to {}. The budget resets in {}.",
+            shown(limit),
+            shown(remaining),
+            shown(requested),
+            openai_duration(reset_ms)
+        ),
+        _ => format!(
+            "Budget reached for client {client} on {} per {window}: Limit {limit}, Used {}, \
+             Requested {requested}. The budget resets in {}.",
+            measure.as_str(),
+            limit.saturating_sub(remaining),
+            openai_duration(reset_ms)
+        ),
+    };
+    LocalReply {
+        status: kind.status(),
+        headers,
+        body: error_body(kind, &message),
+        kind: Some(kind),
     }
 }
 

@@ -23,13 +23,18 @@ use crate::forwarding;
 use crate::headers::Header;
 use crate::host::CasStore;
 use crate::keys::{bearer_token, Digest, DigestKind, KeyError};
-use crate::limiter::{self, Budget, LimiterError, Window, WINDOW_MS};
+use crate::limiter::{self, Budget, BudgetAsk, Exceeded, LimiterError, Window, WINDOW_MS};
 use crate::metrics::Outcome;
 use crate::openai::{self, LocalReply};
 use crate::routing::{self, Routing, DEFAULT_ROUTE, ROUTE_HEADER};
+use crate::spend::{Measure, Period, Price, PriceId};
+use crate::usage::Usage;
 use crate::webdis::{self, Checked};
 
 /// What to do with a request.
+// Made and moved once per request: boxing the larger variant would cost an allocation for
+// every admitted request to save a copy of a few hundred bytes.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
     /// Answer the client now; the request goes no further.
@@ -58,6 +63,26 @@ pub struct Forward {
     pub strip_usage_chunk: bool,
     /// The response cache's part (looked up after admission, so limits count every request).
     pub cache: Option<cache::Decision>,
+    /// The price of the model the provider bills (the rule's first target, after aliasing).
+    pub price: Option<PriceId>,
+    /// The request's token estimate (what a response without usage is charged from).
+    pub estimate: Estimate,
+    /// What the request holds of its client's budgets, settled with its usage.
+    pub budgets: Option<BudgetReservation>,
+}
+
+/// A request's hold on its client's budgets (every period's current window), from admission
+/// until its usage is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetReservation {
+    /// The windows counted in: period and window number.
+    pub windows: Vec<(Period, u64)>,
+    /// Tokens reserved (the estimate).
+    pub estimate: Estimate,
+    /// Money reserved, micro-units (the estimate at the billed model's price; 0 unpriced).
+    pub money: u64,
+    /// Counted in Redis (settled there by the root tick), not in the local record.
+    pub redis: bool,
 }
 
 impl Forward {
@@ -72,6 +97,9 @@ impl Forward {
             body: None,
             strip_usage_chunk: false,
             cache: None,
+            price: None,
+            estimate: Estimate::default(),
+            budgets: None,
         }
     }
 }
@@ -179,6 +207,10 @@ pub struct Pending {
     estimate: Estimate,
     /// MD5 hex of the client key (the Redis keys' middle part).
     key_md5: String,
+    /// With budgets, the counters of the one script call, and what each one is.
+    counters: Option<Vec<(webdis::Counter, Counted)>>,
+    /// A read for the budget endpoint ([`BUDGETS_PATH`]), not a check.
+    report: bool,
     sent_ms: u64,
     /// The model the body asked for (carried to the step).
     model: Option<String>,
@@ -246,6 +278,9 @@ pub fn on_request_headers(
         ),
         LimiterBackend::Local => None,
     };
+    if path == BUDGETS_PATH.as_bytes() && method == b"GET" {
+        return budgets_report(config, client, key_md5, now_ms, store);
+    }
     // Deny by default: only the endpoints granted to this client, matched exactly.
     let granted = config
         .client(client)
@@ -447,17 +482,26 @@ fn decide_model(
         let name = &config.client(client)?.name;
         cache::decide(settings, routing, rule, name, &info, &request.model, body)
     });
-    let forward = Forward {
-        rule: Some(rule),
-        cache,
-        strip_usage_chunk: new_body.is_some(),
-        body: new_body,
-        ..Forward::new(vec![(ROUTE_HEADER, Routing::route_id(rule))], true)
-    };
+    // Priced as the provider bills it: the name the rule's first provider gets.
+    let billed = routing
+        .rules
+        .get(rule)
+        .and_then(|r| r.targets.first())
+        .and_then(|t| t.model.as_deref())
+        .unwrap_or(&request.model);
     let estimate = if charged {
         estimate_tokens(body.len(), request.max_tokens)
     } else {
         Estimate::default()
+    };
+    let forward = Forward {
+        rule: Some(rule),
+        price: config.prices.find(billed),
+        estimate,
+        cache,
+        strip_usage_chunk: new_body.is_some(),
+        body: new_body,
+        ..Forward::new(vec![(ROUTE_HEADER, Routing::route_id(rule))], true)
     };
     limit(config, client, key_md5, forward, estimate, now_ms, store)
 }
@@ -478,13 +522,57 @@ pub fn on_limiter_reply(
         forward,
         estimate,
         key_md5,
+        counters,
+        report,
         sent_ms,
         model,
     } = pending;
+    if report {
+        let answer = webdis::parse_read_reply(
+            status,
+            body,
+            report_keys(config, client, &key_md5, sent_ms).len(),
+        )
+        .map_err(|e| webdis::timed_out(e, now_ms.saturating_sub(sent_ms), call.timeout_ms));
+        return match answer {
+            Ok(values) => {
+                let mut v = values.into_iter();
+                let minute = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+                let windows = budget_windows(config, client, sent_ms);
+                let slots = windows
+                    .iter()
+                    .map(|&(period, window)| limiter::Slot {
+                        period,
+                        window,
+                        used: [
+                            v.next().unwrap_or(0),
+                            v.next().unwrap_or(0),
+                            v.next().unwrap_or(0),
+                        ],
+                    })
+                    .collect::<Vec<_>>();
+                budgets_step(config, client, now_ms, minute, &slots)
+            }
+            Err(e) => Step {
+                limiter_errors: vec![LimiterFailure {
+                    backend: "redis",
+                    reason: e.reason(),
+                }],
+                ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
+            },
+        };
+    }
     let on_error = match &config.limiter {
         LimiterBackend::Redis(r) => r.on_error,
         LimiterBackend::Local => OnError::Local,
     };
+    if let Some(counters) = counters {
+        let step = on_counters_reply(
+            config, client, forward, estimate, &key_md5, counters, &call, status, body, sent_ms,
+            now_ms, store, on_error,
+        );
+        return Step { model, ..step };
+    }
     let reply_or_error = webdis::parse_reply(status, body)
         .map_err(|e| webdis::timed_out(e, now_ms.saturating_sub(sent_ms), call.timeout_ms));
     let limit = requests_per_minute(config, client);
@@ -559,21 +647,35 @@ fn limit(
     store: &dyn CasStore,
 ) -> Start {
     match (&config.limiter, key_md5) {
-        (LimiterBackend::Redis(redis), Some(key_md5)) => Start::AskLimiter(Pending {
-            call: redis_callout(
-                redis,
-                &key_md5,
-                requests_per_minute(config, client),
-                tokens_per_minute(config, client).map(|tpm| (tpm, estimate.total())),
-                now_ms,
-            ),
-            client,
-            forward,
-            estimate,
-            key_md5,
-            sent_ms: now_ms,
-            model: None,
-        }),
+        (LimiterBackend::Redis(redis), Some(key_md5)) => {
+            let counters = redis_counters(config, client, &key_md5, &forward, estimate, now_ms);
+            let call = match &counters {
+                Some(list) => webdis_call(
+                    &redis.webdis,
+                    webdis::counters_command(
+                        &list.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>(),
+                    ),
+                ),
+                None => redis_callout(
+                    redis,
+                    &key_md5,
+                    requests_per_minute(config, client),
+                    tokens_per_minute(config, client).map(|tpm| (tpm, estimate.total())),
+                    now_ms,
+                ),
+            };
+            Start::AskLimiter(Pending {
+                call,
+                client,
+                forward,
+                estimate,
+                key_md5,
+                counters,
+                report: false,
+                sent_ms: now_ms,
+                model: None,
+            })
+        }
         _ => Start::Done(local_step(
             config,
             client,
@@ -583,6 +685,359 @@ fn limit(
             store,
             Vec::new(),
         )),
+    }
+}
+
+/// `GET` on this path: the authenticated client's own limits and budgets, answered by Tollgate
+/// (not counted against them, never forwarded).
+pub const BUDGETS_PATH: &str = "/v1/tollgate/budgets";
+
+/// The current window of each of the client's budgets.
+fn budget_windows(config: &Config, client: ClientId, now_ms: u64) -> Vec<(Period, u64)> {
+    config.client(client).map_or_else(Vec::new, |c| {
+        c.budgets
+            .iter()
+            .map(|b| {
+                (
+                    b.period,
+                    b.period.window(now_ms, config.budget_utc_offset_minutes).id,
+                )
+            })
+            .collect()
+    })
+}
+
+/// The Redis keys the budget endpoint reads: the minute's requests and tokens, then each
+/// budget's requests, tokens and money.
+fn report_keys(config: &Config, client: ClientId, key_md5: &str, now_ms: u64) -> Vec<String> {
+    let (minute, _) = limiter::window_of(now_ms);
+    let mut keys = vec![
+        webdis::window_key(key_md5, minute),
+        webdis::tokens_key(key_md5, minute),
+    ];
+    if let Some(c) = config.client(client) {
+        for (period, window) in budget_windows(config, client, now_ms) {
+            for m in Measure::ALL {
+                keys.push(webdis::budget_key(&c.name, period, window, m));
+            }
+        }
+    }
+    keys
+}
+
+/// The budget endpoint: read the counters (the local record now, or Redis by a callout).
+fn budgets_report(
+    config: &Config,
+    client: ClientId,
+    key_md5: Option<String>,
+    now_ms: u64,
+    store: &dyn CasStore,
+) -> Start {
+    if let (LimiterBackend::Redis(redis), Some(key_md5)) = (&config.limiter, key_md5) {
+        let call = webdis_call(
+            &redis.webdis,
+            webdis::read_command(&report_keys(config, client, &key_md5, now_ms)),
+        );
+        return Start::AskLimiter(Pending {
+            call,
+            client,
+            forward: Forward::new(Vec::new(), false),
+            estimate: Estimate::default(),
+            key_md5,
+            counters: None,
+            report: true,
+            sent_ms: now_ms,
+            model: None,
+        });
+    }
+    let Some(c) = config.client(client) else {
+        return Start::Done(reply(
+            Some(client),
+            Outcome::Error,
+            openai::internal_error(),
+        ));
+    };
+    let windows = budget_windows(config, client, now_ms);
+    let (minute, _) = limiter::window_of(now_ms);
+    match limiter::read_usage(store, &limiter::budget_key(c), minute, &windows) {
+        Ok((counts, slots)) => Start::Done(budgets_step(config, client, now_ms, counts, &slots)),
+        Err(e) => Start::Done(Step {
+            limiter_errors: vec![LimiterFailure {
+                backend: "local",
+                reason: e.reason(),
+            }],
+            ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
+        }),
+    }
+}
+
+/// The budget endpoint's answer from the counts: the minute's limits, then every budget.
+fn budgets_step(
+    config: &Config,
+    client: ClientId,
+    now_ms: u64,
+    (requests, tokens): (u64, u64),
+    slots: &[limiter::Slot],
+) -> Step {
+    use serde_json::{json, Value};
+    let Some(c) = config.client(client) else {
+        return reply(Some(client), Outcome::Error, openai::internal_error());
+    };
+    let measure = |limit: Option<u64>, used: u64| {
+        json!({
+            "limit": limit,
+            "used": used,
+            "remaining": limit.map(|l| l.saturating_sub(used)),
+        })
+    };
+    let window = |w: crate::spend::Window| {
+        json!({
+            "window_start": w.start_ms / 1000,
+            "resets_at": w.end_ms / 1000,
+            "reset_ms": w.reset_ms(now_ms),
+        })
+    };
+    let offset = config.budget_utc_offset_minutes;
+    let mut per_minute = window(Period::Minute.window(now_ms, 0));
+    if let Value::Object(m) = &mut per_minute {
+        m.insert(
+            "requests".into(),
+            measure(Some(u64::from(c.requests_per_minute)), requests),
+        );
+        m.insert(
+            "tokens".into(),
+            measure(c.tokens_per_minute.map(u64::from), tokens),
+        );
+    }
+    let budgets: Vec<Value> = c
+        .budgets
+        .iter()
+        .zip(slots)
+        .map(|(b, slot)| {
+            let mut v = window(b.period.window(now_ms, offset));
+            if let Value::Object(m) = &mut v {
+                m.insert("window".into(), json!(b.period.as_str()));
+                for mm in Measure::ALL {
+                    m.insert(mm.as_str().into(), measure(b.limit(mm), slot.used(mm)));
+                }
+            }
+            v
+        })
+        .collect();
+    let body = json!({
+        "object": "tollgate.budgets",
+        "client": c.name,
+        "limiter": config.limiter.name(),
+        "currency": config.prices.currency,
+        "money_unit": "micros",
+        "utc_offset_minutes": offset,
+        "per_minute": per_minute,
+        "budgets": budgets,
+    });
+    reply(
+        Some(client),
+        Outcome::Admitted,
+        openai::json_ok(body.to_string()),
+    )
+}
+
+/// The client's budgets as this request asks them (each period's current window, its limits,
+/// and the costs: one request, the token estimate, the money estimate at the billed model's
+/// price), and the reservation they make if admitted. `None` without budgets.
+fn budget_asks(
+    config: &Config,
+    client: ClientId,
+    forward: &Forward,
+    estimate: Estimate,
+    now_ms: u64,
+) -> (Vec<BudgetAsk>, Option<BudgetReservation>) {
+    let Some(c) = config.client(client).filter(|c| !c.budgets.is_empty()) else {
+        return (Vec::new(), None);
+    };
+    let money = forward
+        .price
+        .and_then(|p| config.prices.get(p))
+        .map_or(0, |p| p.estimate(estimate.prompt, estimate.completion));
+    let tokens = estimate.total();
+    let asks: Vec<BudgetAsk> = c
+        .budgets
+        .iter()
+        .map(|b| {
+            let w = b.period.window(now_ms, config.budget_utc_offset_minutes);
+            BudgetAsk {
+                period: b.period,
+                window: w.id,
+                reset_ms: w.reset_ms(now_ms),
+                limits: b.limits,
+                costs: [1, tokens, money],
+            }
+        })
+        .collect();
+    let reservation = BudgetReservation {
+        windows: asks.iter().map(|a| (a.period, a.window)).collect(),
+        estimate,
+        money,
+        redis: false,
+    };
+    (asks, Some(reservation))
+}
+
+/// What one counter of a Redis budget check counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// The minute's requests (`rate:` key).
+    Requests,
+    /// The minute's tokens (`tokens:` key).
+    Tokens,
+    /// A budget's measure; its reset in ms from the check.
+    Budget(Period, Measure, u64),
+}
+
+/// The counters of a Redis check for a client with budgets (the budgets' longest window
+/// first, then the minute's tokens and requests), or `None` without budgets (the minute's
+/// own script is used).
+fn redis_counters(
+    config: &Config,
+    client: ClientId,
+    key_md5: &str,
+    forward: &Forward,
+    estimate: Estimate,
+    now_ms: u64,
+) -> Option<Vec<(webdis::Counter, Counted)>> {
+    let c = config.client(client)?;
+    let (asks, _) = budget_asks(config, client, forward, estimate, now_ms);
+    if asks.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(asks.len() * 3 + 2);
+    for a in asks.iter().rev() {
+        let w = a.period.window(now_ms, config.budget_utc_offset_minutes);
+        // Kept one more window after their own (read by `tollgate spend` and the budget
+        // endpoint of a late request), then gone.
+        let ttl_ms = a.reset_ms + (w.end_ms - w.start_ms);
+        for m in Measure::ALL {
+            out.push((
+                webdis::Counter {
+                    key: webdis::budget_key(&c.name, a.period, a.window, m),
+                    limit: a.limits.get(m.index()).copied().flatten(),
+                    cost: a.costs.get(m.index()).copied().unwrap_or(0),
+                    ttl_ms,
+                },
+                Counted::Budget(a.period, m, a.reset_ms),
+            ));
+        }
+    }
+    let (minute, reset_ms) = limiter::window_of(now_ms);
+    if let Some(tpm) = c.tokens_per_minute {
+        out.push((
+            webdis::Counter {
+                key: webdis::tokens_key(key_md5, minute),
+                limit: Some(u64::from(tpm)),
+                cost: estimate.total(),
+                ttl_ms: reset_ms + WINDOW_MS,
+            },
+            Counted::Tokens,
+        ));
+    }
+    out.push((
+        webdis::Counter {
+            key: webdis::window_key(key_md5, minute),
+            limit: Some(u64::from(c.requests_per_minute)),
+            cost: 1,
+            ttl_ms: reset_ms + WINDOW_MS,
+        },
+        Counted::Requests,
+    ));
+    Some(out)
+}
+
+/// Decides a request whose budgets were checked in Redis ([`webdis::COUNTERS_SCRIPT`]).
+#[allow(clippy::too_many_arguments)]
+fn on_counters_reply(
+    config: &Config,
+    client: ClientId,
+    mut forward: Forward,
+    estimate: Estimate,
+    key_md5: &str,
+    counters: Vec<(webdis::Counter, Counted)>,
+    call: &Callout,
+    status: Option<u16>,
+    body: &[u8],
+    sent_ms: u64,
+    now_ms: u64,
+    store: &dyn CasStore,
+    on_error: OnError,
+) -> Step {
+    let elapsed = now_ms.saturating_sub(sent_ms);
+    let (minute, reset_at_send) = limiter::window_of(sent_ms);
+    let reset_ms = reset_at_send.saturating_sub(elapsed);
+    let answer = webdis::parse_counters_reply(status, body, counters.len())
+        .map_err(|e| webdis::timed_out(e, elapsed, call.timeout_ms));
+    match answer {
+        Ok(webdis::Counted::Admitted(values)) => {
+            let mut window = None;
+            for ((counter, what), used) in counters.iter().zip(values) {
+                let limit = counter.limit.unwrap_or(0);
+                let state = Window {
+                    limit,
+                    remaining: limit.saturating_sub(used),
+                    reset_ms,
+                };
+                match what {
+                    Counted::Requests => window = Some(state),
+                    Counted::Tokens => {
+                        forward.tokens = Some(TokenReservation {
+                            window: minute,
+                            estimate,
+                            state,
+                            redis_key: Some(webdis::tokens_key(key_md5, minute)),
+                        })
+                    }
+                    Counted::Budget(..) => {}
+                }
+            }
+            let (_, reservation) = budget_asks(config, client, &forward, estimate, sent_ms);
+            forward.budgets = reservation.map(|r| BudgetReservation { redis: true, ..r });
+            forward_step(client, forward, window, Vec::new())
+        }
+        Ok(webdis::Counted::Refused(i, used)) => {
+            let Some((counter, what)) = counters.get(i) else {
+                return reply(Some(client), Outcome::Error, openai::internal_error());
+            };
+            let limit = counter.limit.unwrap_or(0);
+            let state = |reset_ms| Window {
+                limit,
+                remaining: limit.saturating_sub(used),
+                reset_ms,
+            };
+            let over = match *what {
+                Counted::Requests => Over::Requests(state(reset_ms)),
+                Counted::Tokens => Over::Tokens(state(reset_ms), estimate.total()),
+                Counted::Budget(period, measure, reset) => Over::Budget(Exceeded {
+                    period,
+                    measure,
+                    window: state(reset.saturating_sub(elapsed).max(1)),
+                    asked: counter.cost,
+                }),
+            };
+            limited_step(config, client, over, Vec::new())
+        }
+        Err(e) => {
+            let failure = vec![LimiterFailure {
+                backend: "redis",
+                reason: e.reason(),
+            }];
+            match on_error {
+                OnError::Allow => forward_step(client, forward, None, failure),
+                OnError::Deny => Step {
+                    limiter_errors: failure,
+                    ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
+                },
+                OnError::Local => {
+                    local_step(config, client, forward, estimate, now_ms, store, failure)
+                }
+            }
+        }
     }
 }
 
@@ -690,11 +1145,13 @@ fn local_step(
     let Some(c) = config.client(client) else {
         return forward_step(client, forward, None, failures);
     };
+    let (asks, reservation) = budget_asks(config, client, &forward, estimate, now_ms);
     let ask = limiter::Ask {
         requests: Some(u64::from(c.requests_per_minute)),
         tokens: c
             .tokens_per_minute
             .map(|tpm| (u64::from(tpm), estimate.total())),
+        budgets: &asks,
     };
     match limiter::check_budget(store, &limiter::budget_key(c), ask, now_ms) {
         Ok(Budget::Admitted { requests, tokens }) => {
@@ -704,8 +1161,10 @@ fn local_step(
                 state,
                 redis_key: None,
             });
+            forward.budgets = reservation;
             forward_step(client, forward, requests, failures)
         }
+        Ok(Budget::OverBudget(e)) => limited_step(config, client, Over::Budget(e), failures),
         Ok(Budget::OverTokens(w)) => {
             limited_step(config, client, Over::Tokens(w, estimate.total()), failures)
         }
@@ -755,6 +1214,34 @@ pub fn charge(estimate: Estimate, delivered: Delivered) -> u64 {
     }
 }
 
+/// Money to charge for a finished request, by the same rules as [`charge`]: the reported
+/// usage at its price; nothing for a failed response without usage; for a stream without usage,
+/// the prompt estimate plus one output token per content chunk; otherwise the estimate.
+pub fn charge_money(
+    price: &Price,
+    estimate: Estimate,
+    used: Option<&Usage>,
+    delivered: Delivered,
+) -> u64 {
+    match (used, delivered) {
+        (Some(u), _) => price.cost(u),
+        (
+            None,
+            Delivered {
+                succeeded: false, ..
+            },
+        ) => 0,
+        (
+            None,
+            Delivered {
+                stream_chunks: Some(chunks),
+                ..
+            },
+        ) => price.estimate(estimate.prompt, chunks),
+        (None, _) => price.estimate(estimate.prompt, estimate.completion),
+    }
+}
+
 /// Settles a reservation once the response is over (once: the caller drops the reservation):
 /// the estimate is replaced by [`charge`]. A local reservation is adjusted in the store now;
 /// for a Redis one, the adjustment `(key, tokens to add)` is returned, to be sent in the
@@ -777,6 +1264,92 @@ pub fn settle_tokens(
     };
     limiter::adjust(store, &limiter::budget_key(c), reservation.window, delta)?;
     Ok(None)
+}
+
+/// The Redis spend record of a priced response (`tollgate spend` reads them): its key for the
+/// day of `started_ms` and the micro-units to add; `None` with the local limiter or at no cost.
+pub fn spend_record(
+    config: &Config,
+    client: ClientId,
+    price: PriceId,
+    micros: u64,
+    started_ms: u64,
+) -> Option<(String, i64)> {
+    if micros == 0 || !matches!(config.limiter, LimiterBackend::Redis(_)) {
+        return None;
+    }
+    let day = Period::Day
+        .window(started_ms, config.budget_utc_offset_minutes)
+        .id;
+    let name = &config.client(client)?.name;
+    let model = &config.prices.get(price)?.model;
+    Some((
+        webdis::spend_key(day, name, model),
+        i64::try_from(micros).unwrap_or(i64::MAX),
+    ))
+}
+
+/// Settles everything a finished request reserved, once: its minute tokens and its budgets
+/// (tokens by [`charge`], money by `money` from [`charge_money`]). Local reservations are
+/// adjusted in the store now, in one compare-and-swap; Redis ones are returned as
+/// `(key, amount to add)` for the worker's next batch.
+pub fn settle(
+    config: &Config,
+    client: ClientId,
+    tokens: Option<&TokenReservation>,
+    budgets: Option<&BudgetReservation>,
+    delivered: Delivered,
+    money: u64,
+    store: &dyn CasStore,
+) -> Result<Vec<(String, i64)>, LimiterError> {
+    let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let mut out = Vec::new();
+    let mut minute = None;
+    if let Some(t) = tokens {
+        let delta =
+            to_i64(charge(t.estimate, delivered)).saturating_sub(to_i64(t.estimate.total()));
+        match &t.redis_key {
+            Some(key) if delta != 0 => out.push((key.clone(), delta)),
+            Some(_) => {}
+            None => minute = Some((t.window, delta)),
+        }
+    }
+    let mut local_budgets: &[(Period, u64)] = &[];
+    let (mut tokens_delta, mut money_delta) = (0, 0);
+    if let Some(b) = budgets {
+        tokens_delta =
+            to_i64(charge(b.estimate, delivered)).saturating_sub(to_i64(b.estimate.total()));
+        money_delta = to_i64(money).saturating_sub(to_i64(b.money));
+        if b.redis {
+            if let Some(c) = config.client(client) {
+                for &(period, window) in &b.windows {
+                    for (m, d) in [
+                        (Measure::Tokens, tokens_delta),
+                        (Measure::Money, money_delta),
+                    ] {
+                        if d != 0 {
+                            out.push((webdis::budget_key(&c.name, period, window, m), d));
+                        }
+                    }
+                }
+            }
+        } else {
+            local_budgets = &b.windows;
+        }
+    }
+    if minute.is_some() || !local_budgets.is_empty() {
+        if let Some(c) = config.client(client) {
+            limiter::adjust_all(
+                store,
+                &limiter::budget_key(c),
+                minute,
+                local_budgets,
+                tokens_delta,
+                money_delta,
+            )?;
+        }
+    }
+    Ok(out)
 }
 
 fn forward_step(
@@ -802,6 +1375,8 @@ enum Over {
     Requests(Window),
     /// Tokens per minute, with the client's token window and the tokens the request asked for.
     Tokens(Window, u64),
+    /// A budget over a longer window.
+    Budget(Exceeded),
 }
 
 fn limited_step(
@@ -816,6 +1391,16 @@ fn limited_step(
         Over::Tokens(w, asked) => {
             openai::tokens_rate_limited(name, w.limit, w.remaining, asked, w.reset_ms)
         }
+        Over::Budget(e) => openai::budget_exceeded(
+            name,
+            e.period.as_str(),
+            e.measure,
+            e.window.limit,
+            e.window.remaining,
+            e.asked,
+            e.window.reset_ms,
+            &config.prices.currency,
+        ),
     };
     Step {
         limiter_errors,

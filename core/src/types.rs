@@ -1,5 +1,6 @@
 //! Small types that several modules share, so that none of them has to depend on another for
-//! a name: the compiled configuration uses them, and so do the cache, the keys and the limiter.
+//! a name: the compiled configuration uses them, and so do the cache, the keys and the limiter;
+//! [`Usage`] is read from responses (`usage`) and priced (`spend`).
 
 use std::fmt;
 
@@ -30,5 +31,32 @@ impl fmt::Debug for Webdis {
                 &self.authorization.as_ref().map(|_| "<redacted>"),
             )
             .finish()
+    }
+}
+
+/// Tokens a response used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt (input) tokens.
+    pub prompt_tokens: u64,
+    /// Completion (output) tokens; 0 for embeddings.
+    pub completion_tokens: u64,
+    /// Of the prompt tokens, those served from the provider's prompt cache (billed at the
+    /// cached-input price): `prompt_tokens_details.cached_tokens`, or the Responses API's
+    /// `input_tokens_details.cached_tokens`; 0 when not reported.
+    pub cached_tokens: u64,
+    /// Of the completion tokens, those spent reasoning (billed as output):
+    /// `completion_tokens_details.reasoning_tokens`, or `output_tokens_details.reasoning_tokens`.
+    pub reasoning_tokens: u64,
+}
+
+impl Usage {
+    /// Prompt and completion tokens, without details.
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            ..Self::default()
+        }
     }
 }

@@ -14,22 +14,19 @@ use serde::{Deserialize, Deserializer};
 
 use crate::anthropic::{self, MessageUsage, StreamUsage};
 
-/// Tokens a response used.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Prompt (input) tokens.
-    pub prompt_tokens: u64,
-    /// Completion (output) tokens; 0 for embeddings.
-    pub completion_tokens: u64,
-}
+pub use crate::types::Usage;
 
 impl From<MessageUsage> for Usage {
     /// Anthropic's prompt tokens are its input tokens plus those written to and read from its
-    /// prompt cache (reported apart from `input_tokens`): all of them count.
+    /// prompt cache (reported apart from `input_tokens`): all of them count; those read from
+    /// the cache are its cached tokens.
     fn from(u: MessageUsage) -> Self {
         Usage {
             prompt_tokens: u.prompt_total(),
             completion_tokens: u.output,
+            // Cache reads are billed at the cached-input price; cache writes as input.
+            cached_tokens: u.cache_read,
+            reasoning_tokens: 0,
         }
     }
 }
@@ -49,14 +46,66 @@ struct RawUsage {
     input_tokens: Option<u64>,
     #[serde(default)]
     output_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_details")]
+    prompt_tokens_details: Option<RawDetails>,
+    #[serde(default, deserialize_with = "lenient_details")]
+    input_tokens_details: Option<RawDetails>,
+    #[serde(default, deserialize_with = "lenient_details")]
+    completion_tokens_details: Option<RawDetails>,
+    #[serde(default, deserialize_with = "lenient_details")]
+    output_tokens_details: Option<RawDetails>,
+}
+
+/// `*_tokens_details`: only the counts that change the price are read; a detail of another
+/// type (a provider's own shape) counts as absent rather than losing the usage.
+#[derive(Deserialize, Default)]
+struct RawDetails {
+    #[serde(default, deserialize_with = "lenient_count")]
+    cached_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_count")]
+    reasoning_tokens: Option<u64>,
+}
+
+fn lenient_details<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RawDetails>, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    Ok(match value {
+        serde_json::Value::Object(_) => serde_json::from_value(value).ok(),
+        _ => None,
+    })
+}
+
+fn lenient_count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(serde_json::Value::deserialize(d)?.as_u64())
 }
 
 impl RawUsage {
     fn usage(&self) -> Option<Usage> {
         let prompt = self.prompt_tokens.or(self.input_tokens)?;
+        let completion = self.completion_tokens.or(self.output_tokens).unwrap_or(0);
+        let detail =
+            |a: &Option<RawDetails>, b: &Option<RawDetails>, f: fn(&RawDetails) -> Option<u64>| {
+                a.as_ref()
+                    .and_then(f)
+                    .or_else(|| b.as_ref().and_then(f))
+                    .unwrap_or(0)
+            };
+        let cached = detail(
+            &self.prompt_tokens_details,
+            &self.input_tokens_details,
+            |d| d.cached_tokens,
+        );
+        let reasoning = detail(
+            &self.completion_tokens_details,
+            &self.output_tokens_details,
+            |d| d.reasoning_tokens,
+        );
         Some(Usage {
             prompt_tokens: prompt,
-            completion_tokens: self.completion_tokens.or(self.output_tokens).unwrap_or(0),
+            completion_tokens: completion,
+            // A detail can never exceed its total (a provider's inconsistency must not make a
+            // negative uncached count).
+            cached_tokens: cached.min(prompt),
+            reasoning_tokens: reasoning.min(completion),
         })
     }
 }
@@ -469,13 +518,7 @@ mod tests {
     #[test]
     fn whole_stream() {
         let r = read(&[STREAM.as_bytes()]);
-        assert_eq!(
-            r.usage,
-            Some(Usage {
-                prompt_tokens: 12,
-                completion_tokens: 5
-            })
-        );
+        assert_eq!(r.usage, Some(Usage::new(12, 5)));
         assert!(r.done);
         assert_eq!(r.events, 6);
     }
@@ -484,13 +527,7 @@ mod tests {
     fn one_byte_at_a_time() {
         let chunks: Vec<&[u8]> = STREAM.as_bytes().chunks(1).collect();
         let r = read(&chunks);
-        assert_eq!(
-            r.usage,
-            Some(Usage {
-                prompt_tokens: 12,
-                completion_tokens: 5
-            })
-        );
+        assert_eq!(r.usage, Some(Usage::new(12, 5)));
         assert_eq!(r.events, 6);
     }
 
@@ -507,13 +544,7 @@ mod tests {
     #[test]
     fn responses_api_completed_event() {
         let s = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":4}}}\n\n";
-        assert_eq!(
-            read(&[s.as_bytes()]).usage,
-            Some(Usage {
-                prompt_tokens: 3,
-                completion_tokens: 4
-            })
-        );
+        assert_eq!(read(&[s.as_bytes()]).usage, Some(Usage::new(3, 4)));
     }
 
     #[test]
@@ -526,13 +557,7 @@ mod tests {
         r.push(STREAM.as_bytes());
         r.finish();
         assert_eq!(r.oversized, 1);
-        assert_eq!(
-            r.usage,
-            Some(Usage {
-                prompt_tokens: 12,
-                completion_tokens: 5
-            })
-        );
+        assert_eq!(r.usage, Some(Usage::new(12, 5)));
     }
 
     fn feed(r: &mut SseUsage, stream: &[u8], cuts: &[usize]) -> Vec<u8> {
@@ -565,13 +590,7 @@ mod tests {
             );
             assert_eq!(r.oversized, 1);
             assert_eq!(r.events, 6);
-            assert_eq!(
-                r.usage,
-                Some(Usage {
-                    prompt_tokens: 12,
-                    completion_tokens: 5
-                })
-            );
+            assert_eq!(r.usage, Some(Usage::new(12, 5)));
         }
     }
 
@@ -610,29 +629,11 @@ mod tests {
     #[test]
     fn json_bodies() {
         let chat = br#"{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}"#;
-        assert_eq!(
-            from_json(chat),
-            Some(Usage {
-                prompt_tokens: 9,
-                completion_tokens: 2
-            })
-        );
+        assert_eq!(from_json(chat), Some(Usage::new(9, 2)));
         let emb = br#"{"object":"list","data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}"#;
-        assert_eq!(
-            from_json(emb),
-            Some(Usage {
-                prompt_tokens: 4,
-                completion_tokens: 0
-            })
-        );
+        assert_eq!(from_json(emb), Some(Usage::new(4, 0)));
         let resp = br#"{"object":"response","usage":{"input_tokens":5,"output_tokens":6,"total_tokens":11}}"#;
-        assert_eq!(
-            from_json(resp),
-            Some(Usage {
-                prompt_tokens: 5,
-                completion_tokens: 6
-            })
-        );
+        assert_eq!(from_json(resp), Some(Usage::new(5, 6)));
         assert_eq!(from_json(br#"{"error":{"message":"x"}}"#), None);
         assert_eq!(from_json(b"not json"), None);
         assert_eq!(from_json(br#"{"usage":null}"#), None);
@@ -654,13 +655,7 @@ mod tests {
             .replace(",\"usage\":null}", "}");
         assert_ne!(expected, STREAM);
         assert_eq!(String::from_utf8(out).unwrap(), expected);
-        assert_eq!(
-            r.usage,
-            Some(Usage {
-                prompt_tokens: 12,
-                completion_tokens: 5
-            })
-        );
+        assert_eq!(r.usage, Some(Usage::new(12, 5)));
         // Without stripping, every byte passes.
         let mut r = SseUsage::default();
         let out: Vec<u8> = STREAM
@@ -722,10 +717,7 @@ mod tests {
         }
         assert_eq!(
             from_json(br#"{"response":{"usage":{"input_tokens":1}}}"#),
-            Some(Usage {
-                prompt_tokens: 1,
-                completion_tokens: 0
-            })
+            Some(Usage::new(1, 0))
         );
     }
 
@@ -766,7 +758,9 @@ mod tests {
                 r.usage,
                 Some(Usage {
                     prompt_tokens: 17,
-                    completion_tokens: 6
+                    completion_tokens: 6,
+                    cached_tokens: 3,
+                    reasoning_tokens: 0,
                 })
             );
             assert_eq!((r.events, r.chunks), (8, 2));
@@ -782,8 +776,38 @@ mod tests {
         assert_eq!(r.usage, None);
         assert_eq!(
             from_anthropic_json(br#"{"type":"message","usage":{"input_tokens":4,"output_tokens":2,"cache_read_input_tokens":10}}"#),
-            Some(Usage { prompt_tokens: 14, completion_tokens: 2 })
+            Some(Usage { prompt_tokens: 14, completion_tokens: 2, cached_tokens: 10, reasoning_tokens: 0 })
         );
+    }
+
+    #[test]
+    fn cached_and_reasoning_tokens_are_read() {
+        let chat = br#"{"object":"chat.completion","usage":{"prompt_tokens":100,"completion_tokens":40,"total_tokens":140,"prompt_tokens_details":{"cached_tokens":64,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":32,"audio_tokens":0}}}"#;
+        let u = from_json(chat).unwrap();
+        assert_eq!(
+            (
+                u.prompt_tokens,
+                u.completion_tokens,
+                u.cached_tokens,
+                u.reasoning_tokens
+            ),
+            (100, 40, 64, 32)
+        );
+        let resp = br#"{"object":"response","usage":{"input_tokens":50,"input_tokens_details":{"cached_tokens":10},"output_tokens":20,"output_tokens_details":{"reasoning_tokens":5},"total_tokens":70}}"#;
+        let u = from_json(resp).unwrap();
+        assert_eq!((u.cached_tokens, u.reasoning_tokens), (10, 5));
+        // Details of another shape, or larger than their total, do not lose the usage.
+        let odd = br#"{"usage":{"prompt_tokens":5,"completion_tokens":1,"prompt_tokens_details":[1],"completion_tokens_details":{"reasoning_tokens":"x"}}}"#;
+        assert_eq!(from_json(odd), Some(Usage::new(5, 1)));
+        let over = br#"{"usage":{"prompt_tokens":5,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":9},"completion_tokens_details":{"reasoning_tokens":7}}}"#;
+        let u = from_json(over).unwrap();
+        assert_eq!((u.cached_tokens, u.reasoning_tokens), (5, 1));
+        let null = br#"{"usage":{"prompt_tokens":5,"prompt_tokens_details":null}}"#;
+        assert_eq!(from_json(null), Some(Usage::new(5, 0)));
+        // The last chunk of a stream.
+        let s = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":5,\"prompt_tokens_details\":{\"cached_tokens\":8},\"completion_tokens_details\":{\"reasoning_tokens\":3}}}\n\ndata: [DONE]\n\n";
+        let u = read(&[s.as_bytes()]).usage.unwrap();
+        assert_eq!((u.cached_tokens, u.reasoning_tokens), (8, 3));
     }
 
     proptest! {
@@ -802,7 +826,7 @@ mod tests {
             }
             chunks.push(&bytes[at..]);
             let r = read(&chunks);
-            prop_assert_eq!(r.usage, Some(Usage { prompt_tokens: 12, completion_tokens: 5 }));
+            prop_assert_eq!(r.usage, Some(Usage::new(12, 5)));
             prop_assert_eq!(r.events, 6);
             prop_assert_eq!(r.chunks, 3);
             prop_assert!(r.done);

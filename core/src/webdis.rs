@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use crate::base64;
+use crate::spend::{Measure, Period};
 
 /// Checks a request against its minute window and, with a second key, its token window,
 /// atomically. `ARGV`: request limit, key ttl in ms, token limit, token cost.
@@ -46,6 +47,169 @@ pub const SETTLE_SCRIPT: &str = "for i, k in ipairs(KEYS) do \
 if redis.call('EXISTS', k) == 1 then \
 if redis.call('INCRBY', k, ARGV[i]) < 0 then redis.call('SET', k, 0, 'KEEPTTL') end end end \
 return #KEYS";
+
+/// Checks and counts any number of counters atomically: `ARGV` holds, per key, its limit (-1:
+/// none, counted only), this request's cost and the key's ttl in ms. A counter with a limit
+/// refuses when its value plus the cost (at least 1) would pass the limit. Returns
+/// `{1, 0, value of each counter after counting}` or, refused, `{0, index of the first counter
+/// that refused (1-based), its value}`; a refusal counts nothing.
+pub const COUNTERS_SCRIPT: &str = "for i = 1, #KEYS do \
+local n = tonumber(redis.call('GET', KEYS[i]) or '0') \
+local limit = tonumber(ARGV[3*i-2]) \
+if limit >= 0 and n + math.max(tonumber(ARGV[3*i-1]), 1) > limit then return {0, i, n} end end \
+local out = {1, 0} \
+for i = 1, #KEYS do \
+out[i+2] = redis.call('INCRBY', KEYS[i], ARGV[3*i-1]) \
+if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[3*i]) end end \
+return out";
+
+/// Reads counters: the value of each key, 0 where it does not exist.
+pub const READ_SCRIPT: &str = "local out = {} \
+for i, k in ipairs(KEYS) do out[i] = tonumber(redis.call('GET', k) or '0') end \
+return out";
+
+/// The Webdis request body that reads `keys` with [`READ_SCRIPT`].
+pub fn read_command(keys: &[String]) -> Vec<u8> {
+    let mut body = String::with_capacity(READ_SCRIPT.len() * 3 / 2 + keys.len() * 64);
+    body.push_str("EVAL/");
+    percent_encode_into(&mut body, READ_SCRIPT);
+    let _ = write!(body, "/{}", keys.len());
+    for k in keys {
+        body.push('/');
+        percent_encode_into(&mut body, k);
+    }
+    body.into_bytes()
+}
+
+/// Reads a Webdis reply to [`read_command`] of `n` keys.
+pub fn parse_read_reply(
+    status: Option<u16>,
+    body: &[u8],
+    n: usize,
+) -> Result<Vec<u64>, ReplyError> {
+    let reply = eval_reply(status, body)?;
+    let items = reply.as_array().ok_or(ReplyError::Malformed)?;
+    if items.len() != n {
+        return Err(ReplyError::Malformed);
+    }
+    items
+        .iter()
+        .map(|v| v.as_u64().ok_or(ReplyError::Malformed))
+        .collect()
+}
+
+/// Prefix of the spend records: `tollgate:spend:<day number>:<client>:<model>`, micro-units
+/// spent that day (days of the budgets' time zone), for `tollgate spend`.
+pub const SPEND_KEY_PREFIX: &str = "tollgate:spend:";
+
+/// How long a day's spend record is kept: a little more than a year.
+pub const SPEND_TTL_MS: u64 = 400 * 86_400_000;
+
+/// Adds `ARGV[i]` to `KEYS[i]`, creating it with a ttl of the last `ARGV` if it is new.
+pub const SPEND_SCRIPT: &str = "local n = #KEYS \
+for i, k in ipairs(KEYS) do redis.call('INCRBY', k, ARGV[i]) \
+if redis.call('PTTL', k) < 0 then redis.call('PEXPIRE', k, ARGV[n+1]) end end \
+return n";
+
+/// Redis key of a client's spend on a model in a day.
+pub fn spend_key(day: u64, client: &str, model: &str) -> String {
+    format!("{SPEND_KEY_PREFIX}{day}:{client}:{model}")
+}
+
+/// The Webdis request body that records spend with [`SPEND_SCRIPT`].
+pub fn spend_command(records: &[(String, i64)]) -> Vec<u8> {
+    let mut body = String::with_capacity(SPEND_SCRIPT.len() * 3 / 2 + records.len() * 64);
+    body.push_str("EVAL/");
+    percent_encode_into(&mut body, SPEND_SCRIPT);
+    let _ = write!(body, "/{}", records.len());
+    for (key, _) in records {
+        body.push('/');
+        percent_encode_into(&mut body, key);
+    }
+    for (_, n) in records {
+        let _ = write!(body, "/{n}");
+    }
+    let _ = write!(body, "/{SPEND_TTL_MS}");
+    body.into_bytes()
+}
+
+/// Redis key of one measure of a client's budget window:
+/// `tollgate:budget:<client>:<period>:<window number>:<measure>`.
+pub fn budget_key(client: &str, period: Period, window: u64, measure: Measure) -> String {
+    format!(
+        "tollgate:budget:{client}:{}:{window}:{}",
+        period.as_str(),
+        measure.as_str()
+    )
+}
+
+/// One counter of a [`COUNTERS_SCRIPT`] call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counter {
+    /// Redis key.
+    pub key: String,
+    /// Limit, if this counter can refuse.
+    pub limit: Option<u64>,
+    /// What this request adds.
+    pub cost: u64,
+    /// The key's lifetime when the script creates it.
+    pub ttl_ms: u64,
+}
+
+/// The Webdis request body that checks and counts `counters` with [`COUNTERS_SCRIPT`].
+pub fn counters_command(counters: &[Counter]) -> Vec<u8> {
+    let mut body = String::with_capacity(COUNTERS_SCRIPT.len() * 3 / 2 + counters.len() * 96);
+    body.push_str("EVAL/");
+    percent_encode_into(&mut body, COUNTERS_SCRIPT);
+    let _ = write!(body, "/{}", counters.len());
+    for c in counters {
+        body.push('/');
+        percent_encode_into(&mut body, &c.key);
+    }
+    for c in counters {
+        match c.limit {
+            Some(l) => {
+                let _ = write!(body, "/{l}");
+            }
+            None => body.push_str("/-1"),
+        }
+        let _ = write!(body, "/{}/{}", c.cost, c.ttl_ms);
+    }
+    body.into_bytes()
+}
+
+/// The answer of a [`COUNTERS_SCRIPT`] call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Counted {
+    /// Every counter counted; their values after counting, in order.
+    Admitted(Vec<u64>),
+    /// The counter at this index (0-based) refused, with its value; nothing counted.
+    Refused(usize, u64),
+}
+
+/// Reads a Webdis reply to [`counters_command`] of `n` counters.
+pub fn parse_counters_reply(
+    status: Option<u16>,
+    body: &[u8],
+    n: usize,
+) -> Result<Counted, ReplyError> {
+    let reply = eval_reply(status, body)?;
+    let items = reply.as_array().ok_or(ReplyError::Malformed)?;
+    let number = |v: &serde_json::Value| v.as_u64().ok_or(ReplyError::Malformed);
+    match items.as_slice() {
+        [v, i, used] if v.as_i64() == Some(0) => {
+            let i = usize::try_from(number(i)?).map_err(|_| ReplyError::Malformed)?;
+            if i == 0 || i > n {
+                return Err(ReplyError::Malformed);
+            }
+            Ok(Counted::Refused(i - 1, number(used)?))
+        }
+        [v, _, values @ ..] if v.as_i64() == Some(1) && values.len() == n => Ok(Counted::Admitted(
+            values.iter().map(number).collect::<Result<_, _>>()?,
+        )),
+        _ => Err(ReplyError::Malformed),
+    }
+}
 
 /// Redis key of a client's window: `rate:<md5 hex>:<unix minute>`.
 pub fn window_key(key_md5_hex: &str, minute: u64) -> String {
@@ -114,6 +278,8 @@ pub fn settle_command(adjustments: &[(String, i64)]) -> Vec<u8> {
 #[derive(Debug, Default)]
 pub struct Settlements {
     pending: HashMap<String, i64>,
+    /// Spend records ([`SPEND_KEY_PREFIX`] keys), created when new.
+    spend: HashMap<String, i64>,
 }
 
 impl Settlements {
@@ -123,24 +289,32 @@ impl Settlements {
     pub const BATCH: usize = 64;
 
     /// Adds `delta` to `key`'s pending adjustment. `false`: refused, the queue is full.
+    /// A [`SPEND_KEY_PREFIX`] key is a spend record, created if new; any other key is an
+    /// adjustment of a counter that only applies while the counter exists.
     pub fn add(&mut self, key: String, delta: i64) -> bool {
         if delta == 0 {
             return true;
         }
-        if let Some(d) = self.pending.get_mut(&key) {
+        let full = self.pending.len() + self.spend.len() >= Self::MAX_KEYS;
+        let map = if key.starts_with(SPEND_KEY_PREFIX) {
+            &mut self.spend
+        } else {
+            &mut self.pending
+        };
+        if let Some(d) = map.get_mut(&key) {
             *d = d.saturating_add(delta);
             return true;
         }
-        if self.pending.len() >= Self::MAX_KEYS {
+        if full {
             return false;
         }
-        self.pending.insert(key, delta);
+        map.insert(key, delta);
         true
     }
 
     /// Nothing waiting.
     pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
+        self.pending.is_empty() && self.spend.is_empty()
     }
 
     /// Takes everything waiting, as Webdis request bodies of at most [`Settlements::BATCH`]
@@ -148,7 +322,12 @@ impl Settlements {
     pub fn drain_commands(&mut self) -> Vec<Vec<u8>> {
         let mut all: Vec<(String, i64)> = self.pending.drain().filter(|(_, d)| *d != 0).collect();
         all.sort();
-        all.chunks(Self::BATCH).map(settle_command).collect()
+        let mut spend: Vec<(String, i64)> = self.spend.drain().filter(|(_, d)| *d != 0).collect();
+        spend.sort();
+        all.chunks(Self::BATCH)
+            .map(settle_command)
+            .chain(spend.chunks(Self::BATCH).map(spend_command))
+            .collect()
     }
 }
 
@@ -321,6 +500,51 @@ pub fn basic_authorization(user_password: &str) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn counters_command_and_replies() {
+        let body = counters_command(&[
+            Counter {
+                key: budget_key("team-a", Period::Day, 20_427, Measure::Money),
+                limit: Some(5_000_000),
+                cost: 120,
+                ttl_ms: 1000,
+            },
+            Counter {
+                key: "rate:x:1".into(),
+                limit: None,
+                cost: 1,
+                ttl_ms: 2000,
+            },
+        ]);
+        let body = String::from_utf8(body).unwrap();
+        assert!(body.starts_with("EVAL/"));
+        assert!(body.ends_with(
+            "/2/tollgate%3Abudget%3Ateam-a%3Aday%3A20427%3Amoney/rate%3Ax%3A1/5000000/120/1000/-1/1/2000"
+        ));
+        assert_eq!(
+            parse_counters_reply(Some(200), br#"{"EVAL":[1,0,120,7]}"#, 2),
+            Ok(Counted::Admitted(vec![120, 7]))
+        );
+        assert_eq!(
+            parse_counters_reply(Some(200), br#"{"EVAL":[0,1,4999990]}"#, 2),
+            Ok(Counted::Refused(0, 4_999_990))
+        );
+        for bad in [
+            &br#"{"EVAL":[1,0,120]}"#[..],
+            br#"{"EVAL":[0,3,1]}"#,
+            br#"{"EVAL":[0,0,1]}"#,
+            br#"{"EVAL":[2,0,1,1]}"#,
+            br#"{"EVAL":[1,0,-1,1]}"#,
+        ] {
+            assert_eq!(
+                parse_counters_reply(Some(200), bad, 2),
+                Err(ReplyError::Malformed),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 
     #[test]
     fn key_layout_matches_the_older_proxy() {

@@ -565,3 +565,256 @@ fn a_fallback_reads_the_attempt_log_and_the_listener_counts_it() {
         assert_eq!(host.counter(name), n, "{name}");
     }
 }
+
+fn priced() -> String {
+    routed().replace(
+        r#""models":[{"match""#,
+        r#""prices":[{"model":"gpt-4.1","input_per_million_tokens":2,"cached_input_per_million_tokens":0.5,"output_per_million_tokens":8},
+                     {"model":"deepseek-chat","input_per_million_tokens":0.28,"output_per_million_tokens":0.42}],
+            "models":[{"match""#,
+    )
+}
+
+/// A routed request for `model` with `body` as the provider's answer: the exchange from its
+/// headers to its log.
+fn routed_exchange(
+    host: &FakeHost,
+    gw: &Rc<Gateway>,
+    model: &str,
+    content_type: &str,
+    body: &[u8],
+) {
+    let mut ex = Exchange::new(Some(gw.clone()));
+    chat_request(host, 40);
+    host.request
+        .borrow_mut()
+        .retain(|(n, _)| n != b"x-api-key" && n != b"x-tollgate-route");
+    assert_eq!(ex.on_request_headers(host, false), Action::Pause);
+    *host.request_body.borrow_mut() =
+        format!(r#"{{"model":"{model}","messages":[]}}"#).into_bytes();
+    let len = host.request_body.borrow().len();
+    assert_eq!(ex.on_request_body(host, len, true), Action::Continue);
+    provider_response(host, content_type);
+    assert_eq!(ex.on_response_headers(host), Action::Continue);
+    *host.response_chunk.borrow_mut() = body.to_vec();
+    assert_eq!(
+        ex.on_response_body(host, body.len(), true),
+        Action::Continue
+    );
+    ex.on_log(host);
+}
+
+#[test]
+fn spend_is_counted_at_the_billed_model_price_with_cached_and_reasoning_tokens() {
+    let host = FakeHost::new(NOW, &[]);
+    let gw = gateway(&host, &priced());
+    // 1000 in (600 cached), 500 out (200 reasoning): 400 x 2 + 600 x 0.5 + 500 x 8 = 5100.
+    routed_exchange(
+        &host,
+        &gw,
+        "gpt-4.1",
+        "application/json",
+        br#"{"usage":{"prompt_tokens":1000,"completion_tokens":500,"prompt_tokens_details":{"cached_tokens":600},"completion_tokens_details":{"reasoning_tokens":200}}}"#,
+    );
+    assert_eq!(
+        host.counter("tollgate_spend_micros_total.client=team.model=gpt-4_1"),
+        5100
+    );
+    // `fast` is billed as deepseek-chat: 3 x 0.28 + 7 x 0.42 = 3.78, charged 4.
+    let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":7}}\n\ndata: [DONE]\n\n";
+    routed_exchange(&host, &gw, "fast", "text/event-stream", stream.as_bytes());
+    assert_eq!(
+        host.counter("tollgate_spend_micros_total.client=team.model=deepseek-chat"),
+        4
+    );
+    routed_exchange(&host, &gw, "fast", "text/event-stream", stream.as_bytes());
+    assert_eq!(
+        host.counter("tollgate_spend_micros_total.client=team.model=deepseek-chat"),
+        8
+    );
+}
+
+/// A routed request for `model` with `max_tokens`, up to its decision; the host calls it made.
+fn routed_admission(host: &FakeHost, ex: &mut Exchange, model: &str, max_tokens: u64) -> usize {
+    chat_request(host, 40);
+    host.request
+        .borrow_mut()
+        .retain(|(n, _)| n != b"x-api-key" && n != b"x-tollgate-route");
+    host.take_calls();
+    assert_eq!(ex.on_request_headers(host, false), Action::Pause);
+    *host.request_body.borrow_mut() =
+        format!(r#"{{"model":"{model}","max_tokens":{max_tokens},"messages":[]}}"#).into_bytes();
+    let len = host.request_body.borrow().len();
+    ex.on_request_body(host, len, true);
+    host.take_calls().len()
+}
+
+#[test]
+fn a_daily_money_budget_refuses_exactly_at_the_budget_with_no_extra_host_call() {
+    // Output at $1 per million tokens: a micro-unit per token; input free. Requests of
+    // max_tokens 10 reserve 10 micro-units and, answering 10 tokens, cost exactly that.
+    let prices = r#""prices":[{"model":"gpt-4.1","input_per_million_tokens":0,"output_per_million_tokens":1}],"models""#;
+    let plain = routed().replace(r#""models":[{"match""#, &format!(r#"{prices}:[{{"match""#));
+    let budgeted = plain.replace(
+        r#""models":["gpt-4.1","fast"]"#,
+        r#""models":["gpt-4.1","fast"],"budgets":[{"window":"day","money":0.00005},{"window":"month","requests":1000,"tokens":100000}]"#,
+    )
+    .replacen(
+        r#""providers""#,
+        r#""limiter":{"backend":"local","budgets_on_restart":"reset"},"providers""#,
+        1,
+    );
+    let host = FakeHost::new(NOW, &[]);
+    let gw_plain = gateway(&host, &plain);
+    let mut ex = Exchange::new(Some(gw_plain));
+    let calls_plain = routed_admission(&host, &mut ex, "gpt-4.1", 10);
+
+    let host = FakeHost::new(NOW, &[]);
+    let gw = gateway(&host, &budgeted);
+    let usage = br#"{"usage":{"prompt_tokens":9,"completion_tokens":10}}"#;
+    for i in 0..5 {
+        let mut ex = Exchange::new(Some(gw.clone()));
+        let calls = routed_admission(&host, &mut ex, "gpt-4.1", 10);
+        assert!(ex.forwarded(), "request {i}");
+        if i == 0 {
+            assert_eq!(calls, calls_plain, "two more budgets, no more host calls");
+        }
+        provider_response(&host, "application/json");
+        ex.on_response_headers(&host);
+        *host.response_chunk.borrow_mut() = usage.to_vec();
+        ex.on_response_body(&host, usage.len(), true);
+        ex.on_log(&host);
+    }
+    assert_eq!(
+        host.counter("tollgate_spend_micros_total.client=team.model=gpt-4_1"),
+        50
+    );
+    // The client's budget endpoint agrees with the metric, and is not counted.
+    let mut ex = Exchange::new(Some(gw.clone()));
+    *host.request.borrow_mut() = pairs(&[
+        (":method", "GET"),
+        (":path", "/v1/tollgate/budgets"),
+        ("authorization", &format!("Bearer {KEY}")),
+    ]);
+    host.take_calls();
+    assert_eq!(ex.on_request_headers(&host, true), Action::Pause);
+    let calls = host.take_calls();
+    assert_eq!(calls.iter().filter(|c| **c == "get_shared_data").count(), 1);
+    let reply = host.replies.borrow().last().cloned().unwrap();
+    assert_eq!(reply.status, 200);
+    let b: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(b["client"], "team");
+    assert_eq!(b["currency"], "USD");
+    assert_eq!(b["budgets"][0]["window"], "day");
+    assert_eq!(b["budgets"][0]["money"]["used"], 50);
+    assert_eq!(b["budgets"][0]["money"]["remaining"], 0);
+    assert_eq!(b["budgets"][0]["requests"]["used"], 5);
+    assert_eq!(b["budgets"][0]["tokens"]["used"], 5 * 19);
+    assert_eq!(b["budgets"][1]["window"], "month");
+    assert_eq!(b["budgets"][1]["requests"]["remaining"], 995);
+    assert_eq!(b["budgets"][0]["resets_at"], NOW / 1000 + 57_600);
+    assert_eq!(b["per_minute"]["requests"]["used"], 5);
+
+    // 50 of 50 micro-units used: the sixth is refused, in OpenAI's shape.
+    let mut ex = Exchange::new(Some(gw.clone()));
+    routed_admission(&host, &mut ex, "gpt-4.1", 10);
+    assert!(!ex.forwarded());
+    let reply = host.replies.borrow().last().cloned().unwrap();
+    assert_eq!(reply.status, 429);
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(body["error"]["type"], "insufficient_quota");
+    assert_eq!(body["error"]["code"], "insufficient_quota");
+    let header = |n: &str| {
+        reply
+            .headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        header("x-tollgate-budget").as_deref(),
+        Some("money-per-day")
+    );
+    assert_eq!(
+        header("x-tollgate-budget-limit").as_deref(),
+        Some("0.00005")
+    );
+    assert_eq!(header("x-tollgate-budget-remaining").as_deref(), Some("0"));
+    // NOW is 2027-01-15 08:00 UTC: the day resets in 16 hours.
+    assert_eq!(header("x-tollgate-budget-reset").as_deref(), Some("57600"));
+    assert_eq!(header("x-should-retry").as_deref(), Some("false"));
+    assert_eq!(
+        host.counter("tollgate_requests_total.client=team.outcome=rate_limited"),
+        1
+    );
+}
+
+#[test]
+fn budgets_in_redis_are_one_callout_and_settle_through_the_root_tick() {
+    let host = FakeHost::new(NOW, &[]);
+    let json = priced()
+        .replace(
+            r#""models":["gpt-4.1","fast"]"#,
+            r#""models":["gpt-4.1","fast"],"budgets":[{"window":"day","money":1}]"#,
+        )
+        .replacen(
+            r#""providers""#,
+            r#""limiter":{"backend":"redis","cluster":"webdis"},"providers""#,
+            1,
+        );
+    let gw = gateway(&host, &json);
+    assert!(gw.tick_period_ms().is_some());
+    let mut ex = Exchange::new(Some(gw.clone()));
+    routed_admission(&host, &mut ex, "gpt-4.1", 100);
+    let call = host.callouts.borrow().last().cloned().unwrap();
+    let body = String::from_utf8(call.body.clone()).unwrap();
+    assert!(body.contains("tollgate%3Abudget%3Ateam%3Aday%3A"), "{body}");
+    // Admitted: the three day counters, then the minute's requests.
+    *host.call_response.borrow_mut() = (
+        pairs(&[(":status", "200")]),
+        br#"{"EVAL":[1,0,1,200,810,1]}"#.to_vec(),
+    );
+    ex.on_callout(&host, 1, 1);
+    assert!(ex.forwarded());
+    provider_response(&host, "application/json");
+    ex.on_response_headers(&host);
+    let usage = br#"{"usage":{"prompt_tokens":100,"completion_tokens":50}}"#;
+    *host.response_chunk.borrow_mut() = usage.to_vec();
+    ex.on_response_body(&host, usage.len(), true);
+    ex.on_log(&host);
+    // 100 x 2 + 50 x 8 = 600 micro-units.
+    assert_eq!(
+        host.counter("tollgate_spend_micros_total.client=team.model=gpt-4_1"),
+        600
+    );
+    host.callouts.borrow_mut().clear();
+    gw.on_tick(&host);
+    let settle = host.callouts.borrow();
+    // The budgets' adjustments, then the day's spend record for `tollgate spend`.
+    assert_eq!(settle.len(), 2);
+    let body = String::from_utf8(settle[0].body.clone()).unwrap();
+    assert!(body.contains("%3Amoney"), "{body}");
+    assert!(body.contains("%3Atokens"), "{body}");
+    let body = String::from_utf8(settle[1].body.clone()).unwrap();
+    let day = NOW / 86_400_000;
+    assert!(
+        body.contains(&format!(
+            "/tollgate%3Aspend%3A{day}%3Ateam%3Agpt-4%2E1/600/"
+        )),
+        "{body}"
+    );
+
+    // Refused by the money counter (index 3): insufficient_quota.
+    drop(settle);
+    let mut ex = Exchange::new(Some(gw));
+    routed_admission(&host, &mut ex, "gpt-4.1", 100);
+    *host.call_response.borrow_mut() = (
+        pairs(&[(":status", "200")]),
+        br#"{"EVAL":[0,3,999990]}"#.to_vec(),
+    );
+    ex.on_callout(&host, 2, 1);
+    assert!(!ex.forwarded());
+    let reply = host.replies.borrow().last().cloned().unwrap();
+    assert_eq!(reply.status, 429);
+    assert!(String::from_utf8_lossy(&reply.body).contains("insufficient_quota"));
+}

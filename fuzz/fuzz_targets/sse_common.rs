@@ -285,9 +285,31 @@ fn raw_usage(u: &Object) -> Result<Option<Usage>, ()> {
     let completion = count("completion_tokens")?;
     let input = count("input_tokens")?;
     let output = count("output_tokens")?;
-    Ok(prompt.or(input).map(|p| Usage {
-        prompt_tokens: p,
-        completion_tokens: completion.or(output).unwrap_or(0),
+    // Details are lenient: one that is not an object, or a count that is not a u64, is absent.
+    let detail = |keys: [&str; 2], field: &str| {
+        keys.iter()
+            .find_map(|k| match u.get(*k) {
+                Some(Value::Object(d)) => d.get(field).and_then(Value::as_u64),
+                _ => None,
+            })
+            .unwrap_or(0)
+    };
+    Ok(prompt.or(input).map(|p| {
+        let c = completion.or(output).unwrap_or(0);
+        Usage {
+            prompt_tokens: p,
+            completion_tokens: c,
+            cached_tokens: detail(
+                ["prompt_tokens_details", "input_tokens_details"],
+                "cached_tokens",
+            )
+            .min(p),
+            reasoning_tokens: detail(
+                ["completion_tokens_details", "output_tokens_details"],
+                "reasoning_tokens",
+            )
+            .min(c),
+        }
     }))
 }
 

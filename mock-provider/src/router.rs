@@ -365,7 +365,13 @@ impl V1<'_> {
     fn chat(&self) -> Result<Answer, ApiError> {
         let req = openai::parse_chat(self.body)?;
         let reply = Reply::new(&self.state.cfg.name, &req.echo, req.max_tokens);
-        let usage = Usage::new(req.prompt_tokens, reply.completion_tokens());
+        let mut usage = Usage::new(req.prompt_tokens, reply.completion_tokens());
+        if let Some(n) = self.behaviour.cached_tokens {
+            usage.prompt_tokens_details.cached_tokens = n.min(usage.prompt_tokens);
+        }
+        if let Some(n) = self.behaviour.reasoning_tokens {
+            usage.completion_tokens_details.reasoning_tokens = n.min(usage.completion_tokens);
+        }
         let id = self.state.ids.object_id("chatcmpl-");
         let meta = Meta {
             id: &id,

@@ -39,6 +39,14 @@ pub struct RuleSpec {
     /// How many requests the rule applies to; absent means every matching request.
     #[serde(default)]
     pub times: Option<u64>,
+    /// Chat completions report this many of their prompt tokens as cached
+    /// (`prompt_tokens_details.cached_tokens`, at most the prompt).
+    #[serde(default)]
+    pub cached_tokens: Option<u64>,
+    /// Chat completions report this many of their completion tokens as reasoning
+    /// (`completion_tokens_details.reasoning_tokens`, at most the completion).
+    #[serde(default)]
+    pub reasoning_tokens: Option<u64>,
 }
 
 /// A stored rule, as `GET /__mock/rules` lists it.
@@ -58,6 +66,8 @@ pub struct Rule {
     pub times: Option<u64>,
     /// Requests it has applied to so far.
     pub hits: u64,
+    pub cached_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
 }
 
 /// Why a posted rule was refused (answered 400 on the control listener).
@@ -130,6 +140,8 @@ pub struct Behaviour {
     pub chunk_delay: Duration,
     pub abort_after: Option<usize>,
     pub headers: Vec<(String, String)>,
+    pub cached_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
 }
 
 impl Behaviour {
@@ -141,6 +153,8 @@ impl Behaviour {
             chunk_delay: Duration::ZERO,
             abort_after: None,
             headers: Vec::new(),
+            cached_tokens: None,
+            reasoning_tokens: None,
         }
     }
 
@@ -156,6 +170,8 @@ impl Behaviour {
                 .map_or(d.chunk_delay, Duration::from_millis),
             abort_after: rule.abort_after,
             headers: rule.headers.clone(),
+            cached_tokens: rule.cached_tokens,
+            reasoning_tokens: rule.reasoning_tokens,
         }
     }
 }
@@ -207,6 +223,8 @@ impl Rules {
             headers: spec.headers,
             times: spec.times,
             hits: 0,
+            cached_tokens: spec.cached_tokens,
+            reasoning_tokens: spec.reasoning_tokens,
         };
         inner.next_id += 1;
         inner.rules.push(rule.clone());
@@ -345,6 +363,8 @@ mod tests {
                 chunk_delay: Duration::from_millis(4),
                 abort_after: Some(1),
                 headers: vec![("a".into(), "b".into())],
+                cached_tokens: None,
+                reasoning_tokens: None,
             }
         );
     }

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 
 use super::cache::RawCache;
+use super::prices::{compile_budgets, RawBudget};
 use super::routing::compile_patterns;
 use super::{check_client_name, per_minute, ConfigError, Phase};
 use crate::endpoints::EndpointSet;
@@ -65,6 +66,8 @@ pub(super) struct RawClient<'a> {
     pub(super) endpoints: Option<Vec<String>>,
     #[serde(default)]
     pub(super) cache: Option<RawCache>,
+    #[serde(default)]
+    pub(super) budgets: Option<Vec<RawBudget>>,
 }
 
 /// An optional string borrowed from the document when it has no escapes (serde's own
@@ -95,6 +98,8 @@ pub struct Client {
     /// `keys` list (`name-<name>`, so that all of them spend one budget); `None`: the MD5 hex of
     /// the presented key, as the older proxy counted (`key_sha256` or `key_md5` on the client).
     pub redis_id: Option<String>,
+    /// Budgets over longer windows, shortest window first (at most one per window).
+    pub budgets: Vec<crate::spend::Budget>,
 }
 
 /// What a client that does not say gets.
@@ -213,6 +218,10 @@ pub(super) fn compile_clients(
             }
             None => defaults.tokens_per_minute,
         };
+        let budgets = match c.budgets {
+            None => Vec::new(),
+            Some(list) => compile_budgets(&at("budgets"), list)?,
+        };
         clients.push(Client {
             name: c.name.into_owned(),
             requests_per_minute,
@@ -220,6 +229,7 @@ pub(super) fn compile_clients(
             models,
             endpoints,
             redis_id,
+            budgets,
         });
         let rehash = |&j: &ClientId| {
             clients

@@ -22,6 +22,17 @@ pub(super) struct RawLimiter {
     pub(super) basic_auth_env: Option<String>,
     #[serde(default)]
     pub(super) on_error: Option<OnError>,
+    #[serde(default)]
+    pub(super) budgets_on_restart: Option<OnRestart>,
+}
+
+/// `limiter.budgets_on_restart`: what the configuration accepts the local limiter does with
+/// budgets of an hour or longer when Envoy restarts (shared data lives in the process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRestart {
+    /// Every window starts again from zero.
+    Reset,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -96,6 +107,12 @@ pub(super) fn compile_limiter(
             ));
         }
         return Ok(LimiterBackend::Local);
+    }
+    if raw.budgets_on_restart.is_some() {
+        return Err(ConfigError::new(
+            "limiter.budgets_on_restart",
+            "only valid with \"backend\": \"local\" (Redis keeps budgets across restarts)",
+        ));
     }
     let Some(cluster) = raw.cluster else {
         return Err(ConfigError::new(

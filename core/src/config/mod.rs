@@ -12,6 +12,7 @@ mod cache;
 mod clients;
 mod limiter;
 mod path;
+mod prices;
 mod routing;
 #[cfg(test)]
 mod tests;
@@ -24,6 +25,7 @@ use crate::cache::CacheConfig;
 use crate::endpoints::{Api, EndpointSet, Kind};
 use crate::keys::KeyIndex;
 use crate::routing::Routing;
+use crate::spend::Prices;
 pub use crate::types::{ClientId, Webdis};
 
 use self::cache::{compile_cache, RawCache, RawCacheBackends};
@@ -34,8 +36,11 @@ pub use self::clients::{
 };
 use self::limiter::{compile_limiter, RawLimiter};
 pub use self::limiter::{
-    LimiterBackend, OnError, RedisLimiter, DEFAULT_REDIS_TIMEOUT_MS, MAX_REDIS_TIMEOUT_MS,
+    LimiterBackend, OnError, OnRestart, RedisLimiter, DEFAULT_REDIS_TIMEOUT_MS,
+    MAX_REDIS_TIMEOUT_MS,
 };
+use self::prices::{check_offset, compile_prices, RawPrice};
+pub use self::prices::{MAX_MONEY_BUDGET, MAX_PRICE_PER_MILLION};
 use self::routing::{compile_routing, compile_upstream, RawProvider, RawRule, RawUpstream};
 pub use self::routing::{Upstream, DEFAULT_MAX_BODY_BYTES, MAX_MAX_BODY_BYTES};
 
@@ -99,6 +104,12 @@ struct RawConfig<'a> {
     endpoints: Option<Vec<String>>,
     #[serde(default)]
     forward_headers: Option<Vec<String>>,
+    #[serde(default)]
+    currency: Option<String>,
+    #[serde(default)]
+    prices: Option<Vec<RawPrice>>,
+    #[serde(default)]
+    budget_utc_offset_minutes: Option<i32>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -119,6 +130,12 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Request headers forwarded besides [`crate::forwarding::FORWARDED`], lowercase.
     pub forward_headers: Vec<String>,
+    /// Prices per model (see [`crate::spend`]).
+    pub prices: Prices,
+    /// Budgets' days, weeks and months start at midnight of UTC plus this many minutes.
+    pub budget_utc_offset_minutes: i32,
+    /// `limiter.budgets_on_restart`: set when the local limiter holds budgets of an hour or more.
+    pub budgets_on_restart: Option<OnRestart>,
 }
 
 /// One provider for everything, or routing by model.
@@ -266,6 +283,8 @@ fn compile(
             .map_err(|(j, m)| ConfigError::new(format!("endpoints[{j}]"), m))?,
     };
     let forward_headers = compile_forward_headers(raw.forward_headers.take().unwrap_or_default())?;
+    let prices = compile_prices(raw.currency.take(), raw.prices.take())?;
+    let budget_utc_offset_minutes = check_offset(raw.budget_utc_offset_minutes)?;
 
     let defaults = Defaults {
         endpoints: default_endpoints,
@@ -313,6 +332,13 @@ fn compile(
         }
     };
     if let Mode::Single(_) = mode {
+        if !prices.models.is_empty() {
+            return Err(ConfigError::new(
+                "prices",
+                "prices need model routing (`providers` and `models`): with one `upstream` \
+                 the request body is not read, so the model is unknown",
+            ));
+        }
         if let Some(i) = clients.iter().position(|c| c.models.is_some()) {
             return Err(ConfigError::new(
                 format!("clients[{i}].models"),
@@ -362,10 +388,31 @@ fn compile(
             }
         }
     }
+    let on_restart = raw.limiter.as_ref().and_then(|l| l.budgets_on_restart);
     let limiter = match raw.limiter {
         None => LimiterBackend::Local,
         Some(l) => compile_limiter(l, env)?,
     };
+    // The local limiter's counts live in the Envoy process: a budget longer than a process may
+    // live is accepted only when the configuration says what a restart does to it.
+    if limiter == LimiterBackend::Local && on_restart.is_none() {
+        let long = clients.iter().enumerate().find_map(|(i, c)| {
+            c.budgets
+                .iter()
+                .position(|b| b.period > crate::spend::Period::Minute)
+                .map(|j| (i, c.budgets.get(j).map_or("", |b| b.period.as_str())))
+        });
+        if let Some((i, period)) = long {
+            return Err(ConfigError::new(
+                format!("clients[{i}].budgets"),
+                format!(
+                    "a budget per {period} with the local limiter starts from zero when Envoy \
+                     restarts: set limiter.budgets_on_restart to \"reset\" to accept that, or \
+                     use the Redis limiter"
+                ),
+            ));
+        }
+    }
     let cache = compile_cache(
         rule_caches,
         client_caches,
@@ -383,6 +430,9 @@ fn compile(
         limiter,
         cache,
         forward_headers,
+        prices,
+        budget_utc_offset_minutes,
+        budgets_on_restart: on_restart,
     })
 }
 

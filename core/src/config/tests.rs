@@ -791,3 +791,97 @@ fn providers_say_which_api_they_speak() {
     );
     assert!(!format!("{u:?}").contains("secret"));
 }
+
+#[test]
+fn prices_and_budgets_are_validated() {
+    let routed = |client_extra: &str, extra: &str| {
+        format!(
+            r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"{client_extra}}}],
+                "providers":[{{"name":"p","cluster":"c","api_key_env":"PROVIDER_KEY"}}],
+                "models":[{{"match":"*","providers":["p"]}}]{extra}}}"#
+        )
+    };
+    let price = r#","prices":[{"model":"gpt-4.1","input_per_million_tokens":2,"cached_input_per_million_tokens":0.5,"output_per_million_tokens":8},{"model":"deepseek-chat","input_per_million_tokens":0.28,"output_per_million_tokens":0.42}]"#;
+    let c = parse(&routed("", price)).unwrap();
+    assert_eq!(c.prices.currency, "USD");
+    assert_eq!(c.prices.models[0].input, 2_000_000);
+    assert_eq!(c.prices.models[0].cached_input, 500_000);
+    assert_eq!(
+        c.prices.models[1].cached_input, 280_000,
+        "cached defaults to input"
+    );
+    assert_eq!(c.prices.find("deepseek-chat"), Some(1));
+    assert!(err(&routed("", r#","currency":"usd""#)).starts_with("currency: expected an ISO"));
+    let bad_price = |p: &str| err(&routed("", &format!(r#","prices":[{p}]"#)));
+    assert!(bad_price(
+        r#"{"model":"m","input_per_million_tokens":-1,"output_per_million_tokens":1}"#
+    )
+    .starts_with("prices[0].input_per_million_tokens: must be a number >= 0"));
+    assert!(bad_price(
+        r#"{"model":"m","input_per_million_tokens":1.0000001,"output_per_million_tokens":1}"#
+    )
+    .starts_with("prices[0].input_per_million_tokens: at most six decimals"));
+    assert!(bad_price(
+        r#"{"model":"gpt-*","input_per_million_tokens":1,"output_per_million_tokens":1}"#
+    )
+    .starts_with("prices[0].model: "));
+    assert!(bad_price(r#"{"model":"m","input_per_million_tokens":1}"#)
+        .starts_with("prices[0]: missing field `output_per_million_tokens`"));
+    let two = r#"{"model":"m","input_per_million_tokens":1,"output_per_million_tokens":1}"#;
+    assert!(bad_price(&format!("{two},{two}")).starts_with("prices[1].model: duplicate price"));
+    // One provider: the model is unknown.
+    let single = format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA}"}}],"upstream":{{"api_key_env":"PROVIDER_KEY"}}{price}}}"#
+    );
+    assert!(err(&single).starts_with("prices: prices need model routing"));
+
+    // The local limiter takes budgets of an hour or more only when told what a restart does.
+    let budgets = r#","budgets":[{"window":"month","money":100.25,"requests":5},{"window":"day","tokens":1000}]"#;
+    assert!(err(&routed(budgets, "")).starts_with(
+        "clients[0].budgets: a budget per day with the local limiter starts from zero when Envoy restarts"
+    ));
+    assert!(parse(&routed(r#","budgets":[{"window":"minute","money":1}]"#, "")).is_ok());
+    assert!(err(&routed(
+        "",
+        r#","limiter":{"backend":"redis","cluster":"w","budgets_on_restart":"reset"}"#
+    ))
+    .starts_with("limiter.budgets_on_restart: only valid with"));
+    let c = parse(&routed(
+        budgets,
+        r#","budget_utc_offset_minutes":60,"limiter":{"backend":"local","budgets_on_restart":"reset"}"#,
+    ))
+    .unwrap();
+    assert_eq!(c.budgets_on_restart, Some(OnRestart::Reset));
+    let b = &c.clients[0].budgets;
+    assert_eq!(b.len(), 2);
+    assert_eq!(
+        b[0].period,
+        crate::spend::Period::Day,
+        "shortest window first"
+    );
+    assert_eq!(b[1].limit(crate::spend::Measure::Money), Some(100_250_000));
+    assert_eq!(c.budget_utc_offset_minutes, 60);
+    let bad_budget = |b: &str| {
+        err(&routed(
+            &format!(r#","budgets":[{b}]"#),
+            r#","limiter":{"backend":"local","budgets_on_restart":"reset"}"#,
+        ))
+    };
+    assert!(bad_budget(r#"{"window":"year","money":1}"#)
+        .starts_with("clients[0].budgets[0].window: expected one of"));
+    assert!(
+        bad_budget(r#"{"window":"day"}"#).starts_with("clients[0].budgets[0]: set at least one")
+    );
+    assert!(bad_budget(r#"{"window":"day","money":0}"#)
+        .starts_with("clients[0].budgets[0].money: must be more than 0"));
+    assert!(bad_budget(r#"{"window":"day","tokens":0}"#)
+        .starts_with("clients[0].budgets[0].tokens: must be between"));
+    assert!(
+        bad_budget(r#"{"window":"day","money":1},{"window":"day","tokens":3}"#)
+            .starts_with("clients[0].budgets[1].window: a second budget per day")
+    );
+    let e = bad_budget(r#"{"window":"day","cost":1}"#);
+    assert!(e.contains("unknown field `cost`"), "{e}");
+    assert!(err(&routed("", r#","budget_utc_offset_minutes":900"#))
+        .starts_with("budget_utc_offset_minutes: must be between"));
+}
