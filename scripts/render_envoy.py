@@ -361,6 +361,8 @@ def set_edge(cfg: dict) -> None:
 DEMO_PROVIDERS = {
     "relay": {"url": "http://127.0.0.1:10080"},
     "backup": {"url": "http://127.0.0.1:10081"},
+    # The relay's Anthropic Messages API (relays such as HolySheep serve both APIs with one key).
+    "claude": {"url": "http://127.0.0.1:10080"},
 }
 
 

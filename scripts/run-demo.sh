@@ -75,7 +75,7 @@ elif [[ "${LIMITER:-local}" != local ]]; then
 fi
 
 "$PYTHON" scripts/render_envoy.py --listen "$LISTEN" --admin "$ADMIN" \
-  --provider "backup=http://$BACKUP_LISTEN" --provider-url "$provider_url" \
+  --provider "backup=http://$BACKUP_LISTEN" --provider "claude=$provider_url" --provider-url "$provider_url" \
   "${limiter_args[@]}" --reload-dir "$RUN_DIR/filter" -o "$RUN_DIR/envoy.yaml"
 
 "$ENVOY" -c "$RUN_DIR/envoy.yaml" --concurrency 2 --disable-hot-restart \
@@ -105,7 +105,9 @@ Tollgate is running on http://$LISTEN  (provider: $provider_desc)
     -d '{"model":"gpt-4.1","messages":[{"role":"user","content":"Hello!"}]}'
 
   models:   gpt-4.1 (relay, falls back to backup), gpt-4.1-* (relay),
-            fast (an alias: backup receives "deepseek-chat")
+            fast (an alias: backup receives "deepseek-chat"),
+            claude-* (Anthropic's Messages API of the same provider: POST /v1/messages
+            with 'x-api-key: sk-tollgate-demo'; docs/clients.md)
             curl -s http://$LISTEN/v1/models -H 'authorization: Bearer sk-tollgate-demo'
   metrics:  curl -s http://$ADMIN/stats/prometheus | grep tollgate_
   keys:     target/release/tollgate keys add $RUN_DIR/filter/tollgate.json --name NAME

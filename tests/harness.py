@@ -334,8 +334,9 @@ class Webdis:
 
 
 def provider_urls(relay: "MockProvider", backup: "MockProvider") -> dict:
-    """The provider settings of a gateway in front of the `relay` and `backup` mocks."""
-    return {"relay": {"url": relay.url}, "backup": {"url": backup.url}}
+    """The provider settings of a gateway in front of the `relay` and `backup` mocks (the demo's
+    `claude` provider is the relay's Anthropic API)."""
+    return {"relay": {"url": relay.url}, "backup": {"url": backup.url}, "claude": {"url": relay.url}}
 
 
 def default_plugin_config(clients: list[dict], **extra) -> dict:

@@ -112,7 +112,7 @@ def test_https_example_is_the_rendered_demo():
     plugin = render_envoy.plugin_config(cfg)
     urls = {**render_envoy.DEMO_PROVIDERS, "relay": {"url": "https://api.openai.com"}}
     render_envoy.set_authorities(plugin, urls)
-    assert [p["authority"] for p in plugin["providers"]] == ["api.openai.com", "127.0.0.1:10081"]
+    assert [p["authority"] for p in plugin["providers"]] == ["api.openai.com", "127.0.0.1:10081", "127.0.0.1:10080"]
     render_envoy.configure_routing(cfg, plugin, urls)
     assert render_envoy.load(ROOT / "envoy" / "provider-https.yaml") == cfg
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import anthropic
 import pytest
 
 import harness
@@ -45,10 +46,16 @@ def test_demo_serves_the_demo_key_and_stops_on_ctrl_c(limiter, tmp_path):
         assert harness.request(url, "POST", "/v1/chat/completions", [], chat_body()).status == 401
         harness.wait_for_fresh_window(margin_s=20)
         demo = [("authorization", "Bearer sk-tollgate-demo")]
+        # A Claude client with Anthropic's SDK: the demo routes claude-* to the provider's
+        # Messages API, on the same key and budget.
+        claude = anthropic.Anthropic(base_url=url, api_key="sk-tollgate-demo", max_retries=0, timeout=30)
+        message = claude.messages.create(model="claude-sonnet-5", max_tokens=32,
+                                         messages=[{"role": "user", "content": "Hello Claude"}])
+        assert message.type == "message" and "Hello Claude" in message.content[0].text
         statuses = [harness.request(url, "POST", "/v1/chat/completions", demo, chat_body()).status
-                    for _ in range(61)]
-        assert statuses[:60] == [200] * 60
-        assert statuses[60] == 429
+                    for _ in range(60)]
+        assert statuses[:59] == [200] * 59
+        assert statuses[59] == 429
         # The alias and the second provider (the 429 window is per client, so use the models
         # list, which is answered by the gateway).
         models = harness.request(url, "GET", "/v1/models", demo).json()
