@@ -459,10 +459,31 @@ def set_access_log(cfg: dict) -> None:
     }]
 
 
+# Anthropic's error types for the same flags (its SDKs read `error.type`); the rest are api_error.
+ANTHROPIC_ERROR_TYPES = {"UT": "timeout_error", "UO": "overloaded_error"}
+# The paths of Anthropic's API (core/src/endpoints.rs: `messages`, `messages_count_tokens`).
+ANTHROPIC_PATH_PREFIX = "/v1/messages"
+
+
 def set_local_replies(cfg: dict) -> None:
-    """Envoy's own errors in OpenAI's JSON error shape (SDKs retry or raise on them as they would
-    against the provider); Tollgate's replies pass unchanged (no response flag)."""
+    """Envoy's own errors in the JSON error shape of the client's API (SDKs retry or raise on them
+    as they would against the provider): Anthropic's on its Messages API, OpenAI's elsewhere;
+    Tollgate's replies pass unchanged (no response flag)."""
     mappers = []
+    for flag, code, message in ENVOY_ERRORS:
+        mappers.append({
+            "filter": {"and_filter": {"filters": [
+                {"header_filter": {"header": {"name": ":path",
+                                              "string_match": {"prefix": ANTHROPIC_PATH_PREFIX}}}},
+                {"response_flag_filter": {"flags": [flag]}},
+            ]}},
+            "body_format_override": {
+                "json_format": {"type": "error",
+                                "error": {"type": ANTHROPIC_ERROR_TYPES.get(flag, "api_error"),
+                                          "message": message}},
+                "content_type": "application/json",
+            },
+        })
     for flag, code, message in ENVOY_ERRORS:
         kind = "server_error"
         mappers.append({

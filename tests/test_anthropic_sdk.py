@@ -214,3 +214,21 @@ def test_a_failing_anthropic_provider_falls_back_to_the_next(gw, providers):
         client(gw).messages.create(model="claude-sonnet-4", max_tokens=20,
                                    messages=[{"role": "user", "content": "overloaded-marker"}])
     assert e.value.status_code == 529 and e.value.type == "overloaded_error"
+
+
+def test_envoys_own_errors_are_anthropic_shaped_on_the_messages_api(start_gateway, providers):
+    """A provider that cannot be reached: Envoy answers itself (no Tollgate decision is involved),
+    in Anthropic's error shape on /v1/messages and in OpenAI's elsewhere."""
+    relay, backup = providers
+    dead = f"http://127.0.0.1:{harness.free_port()}"
+    gw = start_gateway(plugin(), {"claude": {"url": dead}, "claude2": {"url": backup.url},
+                                  "oai": {"url": dead}})
+    with pytest.raises(anthropic.InternalServerError) as e:
+        client(gw).messages.create(model="claude-haiku-4", max_tokens=5,
+                                   messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 503
+    body = e.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "api_error", body
+    assert body["error"]["message"]
+    r = gw.post(key=SMALL, body=harness.chat_body("gpt-4.1"))
+    assert r.status == 503 and r.json()["error"]["type"] == "server_error"
