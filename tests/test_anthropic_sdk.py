@@ -5,6 +5,7 @@ exact usage in both modes, limits, allow-lists, fallback between two Anthropic p
 from __future__ import annotations
 
 import json
+import math
 
 import anthropic
 import pytest
@@ -232,3 +233,27 @@ def test_envoys_own_errors_are_anthropic_shaped_on_the_messages_api(start_gatewa
     assert body["error"]["message"]
     r = gw.post(key=SMALL, body=harness.chat_body("gpt-4.1"))
     assert r.status == 503 and r.json()["error"]["type"] == "server_error"
+
+
+def test_prompt_cache_reads_and_writes_are_priced_as_anthropic_bills_them(start_gateway, providers):
+    """Claude Sonnet at $3 input, $0.30 cache reads, $3.75 cache writes, $15 output per million:
+    the first message writes the system block to the cache, the second reads it."""
+    relay, backup = providers
+    config = {**plugin(), "currency": "USD", "prices": [
+        {"model": "claude-sonnet-4", "input_per_million_tokens": 3,
+         "cached_input_per_million_tokens": 0.3, "cache_write_input_per_million_tokens": 3.75,
+         "output_per_million_tokens": 15}]}
+    gw = start_gateway(config, {"claude": {"url": relay.url}, "claude2": {"url": backup.url},
+                                "oai": {"url": backup.url}})
+    c = client(gw)
+    expected = 0
+    for written, read in ((13, 0), (0, 13)):
+        m = c.messages.create(model="claude-sonnet-4", max_tokens=64, system=SYSTEM,
+                              messages=[{"role": "user", "content": "Hello Claude SDK"}])
+        u = m.usage
+        assert (u.cache_creation_input_tokens, u.cache_read_input_tokens) == (written, read)
+        # Micro-units: a price per million tokens is micro-units per token; rounded up once.
+        expected += math.ceil(u.input_tokens * 3 + read * 0.3 + written * 3.75 + u.output_tokens * 15)
+        assert gw.counter("tollgate_spend_micros_total", client="claude-team",
+                          model="claude-sonnet-4") == expected
+    assert expected == math.ceil(8 * 3 + 13 * 3.75 + 7 * 15) + math.ceil(8 * 3 + 13 * 0.3 + 7 * 15)

@@ -3,7 +3,8 @@
 //! Amounts are integers in **micro-units** of the one configured currency (1 USD =
 //! 1,000,000 micro-units), so that every sum is exact and Prometheus counters stay integers.
 //! A price is kept in micro-units per million tokens; a response's cost is
-//! `(uncached input x input price + cached input x cached price + output x output price) / 10^6`,
+//! `(uncached input x input price + cached input x cached price + cache writes x cache-write
+//! price + output x output price) / 10^6`,
 //! rounded **up** to the next micro-unit, once per response.
 
 use crate::types::Usage;
@@ -20,6 +21,8 @@ pub struct Price {
     pub input: u64,
     /// Input tokens served from the provider's prompt cache.
     pub cached_input: u64,
+    /// Input tokens written to the provider's prompt cache (Anthropic bills them above input).
+    pub cache_write_input: u64,
     /// Output (completion) tokens, reasoning tokens included.
     pub output: u64,
 }
@@ -56,11 +59,13 @@ impl Price {
     /// What a reported usage costs.
     pub fn cost(&self, u: &Usage) -> u64 {
         let cached = u.cached_tokens.min(u.prompt_tokens);
-        let uncached = u.prompt_tokens - cached;
+        let written = u.cache_write_tokens.min(u.prompt_tokens - cached);
+        let uncached = u.prompt_tokens - cached - written;
         let part = |tokens: u64, price: u64| u128::from(tokens) * u128::from(price);
         micros(
             part(uncached, self.input)
                 .saturating_add(part(cached, self.cached_input))
+                .saturating_add(part(written, self.cache_write_input))
                 .saturating_add(part(u.completion_tokens, self.output)),
         )
     }
@@ -312,6 +317,7 @@ mod tests {
             model: "m".into(),
             input,
             cached_input: cached,
+            cache_write_input: input,
             output,
         }
     }
@@ -326,9 +332,30 @@ mod tests {
             completion_tokens: 500,
             cached_tokens: 600,
             reasoning_tokens: 200,
+            cache_write_tokens: 0,
         };
         // 400 x 2 + 600 x 0.5 + 500 x 8 (reasoning is part of the output).
         assert_eq!(p.cost(&u), 800 + 300 + 4000);
+        // Anthropic's cache: $3 input, $0.30 reads, $3.75 writes, $15 output per million.
+        let claude = Price {
+            cache_write_input: 3_750_000,
+            ..price(3_000_000, 300_000, 15_000_000)
+        };
+        let u = Usage {
+            prompt_tokens: 1000,
+            completion_tokens: 100,
+            cached_tokens: 600,
+            reasoning_tokens: 0,
+            cache_write_tokens: 300,
+        };
+        // 100 x 3 + 600 x 0.3 + 300 x 3.75 + 100 x 15.
+        assert_eq!(claude.cost(&u), 300 + 180 + 1125 + 1500);
+        // Details larger than the total never make a negative uncached count.
+        let odd = Usage {
+            cache_write_tokens: 5000,
+            ..u
+        };
+        assert_eq!(claude.cost(&odd), 180 + 400 * 15 / 4 + 1500);
         // $0.42 per million: 3 tokens are 1.26 micro-units, charged 2.
         assert_eq!(price(420_000, 0, 0).cost(&Usage::new(3, 0)), 2);
         assert_eq!(p.cost(&Usage::default()), 0);

@@ -48,6 +48,9 @@ pub struct Usage {
     /// Of the completion tokens, those spent reasoning (billed as output):
     /// `completion_tokens_details.reasoning_tokens`, or `output_tokens_details.reasoning_tokens`.
     pub reasoning_tokens: u64,
+    /// Of the prompt tokens, those written to the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`, billed at the cache-write price); 0 for OpenAI's APIs.
+    pub cache_write_tokens: u64,
 }
 
 impl Usage {

@@ -24,9 +24,10 @@ impl From<MessageUsage> for Usage {
         Usage {
             prompt_tokens: u.prompt_total(),
             completion_tokens: u.output,
-            // Cache reads are billed at the cached-input price; cache writes as input.
+            // Cache reads are billed at the cached-input price, writes at the cache-write price.
             cached_tokens: u.cache_read,
             reasoning_tokens: 0,
+            cache_write_tokens: u.cache_creation,
         }
     }
 }
@@ -106,6 +107,7 @@ impl RawUsage {
             // negative uncached count).
             cached_tokens: cached.min(prompt),
             reasoning_tokens: reasoning.min(completion),
+            cache_write_tokens: 0,
         })
     }
 }
@@ -761,6 +763,7 @@ mod tests {
                     completion_tokens: 6,
                     cached_tokens: 3,
                     reasoning_tokens: 0,
+                    cache_write_tokens: 2,
                 })
             );
             assert_eq!((r.events, r.chunks), (8, 2));
@@ -776,7 +779,7 @@ mod tests {
         assert_eq!(r.usage, None);
         assert_eq!(
             from_anthropic_json(br#"{"type":"message","usage":{"input_tokens":4,"output_tokens":2,"cache_read_input_tokens":10}}"#),
-            Some(Usage { prompt_tokens: 14, completion_tokens: 2, cached_tokens: 10, reasoning_tokens: 0 })
+            Some(Usage { prompt_tokens: 14, completion_tokens: 2, cached_tokens: 10, reasoning_tokens: 0, cache_write_tokens: 0 })
         );
     }
 

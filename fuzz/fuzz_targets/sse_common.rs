@@ -309,6 +309,7 @@ fn raw_usage(u: &Object) -> Result<Option<Usage>, ()> {
                 "reasoning_tokens",
             )
             .min(c),
+            cache_write_tokens: 0,
         }
     }))
 }

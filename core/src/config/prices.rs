@@ -25,6 +25,8 @@ pub(super) struct RawPrice {
     pub(super) input_per_million_tokens: f64,
     #[serde(default)]
     pub(super) cached_input_per_million_tokens: Option<f64>,
+    #[serde(default)]
+    pub(super) cache_write_input_per_million_tokens: Option<f64>,
     pub(super) output_per_million_tokens: f64,
 }
 
@@ -75,11 +77,16 @@ pub(super) fn compile_prices(
             Some(v) => amount("cached_input_per_million_tokens", v)?,
             None => input,
         };
+        let cache_write_input = match p.cache_write_input_per_million_tokens {
+            Some(v) => amount("cache_write_input_per_million_tokens", v)?,
+            None => input,
+        };
         let output = amount("output_per_million_tokens", p.output_per_million_tokens)?;
         models.push(Price {
             model: p.model,
             input,
             cached_input,
+            cache_write_input,
             output,
         });
     }

@@ -801,7 +801,7 @@ fn prices_and_budgets_are_validated() {
                 "models":[{{"match":"*","providers":["p"]}}]{extra}}}"#
         )
     };
-    let price = r#","prices":[{"model":"gpt-4.1","input_per_million_tokens":2,"cached_input_per_million_tokens":0.5,"output_per_million_tokens":8},{"model":"deepseek-chat","input_per_million_tokens":0.28,"output_per_million_tokens":0.42}]"#;
+    let price = r#","prices":[{"model":"gpt-4.1","input_per_million_tokens":2,"cached_input_per_million_tokens":0.5,"cache_write_input_per_million_tokens":2.5,"output_per_million_tokens":8},{"model":"deepseek-chat","input_per_million_tokens":0.28,"output_per_million_tokens":0.42}]"#;
     let c = parse(&routed("", price)).unwrap();
     assert_eq!(c.prices.currency, "USD");
     assert_eq!(c.prices.models[0].input, 2_000_000);
@@ -809,6 +809,11 @@ fn prices_and_budgets_are_validated() {
     assert_eq!(
         c.prices.models[1].cached_input, 280_000,
         "cached defaults to input"
+    );
+    assert_eq!(c.prices.models[0].cache_write_input, 2_500_000);
+    assert_eq!(
+        c.prices.models[1].cache_write_input, 280_000,
+        "cache writes default to input"
     );
     assert_eq!(c.prices.find("deepseek-chat"), Some(1));
     assert!(err(&routed("", r#","currency":"usd""#)).starts_with("currency: expected an ISO"));
