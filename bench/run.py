@@ -167,8 +167,8 @@ def remove_wasm_filter(cfg: dict) -> None:
                                           if h["name"] != render_envoy.WASM_FILTER]
 
 
-# Plugin fields that only exist with model routing.
-ROUTING_FIELDS = ("providers", "models", "default_provider", "max_body_bytes")
+# Plugin fields that only exist with model routing (prices need the model from the body).
+ROUTING_FIELDS = ("providers", "models", "default_provider", "max_body_bytes", "prices", "currency")
 
 
 def bench_plugin(cfg: dict, routing: bool) -> dict:
@@ -182,6 +182,9 @@ def bench_plugin(cfg: dict, routing: bool) -> dict:
         client["requests_per_minute"] = BENCH_REQUESTS_PER_MINUTE
         for key in [k for k in client if k.endswith("_per_minute")]:
             client[key] = BENCH_REQUESTS_PER_MINUTE
+        # The demo's daily money budget (docs/spend.md) would refuse the bench within seconds;
+        # prices stay (with routing), so spend is counted as in the demo.
+        client.pop("budgets", None)
         if not routing:
             client.pop("models", None)  # model allow-lists need routing
     # The bench measures what the gateway adds on the way to a provider: the demo's response
