@@ -117,9 +117,11 @@ pub struct Exchange {
     stream_chunks: Option<u64>,
     cache_header: Option<&'static str>,
     cache_store: Option<CacheStore>,
-    /// What the access log gets (one property, set when the request is decided and again when
-    /// the provider's usage is known).
+    /// What the access log gets (one property per field, set when the request is decided and
+    /// when the provider's usage is known).
     log: Record,
+    /// What the properties already hold (each field is set once).
+    logged: Record,
 }
 
 impl Exchange {
@@ -144,6 +146,7 @@ impl Exchange {
             cache_header: None,
             cache_store: None,
             log: Record::default(),
+            logged: Record::default(),
         }
     }
 
@@ -439,11 +442,15 @@ impl Exchange {
         Action::Pause
     }
 
-    /// Sets the access log's property (`wasm.tollgate`): one host call.
-    fn write_log(&self, h: &dyn Host) {
-        if let Err(e) = h.set_property(access_log::PROPERTY, &self.log.to_struct()) {
-            debug!("cannot set the access log's fields: {e}");
+    /// Sets the access log's properties (`wasm.tollgate_<field>`): one host call per field
+    /// that got a value since the last time.
+    fn write_log(&mut self, h: &dyn Host) {
+        for (property, value) in self.log.changes(&self.logged) {
+            if let Err(e) = h.set_property(property, value.as_bytes()) {
+                debug!("cannot set {property}: {e}");
+            }
         }
+        self.logged.clone_from(&self.log);
     }
 
     // -----------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 
 use std::rc::Rc;
 
-use log::{error, info, warn};
+use log::{error, info};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action as SdkAction, ContextType};
 
@@ -100,10 +100,6 @@ impl RootContext for Root {
                 error!("cannot start the timer that sends cache stores and token settlements: {e}");
                 return false;
             }
-        }
-        if let Err(e) = host::declare_log_property() {
-            // The access log then shows the property as bytes; requests are unaffected.
-            warn!("cannot declare the access log's property: {e}");
         }
         self.role = Some(Role::Gateway(Rc::new(gateway)));
         true
