@@ -436,10 +436,12 @@ ACCESS_LOG_FIELDS = {
     "upstream_host": "%UPSTREAM_HOST%",
     # Tries of the request upstream (1 + retries, a fallback to the next provider included).
     "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
-    # What Tollgate decided (client, model, outcome, reason, cache, tokens): one property the
-    # filter declares as a google.protobuf.Struct, so it is written as a typed object
-    # {"@type": ..., "value": {...}}; null when Tollgate decided nothing (docs/metrics.md).
-    "tollgate": "%FILTER_STATE(wasm.tollgate:TYPED)%",
+    # What Tollgate decided (docs/metrics.md#access-log): one PLAIN string property per field,
+    # set only when the request has it (null otherwise). Never TYPED: Envoy converts a typed
+    # value to JSON and back on every line.
+    **{f: f"%FILTER_STATE(wasm.tollgate_{f}:PLAIN)%" for f in (
+        "client", "model", "outcome", "reason", "cache", "limiter_error",
+        "prompt_tokens", "completion_tokens")},
     "duration_ms": "%DURATION%",
     "response_flags": "%RESPONSE_FLAGS%",
     # Why Envoy answered itself, e.g. path_normalization_failed, request_headers_timeout.

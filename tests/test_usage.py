@@ -64,12 +64,11 @@ def test_json_and_stream_usage_is_counted_and_logged(setup):
     logs = access_log(gw, "/v1/chat/completions", 2)
     assert len(logs) == 2
     for line, u in zip(logs, [r.usage, usage]):
-        fields = line["tollgate"]["value"]
-        assert fields["client"] == "usage-team"
-        assert fields["model"] == "gpt-4.1"
+        assert line["client"] == "usage-team"
+        assert line["model"] == "gpt-4.1"
         assert line["status"] == 200
-        assert fields["prompt_tokens"] == u.prompt_tokens
-        assert fields["completion_tokens"] == u.completion_tokens
+        assert line["prompt_tokens"] == str(u.prompt_tokens)
+        assert line["completion_tokens"] == str(u.completion_tokens)
         assert line["upstream_cluster"] == "tollgate_route_r0"
     assert KEY not in gw.log() and PROVIDER_KEY not in gw.log()
     # The provider got an uncompressed response to read: accept-encoding is not forwarded.
@@ -83,8 +82,8 @@ def test_refused_requests_are_logged_without_tokens(setup):
     assert gw.post(key=KEY, body=chat_body("unknown")).status == 404
     logs = access_log(gw, "/v1/chat/completions", 2)
     assert [l["status"] for l in logs] == [401, 404]
-    assert "client" not in logs[0]["tollgate"]["value"]
-    assert "prompt_tokens" not in logs[1]["tollgate"]["value"]
+    assert logs[0]["client"] is None
+    assert logs[1]["prompt_tokens"] is None
 
 
 def test_token_budget_refuses_what_it_cannot_cover(start_gateway, providers):

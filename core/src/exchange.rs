@@ -123,8 +123,8 @@ pub struct Exchange {
     stream_chunks: Option<u64>,
     cache_header: Option<&'static str>,
     cache_store: Option<CacheStore>,
-    /// What the access log gets (one property, set when the request is decided and again when
-    /// the provider's usage is known).
+    /// What the access log gets (one property per field, set when the request is decided and
+    /// when the provider's usage is known).
     log: Record,
     /// The upstream role's attempts were counted (once, at the response or at the log).
     attempts_counted: bool,
@@ -133,6 +133,8 @@ pub struct Exchange {
     api: Api,
     /// Envoy's `x-request-id`, for the `request-id` of Anthropic-shaped errors.
     request_id: Option<String>,
+    /// What the properties already hold (each field is set once).
+    logged: Record,
 }
 
 impl Exchange {
@@ -162,6 +164,7 @@ impl Exchange {
             attempts_counted: false,
             api: Api::OpenAi,
             request_id: None,
+            logged: Record::default(),
         }
     }
 
@@ -475,11 +478,15 @@ impl Exchange {
         Action::Pause
     }
 
-    /// Sets the access log's property (`wasm.tollgate`): one host call.
-    fn write_log(&self, h: &dyn Host) {
-        if let Err(e) = h.set_property(access_log::PROPERTY, &self.log.to_struct()) {
-            debug!("cannot set the access log's fields: {e}");
+    /// Sets the access log's properties (`wasm.tollgate_<field>`): one host call per field
+    /// that got a value since the last time.
+    fn write_log(&mut self, h: &dyn Host) {
+        for (property, value) in self.log.changes(&self.logged) {
+            if let Err(e) = h.set_property(property, value.as_bytes()) {
+                debug!("cannot set {property}: {e}");
+            }
         }
+        self.logged.clone_from(&self.log);
     }
 
     // -----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 
 use std::rc::Rc;
 
+use tollgate_core::access_log;
 use tollgate_core::exchange::Exchange;
 use tollgate_core::fake::{pairs, FakeHost};
 use tollgate_core::gateway::Gateway;
@@ -79,46 +80,18 @@ fn provider_response(host: &FakeHost, content_type: &str) {
     ]);
 }
 
-/// The access log's property (`wasm.tollgate`, a `google.protobuf.Struct`) as (key, value)
-/// pairs, numbers printed (leaked: a test's few bytes).
+/// The access log's properties (`wasm.tollgate_<field>`) as (field, value) pairs, in the
+/// order of `access_log::FIELDS` (leaked: a test's few bytes).
 fn log_record(host: &FakeHost) -> Vec<(&'static str, &'static str)> {
-    fn varint(b: &mut &[u8]) -> u64 {
-        let (mut n, mut shift) = (0u64, 0);
-        loop {
-            let byte = b[0];
-            *b = &b[1..];
-            n |= u64::from(byte & 0x7f) << shift;
-            if byte < 0x80 {
-                return n;
-            }
-            shift += 7;
-        }
-    }
-    fn field<'a>(b: &mut &'a [u8]) -> &'a [u8] {
-        varint(b);
-        let n = varint(b) as usize;
-        let (head, rest) = b.split_at(n);
-        *b = rest;
-        head
-    }
     let properties = host.properties.borrow();
-    let mut b = properties
-        .get("tollgate")
-        .expect("the log property")
-        .as_slice();
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        let mut entry = field(&mut b);
-        let key = String::from_utf8(field(&mut entry).to_vec()).unwrap();
-        let mut value = field(&mut entry);
-        let shown = if value[0] == 0x11 {
-            f64::from_le_bytes(value[1..9].try_into().unwrap()).to_string()
-        } else {
-            String::from_utf8(field(&mut value).to_vec()).unwrap()
-        };
-        out.push((&*key.leak(), &*shown.leak()));
-    }
-    out
+    access_log::FIELDS
+        .iter()
+        .zip(access_log::PROPERTIES)
+        .filter_map(|(field, property)| {
+            let value = properties.get(property)?;
+            Some((*field, &*String::from_utf8(value.clone()).unwrap().leak()))
+        })
+        .collect()
 }
 
 #[test]
@@ -143,7 +116,8 @@ fn a_rate_limited_request_names_its_client_model_and_limit() {
         if expected == 429 {
             assert_eq!(action, Action::Pause);
             assert_eq!(host.replies.borrow()[0].status, 429);
-            assert_eq!(calls.iter().filter(|c| **c == "set_property").count(), 1);
+            // One access-log property per field it has: client, model, outcome, reason.
+            assert_eq!(calls.iter().filter(|c| **c == "set_property").count(), 4);
         }
     }
     assert_eq!(
@@ -228,13 +202,14 @@ fn an_admitted_json_request_end_to_end_and_its_host_calls() {
             body_calls.len(),
             log_calls.len()
         ),
-        (10, 2, 6, 5),
+        (11, 2, 7, 5),
         "host calls per phase"
     );
     // Four of them define a metric series on its first use in this VM, once (the client's
-    // request counter, two token counters, the duration histogram). Two set the access log's
-    // one property: at admission, and again with the provider's usage.
-    assert_eq!(all, 23);
+    // request counter, two token counters, the duration histogram). Four set the access log's
+    // properties, one per field: client and outcome at admission, the two token counts with
+    // the provider's usage.
+    assert_eq!(all, 25);
     assert_eq!(
         log_record(&host),
         [
@@ -265,6 +240,8 @@ fn a_refused_request_strips_nothing_and_is_answered() {
             // tollgate_refusals_total{reason="invalid_api_key"}, defined on its first use.
             "define_metric",
             "increment",
+            // The access log's outcome and reason.
+            "set_property",
             "set_property",
             "send_reply",
             "increment"
@@ -442,8 +419,9 @@ fn a_routed_request_and_its_attempt_in_host_calls() {
     assert_eq!(ex.on_request_body(&host, 33, true), Action::Continue);
     let body = host.take_calls();
     println!("headers {headers:?}\nbody {body:?}");
-    // The body's eight include the client's request counter, defined on its first use.
-    assert_eq!((headers.len(), body.len()), (3, 8));
+    // The body's ten include the client's request counter, defined on its first use, and the
+    // access log's client, model and outcome.
+    assert_eq!((headers.len(), body.len()), (3, 10));
     assert_eq!(
         log_record(&host),
         [

@@ -253,29 +253,6 @@ pub fn clear_route_cache() -> Result<(), HostError> {
     check("proxy_call_foreign_function(clear_route_cache)", status)
 }
 
-/// Declares the access log's property (`wasm.tollgate`) as a protobuf `Struct`, so the JSON
-/// access log writes it as a typed object (once per root context; a second declaration of the
-/// same name answers BadArgument, which is fine).
-pub fn declare_log_property() -> Result<(), HostError> {
-    let name = "declare_property";
-    let args = tollgate_core::access_log::declare_arguments();
-    let mut data = null_mut();
-    let mut size = 0usize;
-    // SAFETY: valid pointers; any returned buffer is taken exactly once.
-    let status = unsafe {
-        proxy_call_foreign_function(
-            name.as_ptr(),
-            name.len(),
-            args.as_ptr(),
-            args.len(),
-            &mut data,
-            &mut size,
-        )
-    };
-    drop(unsafe { take_host_buffer(data, size) });
-    check("proxy_call_foreign_function(declare_property)", status)
-}
-
 /// Replaces the first `size` bytes of a body buffer with `body`.
 pub fn replace_buffer(buffer: Buffer, size: usize, body: &[u8]) -> Result<(), HostError> {
     // SAFETY: pointer and length of a live slice.

@@ -122,10 +122,6 @@ impl RootContext for Root {
                 return false;
             }
         }
-        if let Err(e) = host::declare_log_property() {
-            // The access log then shows the property as bytes; requests are unaffected.
-            warn!("cannot declare the access log's property: {e}");
-        }
         self.role = Some(Role::Gateway(Rc::new(gateway)));
         true
     }
