@@ -33,7 +33,7 @@ import yaml
 import harness
 import render_envoy
 from harness import PROVIDER_KEY, ROOT, WASM, chat_body, sha256_hex
-from test_deploy import WEBDIS_AUTH, deploy_render, docs, kustomize
+from test_deploy import WEBDIS_AUTH, deploy_python, deploy_render, docs, kustomize
 
 # The bound each change is asserted against; the measured times are printed (docs/keys.md).
 RELOAD_BOUND_S = 5.0
@@ -215,15 +215,31 @@ def redis_webdis(tmp_path):
     redis.stop()
 
 
-def test_kubernetes_configmap_swap_reloads_the_running_envoy(tmp_path, mock, redis_webdis):
-    """k8s/standalone: the bootstrap and the filter ConfigMap as kustomize builds them, the
-    ConfigMap's files changed by a kubelet-style `..data` swap while Envoy serves."""
+def _built(tmp_path, source: str) -> pathlib.Path:
+    """The manifests a user applies: `kubectl kustomize k8s/standalone`, or the chart rendered
+    with its default values and a spend configuration (prices, a monthly money budget)."""
+    built = tmp_path / f"{source}.yaml"
+    if source == "standalone":
+        built.write_text(kustomize("standalone"))
+    else:
+        values = tmp_path / "values.json"
+        values.write_text(json.dumps({
+            "prices": [{"model": "gpt-4.1", "input_per_million_tokens": 2, "output_per_million_tokens": 8}],
+            "clients": [{"name": "replace-me", "key_sha256": "0" * 64,
+                         "budgets": [{"window": "month", "money": 100}]}]}))
+        r = deploy_python("helm", "--values", values, "-o", built)
+        assert r.returncode == 0, r.stdout
+    return built
+
+
+@pytest.mark.parametrize("source", ["standalone", "chart"])
+def test_kubernetes_configmap_swap_reloads_the_running_envoy(tmp_path, mock, redis_webdis, source):
+    """k8s/standalone and the chart: the bootstrap and the filter ConfigMap as kustomize or Helm
+    render them, the ConfigMap's files changed by a kubelet-style `..data` swap while Envoy serves."""
     _, webdis = redis_webdis
-    built = tmp_path / "standalone.yaml"
-    built.write_text(kustomize("standalone"))
-    cms = [d for d in docs(built) if d["kind"] == "ConfigMap"]
-    (boot,) = [c for c in cms if c["metadata"]["name"].startswith("tollgate-envoy")]
-    (filt,) = [c for c in cms if c["metadata"]["name"] == "tollgate-filter"]
+    cms = [d for d in docs(_built(tmp_path, source)) if d["kind"] == "ConfigMap"]
+    (boot,) = [c for c in cms if "envoy.yaml" in c["data"]]
+    (filt,) = [c for c in cms if c["metadata"]["name"].endswith("tollgate-filter")]
     boot_path = tmp_path / "configmap-envoy.yaml"
     boot_path.write_text(boot["data"]["envoy.yaml"])
     files = {name: _with_wasm(text) for name, text in filt["data"].items()}
@@ -276,7 +292,7 @@ def test_kubernetes_configmap_swap_reloads_the_running_envoy(tmp_path, mock, red
         load = None
         assert not errors and set(statuses) == {200}, (errors[:3], sorted(set(statuses)))
         assert gw.proc.poll() is None, "no restart"
-        print(f"\nk8s ConfigMap swap, time to effect: {json.dumps({k: round(v, 3) for k, v in timings.items()})}"
+        print(f"\n{source}: ConfigMap swap, time to effect: {json.dumps({k: round(v, 3) for k, v in timings.items()})}"
               f"; {len(statuses)} requests of the steady load, none failed")
     finally:
         if load:
@@ -366,7 +382,6 @@ def test_shipped_redis_keeps_a_budget_across_a_restart(tmp_path, deployment):
 
 
 def test_chart_redis_has_persistence_unless_disabled(tmp_path):
-    from test_deploy import deploy_python
     for enabled in (True, False):
         values = tmp_path / "values.json"
         values.write_text(json.dumps({"limiter": {"backend": "redis", "redis": {"persistence": {"enabled": enabled}}}}))
