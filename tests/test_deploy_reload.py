@@ -300,6 +300,31 @@ def test_kubernetes_configmap_swap_reloads_the_running_envoy(tmp_path, mock, red
         gw.stop()
 
 
+def test_a_pod_started_on_an_invalid_configmap_fails_closed(tmp_path, mock, redis_webdis):
+    """A new pod (a restart, a scale-up) whose filter ConfigMap holds a configuration the filter
+    refuses: Envoy starts and reports ready (/ready 200, /health 200), but every request through
+    the filter gets a 500 and nothing reaches the provider; the statistic and the log say why.
+    Hence docs/keys.md: check a file before applying it (`tollgate keys` does)."""
+    _, webdis = redis_webdis
+    fdir = tmp_path / "filter"
+    fdir.mkdir()
+    for f in (ROOT / "k8s/standalone/filter").glob("*.json"):
+        text = _with_wasm(f.read_text())
+        if f.name == "tollgate.json":
+            text = with_clients(text, [{"name": "a", "key_sha256": "abcd"}])
+        (fdir / f.name).write_text(text)
+    env = {deploy_render.provider_env("openai"): PROVIDER_KEY, deploy_render.WEBDIS_AUTH_ENV: WEBDIS_AUTH}
+    gw = ShippedGateway(tmp_path, ROOT / "k8s/standalone/envoy.yaml", mock, webdis, fdir, env)
+    try:
+        assert gw.post(STEADY).status == 500
+        assert harness.request(gw.url, "GET", "/health").status == 200
+        assert mock.requests() == []
+        assert gw.stat(ECDS + "update_rejected") == 1
+        assert "clients[0].key_sha256" in gw.log()
+    finally:
+        gw.stop()
+
+
 def test_compose_directory_edited_with_the_cli_reloads_the_running_envoy(tmp_path, mock, redis_webdis):
     """deploy/envoy/compose.yaml with its filter directory (the host directory compose mounts):
     `tollgate keys add` on tollgate.json there, the new key accepted; `keys revoke`, refused."""
