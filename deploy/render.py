@@ -10,8 +10,13 @@ are checked in; tests/test_deploy.py fails when one differs from what this scrip
     deploy/render.py            write every generated file
     deploy/render.py --check    list the generated files that are out of date (exit 1 if any)
     deploy/render.py bootstrap --provider NAME=URL [--provider NAME=URL ...] \\
-                     [--models models.json] [--clients clients.json] [-o envoy.yaml]
-                                one bootstrap with your own providers, model rules and clients
+                     [--models models.json] [--clients clients.json] [-o envoy.yaml] [--inline]
+                                one bootstrap with your own providers, model rules and clients;
+                                its filter configuration in envoy-filter/ (live reload, below)
+
+Live reload (docs/keys.md): every bootstrap written here reads Tollgate's filter configuration
+through extension config discovery from files in FILTER_DIR (/etc/tollgate-filter), which Envoy
+watches: compose mounts deploy/envoy/X-filter/ there, Kubernetes and the chart a ConfigMap.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import ecds  # noqa: E402
 import render_envoy  # noqa: E402  (scripts/ is not a package)
 
 # Where the container images put things (deploy/docker/Dockerfile).
@@ -36,6 +42,12 @@ ADMIN = "127.0.0.1:9901"
 OPS = "0.0.0.0:9902"
 OPS_PATHS = ("/ready", "/stats/prometheus")
 HEALTH_PATH = "/health"
+# Live reload (docs/keys.md): Tollgate's filter configuration is discovered (ECDS) from files in
+# this directory, which Envoy watches for moves. A directory of its own, never inside the
+# bootstrap's: Kubernetes mounts each ConfigMap as a volume, and a volume cannot be mounted in
+# a subdirectory of a read-only ConfigMap volume. Kubelet updates a ConfigMap volume by
+# renaming a `..data` symlink inside this very directory, which is the move Envoy reacts to.
+FILTER_DIR = "/etc/tollgate-filter"
 
 WEBDIS_AUTH_ENV = "TOLLGATE_WEBDIS_AUTH"
 WEBDIS_PORT = 7379
@@ -207,19 +219,59 @@ def bootstrap(providers: list[dict], *, models: list[dict] = ALL_MODELS, default
     return cfg
 
 
+def reloadable(cfg: dict, directory: str = FILTER_DIR) -> tuple[dict, dict[str, dict]]:
+    """(bootstrap, {file name: discovery file}): `cfg` with Tollgate's filter configuration moved
+    into files Envoy discovers from `directory` (scripts/ecds.py), so that a change of keys,
+    limits, prices or budgets applies without a restart."""
+    cfg = copy.deepcopy(cfg)
+    files = ecds.use_ecds(cfg, directory)
+    return cfg, files
+
+
+def inline(cfg: dict, files: dict[str, dict]) -> dict:
+    """The reverse of `reloadable`: the bootstrap with the discovery files' filter configuration
+    in place (for `envoy --mode validate`, which does not read discovered resources, and for
+    comparing a chart's output with what this script renders)."""
+    cfg = copy.deepcopy(cfg)
+    by_resource = {name: files[f] for name, f in ecds.FILES.items() if f in files}
+
+    def put(filters: list[dict]) -> None:
+        for i, f in enumerate(filters):
+            if "config_discovery" in f:
+                doc = by_resource[f["name"]]
+                filters[i] = {"name": render_envoy.WASM_FILTER,
+                              "typed_config": copy.deepcopy(doc["resources"][0]["typed_config"])}
+
+    put(render_envoy._hcm(cfg)["http_filters"])
+    for c in _clusters(cfg):
+        put(c.get("typed_extension_protocol_options", {}).get(render_envoy.HTTP_OPTIONS, {}).get("http_filters", []))
+    if cfg.get("node") == RELOAD_NODE:
+        del cfg["node"]
+    return cfg
+
+
+RELOAD_NODE = {"id": "tollgate", "cluster": "tollgate"}
+
+
+def _files_out(directory: str, files: dict[str, dict]) -> dict[str, str]:
+    """Generated discovery files: repo-relative path -> content (as scripts/ecds.py writes them)."""
+    return {f"{directory}/{name}": json.dumps(doc, indent=2) + "\n" for name, doc in sorted(files.items())}
+
+
 def kubernetes_bootstrap() -> dict:
     return bootstrap(OPENAI, clients=PLACEHOLDER_CLIENTS)
 
 
-def chart_bootstrap() -> str:
-    """The pieces of the chart's bootstrap: one http and one https provider, a fallback rule and
-    a one-provider rule, with placeholders the chart replaces from its values."""
+def chart_bootstrap() -> tuple[str, dict[str, dict]]:
+    """The pieces of the chart's bootstrap and discovery files: one http and one https provider,
+    a fallback rule and a one-provider rule, with placeholders the chart replaces from its values."""
     cfg = bootstrap(CHART_PROVIDERS, models=CHART_MODELS, default_provider="plain",
                     webdis_host=CHART_WEBDIS_HOST, clients=PLACEHOLDER_CLIENTS)
     render_envoy.set_plugin_config(cfg, CHART_PLUGIN_CONFIG)
     for wasm in render_envoy._all_wasm_configs(cfg):
         wasm["vm_config"]["environment_variables"]["host_env_keys"] = CHART_HOST_ENV_KEYS
-    return render_envoy.dump(cfg)
+    cfg, files = reloadable(cfg)
+    return render_envoy.dump(cfg), files
 
 
 # --- the same filter for Istio and Envoy Gateway ---------------------------------------------
@@ -435,17 +487,32 @@ def _yaml(obj: dict, what: str) -> str:
     return GENERATED_HEADER.format(what=what) + render_envoy.dump(obj)
 
 
+def _reloadable_out(path: str, cfg: dict, what: str) -> dict[str, str]:
+    """A bootstrap at `path` (x.yaml) and its discovery files in x-filter/ next to it."""
+    cfg, files = reloadable(cfg)
+    return {path: _yaml(cfg, what), **_files_out(filter_dir_of(path), files)}
+
+
+def filter_dir_of(path: str) -> str:
+    """Where the discovery files of the bootstrap at `path` go: `x-filter` next to `x.yaml`
+    (for docker compose, whose .env names both by one word)."""
+    return str(pathlib.PurePosixPath(path).with_suffix("")) + "-filter"
+
+
 def outputs() -> dict[str, str]:
     """Every generated file: repo-relative path -> content."""
+    chart_text, chart_files = chart_bootstrap()
     return {
-        "deploy/envoy/compose.yaml": _yaml(
-            bootstrap(MOCK), "docker compose, the mock provider, Redis limiter"),
-        "deploy/envoy/compose-openai.yaml": _yaml(
-            bootstrap([{**OPENAI[0], "api_key_env": "TOLLGATE_PROVIDER_KEY"}]),
-            "docker compose, api.openai.com, Redis limiter"),
+        **_reloadable_out("deploy/envoy/compose.yaml", bootstrap(MOCK),
+                          "docker compose, the mock provider, Redis limiter"),
+        **_reloadable_out("deploy/envoy/compose-openai.yaml",
+                          bootstrap([{**OPENAI[0], "api_key_env": "TOLLGATE_PROVIDER_KEY"}]),
+                          "docker compose, api.openai.com, Redis limiter"),
         "k8s/standalone/envoy.yaml": _yaml(
-            kubernetes_bootstrap(), "Kubernetes, api.openai.com, Redis limiter, placeholder client"),
-        "charts/tollgate/files/bootstrap.yaml": _yaml_text(chart_bootstrap(), "Helm chart pieces"),
+            reloadable(kubernetes_bootstrap())[0], "Kubernetes, api.openai.com, Redis limiter, placeholder client"),
+        **_files_out("k8s/standalone/filter", reloadable(kubernetes_bootstrap())[1]),
+        "charts/tollgate/files/bootstrap.yaml": _yaml_text(chart_text, "Helm chart pieces"),
+        **_files_out("charts/tollgate/files/filter", chart_files),
         "k8s/istio/wasmplugin.yaml": _yaml(istio_wasmplugin(), "Istio WasmPlugin"),
         "k8s/istio-envoyfilter/envoyfilter.yaml": _yaml(istio_envoyfilter(), "Istio EnvoyFilter"),
         "k8s/envoy-gateway/extensionpolicy.yaml": _yaml(envoy_gateway_policy(), "Envoy Gateway EnvoyExtensionPolicy"),
@@ -470,7 +537,11 @@ def main(argv: list[str]) -> int:
     b.add_argument("--models", help="JSON file holding the `models` rules (default: every model to the first provider)")
     b.add_argument("--clients", help="JSON file holding the `clients` array (default: a placeholder that admits nobody)")
     b.add_argument("--limiter", choices=("local", "redis"), default="redis")
-    b.add_argument("-o", "--output", default="-")
+    b.add_argument("-o", "--output", default="-",
+                   help="the bootstrap X.yaml; the filter configuration goes to X-filter/ next to it, "
+                        "mounted at " + FILTER_DIR + " (live reload)")
+    b.add_argument("--inline", action="store_true",
+                   help="the filter configuration inside the bootstrap (no live reload); implied by -o -")
     a = p.parse_args(argv)
 
     if a.command == "bootstrap":
@@ -480,7 +551,14 @@ def main(argv: list[str]) -> int:
             providers.append({"name": name, "url": url, "api_key_env": provider_env(name)})
         models = json.loads(pathlib.Path(a.models).read_text()) if a.models else ALL_MODELS
         clients = json.loads(pathlib.Path(a.clients).read_text()) if a.clients else PLACEHOLDER_CLIENTS
-        out = render_envoy.dump(bootstrap(providers, models=models, limiter=a.limiter, clients=clients))
+        cfg = bootstrap(providers, models=models, limiter=a.limiter, clients=clients)
+        if a.output == "-" or a.inline:
+            out = render_envoy.dump(cfg)
+        else:
+            # Live reload: the filter configuration in X-filter/ next to X.yaml (docs/keys.md).
+            cfg, files = reloadable(cfg)
+            out = render_envoy.dump(cfg)
+            ecds.write(pathlib.Path(filter_dir_of(a.output)), files)
         if a.output == "-":
             sys.stdout.write(out)
         else:

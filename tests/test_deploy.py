@@ -62,6 +62,21 @@ CHART_VALUES = {
                     {"name": "legacy", "key_md5": harness.md5_hex("sk-legacy")}],
     },
     "external-webdis": {"limiter": {"backend": "redis", "webdisHost": "webdis.shared.svc:7380", "onError": "deny"}},
+    # Spend (issue #18): prices in a currency, a client with two keys (one expiring) and budgets
+    # per day and month, days starting at UTC+01:00, Redis with persistence (the default).
+    "spend": {
+        "currency": "EUR",
+        "prices": [{"model": "gpt-4.1", "input_per_million_tokens": 2, "cached_input_per_million_tokens": 0.5,
+                    "output_per_million_tokens": 8},
+                   {"model": "gpt-4.1-mini", "input_per_million_tokens": 0.4, "output_per_million_tokens": 1.6}],
+        "budgetUtcOffsetMinutes": 60,
+        "clients": [{"name": "team-a", "tokens_per_minute": 100000,
+                     "keys": [{"key_sha256": harness.sha256_hex("sk-a-new"), "label": "2025-q3"},
+                              {"key_sha256": harness.sha256_hex("sk-a-old"), "label": "2025-q2",
+                               "expires_at": "2025-10-08T00:00:00Z"}],
+                     "budgets": [{"window": "day", "money": 5.25},
+                                 {"window": "month", "money": 100, "tokens": 50000000, "requests": 100000}]}],
+    },
 }
 CHART_DEFAULTS = yaml.safe_load((ROOT / "charts/tollgate/values.yaml").read_text())
 
@@ -116,7 +131,9 @@ def checkov(directory, framework: str) -> dict:
 
 
 def envoy_validate(cfg: dict, tmp_path, env=None) -> subprocess.CompletedProcess:
-    """`envoy --mode validate` of a shipped config, with the module path pointed at the build."""
+    """`envoy --mode validate` of a shipped config, with the module path pointed at the build.
+    Validation does not read discovered (ECDS) filter configurations: pass a bootstrap with its
+    discovery files put back in place (`deploy_render.inline`, `shipped`)."""
     cfg = copy.deepcopy(cfg)
     render_envoy.set_wasm(cfg, str(WASM))
     path = tmp_path / f"envoy-{len(list(tmp_path.iterdir()))}.yaml"
@@ -146,9 +163,32 @@ def docs(path) -> list[dict]:
     return [d for d in yaml.safe_load_all(pathlib.Path(path).read_text()) if d]
 
 
+def configmaps(path) -> tuple[dict, dict]:
+    """(the bootstrap ConfigMap, the filter ConfigMap) of a rendered standalone or chart."""
+    cms = [d for d in docs(path) if d["kind"] == "ConfigMap"]
+    (boot,) = [c for c in cms if "envoy.yaml" in c["data"]]
+    (filt,) = [c for c in cms if "tollgate.json" in c["data"]]
+    return boot, filt
+
+
+def chart_parts(path) -> tuple[dict, dict[str, dict]]:
+    boot, filt = configmaps(path)
+    return yaml.safe_load(boot["data"]["envoy.yaml"]), {k: json.loads(v) for k, v in filt["data"].items()}
+
+
 def chart_bootstrap(rendered, name: str) -> dict:
-    (cm,) = [d for d in docs(rendered[f"chart-{name}"]) if d["kind"] == "ConfigMap"]
-    return yaml.safe_load(cm["data"]["envoy.yaml"])
+    """The chart's bootstrap with its filter ConfigMap's configuration put back in place."""
+    return deploy_render.inline(*chart_parts(rendered[f"chart-{name}"]))
+
+
+def shipped(rel: str) -> dict:
+    """A shipped bootstrap (X.yaml) with the configuration of its discovery files put back."""
+    return deploy_render.inline(render_envoy.load(ROOT / rel), shipped_files(rel))
+
+
+def shipped_files(rel: str) -> dict[str, dict]:
+    directory = ROOT / FILTER_DIRS[rel]
+    return {p.name: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
 
 
 # --- one source of truth -----------------------------------------------------------------------
@@ -162,10 +202,21 @@ def test_generated_files_are_the_rendered_demo():
 
 
 def test_kubernetes_configmap_holds_the_generated_bootstrap(rendered):
-    (cm,) = [d for d in docs(rendered["standalone"]) if d["kind"] == "ConfigMap"]
+    cm, filt = configmaps(rendered["standalone"])
+    # The bootstrap's name carries a hash (a change rolls the pods); the filter's does not (a
+    # change is applied in place and reloaded by the running Envoys).
     assert cm["metadata"]["name"].startswith("tollgate-envoy-")
-    cfg = yaml.safe_load(cm["data"]["envoy.yaml"])
+    assert filt["metadata"]["name"] == "tollgate-filter"
+    files = {k: json.loads(v) for k, v in filt["data"].items()}
+    assert set(files) == {"tollgate.json", "tollgate-upstream.json"}
+    cfg = deploy_render.inline(yaml.safe_load(cm["data"]["envoy.yaml"]), files)
     assert cfg == deploy_render.kubernetes_bootstrap()
+    (dep,) = [d for d in docs(rendered["standalone"]) if d["kind"] == "Deployment" and d["metadata"]["name"] == "tollgate"]
+    pod = dep["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == "tollgate-filter"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == vol["name"]]
+    # The whole volume at the watched directory: a subPath mount is never updated by kubelet.
+    assert mount["mountPath"] == deploy_render.FILTER_DIR and "subPath" not in mount
     # The Deployment sets every variable the config passes into the VM, from Secrets.
     (dep,) = [d for d in docs(rendered["standalone"]) if d["kind"] == "Deployment" and d["metadata"]["name"] == "tollgate"]
     env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -202,6 +253,14 @@ def test_chart_bootstrap_is_the_rendered_demo(rendered, name):
         pp.update({k: v for k, v in (("path_prefix", vp.get("pathPrefix")), ("headers", vp.get("headers"))) if v})
     if limiter["backend"] == "redis":
         plugin["limiter"].update(timeout_ms=limiter["timeoutMs"], on_error=limiter["onError"])
+    if values.get("prices"):
+        plugin.update(currency=values["currency"], prices=values["prices"])
+    if values.get("budgetUtcOffsetMinutes"):
+        plugin["budget_utc_offset_minutes"] = values["budgetUtcOffsetMinutes"]
+    if limiter["backend"] == "local":
+        plugin["limiter"].pop("budgets_on_restart", None)
+        if limiter.get("budgetsOnRestart"):
+            plugin["limiter"]["budgets_on_restart"] = limiter["budgetsOnRestart"]
     got = chart_bootstrap(rendered, name)
     assert render_envoy.plugin_config(got) == plugin
     render_envoy.set_plugin_config(got, plugin)
@@ -212,12 +271,36 @@ def test_chart_bootstrap_is_the_rendered_demo(rendered, name):
 # --- Envoy: every shipped config loads the module and the plugin configuration ----------------
 
 SHIPPED_BOOTSTRAPS = ["deploy/envoy/compose.yaml", "deploy/envoy/compose-openai.yaml", "k8s/standalone/envoy.yaml"]
+# Where each one's discovery files are (deploy/render.py).
+FILTER_DIRS = {"deploy/envoy/compose.yaml": "deploy/envoy/compose-filter",
+               "deploy/envoy/compose-openai.yaml": "deploy/envoy/compose-openai-filter",
+               "k8s/standalone/envoy.yaml": "k8s/standalone/filter"}
 
 
 @pytest.mark.parametrize("rel", SHIPPED_BOOTSTRAPS)
 def test_shipped_bootstrap_passes_envoy_validate(rel, tmp_path):
-    r = envoy_validate(render_envoy.load(ROOT / rel), tmp_path)
+    r = envoy_validate(shipped(rel), tmp_path)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("rel", SHIPPED_BOOTSTRAPS)
+def test_shipped_bootstraps_discover_the_filter_from_the_watched_directory(rel):
+    """Live reload: no Tollgate filter configuration in the bootstrap; every Tollgate filter
+    (listener and provider clusters) discovers it from a file in FILTER_DIR, which Envoy watches
+    for moves; putting the files back gives exactly the rendered inline config."""
+    cfg = render_envoy.load(ROOT / rel)
+    assert render_envoy.WASM_FILTER not in render_envoy.dump(cfg)
+    sources = [f["config_discovery"]["config_source"]["path_config_source"]
+               for f in render_envoy._hcm(cfg)["http_filters"] if "config_discovery" in f]
+    for c in cfg["static_resources"]["clusters"]:
+        opts = c.get("typed_extension_protocol_options", {}).get(render_envoy.HTTP_OPTIONS, {})
+        sources += [f["config_discovery"]["config_source"]["path_config_source"]
+                    for f in opts.get("http_filters", []) if "config_discovery" in f]
+    assert len(sources) >= 2
+    for src in sources:
+        assert src["watched_directory"]["path"] == deploy_render.FILTER_DIR
+        assert pathlib.PurePosixPath(src["path"]).parent == pathlib.PurePosixPath(deploy_render.FILTER_DIR)
+        assert (ROOT / FILTER_DIRS[rel] / pathlib.PurePosixPath(src["path"]).name).exists()
 
 
 @pytest.mark.parametrize("name", list(CHART_VALUES))
@@ -267,8 +350,7 @@ def test_chart_values_the_filter_refuses_fail_validation(tmp_path):
     values.write_text(json.dumps({"clients": [{"name": "a", "key_sha256": digest}, {"name": "b", "key_sha256": digest}]}))
     out = tmp_path / "chart.yaml"
     assert deploy_python("helm", "--values", values, "-o", out).returncode == 0
-    (cm,) = [d for d in docs(out) if d["kind"] == "ConfigMap"]
-    r = envoy_validate(yaml.safe_load(cm["data"]["envoy.yaml"]), tmp_path, chart_env("defaults"))
+    r = envoy_validate(deploy_render.inline(*chart_parts(out)), tmp_path, chart_env("defaults"))
     assert "OK" not in r.stdout
     assert "clients[1].key_sha256: duplicate key digest" in r.stdout + r.stderr
 
@@ -288,7 +370,7 @@ def _edge_settings_of(cfg: dict) -> None:
 
 @pytest.mark.parametrize("rel", SHIPPED_BOOTSTRAPS)
 def test_shipped_bootstraps_have_the_edge_settings(rel):
-    cfg = render_envoy.load(ROOT / rel)
+    cfg = shipped(rel)
     _edge_settings_of(cfg)
     (ops,) = [lst for lst in cfg["static_resources"]["listeners"] if lst["name"] == "ops"]
     assert ops["ignore_global_conn_limit"] is True
@@ -323,7 +405,9 @@ def test_mesh_gateways_get_the_edge_settings(rendered):
 
 def _run_shipped_compose_config(tmp_path, mock, webdis):
     port, admin, ops = harness.free_port(), harness.free_port(), harness.free_port()
-    cfg = render_envoy.load(ROOT / "deploy/envoy/compose.yaml")
+    # The filter configuration in place (its discovery from the watched directory runs in
+    # tests/test_deploy_reload.py).
+    cfg = shipped("deploy/envoy/compose.yaml")
     render_envoy.set_listen(cfg, f"127.0.0.1:{port}")
     render_envoy.set_admin(cfg, f"127.0.0.1:{admin}")
     deploy_render.set_ops(cfg, f"127.0.0.1:{ops}")
@@ -421,10 +505,20 @@ def test_compose_file_is_valid_for_compose_v2():
                      ("127.0.0.1", "7379", 7379), ("127.0.0.1", "16379", 6379)}
     # Every variable a shipped compose config passes into the VM is set on the envoy service.
     for rel in ("deploy/envoy/compose.yaml", "deploy/envoy/compose-openai.yaml"):
-        keys = render_envoy.wasm_config(render_envoy.load(ROOT / rel))["vm_config"]["environment_variables"]["host_env_keys"]
+        keys = render_envoy.wasm_config(shipped(rel))["vm_config"]["environment_variables"]["host_env_keys"]
         assert set(keys) <= set(cfg["services"]["envoy"]["environment"]), rel
-    (mount,) = cfg["services"]["envoy"]["volumes"]
-    assert pathlib.Path(mount["source"]) == ROOT / "deploy/envoy/compose.yaml" and mount["read_only"]
+    # The bootstrap, and the filter configuration's directory (never its files: a rename into
+    # the directory is what Envoy watches, and a file mount would keep the replaced inode).
+    mounts = {m["target"]: m for m in cfg["services"]["envoy"]["volumes"]}
+    assert pathlib.Path(mounts["/etc/tollgate/envoy.yaml"]["source"]) == ROOT / "deploy/envoy/compose.yaml"
+    filt = mounts[deploy_render.FILTER_DIR]
+    assert pathlib.Path(filt["source"]) == ROOT / "deploy/envoy/compose-filter" and filt["type"] == "bind"
+    assert all(m["read_only"] for m in mounts.values())
+    # Redis keeps its append-only file on a named volume: budgets and spend survive a restart.
+    redis = cfg["services"]["redis"]
+    assert "--appendonly yes" in " ".join(redis["command"])
+    (data,) = redis["volumes"]
+    assert data["type"] == "volume" and data["target"] == "/data" and data["source"] in cfg["volumes"]
     assert cfg["services"]["mock-provider"]["profiles"] == ["mock"]
     for name, service in cfg["services"].items():
         assert service["read_only"] and service["cap_drop"] == ["ALL"], name
@@ -466,7 +560,8 @@ def test_standalone_has_what_the_issue_asks_for(rendered):
     for want in [("Namespace", "tollgate"), ("Deployment", "tollgate"), ("Service", "tollgate"),
                  ("HorizontalPodAutoscaler", "tollgate"), ("PodDisruptionBudget", "tollgate"),
                  ("NetworkPolicy", "default-deny"), ("NetworkPolicy", "tollgate"), ("Ingress", "tollgate"),
-                 ("Deployment", "redis"), ("Deployment", "webdis")]:
+                 ("Deployment", "redis"), ("Deployment", "webdis"), ("ConfigMap", "tollgate-filter"),
+                 ("PersistentVolumeClaim", "redis-data")]:
         assert want in kinds, want
     assert not any(k == "Secret" for k, _ in kinds), "Secrets are created by the operator, never shipped"
 
@@ -560,8 +655,9 @@ def test_wasm_module_image_is_one_layer_named_plugin_wasm():
 
 
 def test_documented_overlay_with_own_clients_builds(tmp_path):
-    """docs/deploy/kubernetes.md: an overlay replaces the ConfigMap with a bootstrap rendered by
-    `deploy/render.py bootstrap` for your clients; it builds, validates and passes envoy."""
+    """docs/deploy/kubernetes.md: an overlay replaces both ConfigMaps with a bootstrap and a
+    filter configuration rendered by `deploy/render.py bootstrap` for your clients; it builds,
+    validates and passes envoy; the filter ConfigMap keeps its name (edited in place, reloaded)."""
     clients = tmp_path / "clients.json"
     clients.write_text(json.dumps([{"name": "team-a", "key_sha256": harness.sha256_hex("sk-a"), "requests_per_minute": 120}]))
     overlay = tmp_path / "my-tollgate"
@@ -569,22 +665,30 @@ def test_documented_overlay_with_own_clients_builds(tmp_path):
     r = run([sys.executable, ROOT / "deploy/render.py", "bootstrap", "--provider", "openai=https://api.openai.com",
              "--clients", clients, "-o", overlay / "envoy.yaml"])
     assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (overlay / "envoy-filter").iterdir()) == ["tollgate-upstream.json", "tollgate.json"]
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
         "resources": [os.path.relpath(ROOT / "k8s/standalone", overlay)],
-        "configMapGenerator": [{"name": "tollgate-envoy", "namespace": "tollgate", "behavior": "replace",
-                                "files": ["envoy.yaml"]}],
+        "configMapGenerator": [
+            {"name": "tollgate-envoy", "namespace": "tollgate", "behavior": "replace", "files": ["envoy.yaml"]},
+            {"name": "tollgate-filter", "namespace": "tollgate", "behavior": "replace",
+             "files": ["envoy-filter/tollgate.json", "envoy-filter/tollgate-upstream.json"],
+             "options": {"disableNameSuffixHash": True}},
+        ],
     }))
     out = run([tool("kubectl"), "kustomize", overlay])
     assert out.returncode == 0, out.stderr
     built = tmp_path / "built.yaml"
     built.write_text(out.stdout)
     assert kubernetes_validate(built).returncode == 0
-    (cm,) = [d for d in docs(built) if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("tollgate-envoy")]
-    cfg = yaml.safe_load(cm["data"]["envoy.yaml"])
+    cm, filt = configmaps(built)
+    assert filt["metadata"]["name"] == "tollgate-filter"
+    cfg = deploy_render.inline(yaml.safe_load(cm["data"]["envoy.yaml"]),
+                               {k: json.loads(v) for k, v in filt["data"].items()})
     assert render_envoy.plugin_config(cfg)["clients"][0]["name"] == "team-a"
     (dep,) = [d for d in docs(built) if d["kind"] == "Deployment" and d["metadata"]["name"] == "tollgate"]
-    assert dep["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == cm["metadata"]["name"]
+    names = {v["configMap"]["name"] for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert names == {cm["metadata"]["name"], "tollgate-filter"}
     env = {e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert set(render_envoy.wasm_config(cfg)["vm_config"]["environment_variables"]["host_env_keys"]) <= env
     r = envoy_validate(cfg, tmp_path)

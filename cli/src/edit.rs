@@ -89,7 +89,8 @@ fn read(path: &Path) -> Result<Doc, Failure> {
 /// need not exist here (they are the gateway's): a placeholder stands in for them. A bare clients
 /// array is checked in a configuration with model routing when it has model allow-lists.
 fn check(doc: &Doc) -> Result<(), Failure> {
-    let placeholder = |_: &str| Some("tollgate-cli-placeholder".to_string());
+    // `user:password` shaped: it also stands in for Webdis's basic auth (`basic_auth_env`).
+    let placeholder = |_: &str| Some("tollgate-cli:placeholder".to_string());
     let plugin = match doc.shape {
         Shape::Clients => {
             let clients = doc.plugin.get("clients").cloned().unwrap_or(Value::Null);
@@ -535,6 +536,18 @@ mod tests {
             run(revoke, &format!("{f} --name a --label nope")),
             Err(Failure::Refused(m)) if m.contains("no such key")
         ));
+    }
+
+    #[test]
+    fn a_plugin_with_the_redis_limiter_and_webdis_basic_auth_is_edited() {
+        // The shipped compose and Kubernetes configurations: the gateway's variables are not set
+        // where the CLI runs.
+        let plugin = json!({"clients": [{"name": "a", "key_sha256": SHA}],
+                            "upstream": {"api_key_env": "TOLLGATE_PROVIDER_KEY"},
+                            "limiter": {"backend": "redis", "cluster": "webdis",
+                                        "basic_auth_env": "TOLLGATE_WEBDIS_AUTH"}});
+        let path = tmp("redis.json", &plugin.to_string());
+        run(add, &format!("{} --name b", path.display())).unwrap();
     }
 
     #[test]

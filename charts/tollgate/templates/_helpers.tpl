@@ -50,8 +50,21 @@ app.kubernetes.io/component: gateway
 {{- $c := dict "name" .name -}}
 {{- if .key_sha256 }}{{ $_ := set $c "key_sha256" .key_sha256 }}{{ end -}}
 {{- if .key_md5 }}{{ $_ := set $c "key_md5" .key_md5 }}{{ end -}}
+{{- if .keys }}{{ $_ := set $c "keys" .keys }}{{ end -}}
 {{- if .requests_per_minute }}{{ $_ := set $c "requests_per_minute" (int64 .requests_per_minute) }}{{ end -}}
+{{- if .tokens_per_minute }}{{ $_ := set $c "tokens_per_minute" (int64 .tokens_per_minute) }}{{ end -}}
 {{- if .models }}{{ $_ := set $c "models" .models }}{{ end -}}
+{{- if .budgets -}}
+{{- $budgets := list -}}
+{{- range .budgets -}}
+{{- $b := dict "window" .window -}}
+{{- if hasKey . "requests" }}{{ $_ := set $b "requests" (int64 .requests) }}{{ end -}}
+{{- if hasKey . "tokens" }}{{ $_ := set $b "tokens" (int64 .tokens) }}{{ end -}}
+{{- if hasKey . "money" }}{{ $_ := set $b "money" .money }}{{ end -}}
+{{- $budgets = append $budgets $b -}}
+{{- end -}}
+{{- $_ := set $c "budgets" $budgets -}}
+{{- end -}}
 {{- $clients = append $clients $c -}}
 {{- end -}}
 {{- $providers := list -}}
@@ -68,8 +81,24 @@ app.kubernetes.io/component: gateway
 {{- $_ := set $limiter "timeout_ms" (int64 .Values.limiter.timeoutMs) -}}
 {{- $_ := set $limiter "on_error" .Values.limiter.onError -}}
 {{- $_ := set $limiter "basic_auth_env" "TOLLGATE_WEBDIS_AUTH" -}}
+{{- else if .Values.limiter.budgetsOnRestart -}}
+{{- $_ := set $limiter "budgets_on_restart" .Values.limiter.budgetsOnRestart -}}
 {{- end -}}
 {{- $cfg := dict "clients" $clients "default_requests_per_minute" (int64 .Values.defaultRequestsPerMinute) "providers" $providers "models" .Values.models "limiter" $limiter -}}
 {{- if .Values.defaultProvider }}{{ $_ := set $cfg "default_provider" .Values.defaultProvider }}{{ end -}}
+{{- if .Values.prices -}}
+{{- $_ := set $cfg "currency" (.Values.currency | default "USD") -}}
+{{- $_ := set $cfg "prices" .Values.prices -}}
+{{- end -}}
+{{- if .Values.budgetUtcOffsetMinutes }}{{ $_ := set $cfg "budget_utc_offset_minutes" (int64 .Values.budgetUtcOffsetMinutes) }}{{ end -}}
 {{- $cfg | toJson -}}
+{{- end -}}
+
+{{/* The variables Envoy passes into the wasm VM (host_env_keys), as JSON: each provider's key,
+and Webdis's basic auth with the Redis limiter. */}}
+{{- define "tollgate.hostEnvKeys" -}}
+{{- $keys := list -}}
+{{- range .Values.providers }}{{ $keys = append $keys (include "tollgate.keyEnv" .name) }}{{ end -}}
+{{- if eq .Values.limiter.backend "redis" }}{{ $keys = append $keys "TOLLGATE_WEBDIS_AUTH" }}{{ end -}}
+{{- $keys | toJson -}}
 {{- end -}}
