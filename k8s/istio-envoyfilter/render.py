@@ -75,10 +75,9 @@ def routed_bootstrap(providers: list[dict], models: list[dict], default_provider
     if limiter == "redis":
         plugin["limiter"]["cluster"] = deploy_render.ISTIO_WEBDIS_CLUSTER
         plugin["limiter"]["authority"] = deploy_render.ISTIO_WEBDIS_HOST
-    if clients is deploy_render.PLACEHOLDER_CLIENTS:
-        # The demo's prices belong to the demo's models and client budget (docs/spend.md).
-        for field in ("currency", "prices"):
-            plugin.pop(field, None)
+    # The demo's prices belong to the demo's models and client budget (docs/spend.md).
+    for field in ("currency", "prices"):
+        plugin.pop(field, None)
     demo_clusters = {p["cluster"] for p in render_envoy.plugin_config(cfg).get("providers", [])}
     cfg["static_resources"]["clusters"] = [c for c in cfg["static_resources"]["clusters"]
                                            if c["name"] not in demo_clusters]
