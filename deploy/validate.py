@@ -56,6 +56,8 @@ STRUCTURES = {
         }],
     }},
     ("gateway.envoyproxy.io/v1alpha1", "EnvoyProxy"): {"spec": {
+        # envoyproxy_types.go ProxyBootstrap (Merge: protobuf merge into Envoy Gateway's bootstrap)
+        "bootstrap": {"type": ("Merge", "Replace", "JSONPatch"), "value": ANY, "jsonPatches": ANY},
         "provider": {
             "type": ("Kubernetes",),
             "kubernetes": {"envoyDeployment": {"replicas": ANY, "container": {

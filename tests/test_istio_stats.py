@@ -113,3 +113,53 @@ def test_without_the_override_istio_serves_flattened_names(start_gateway, mock):
     s = series(gw)
     assert s[("tollgate_requests_total_client_team_outcome_admitted", ())] == 1
     assert not [k for k in s if k[0] == "tollgate_requests_total"]
+
+
+# --- Envoy Gateway: the same tags through EnvoyProxy spec.bootstrap (type Merge) ----------------
+
+# Envoy Gateway's generated bootstrap, the part that decides metric names (its
+# internal/xds/bootstrap template: Envoy's default tags plus its own).
+ENVOY_GATEWAY_STATS_CONFIG = {
+    "use_all_default_tags": True,
+    "stats_tags": [
+        {"tag_name": "from_zone", "regex": r"\.zone(\.(([^\.]+)\.))"},
+        {"tag_name": "to_zone", "regex": r"\.zone\.[^\.]+\.(([^\.]+)\.)"},
+        {"tag_name": "socket_match_name", "regex": r"^cluster(\..+\.(.+))\.total_match_count$"},
+        {"tag_name": "priority", "regex": r"circuit_breakers\.((.+?)\.).+"},
+    ],
+}
+
+
+def envoy_gateway_bootstrap_value() -> dict:
+    (proxy,) = [d for d in docs(ROOT / "k8s/envoy-gateway/gateway.yaml") if d["kind"] == "EnvoyProxy"]
+    bootstrap = proxy["spec"]["bootstrap"]
+    assert bootstrap["type"] == "Merge"
+    return yaml.safe_load(bootstrap["value"])
+
+
+def test_envoy_proxy_bootstrap_holds_the_demos_stats_tags():
+    demo = harness.render_envoy.load()["stats_config"]["stats_tags"]
+    assert envoy_gateway_bootstrap_value() == {"stats_config": {"stats_tags": demo}}
+
+
+def test_envoy_gateway_bootstrap_merge_gives_tollgate_series_their_names(start_gateway, mock):
+    """The EnvoyExtensionPolicy's plugin configuration in a bootstrap with Envoy Gateway's
+    stats_config and the EnvoyProxy's `bootstrap` merged as Envoy Gateway merges it (protobuf
+    merge: lists appended)."""
+    (eep,) = docs(ROOT / "k8s/envoy-gateway/extensionpolicy.yaml")
+    ext = eep["spec"]["wasm"][0]
+
+    def transform(cfg: dict) -> None:
+        wasm = harness.render_envoy.wasm_config(cfg)
+        assert wasm["root_id"] == ext["rootID"]
+        cfg["stats_config"] = copy.deepcopy(ENVOY_GATEWAY_STATS_CONFIG)
+        cfg.update(merge(cfg, envoy_gateway_bootstrap_value()))
+
+    gw = start_gateway(plugin(), mock.url, transform=transform)
+    assert gw.post(key=TEAM, body=chat_body()).status == 200
+    assert gw.post(key="sk-nobody", body=chat_body()).status == 401
+    s = series(gw)
+    assert s[("tollgate_requests_total", (("client", "team"), ("outcome", "admitted")))] == 1
+    assert s[("tollgate_requests_total", (("client", "_anonymous"), ("outcome", "unauthorized")))] == 1
+    assert not [k for k in s if k[0].startswith("tollgate_requests_total_")]
+    assert not [k for k in s if "wasmcustom" in k[0]]
