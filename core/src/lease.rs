@@ -546,7 +546,9 @@ pub fn command(key_md5: &str, ask: &Ask, want: &Want, now_ms: u64, p: &LeasePoli
     let key = webdis::window_key(key_md5, want.window);
     let tokens_key = webdis::tokens_key(key_md5, want.window);
     // The keys live through their window and one more, as with per-request checks.
-    let ttl_ms = ((want.window + 2) * WINDOW_MS).saturating_sub(now_ms).max(1);
+    let ttl_ms = ((want.window + 2) * WINDOW_MS)
+        .saturating_sub(now_ms)
+        .max(1);
     webdis::lease_command(&LeaseAsk {
         key: &key,
         limit: ask.limit,
@@ -574,6 +576,49 @@ pub fn returns(key_md5: &str, r: &Returned) -> Vec<(String, i64)> {
     out
 }
 
+/// A lease call to make: for a request that waits for it, or a prefetch for the worker's root
+/// context (whose answer outlives any request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetch {
+    /// The client.
+    pub client: crate::types::ClientId,
+    /// The Redis keys' middle part (MD5 hex of the key, or `name-<client>`).
+    pub key_md5: String,
+    /// The request's ask (limits; the cost of a waiting request).
+    pub ask: Ask,
+    /// The block.
+    pub want: Want,
+}
+
+/// `tollgate_lease_fetches_total{kind,outcome}`: `kind` `blocking` (a request waited) or
+/// `prefetch`; `outcome` `granted`, `spent` (the window's budget is used up) or `error`.
+pub fn fetches_total(kind: &str, outcome: &str) -> String {
+    format!("tollgate_lease_fetches_total.kind={kind}.outcome={outcome}")
+}
+
+/// `tollgate_lease_returned_total{kind}`: requests or tokens given back to Redis.
+pub fn returned_total(kind: &str) -> String {
+    format!("tollgate_lease_returned_total.kind={kind}")
+}
+
+/// `tollgate_lease_breaker_total{kind}`: circuit-breaker transitions ([`Transition`]).
+pub fn breaker_total(kind: &str) -> String {
+    format!("tollgate_lease_breaker_total.kind={kind}")
+}
+
+/// `tollgate_limiter_calls_total{backend,kind}`: Webdis calls of the limiter, `kind` `check`
+/// (one request), `lease` (a block) or `settle` (a batch of settlements and returns).
+pub fn calls_total(kind: &str) -> String {
+    format!("tollgate_limiter_calls_total.backend=redis.kind={kind}")
+}
+
+/// Fetch kinds and outcomes of [`fetches_total`].
+pub const FETCH_KINDS: [&str; 2] = ["blocking", "prefetch"];
+/// Outcomes of [`fetches_total`].
+pub const FETCH_OUTCOMES: [&str; 3] = ["granted", "spent", "error"];
+/// Kinds of [`calls_total`].
+pub const CALL_KINDS: [&str; 3] = ["check", "lease", "settle"];
+
 /// A circuit-breaker transition, for `tollgate_lease_breaker_total{kind}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
@@ -596,11 +641,7 @@ impl Transition {
     }
 
     /// Every transition, for defining counters up front.
-    pub const ALL: [Transition; 3] = [
-        Transition::Opened,
-        Transition::HalfOpen,
-        Transition::Closed,
-    ];
+    pub const ALL: [Transition; 3] = [Transition::Opened, Transition::HalfOpen, Transition::Closed];
 }
 
 /// A worker's circuit breaker over lease fetches: after `breaker_failures` consecutive failed
@@ -650,6 +691,11 @@ impl Breaker {
     pub fn is_open(&self) -> bool {
         self.open_until.is_some()
     }
+}
+
+/// [`trips_breaker`] by the failure's metric reason.
+pub fn reason_trips_breaker(reason: &str) -> bool {
+    matches!(reason, "unavailable" | "timeout" | "status" | "forbidden")
 }
 
 /// Whether a failed fetch says Webdis is unhealthy (counts toward the breaker): no answer,
@@ -844,13 +890,19 @@ mod tests {
         assert_eq!(requests.remaining, 99);
         assert_eq!(tokens.unwrap().remaining, 10_000 - 300);
         let r = read_record(&s, K).unwrap().unwrap();
-        assert_eq!((r.granted, r.used, r.granted_tokens, r.used_tokens), (5, 1, 1_000, 300));
+        assert_eq!(
+            (r.granted, r.used, r.granted_tokens, r.used_tokens),
+            (5, 1, 1_000, 300)
+        );
         // 700 tokens held: a request estimating 800 must fetch, one of 300 is admitted.
         let big = Ask {
             tokens: Some((10_000, 800)),
             ..ask
         };
-        assert!(matches!(admit(&s, K, big, W0, &p).unwrap(), Admit::Fetch(_)));
+        assert!(matches!(
+            admit(&s, K, big, W0, &p).unwrap(),
+            Admit::Fetch(_)
+        ));
         assert!(matches!(
             admit(&s, K, ask, W0, &p).unwrap(),
             Admit::Admitted { .. }
@@ -1020,7 +1072,11 @@ mod tests {
         let back = reclaim(&s, K, ask, W0 + 32_000, &p).unwrap().unwrap();
         assert_eq!((back.requests, back.tokens), (1, 10));
         redis.give_back(&back);
-        assert_eq!((redis.n, redis.t), (1, 10), "only what was used stays counted");
+        assert_eq!(
+            (redis.n, redis.t),
+            (1, 10),
+            "only what was used stays counted"
+        );
         assert_eq!(reclaim(&s, K, ask, W0 + 40_000, &p).unwrap(), None);
         // A past window's lease is never returned.
         assert_eq!(reclaim(&s, K, ask, W0 + WINDOW_MS, &p).unwrap(), None);
@@ -1079,7 +1135,10 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             self.0 >> 33
         }
     }

@@ -102,10 +102,22 @@ fn compile_leases(raw: RawLeases, timeout_ms: u32) -> Result<LeasePolicy, Config
         Ok(v)
     };
     Ok(LeasePolicy {
-        horizon_ms: field("horizon_ms", raw.horizon_ms, DEFAULT_LEASE_HORIZON_MS, 100, 60_000)?
-            .into(),
-        max_block: field("max_block", raw.max_block, DEFAULT_LEASE_MAX_BLOCK, 1, 1_000_000)?
-            .into(),
+        horizon_ms: field(
+            "horizon_ms",
+            raw.horizon_ms,
+            DEFAULT_LEASE_HORIZON_MS,
+            100,
+            60_000,
+        )?
+        .into(),
+        max_block: field(
+            "max_block",
+            raw.max_block,
+            DEFAULT_LEASE_MAX_BLOCK,
+            1,
+            1_000_000,
+        )?
+        .into(),
         share_percent: field(
             "share_percent",
             raw.share_percent,
@@ -115,8 +127,14 @@ fn compile_leases(raw: RawLeases, timeout_ms: u32) -> Result<LeasePolicy, Config
         )?
         .into(),
         idle_ms: field("idle_ms", raw.idle_ms, DEFAULT_LEASE_IDLE_MS, 100, 60_000)?.into(),
-        recheck_ms: field("recheck_ms", raw.recheck_ms, DEFAULT_LEASE_RECHECK_MS, 10, 60_000)?
-            .into(),
+        recheck_ms: field(
+            "recheck_ms",
+            raw.recheck_ms,
+            DEFAULT_LEASE_RECHECK_MS,
+            10,
+            60_000,
+        )?
+        .into(),
         breaker_failures: field(
             "breaker_failures",
             raw.breaker_failures,
