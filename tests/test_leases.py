@@ -46,8 +46,10 @@ def test_three_envoys_never_admit_more_than_the_limit(start_gateway, mock, redis
     # Redis counts what was granted: at least what was admitted, never more than the limit.
     granted = int(redis.cli("GET", redis_key(minute)))
     assert admitted <= granted <= limit
+    # Per-request checks make one call per request (360); a burst of 24 connections that all
+    # start with no lease and no rate history still needs far fewer.
     calls = sum(lease_calls(gw) for gw in gateways)
-    assert 0 < calls < admitted / 2, calls
+    assert 0 < calls < len(statuses) / 3, calls
     for gw in gateways:
         assert gw.counter("tollgate_requests_total", client="shared", outcome="admitted") > 0
         assert gw.counter("tollgate_lease_fetches_total", kind="blocking", outcome="granted") > 0
