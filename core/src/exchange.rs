@@ -308,7 +308,7 @@ impl Exchange {
                     .body(Buffer::CallResponse, MAX_WEBDIS_REPLY_BYTES)
                     .unwrap_or_default();
                 let now = h.now_ms().unwrap_or(0);
-                let step = request::on_limiter_reply(&gw.config, *pending, status, &body, now, h);
+                let step = limiter_answer(h, &gw, *pending, status, &body, now);
                 if self.finish(h, &gw, step) == Action::Continue {
                     self.resume(h);
                 }
@@ -363,8 +363,18 @@ impl Exchange {
                 self.waiting = Waiting::Body(awaiting);
                 Action::Pause
             }
+            // Leases: a worker whose Webdis keeps failing does not make requests wait for it.
+            Start::AskLimiter(pending)
+                if pending.is_lease()
+                    && !gw.lease_allows(h, self.started_ms.unwrap_or_default()) =>
+            {
+                let now = self.started_ms.unwrap_or_default();
+                let step = request::on_lease_short_circuit(&gw.config, pending, now, h);
+                self.finish(h, gw, step)
+            }
             Start::AskLimiter(pending) => match h.dispatch(&pending.call) {
                 Ok(token) => {
+                    gw.limiter_call(h, pending.is_lease());
                     self.waiting = Waiting::Limiter(token, Box::new(pending));
                     Action::Pause
                 }
@@ -372,7 +382,7 @@ impl Exchange {
                     // An unknown cluster or a bad callout: the limiter is unavailable.
                     error!("cannot call the Redis limiter: {e}");
                     let now = h.now_ms().unwrap_or(0);
-                    let step = request::on_limiter_reply(&gw.config, pending, None, b"", now, h);
+                    let step = limiter_answer(h, gw, pending, None, b"", now);
                     self.finish(h, gw, step)
                 }
             },
@@ -380,7 +390,10 @@ impl Exchange {
     }
 
     /// Applies a decision: records its metrics, then answers or rewrites the request.
-    fn finish(&mut self, h: &dyn Host, gw: &Gateway, step: Step) -> Action {
+    fn finish(&mut self, h: &dyn Host, gw: &Gateway, mut step: Step) -> Action {
+        if let Some(fetch) = step.prefetch.take() {
+            gw.queue_prefetch(h, fetch);
+        }
         for f in &step.limiter_errors {
             warn!(
                 "{} limiter failed ({}); handled by its failure policy",
@@ -1060,6 +1073,25 @@ impl Exchange {
             (Backend::Local, None) => {}
         }
     }
+}
+
+/// Decides on the limiter's answer; a lease fetch's answer also feeds the worker's breaker.
+fn limiter_answer(
+    h: &dyn Host,
+    gw: &Gateway,
+    pending: Pending,
+    status: Option<u16>,
+    body: &[u8],
+    now: u64,
+) -> Step {
+    let fetch = pending.lease_fetch().cloned();
+    let step = request::on_limiter_reply(&gw.config, pending, status, body, now, h);
+    if let Some(fetch) = fetch {
+        let error = step.limiter_errors.iter().find(|f| f.backend == "redis");
+        let spent = step.outcome == Outcome::RateLimited;
+        gw.lease_answered(h, &fetch, error.map(|f| f.reason), spent, now);
+    }
+    step
 }
 
 /// Applies a forward's rewrite: headers set (the provider key or the route), the body replaced

@@ -2,14 +2,15 @@
 //! work its root context does on a timer (Redis cache stores and token settlements, which a
 //! request's own context cannot send: a callout made as a stream ends is cancelled with it).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::cache::{self, Backend};
 use crate::config::{LimiterBackend, Mode};
 use crate::host::{Callout, Host, HostError, Map};
+use crate::lease;
 use crate::limiter::{self, LimiterError};
 use crate::metrics::{self, CacheMetric, Outcome, ANONYMOUS};
 use crate::request::{self, LimiterFailure};
@@ -20,6 +21,16 @@ use crate::Config;
 /// How often each worker's root context sends what its requests queued for Redis since its last
 /// tick: response cache stores and token settlements.
 pub const ROOT_TICK_MS: u32 = 100;
+
+/// The root tick with quota leases: prefetches are sent on it, so it is short.
+pub const LEASE_TICK_MS: u32 = 20;
+
+/// With leases, idle and oversized leases are looked at every this many ticks (200 ms).
+const RECLAIM_EVERY_TICKS: u32 = 10;
+
+/// Prefetches queued or in flight per worker; more are dropped (the next admission asks again
+/// once the mark is stale).
+const MAX_PREFETCHES: usize = 1024;
 
 /// Redis stores queued or in flight per worker; more are dropped (and counted), so a slow
 /// Webdis cannot make the filter hold response copies without bound.
@@ -82,6 +93,92 @@ pub struct Gateway {
     cache_queue: RefCell<VecDeque<QueuedStore>>,
     /// Redis stores sent and not answered yet, by callout token.
     cache_in_flight: RefCell<HashMap<u32, StoreMeta>>,
+    /// Quota leases (with `limiter.leases`).
+    leases: Option<Leases>,
+}
+
+/// A worker's part of the quota leases (see [`lease`]): its circuit breaker, the prefetches
+/// its root context sends, and the clients whose leases it looks after.
+struct Leases {
+    policy: crate::config::LeasePolicy,
+    breaker: RefCell<lease::Breaker>,
+    queue: RefCell<Vec<lease::Fetch>>,
+    in_flight: RefCell<HashMap<u32, (lease::Fetch, u64)>>,
+    /// Clients this worker fetched a lease for, with their Redis keys' middle part: their
+    /// leases are reclaimed on the tick when idle.
+    clients: RefCell<HashMap<usize, String>>,
+    ticks: Cell<u32>,
+    /// `[kind][outcome]` of `tollgate_lease_fetches_total`.
+    fetches: [[Option<u32>; 3]; 2],
+    /// Requests, tokens of `tollgate_lease_returned_total`.
+    returned: [Option<u32>; 2],
+    /// Per [`lease::Transition::ALL`].
+    breaker_ids: [Option<u32>; 3],
+    /// Per [`lease::CALL_KINDS`].
+    calls: [Option<u32>; 3],
+}
+
+impl Leases {
+    fn define(host: &dyn Host, policy: crate::config::LeasePolicy) -> Self {
+        let id = |name: String| match host.define_counter(&name) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                warn!("cannot define {name}: {e}");
+                None
+            }
+        };
+        let fetches = lease::FETCH_KINDS
+            .map(|k| lease::FETCH_OUTCOMES.map(|o| id(lease::fetches_total(k, o))));
+        Self {
+            policy,
+            breaker: RefCell::new(lease::Breaker::default()),
+            queue: RefCell::new(Vec::new()),
+            in_flight: RefCell::new(HashMap::new()),
+            clients: RefCell::new(HashMap::new()),
+            ticks: Cell::new(0),
+            fetches,
+            returned: ["requests", "tokens"].map(|k| id(lease::returned_total(k))),
+            breaker_ids: lease::Transition::ALL.map(|t| id(lease::breaker_total(t.as_str()))),
+            calls: lease::CALL_KINDS.map(|k| id(lease::calls_total(k))),
+        }
+    }
+
+    fn count(host: &dyn Host, id: Option<u32>, n: u64) {
+        if let (Some(id), true) = (id, n > 0) {
+            host.increment(id, n);
+        }
+    }
+
+    fn fetched(&self, host: &dyn Host, blocking: bool, outcome: &str) {
+        let kind = usize::from(!blocking);
+        let i = lease::FETCH_OUTCOMES.iter().position(|o| *o == outcome);
+        let id = i.and_then(|i| self.fetches.get(kind).and_then(|row| row.get(i)).copied());
+        Self::count(host, id.flatten(), 1);
+    }
+
+    fn transition(&self, host: &dyn Host, t: Option<lease::Transition>) {
+        let Some(t) = t else { return };
+        match t {
+            lease::Transition::Opened => warn!("Webdis failing: lease breaker open"),
+            lease::Transition::HalfOpen => info!("lease breaker half open: one probe"),
+            lease::Transition::Closed => info!("Webdis answers again: lease breaker closed"),
+        }
+        let i = lease::Transition::ALL.iter().position(|x| *x == t);
+        Self::count(
+            host,
+            i.and_then(|i| self.breaker_ids.get(i).copied()).flatten(),
+            1,
+        );
+    }
+
+    fn call(&self, host: &dyn Host, kind: &str) {
+        let i = lease::CALL_KINDS.iter().position(|k| *k == kind);
+        Self::count(
+            host,
+            i.and_then(|i| self.calls.get(i).copied()).flatten(),
+            1,
+        );
+    }
 }
 
 impl Gateway {
@@ -94,10 +191,20 @@ impl Gateway {
             Mode::Routed(r) => Some(AttemptCounters::define(host, r)?),
             Mode::Single(_) => None,
         };
+        let leases = match &config.limiter {
+            LimiterBackend::Redis(r) => r.leases.map(|p| Leases::define(host, p)),
+            LimiterBackend::Local => None,
+        };
         for client in &config.clients {
             let key = limiter::budget_key(client);
             if limiter::ensure_record(host, &key).is_err() {
                 warn!("cannot create the limit record {key}");
+            }
+            if leases.is_some() {
+                let key = lease::lease_key(client);
+                if lease::ensure_record(host, &key).is_err() {
+                    warn!("cannot create the lease record {key}");
+                }
             }
         }
         info!(
@@ -125,6 +232,7 @@ impl Gateway {
             cache_metrics: RefCell::new(HashMap::new()),
             cache_queue: RefCell::new(VecDeque::new()),
             cache_in_flight: RefCell::new(HashMap::new()),
+            leases,
         })
     }
 
@@ -139,18 +247,26 @@ impl Gateway {
                     .clients
                     .iter()
                     .any(|c| c.tokens_per_minute.is_some() || !c.budgets.is_empty()));
+        if self.leases.is_some() {
+            return Some(LEASE_TICK_MS);
+        }
         (self.config.cache.uses(Backend::Redis) || redis_tokens).then_some(ROOT_TICK_MS)
     }
 
     /// The root context's timer: send what the requests queued.
     pub fn on_tick(&self, host: &dyn Host) {
         self.send_stores(host);
+        self.send_prefetches(host);
+        self.reclaim_leases(host);
         self.send_settlements(host);
     }
 
-    /// An answer to one of the root context's callouts: a cache store or a settlement batch.
+    /// An answer to one of the root context's callouts: a cache store, a lease prefetch or a
+    /// settlement batch.
     pub fn on_root_callout(&self, host: &dyn Host, token: u32, num_headers: usize) {
-        if self.on_store_reply(host, token, num_headers) {
+        if self.on_store_reply(host, token, num_headers)
+            || self.on_prefetch_reply(host, token, num_headers)
+        {
             return;
         }
         let status = callout_status(host, num_headers);
@@ -386,6 +502,211 @@ impl Gateway {
         }
     }
 
+    /// Whether a request may wait for a lease fetch now (the worker's breaker is closed, or
+    /// this is its probe); always true without leases.
+    pub fn lease_allows(&self, host: &dyn Host, now_ms: u64) -> bool {
+        let Some(l) = &self.leases else {
+            return true;
+        };
+        let (allowed, t) = l.breaker.borrow_mut().allow(now_ms, &l.policy);
+        l.transition(host, t);
+        if !allowed {
+            l.fetched(host, true, "error");
+        }
+        allowed
+    }
+
+    /// Counts a limiter callout a request made (`lease`: a block, else a check).
+    pub fn limiter_call(&self, host: &dyn Host, lease: bool) {
+        if let Some(l) = &self.leases {
+            l.call(host, if lease { "lease" } else { "check" });
+        }
+    }
+
+    /// A request's lease fetch was answered: `error` is the limiter failure it met (`None`:
+    /// Webdis answered), `spent`: the window is spent. Feeds the breaker and the metrics, and
+    /// remembers the client so that its lease is reclaimed when idle.
+    pub fn lease_answered(
+        &self,
+        host: &dyn Host,
+        fetch: &lease::Fetch,
+        error: Option<&str>,
+        spent: bool,
+        now_ms: u64,
+    ) {
+        let Some(l) = &self.leases else {
+            return;
+        };
+        let outcome = match (error, spent) {
+            (Some(_), _) => "error",
+            (None, true) => "spent",
+            (None, false) => "granted",
+        };
+        l.fetched(host, true, outcome);
+        let failed = error.is_some_and(lease::reason_trips_breaker);
+        let t = l.breaker.borrow_mut().record(!failed, now_ms, &l.policy);
+        l.transition(host, t);
+        self.remember_lease(l, fetch);
+    }
+
+    fn remember_lease(&self, l: &Leases, fetch: &lease::Fetch) {
+        l.clients
+            .borrow_mut()
+            .entry(fetch.client)
+            .or_insert_with(|| fetch.key_md5.clone());
+    }
+
+    /// Queues a lease prefetch for the next tick.
+    pub fn queue_prefetch(&self, host: &dyn Host, fetch: lease::Fetch) {
+        let Some(l) = &self.leases else {
+            return;
+        };
+        self.remember_lease(l, &fetch);
+        let mut queue = l.queue.borrow_mut();
+        if queue.len() + l.in_flight.borrow().len() >= MAX_PREFETCHES {
+            drop(queue);
+            l.fetched(host, false, "error");
+            return;
+        }
+        queue.push(fetch);
+    }
+
+    fn send_prefetches(&self, host: &dyn Host) {
+        let (Some(l), LimiterBackend::Redis(redis)) = (&self.leases, &self.config.limiter) else {
+            return;
+        };
+        let queued: Vec<lease::Fetch> = l.queue.borrow_mut().drain(..).collect();
+        if queued.is_empty() {
+            return;
+        }
+        let now = host.now_ms().unwrap_or(0);
+        for fetch in queued {
+            let Some(c) = self.config.client(fetch.client) else {
+                continue;
+            };
+            let key = lease::lease_key(c);
+            let (allowed, t) = l.breaker.borrow_mut().allow(now, &l.policy);
+            l.transition(host, t);
+            if !allowed {
+                l.fetched(host, false, "error");
+                let _ = lease::on_fetch_failed(host, &key);
+                continue;
+            }
+            let body = lease::command(&fetch.key_md5, &fetch.ask, &fetch.want, now, &l.policy);
+            l.call(host, "lease");
+            match host.dispatch(&request::webdis_call(&redis.webdis, body)) {
+                Ok(token) => {
+                    l.in_flight.borrow_mut().insert(token, (fetch, now));
+                }
+                Err(e) => {
+                    warn!("cannot send a lease prefetch: {e}");
+                    l.fetched(host, false, "error");
+                    let _ = lease::on_fetch_failed(host, &key);
+                }
+            }
+        }
+    }
+
+    /// A prefetch's answer: store the block (or that the window is spent); false when `token`
+    /// is not a prefetch's.
+    fn on_prefetch_reply(&self, host: &dyn Host, token: u32, num_headers: usize) -> bool {
+        let Some(l) = &self.leases else {
+            return false;
+        };
+        let Some((fetch, sent_ms)) = l.in_flight.borrow_mut().remove(&token) else {
+            return false;
+        };
+        let (LimiterBackend::Redis(redis), Some(c)) =
+            (&self.config.limiter, self.config.client(fetch.client))
+        else {
+            return true;
+        };
+        let status = callout_status(host, num_headers);
+        let body = host
+            .body(crate::host::Buffer::CallResponse, MAX_WEBDIS_REPLY_BYTES)
+            .unwrap_or_default();
+        let now = host.now_ms().unwrap_or(0);
+        let key = lease::lease_key(c);
+        let answer = webdis::parse_lease_reply(status, &body).map_err(|e| {
+            webdis::timed_out(e, now.saturating_sub(sent_ms), redis.webdis.timeout_ms)
+        });
+        let failed = match answer {
+            Ok(leased) => {
+                let outcome = if leased.spent.is_some() {
+                    "spent"
+                } else {
+                    "granted"
+                };
+                l.fetched(host, false, outcome);
+                if let Err(e) =
+                    lease::on_grant(host, &key, fetch.ask, &fetch.want, &leased, now, &l.policy)
+                {
+                    warn!(
+                        "cannot store a lease ({}); it ends with its window",
+                        e.reason()
+                    );
+                }
+                false
+            }
+            Err(e) => {
+                warn!("lease prefetch failed ({})", e.reason());
+                l.fetched(host, false, "error");
+                self.limiter_error(
+                    host,
+                    &LimiterFailure {
+                        backend: "redis",
+                        reason: e.reason(),
+                    },
+                );
+                let _ = lease::on_fetch_failed(host, &key);
+                lease::trips_breaker(&e)
+            }
+        };
+        let t = l.breaker.borrow_mut().record(!failed, now, &l.policy);
+        l.transition(host, t);
+        true
+    }
+
+    /// Every few ticks: gives back leases idle for `idle_ms`, and what exceeds the traffic of
+    /// a shrinking one (as settlements, sent with the next batch).
+    fn reclaim_leases(&self, host: &dyn Host) {
+        let Some(l) = &self.leases else {
+            return;
+        };
+        let ticks = l.ticks.get().wrapping_add(1);
+        l.ticks.set(ticks);
+        if ticks % RECLAIM_EVERY_TICKS != 0 || l.clients.borrow().is_empty() {
+            return;
+        }
+        let now = host.now_ms().unwrap_or(0);
+        let clients: Vec<(usize, String)> = l
+            .clients
+            .borrow()
+            .iter()
+            .map(|(c, k)| (*c, k.clone()))
+            .collect();
+        for (client, key_md5) in clients {
+            let Some(c) = self.config.client(client) else {
+                continue;
+            };
+            let ask = lease::Ask {
+                limit: u64::from(c.requests_per_minute),
+                tokens: c.tokens_per_minute.map(|t| (u64::from(t), 0)),
+            };
+            match lease::reclaim(host, &lease::lease_key(c), ask, now, &l.policy) {
+                Ok(Some(back)) => {
+                    Leases::count(host, l.returned.first().copied().flatten(), back.requests);
+                    Leases::count(host, l.returned.get(1).copied().flatten(), back.tokens);
+                    for (key, delta) in lease::returns(&key_md5, &back) {
+                        self.queue_settlement(host, key, delta);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => debug!("cannot reclaim a lease: {}", e.reason()),
+            }
+        }
+    }
+
     fn send_stores(&self, host: &dyn Host) {
         let queued: Vec<QueuedStore> = self.cache_queue.borrow_mut().drain(..).collect();
         if queued.is_empty() {
@@ -422,6 +743,9 @@ impl Gateway {
             queue.drain_commands()
         };
         for body in commands {
+            if let Some(l) = &self.leases {
+                l.call(host, "settle");
+            }
             let call = request::webdis_call(&redis.webdis, body);
             if let Err(e) = host.dispatch(&call) {
                 warn!("cannot send token settlements to the Redis limiter: {e}");
@@ -540,8 +864,11 @@ impl MetricIds {
                 .iter()
                 .map(|e| ("local", e.reason()))
                 .collect();
-        if let LimiterBackend::Redis(_) = config.limiter {
+        if let LimiterBackend::Redis(r) = &config.limiter {
             failures.extend(ReplyError::REASONS.iter().map(|r| ("redis", *r)));
+            if r.leases.is_some() {
+                failures.push(("redis", ReplyError::CircuitOpen.reason()));
+            }
             // Token settlements refused by a full queue (Redis unreachable for long).
             failures.push(("redis", "queue_full"));
         }

@@ -20,6 +20,7 @@ pub mod gateway;
 pub mod headers;
 pub mod host;
 pub mod keys;
+pub mod lease;
 pub mod limiter;
 pub mod metrics;
 pub mod openai;

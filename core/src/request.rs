@@ -23,6 +23,7 @@ use crate::forwarding;
 use crate::headers::Header;
 use crate::host::CasStore;
 use crate::keys::{bearer_token, Digest, DigestKind, KeyError};
+use crate::lease;
 use crate::limiter::{self, Budget, BudgetAsk, Exceeded, LimiterError, Window, WINDOW_MS};
 use crate::metrics::Outcome;
 use crate::openai::{self, LocalReply};
@@ -158,6 +159,8 @@ pub struct Step {
     pub key_error: Option<KeyError>,
     /// The model the body asked for, once it was read (for the access log).
     pub model: Option<String>,
+    /// A lease prefetch for the worker's root context to send (see [`lease`]).
+    pub prefetch: Option<lease::Fetch>,
 }
 
 /// What the filter does next with a request.
@@ -214,6 +217,20 @@ pub struct Pending {
     sent_ms: u64,
     /// The model the body asked for (carried to the step).
     model: Option<String>,
+    /// A lease fetch this request waits for (see [`lease`]).
+    lease: Option<lease::Fetch>,
+}
+
+impl Pending {
+    /// The callout fetches a lease (a worker's breaker may short-circuit it).
+    pub fn is_lease(&self) -> bool {
+        self.lease.is_some()
+    }
+
+    /// The lease fetch this request waits for.
+    pub fn lease_fetch(&self) -> Option<&lease::Fetch> {
+        self.lease.as_ref()
+    }
 }
 
 /// The client's request headers that must not reach a provider (see [`forwarding`]): the filter
@@ -526,7 +543,14 @@ pub fn on_limiter_reply(
         report,
         sent_ms,
         model,
+        lease,
     } = pending;
+    if let Some(fetch) = lease {
+        let answer = webdis::parse_lease_reply(status, body)
+            .map_err(|e| webdis::timed_out(e, now_ms.saturating_sub(sent_ms), call.timeout_ms));
+        let step = on_lease_answer(config, fetch, forward, estimate, answer, now_ms, store);
+        return Step { model, ..step };
+    }
     if report {
         let answer = webdis::parse_read_reply(
             status,
@@ -647,6 +671,12 @@ fn limit(
     store: &dyn CasStore,
 ) -> Start {
     match (&config.limiter, key_md5) {
+        (LimiterBackend::Redis(redis), Some(key_md5))
+            if redis.leases.is_some()
+                && config.client(client).is_some_and(|c| c.budgets.is_empty()) =>
+        {
+            lease_limit(config, client, key_md5, forward, estimate, now_ms, store)
+        }
         (LimiterBackend::Redis(redis), Some(key_md5)) => {
             let counters = redis_counters(config, client, &key_md5, &forward, estimate, now_ms);
             let call = match &counters {
@@ -674,6 +704,7 @@ fn limit(
                 report: false,
                 sent_ms: now_ms,
                 model: None,
+                lease: None,
             })
         }
         _ => Start::Done(local_step(
@@ -748,6 +779,7 @@ fn budgets_report(
             report: true,
             sent_ms: now_ms,
             model: None,
+            lease: None,
         });
     }
     let Some(c) = config.client(client) else {
@@ -1041,6 +1073,210 @@ fn on_counters_reply(
     }
 }
 
+/// The Redis limiter with leases ([`lease`]): admit from this process's lease (no Redis call),
+/// refuse while Redis recently said the window is spent, or fetch a block while the request
+/// waits. A failing lease record falls back to one Redis check for this request.
+fn lease_limit(
+    config: &Config,
+    client: ClientId,
+    key_md5: String,
+    mut forward: Forward,
+    estimate: Estimate,
+    now_ms: u64,
+    store: &dyn CasStore,
+) -> Start {
+    let (LimiterBackend::Redis(redis), Some(c)) = (&config.limiter, config.client(client)) else {
+        return Start::Done(forward_step(client, forward, None, Vec::new()));
+    };
+    let Some(policy) = &redis.leases else {
+        return Start::Done(forward_step(client, forward, None, Vec::new()));
+    };
+    let ask = lease::Ask {
+        limit: u64::from(c.requests_per_minute),
+        tokens: c
+            .tokens_per_minute
+            .map(|t| (u64::from(t), estimate.total())),
+    };
+    let minute = limiter::window_of(now_ms).0;
+    let fetch = |want| lease::Fetch {
+        client,
+        key_md5: key_md5.clone(),
+        ask,
+        want,
+    };
+    match lease::admit(store, &lease::lease_key(c), ask, now_ms, policy) {
+        Ok(lease::Admit::Admitted {
+            requests,
+            tokens,
+            prefetch,
+        }) => {
+            forward.tokens = tokens.map(|state| TokenReservation {
+                window: minute,
+                estimate,
+                state,
+                redis_key: Some(webdis::tokens_key(&key_md5, minute)),
+            });
+            let step = forward_step(client, forward, Some(requests), Vec::new());
+            Start::Done(Step {
+                prefetch: prefetch.map(fetch),
+                ..step
+            })
+        }
+        Ok(lease::Admit::Limited { tokens, window }) => {
+            let over = if tokens {
+                Over::Tokens(window, estimate.total())
+            } else {
+                Over::Requests(window)
+            };
+            Start::Done(limited_step(config, client, over, Vec::new()))
+        }
+        Ok(lease::Admit::Fetch(want)) => {
+            let fetch = fetch(want);
+            let call = webdis_call(
+                &redis.webdis,
+                lease::command(&key_md5, &ask, &want, now_ms, policy),
+            );
+            Start::AskLimiter(Pending {
+                call,
+                client,
+                forward,
+                estimate,
+                key_md5,
+                counters: None,
+                report: false,
+                sent_ms: now_ms,
+                model: None,
+                lease: Some(fetch),
+            })
+        }
+        Err(e) => {
+            let call = redis_callout(redis, &key_md5, ask.limit, ask.tokens, now_ms);
+            log::warn!(
+                "lease record failed ({}); one Redis check for this request",
+                e.reason()
+            );
+            Start::AskLimiter(Pending {
+                call,
+                client,
+                forward,
+                estimate,
+                key_md5,
+                counters: None,
+                report: false,
+                sent_ms: now_ms,
+                model: None,
+                lease: None,
+            })
+        }
+    }
+}
+
+/// Decides a request that waited for a lease: admitted from the new block, refused when the
+/// window is spent, or (no answer) handled by `on_error`.
+fn on_lease_answer(
+    config: &Config,
+    fetch: lease::Fetch,
+    mut forward: Forward,
+    estimate: Estimate,
+    answer: Result<webdis::Leased, webdis::ReplyError>,
+    now_ms: u64,
+    store: &dyn CasStore,
+) -> Step {
+    let client = fetch.client;
+    let (LimiterBackend::Redis(redis), Some(c)) = (&config.limiter, config.client(client)) else {
+        return reply(Some(client), Outcome::Error, openai::internal_error());
+    };
+    let Some(policy) = &redis.leases else {
+        return reply(Some(client), Outcome::Error, openai::internal_error());
+    };
+    let leased = match answer {
+        Ok(leased) => leased,
+        Err(e) => {
+            let failure = vec![LimiterFailure {
+                backend: "redis",
+                reason: e.reason(),
+            }];
+            return match redis.on_error {
+                OnError::Allow => forward_step(client, forward, None, failure),
+                OnError::Deny => Step {
+                    limiter_errors: failure,
+                    ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
+                },
+                OnError::Local => {
+                    local_step(config, client, forward, estimate, now_ms, store, failure)
+                }
+            };
+        }
+    };
+    let key = lease::lease_key(c);
+    let granted = lease::on_grant(store, &key, fetch.ask, &fetch.want, &leased, now_ms, policy);
+    match granted {
+        // The block is Redis's answer: a failing record only loses the rest of the block
+        // (under-admission), and the waiting request was granted.
+        Ok(lease::Granted::Admitted { requests, tokens }) => {
+            let minute = fetch.want.window;
+            forward.tokens = tokens.map(|state| TokenReservation {
+                window: minute,
+                estimate,
+                state,
+                redis_key: Some(webdis::tokens_key(&fetch.key_md5, minute)),
+            });
+            forward_step(client, forward, Some(requests), Vec::new())
+        }
+        Ok(lease::Granted::Limited { tokens, window }) => {
+            let over = if tokens {
+                Over::Tokens(window, estimate.total())
+            } else {
+                Over::Requests(window)
+            };
+            limited_step(config, client, over, Vec::new())
+        }
+        Err(e) => match leased.spent {
+            None => forward_step(
+                client,
+                forward,
+                None,
+                vec![LimiterFailure {
+                    backend: "local",
+                    reason: e.reason(),
+                }],
+            ),
+            Some(_) => {
+                let window = Window {
+                    limit: fetch.ask.limit,
+                    remaining: 0,
+                    reset_ms: limiter::window_of(now_ms).1,
+                };
+                limited_step(config, client, Over::Requests(window), Vec::new())
+            }
+        },
+    }
+}
+
+/// Decides a request whose lease fetch was not sent: the worker's circuit breaker is open, so
+/// `on_error` applies at once instead of after `timeout_ms`.
+pub fn on_lease_short_circuit(
+    config: &Config,
+    pending: Pending,
+    now_ms: u64,
+    store: &dyn CasStore,
+) -> Step {
+    let Pending {
+        client,
+        forward,
+        estimate,
+        model,
+        lease,
+        ..
+    } = pending;
+    let Some(fetch) = lease else {
+        return reply(Some(client), Outcome::Error, openai::internal_error());
+    };
+    let answer = Err(webdis::ReplyError::CircuitOpen);
+    let step = on_lease_answer(config, fetch, forward, estimate, answer, now_ms, store);
+    Step { model, ..step }
+}
+
 fn header<'a>(headers: &'a [Header], name: &[u8]) -> Option<&'a [u8]> {
     headers
         .iter()
@@ -1062,6 +1298,7 @@ fn reply(client: Option<ClientId>, outcome: Outcome, r: LocalReply) -> Step {
         limiter_errors: Vec::new(),
         key_error: None,
         model: None,
+        prefetch: None,
     }
 }
 
@@ -1366,6 +1603,7 @@ fn forward_step(
         limiter_errors,
         key_error: None,
         model: None,
+        prefetch: None,
     }
 }
 

@@ -63,6 +63,130 @@ out[i+2] = redis.call('INCRBY', KEYS[i], ARGV[3*i-1]) \
 if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[3*i]) end end \
 return out";
 
+/// Takes a lease: a block of the window's requests (`KEYS[1]`) and, with a second key, of its
+/// tokens, atomically. `ARGV`: request limit, key ttl in ms, requests wanted, requests needed
+/// (1 when a request waits for this block, 0 for a prefetch), share percent, then with a token
+/// key: token limit, tokens wanted, tokens needed.
+///
+/// The counter holds what was *granted* to replicas (a request is admitted only from a grant),
+/// so the grants of every replica together never pass the limit. A grant is the smallest of
+/// what was wanted, what is left, and `share percent` of what is left (at least what is
+/// needed, at least 1): blocks shrink to 1 as the window's budget runs out.
+///
+/// Returns `{1, requests granted, tokens granted, requests counted, tokens counted}`, or
+/// `{0, 0, 0, counted, tokens counted}` when fewer requests are left than needed (at least 1),
+/// `{2, ...}` likewise for tokens; a refusal counts nothing.
+pub const LEASE_SCRIPT: &str = "local n = tonumber(redis.call('GET', KEYS[1]) or '0') \
+local left = tonumber(ARGV[1]) - n \
+local need = math.max(tonumber(ARGV[4]), 1) \
+local share = tonumber(ARGV[5]) \
+local t = 0 \
+local gt = 0 \
+if KEYS[2] then \
+t = tonumber(redis.call('GET', KEYS[2]) or '0') \
+local tleft = tonumber(ARGV[6]) - t \
+local tneed = math.max(tonumber(ARGV[8]), 1) \
+if tleft < tneed then return {2, 0, 0, n, t} end \
+gt = math.min(math.max(tonumber(ARGV[7]), tneed), math.max(tneed, math.floor(tleft * share / 100)), tleft) end \
+if left < need then return {0, 0, 0, n, t} end \
+local g = math.min(math.max(tonumber(ARGV[3]), need), math.max(need, math.floor(left * share / 100)), left) \
+n = redis.call('INCRBY', KEYS[1], g) \
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
+if KEYS[2] then \
+t = redis.call('INCRBY', KEYS[2], gt) \
+if redis.call('PTTL', KEYS[2]) < 0 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end end \
+return {1, g, gt, n, t}";
+
+/// What a lease call asks for (see [`LEASE_SCRIPT`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseAsk<'a> {
+    /// [`window_key`].
+    pub key: &'a str,
+    /// Requests per minute.
+    pub limit: u64,
+    /// Ttl of a key the call creates.
+    pub ttl_ms: u64,
+    /// Block size wanted.
+    pub want: u64,
+    /// Requests needed now (1: a request waits for this block; 0: prefetch).
+    pub need: u64,
+    /// At most this percentage of what is left.
+    pub share_percent: u64,
+    /// With a token limit: [`tokens_key`], limit, tokens wanted, tokens needed now.
+    pub tokens: Option<(&'a str, u64, u64, u64)>,
+}
+
+/// The Webdis request body of one lease call.
+pub fn lease_command(ask: &LeaseAsk) -> Vec<u8> {
+    let mut body = String::with_capacity(LEASE_SCRIPT.len() * 3 / 2 + 160);
+    body.push_str("EVAL/");
+    percent_encode_into(&mut body, LEASE_SCRIPT);
+    match ask.tokens {
+        None => {
+            body.push_str("/1/");
+            percent_encode_into(&mut body, ask.key);
+        }
+        Some((key, ..)) => {
+            body.push_str("/2/");
+            percent_encode_into(&mut body, ask.key);
+            body.push('/');
+            percent_encode_into(&mut body, key);
+        }
+    }
+    let _ = write!(
+        body,
+        "/{}/{}/{}/{}/{}",
+        ask.limit, ask.ttl_ms, ask.want, ask.need, ask.share_percent
+    );
+    if let Some((_, limit, want, need)) = ask.tokens {
+        let _ = write!(body, "/{limit}/{want}/{need}");
+    }
+    body.into_bytes()
+}
+
+/// The answer to a lease call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leased {
+    /// `None`: granted; `Some(false)`: the window's requests are spent; `Some(true)`: its
+    /// tokens are.
+    pub spent: Option<bool>,
+    /// Requests granted.
+    pub requests: u64,
+    /// Tokens granted.
+    pub tokens: u64,
+    /// Requests granted to all replicas in the window so far (this grant included).
+    pub counted: u64,
+    /// Tokens likewise.
+    pub tokens_counted: u64,
+}
+
+/// Reads a Webdis reply to [`lease_command`].
+pub fn parse_lease_reply(status: Option<u16>, body: &[u8]) -> Result<Leased, ReplyError> {
+    let reply = eval_reply(status, body)?;
+    let items = reply.as_array().ok_or(ReplyError::Malformed)?;
+    let number = |v: &serde_json::Value| v.as_u64().ok_or(ReplyError::Malformed);
+    let [v, g, gt, n, t] = items.as_slice() else {
+        return Err(ReplyError::Malformed);
+    };
+    let spent = match v.as_i64() {
+        Some(1) => None,
+        Some(0) => Some(false),
+        Some(2) => Some(true),
+        _ => return Err(ReplyError::Malformed),
+    };
+    let leased = Leased {
+        spent,
+        requests: number(g)?,
+        tokens: number(gt)?,
+        counted: number(n)?,
+        tokens_counted: number(t)?,
+    };
+    if spent.is_none() && leased.requests == 0 {
+        return Err(ReplyError::Malformed);
+    }
+    Ok(leased)
+}
+
 /// Reads counters: the value of each key, 0 where it does not exist.
 pub const READ_SCRIPT: &str = "local out = {} \
 for i, k in ipairs(KEYS) do out[i] = tonumber(redis.call('GET', k) or '0') end \
@@ -381,6 +505,8 @@ pub enum ReplyError {
     Redis(String),
     /// Not the JSON shape a check returns.
     Malformed,
+    /// Not sent: this worker's circuit breaker is open after consecutive failures (leases).
+    CircuitOpen,
 }
 
 impl ReplyError {
@@ -393,10 +519,12 @@ impl ReplyError {
             ReplyError::Status(_) => "status",
             ReplyError::Redis(_) => "redis_error",
             ReplyError::Malformed => "malformed",
+            ReplyError::CircuitOpen => "circuit_open",
         }
     }
 
-    /// Every reason, so the filter can define the counters up front.
+    /// Every reason, so the filter can define the counters up front ([`ReplyError::CircuitOpen`]
+    /// only exists with leases, whose counters define it).
     pub const REASONS: [&'static str; 6] = [
         "unavailable",
         "timeout",

@@ -36,7 +36,7 @@ pub use self::clients::{
 };
 use self::limiter::{compile_limiter, RawLimiter};
 pub use self::limiter::{
-    LimiterBackend, OnError, OnRestart, RedisLimiter, DEFAULT_REDIS_TIMEOUT_MS,
+    LeasePolicy, LimiterBackend, OnError, OnRestart, RedisLimiter, DEFAULT_REDIS_TIMEOUT_MS,
     MAX_REDIS_TIMEOUT_MS,
 };
 use self::prices::{check_offset, compile_prices, RawPrice};
