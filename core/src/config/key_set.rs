@@ -80,6 +80,18 @@ pub fn pack_key_set(records: &mut [KeySetRecord]) -> Result<String, String> {
     Ok(base64::encode(&bytes))
 }
 
+/// The records of a key set, in order (for tools: `tollgate keys pack` merges into one).
+/// Checks the block's form (header, records, order); not the names and limits, which the
+/// configuration's parser checks.
+pub fn unpack_key_set(text: &str) -> Result<Vec<KeySetRecord>, ConfigError> {
+    let mut reader = KeySetReader::new(text)?;
+    let mut out = Vec::with_capacity(reader.count());
+    while let Some(record) = reader.next_record()? {
+        out.push(record);
+    }
+    Ok(out)
+}
+
 /// Reads a key set's records in order. Each record's digest is checked against the previous
 /// one's (sorted, no duplicates); names and limits are left to the caller, which knows the
 /// configuration's rules and defaults.
@@ -258,12 +270,7 @@ mod tests {
     }
 
     fn read_all(text: &str) -> Result<Vec<KeySetRecord>, ConfigError> {
-        let mut r = KeySetReader::new(text)?;
-        let mut out = Vec::new();
-        while let Some(rec) = r.next_record()? {
-            out.push(rec);
-        }
-        Ok(out)
+        unpack_key_set(text)
     }
 
     /// The raw bytes of a key set with the records as given (not sorted).

@@ -36,7 +36,8 @@ pub use self::clients::{
     MAX_KEYS_PER_CLIENT, MAX_KEY_LABEL_LEN, MAX_PER_MINUTE,
 };
 pub use self::key_set::{
-    pack_key_set, KeySetRecord, KEY_SET_HEADER_LEN, KEY_SET_RECORD_FIXED_LEN, KEY_SET_VERSION,
+    pack_key_set, unpack_key_set, KeySetRecord, KEY_SET_HEADER_LEN, KEY_SET_RECORD_FIXED_LEN,
+    KEY_SET_VERSION,
 };
 use self::limiter::{compile_limiter, RawLimiter};
 pub use self::limiter::{
