@@ -4,12 +4,14 @@
 floor, the time `tollgate config check` takes, and the request path's req/s and Envoy CPU per
 request, all in the same run.
 
-    .venv/bin/python bench/scale.py [--sizes 1000,10000,100000] [--repeats 3] [--smoke] ...
+    .venv/bin/python bench/scale.py [--sizes 1000,10000,100000] [--repeats 3] [--key-set] [--smoke] ...
 
 The configuration is the one-provider layout of bench/run.py (envoy/demo.yaml rendered by
 scripts/render_envoy.py, as the end-to-end tests do) whose plugin configuration lists N clients,
 each with a SHA-256 digest and a request limit; the first is the bench's own client (the demo
-key, a budget the bench never exhausts), the others are never used. Envoy runs with
+key, a budget the bench never exhausts), the others are never used. With --key-set the same
+clients are packed by `tollgate keys pack` into the compact `key_set` (docs/scale.md), the form
+meant for large key sets. Envoy runs with
 --concurrency 2 (three VMs: the main thread's and two workers').
 
 Per size, Envoy is started --starts times; each start is timed from exec to ready (/ready is
@@ -76,6 +78,15 @@ def plugin_config(n: int) -> dict:
             "requests_per_minute": CLIENT_REQUESTS_PER_MINUTE,
         })
     return {"clients": clients, "upstream": {"api_key_env": harness.PROVIDER_KEY_ENV}}
+
+
+def pack_key_set(path: pathlib.Path, out: pathlib.Path) -> None:
+    """`tollgate keys pack` of the plugin configuration at `path` (every client fits a record),
+    as an operator makes it."""
+    done = subprocess.run([str(CLI_BIN), "keys", "pack", str(path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+    if done.returncode != 0:
+        raise RuntimeError(f"keys pack of {path} failed: {done.stderr.strip()[:300]}")
 
 
 def envoy_config(filter_kind: str, plugin: dict | None, provider_url: str, wasm: pathlib.Path) -> dict:
@@ -303,6 +314,10 @@ def render_markdown(doc: dict) -> str:
     lines = [
         f"# Tollgate at scale: {doc['started_utc']}",
         "",
+        "Clients as " + ("a `key_set` packed by `tollgate keys pack`"
+                         if doc.get("form") == "key_set" else "JSON `clients`")
+        + " in the plugin configuration.",
+        "",
         f"Command: `{doc['command']}`. Envoy {doc['machine']['envoy_version']} `--concurrency "
         f"{doc['settings']['concurrency']}` (three VMs), {doc['machine']['nproc']} CPUs "
         f"({doc['machine']['cpu_model']}), git {doc['machine']['git']}, tollgate.wasm sha256 "
@@ -385,6 +400,10 @@ def run(a: argparse.Namespace, command: str) -> int:
             plugin = plugin_config(n)
             path = workdir / f"plugin-{n}.json"
             path.write_text(json.dumps(plugin, indent=2))  # as render_envoy writes it
+            if a.key_set:
+                packed = workdir / f"plugin-{n}-key-set.json"
+                pack_key_set(path, packed)
+                path, plugin = packed, json.loads(packed.read_text())
             config_bytes[n] = path.stat().st_size
             checks[n] = time_config_check(path, a.check_repeats)
             print(f"{n:,} clients: config check {checks[n]['cpu_s']:.2f} s CPU, "
@@ -409,6 +428,7 @@ def run(a: argparse.Namespace, command: str) -> int:
         "started_utc": started.isoformat(timespec="seconds"),
         "command": command,
         "sizes": sizes,
+        "form": "key_set" if a.key_set else "clients",
         "settings": {"starts": a.starts, "repeats": a.repeats, "connections": a.connections,
                      "load_s": a.load_duration, "latency_s": a.latency_duration,
                      "concurrency": a.concurrency, "pinning": pinning.describe(), "priority": priority},
@@ -425,12 +445,13 @@ def run(a: argparse.Namespace, command: str) -> int:
     md = render_markdown(doc)
     a.out.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    for name in (f"scale-{stamp}", "scale-latest"):
+    form = "key-set-" if a.key_set else ""
+    for name in (f"scale-{form}{stamp}", "scale-latest"):
         (a.out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
         (a.out / f"{name}.md").write_text(md)
     print()
     print(md)
-    print(f"written: {a.out}/scale-{stamp}.md, .json, scale-latest.md, .json")
+    print(f"written: {a.out}/scale-{form}{stamp}.md, .json, scale-latest.md, .json")
     if doc["valid"]:
         shutil.rmtree(workdir, ignore_errors=True)
         return 0
@@ -451,6 +472,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=2, help="Envoy workers (default 2)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    p.add_argument("--key-set", action="store_true",
+                   help="the clients as a key_set (tollgate keys pack) instead of JSON clients")
     p.add_argument("--tollgate-wasm", help="measure this module instead of the one `make build` makes")
     p.add_argument("--out", default=str(BENCH / "results"), help="results directory")
     p.add_argument("--smoke", action="store_true",

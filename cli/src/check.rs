@@ -166,7 +166,8 @@ fn kind(path: &str, bytes: &[u8]) -> Kind {
     Kind::Envoy
 }
 
-fn read(path: &str, ctx: &mut Ctx) -> Result<Vec<u8>, Failure> {
+/// The bytes of FILE, or of standard input for `-`.
+pub fn read(path: &str, ctx: &mut Ctx) -> Result<Vec<u8>, Failure> {
     let mut bytes = Vec::new();
     if path == "-" {
         ctx.stdin
@@ -381,12 +382,16 @@ impl<'f> Reporter<'f> {
             self.warn(None, &w, ctx)?;
         }
         let n = config.clients.len();
-        writeln!(
-            ctx.out,
-            "{prefix}: OK ({n} client{}, limiter {})",
-            if n == 1 { "" } else { "s" },
-            config.limiter.name()
-        )?;
+        let s = if n == 1 { "" } else { "s" };
+        let limiter = config.limiter.name();
+        match config.key_set_clients {
+            0 => writeln!(ctx.out, "{prefix}: OK ({n} client{s}, limiter {limiter})")?,
+            k => writeln!(
+                ctx.out,
+                "{prefix}: OK ({n} client{s}: {} in clients, {k} in key_set; limiter {limiter})",
+                n - k
+            )?,
+        }
         if !self.explain {
             return Ok(true);
         }

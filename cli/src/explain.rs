@@ -79,10 +79,12 @@ fn clients(s: &Subject, out: &mut Vec<String>) {
         .config
         .clients
         .iter()
+        .take(n - s.config.key_set_clients)
         .map(|c| c.name.len())
         .max()
         .unwrap_or(0);
-    for (i, c) in s.config.clients.iter().enumerate() {
+    let json = n - s.config.key_set_clients;
+    for (i, c) in s.config.clients.iter().take(json).enumerate() {
         let raw = raw_client(s, i);
         let digest = if raw.and_then(|r| r.get("key_md5")).is_some() {
             "key_md5   (MD5, for keys migrated from the older proxy)"
@@ -105,6 +107,19 @@ fn clients(s: &Subject, out: &mut Vec<String>) {
                 patterns(models)
             ));
         }
+    }
+    let packed = s.config.clients.get(json..).unwrap_or_default();
+    let rpm = packed.iter().map(|c| c.requests_per_minute);
+    if let (Some(lo), Some(hi)) = (rpm.clone().min(), rpm.max()) {
+        let range = if lo == hi {
+            format!("{lo}")
+        } else {
+            format!("{lo} to {hi}")
+        };
+        out.push(format!(
+            "  and {} clients in key_set (key_sha256), {range} requests/min",
+            packed.len()
+        ));
     }
 }
 

@@ -569,3 +569,137 @@ fn config_check_file_problems() {
     assert_eq!(r.code, 2);
     assert!(r.err.contains("Usage: tollgate config check"), "{}", r.err);
 }
+
+// ---------------------------------------------------------------------------------------------
+// keys pack: large key sets
+
+/// `n` JSON clients `c0`..: the key of client i is `sk-i`, its limit i + 1 per minute.
+fn clients_json(n: usize) -> String {
+    let list: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "name": format!("c{i}"),
+                "key_sha256": coreutils("sha256sum", &format!("sk-{i}")),
+                "requests_per_minute": i + 1,
+            })
+        })
+        .collect();
+    serde_json::Value::Array(list).to_string()
+}
+
+#[test]
+fn keys_pack_turns_a_clients_list_into_a_key_set_the_filter_reads() {
+    let list = temp_file("pack-list.json", &clients_json(5));
+    let run = tollgate(&["keys", "pack", list.to_str()], "", &[]);
+    assert_eq!(run.code, 0, "{}", run.err);
+    assert_eq!(run.err, "packed 5 clients into key_set\n");
+    let set = run.out.trim();
+    assert!(!set.contains('"') && !set.contains('\n'), "{set}");
+    // The filter's parser: the packed key of c3 is c3's, with its limit; the JSON client too.
+    let plugin = format!(
+        r#"{{"clients":[{{"name":"demo","key_sha256":"{DEMO_SHA256}"}}],"key_set":"{set}",
+            "upstream":{{"api_key_env":"K"}}}}"#
+    );
+    let env = |_: &str| Some("sk-provider".to_string());
+    let config = Config::parse(plugin.as_bytes(), &env).unwrap();
+    assert_eq!(config.key_set_clients, 5);
+    let c3 = config.client(config.keys.lookup(b"sk-3").unwrap()).unwrap();
+    assert_eq!((c3.name.as_str(), c3.requests_per_minute), ("c3", 4));
+    assert_eq!(config.keys.lookup(DEMO_KEY.as_bytes()), Some(0));
+    assert_eq!(config.keys.lookup(b"sk-5"), None);
+    // config check reports both forms.
+    let file = temp_file("pack-plugin.json", &plugin);
+    let run = tollgate(&["config", "check", file.to_str()], "", &[("K", "sk-p")]);
+    assert_eq!(run.code, 0, "{}", run.err);
+    assert_eq!(
+        run.out,
+        format!(
+            "{}: OK (6 clients: 1 in clients, 5 in key_set; limiter local)\n",
+            file.display()
+        )
+    );
+    let run = tollgate(
+        &["config", "check", "--explain", file.to_str()],
+        "",
+        &[("K", "sk-p")],
+    );
+    assert!(
+        run.out
+            .contains("  and 5 clients in key_set (key_sha256), 1 to 5 requests/min"),
+        "{}",
+        run.out
+    );
+    // --out writes the same string to a file.
+    let out = temp_file("pack-out.txt", "");
+    let run = tollgate(
+        &["keys", "pack", list.to_str(), "--out", out.to_str()],
+        "",
+        &[],
+    );
+    assert_eq!((run.code, run.out.as_str()), (0, ""));
+    assert_eq!(std::fs::read_to_string(&out.0).unwrap().trim(), set);
+}
+
+#[test]
+fn keys_pack_of_a_plugin_configuration_keeps_what_a_record_cannot_hold() {
+    let plugin = format!(
+        r#"{{"clients":[{{"name":"a","key_sha256":"{DEMO_SHA256}","tokens_per_minute":50}},
+            {{"name":"b","key_md5":"{DEMO_MD5}0"}}],"upstream":{{"api_key_env":"K"}}}}"#
+    )
+    .replace(&format!("{DEMO_MD5}0"), &"ab".repeat(16));
+    let run = tollgate(&["keys", "pack", "-"], &plugin, &[]);
+    assert_eq!(run.code, 0, "{}", run.err);
+    assert!(run
+        .err
+        .starts_with("packed 1 clients into key_set; 1 stay in \"clients\""));
+    let out = json(&run.out);
+    assert_eq!(out["clients"].as_array().unwrap().len(), 1);
+    assert_eq!(out["clients"][0]["name"], "b");
+    assert!(out["key_set"].is_string());
+    assert_eq!(out["upstream"]["api_key_env"], "K");
+}
+
+#[test]
+fn keys_pack_and_config_check_name_what_is_wrong() {
+    // A list client a record cannot hold, and one the filter refuses: named in FILE's terms.
+    let list = format!(r#"[{{"name":"a","key_sha256":"{DEMO_SHA256}","models":["x"]}}]"#);
+    let run = tollgate(&["keys", "pack", "-"], &list, &[]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.err
+            .starts_with("error: <stdin>: clients[0].models: cannot be packed"),
+        "{}",
+        run.err
+    );
+    let list = format!(
+        r#"[{{"name":"a","key_sha256":"{DEMO_SHA256}"}},{{"name":"a.b","key_sha256":"{}"}}]"#,
+        "0".repeat(64)
+    );
+    let run = tollgate(&["keys", "pack", "-"], &list, &[]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.err
+            .starts_with("error: <stdin>: clients[1].name: \"a.b\" is not a valid"),
+        "{}",
+        run.err
+    );
+    // A key set whose second record repeats the first's name: config check names the record.
+    let list = format!(
+        r#"[{{"name":"a","key_sha256":"{DEMO_SHA256}"}},{{"name":"b","key_sha256":"{}"}}]"#,
+        "0".repeat(64)
+    );
+    let set = tollgate(&["keys", "pack", "-"], &list, &[]).out;
+    let plugin = format!(
+        r#"{{"clients":[{{"name":"b","key_sha256":"{}"}}],"key_set":"{}","upstream":{{"api_key_env":"K"}}}}"#,
+        "1".repeat(64),
+        set.trim()
+    );
+    let run = tollgate(&["config", "check", "-"], &plugin, &[("K", "sk-p")]);
+    assert_eq!(run.code, 1);
+    // Records are sorted by digest: "b" (digest 00..) is record 0.
+    assert_eq!(
+        run.err,
+        "<stdin>: invalid plugin configuration: key_set[0].name: duplicate client name \"b\" \
+         (also clients[0])\n"
+    );
+}

@@ -1,5 +1,6 @@
-//! Base64 (RFC 4648): standard with padding for HTTP basic auth, base64url without padding
-//! for cache entries in Redis. Small enough not to need a crate.
+//! Base64 (RFC 4648): standard with padding for HTTP basic auth and the configuration's
+//! `key_set`, base64url without padding for cache entries in Redis. Small enough not to need a
+//! crate.
 
 /// The standard base64 alphabet (RFC 4648 §4).
 const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -61,6 +62,128 @@ pub fn decode_url(input: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The value of a character of the standard alphabet.
+fn standard_value(c: u8) -> Option<u32> {
+    let v = match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => return None,
+    };
+    Some(u32::from(v))
+}
+
+/// Why standard base64 could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The length is not a multiple of 4 (standard base64 is padded with `=`).
+    Length,
+    /// A character outside the alphabet (or `=` before the end) at this offset.
+    Character(usize),
+    /// More bytes were read than the input holds.
+    End,
+}
+
+/// Decodes standard base64 with padding ([`encode`]'s output) piece by piece, so that a large
+/// input (the configuration's `key_set`) never needs a second, decoded copy in memory.
+#[derive(Debug)]
+pub struct Decoder<'a> {
+    input: &'a [u8],
+    /// Offset of the next group of four characters.
+    at: usize,
+    /// Bytes decoded from the last group and not read yet.
+    pending: [u8; 3],
+    pending_len: usize,
+    /// Bytes not read yet, pending included.
+    remaining: usize,
+}
+
+impl<'a> Decoder<'a> {
+    /// A decoder of `input`; only the length and the padding are checked here, each character
+    /// as it is read.
+    pub fn new(input: &'a str) -> Result<Self, DecodeError> {
+        let input = input.as_bytes();
+        if input.len() % 4 != 0 {
+            return Err(DecodeError::Length);
+        }
+        let pad = input
+            .iter()
+            .rev()
+            .take(2)
+            .take_while(|&&c| c == b'=')
+            .count();
+        Ok(Self {
+            input,
+            at: 0,
+            pending: [0; 3],
+            pending_len: 0,
+            remaining: input.len() / 4 * 3 - pad,
+        })
+    }
+
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    /// Fills `out` with the next bytes.
+    pub fn read(&mut self, out: &mut [u8]) -> Result<(), DecodeError> {
+        if out.len() > self.remaining {
+            return Err(DecodeError::End);
+        }
+        for slot in out.iter_mut() {
+            if self.pending_len == 0 {
+                self.refill()?;
+            }
+            let [a, b, c] = self.pending;
+            *slot = a;
+            self.pending = [b, c, 0];
+            self.pending_len -= 1;
+            self.remaining -= 1;
+        }
+        Ok(())
+    }
+
+    /// Decodes the next group of four characters into `pending`.
+    fn refill(&mut self) -> Result<(), DecodeError> {
+        let group = self
+            .input
+            .get(self.at..self.at + 4)
+            .ok_or(DecodeError::End)?;
+        let last = self.at + 4 == self.input.len();
+        let mut n = 0u32;
+        let mut len = 3;
+        for (i, &c) in group.iter().enumerate() {
+            let v = match standard_value(c) {
+                Some(v) if len == 3 => v,
+                // Padding: only in the last group, only its last one or two characters, and
+                // only padding after it.
+                _ if c == b'=' && last && i >= 2 => {
+                    len = len.min(i - 1);
+                    0
+                }
+                _ => return Err(DecodeError::Character(self.at + i)),
+            };
+            n |= v << (18 - 6 * i);
+        }
+        let [_, a, b, c] = n.to_be_bytes();
+        self.pending = [a, b, c];
+        self.pending_len = len;
+        self.at += 4;
+        Ok(())
+    }
+}
+
+/// Decodes standard base64 with padding ([`encode`]'s output).
+pub fn decode(input: &str) -> Result<Vec<u8>, DecodeError> {
+    let mut d = Decoder::new(input)?;
+    let mut out = vec![0; d.remaining()];
+    d.read(&mut out)?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,7 +200,33 @@ mod tests {
             ("tollgate:s3cret", "dG9sbGdhdGU6czNjcmV0"),
         ] {
             assert_eq!(encode(plain.as_bytes()), enc);
+            assert_eq!(decode(enc).unwrap(), plain.as_bytes());
         }
+        for (bad, err) in [
+            ("Zg=", DecodeError::Length),
+            ("Z===", DecodeError::Character(1)),
+            ("=Zg=", DecodeError::Character(0)),
+            ("Zg=a", DecodeError::Character(3)),
+            ("Zg==Zm9v", DecodeError::Character(2)),
+            ("Zm-v", DecodeError::Character(2)),
+            ("Zm9v\n", DecodeError::Length),
+        ] {
+            assert_eq!(decode(bad), Err(err), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn decoder_reads_in_pieces() {
+        let mut d = Decoder::new("dG9sbGdhdGU6czNjcmV0").unwrap();
+        assert_eq!(d.remaining(), 15);
+        let mut a = [0u8; 4];
+        d.read(&mut a).unwrap();
+        assert_eq!(&a, b"toll");
+        let mut b = [0u8; 11];
+        d.read(&mut b).unwrap();
+        assert_eq!(&b, b"gate:s3cret");
+        assert_eq!(d.read(&mut [0u8; 1]), Err(DecodeError::End));
+        d.read(&mut []).unwrap();
     }
 
     #[test]
@@ -103,6 +252,16 @@ mod tests {
         #[test]
         fn url_round_trips(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             prop_assert_eq!(decode_url(&encode_url(&bytes)), Some(bytes));
+        }
+
+        #[test]
+        fn standard_round_trips(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            prop_assert_eq!(decode(&encode(&bytes)), Ok(bytes));
+        }
+
+        #[test]
+        fn standard_decoder_never_panics(s in "[A-Za-z0-9+/=]{0,40}") {
+            let _ = decode(&s);
         }
     }
 }

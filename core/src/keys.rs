@@ -89,6 +89,15 @@ impl Digest {
         })
     }
 
+    /// A SHA-256 digest from its bytes (a `key_set` record).
+    pub fn from_sha256(bytes: [u8; 32]) -> Self {
+        Self {
+            kind: DigestKind::Sha256,
+            len: 32,
+            bytes,
+        }
+    }
+
     /// Digest of a presented key.
     pub fn of_key(kind: DigestKind, key: &[u8]) -> Self {
         let mut bytes = [0u8; 32];
@@ -334,6 +343,9 @@ mod tests {
         let upper = d.to_hex().to_uppercase();
         assert_eq!(Digest::from_hex(DigestKind::Sha256, &upper).unwrap(), d);
         assert!(Digest::from_hex(DigestKind::Md5, &d.to_hex()).is_err());
+        let mut raw = [0u8; 32];
+        raw.copy_from_slice(d.as_bytes());
+        assert_eq!(Digest::from_sha256(raw), d);
     }
 
     #[test]

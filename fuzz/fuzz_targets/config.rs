@@ -13,7 +13,8 @@
 //!   (`field: message`);
 //! - no secret (environment value, or its base64 in Webdis basic auth) ever appears in an error
 //!   or in the `Debug` form of a config;
-//! - an accepted config holds what the document says (its clients, in order) and satisfies the
+//! - an accepted config holds what the document says (its clients, in order, then those of its
+//!   `key_set`) and satisfies the
 //!   validation rules (names, limits in range, provider indexes valid, body bound in range);
 //! - parsing is deterministic.
 #![no_main]
@@ -31,8 +32,9 @@ const SPACED: &str = "sk fuzz spaced 9c2e";
 const SECRET_B64: &str = "c2stZnV6ejpTM2NyM3QtN2YxZA==";
 
 /// The keys of a configuration: an error may name one the document lacks.
-const KEYS: [&str; 9] = [
+const KEYS: [&str; 10] = [
     "clients",
+    "key_set",
     "default_requests_per_minute",
     "default_tokens_per_minute",
     "upstream",
@@ -113,14 +115,22 @@ fn check_config(config: &Config, document: Option<&Value>, data: &[u8]) {
     let clients = document
         .get("clients")
         .and_then(Value::as_array)
-        .expect("a config without a clients array");
-    assert_eq!(clients.len(), config.clients.len());
+        .map_or(&[][..], Vec::as_slice);
+    assert!(document.get("key_set").is_some() || config.key_set_clients == 0);
+    assert_eq!(clients.len() + config.key_set_clients, config.clients.len());
     assert!(!config.clients.is_empty());
-    for (i, (c, raw)) in config.clients.iter().zip(clients).enumerate() {
-        assert_eq!(
-            raw.get("name").and_then(Value::as_str),
-            Some(c.name.as_str())
-        );
+    // A record holds a name, one digest and limits: nothing else of a client.
+    for c in &config.clients[clients.len()..] {
+        assert!(c.models.is_none() && c.budgets.is_empty() && c.redis_id.is_none());
+    }
+    assert!(config.keys.len() >= config.key_set_clients);
+    for (i, c) in config.clients.iter().enumerate() {
+        if let Some(raw) = clients.get(i) {
+            assert_eq!(
+                raw.get("name").and_then(Value::as_str),
+                Some(c.name.as_str())
+            );
+        }
         assert!(!c.name.is_empty() && c.name.len() <= MAX_CLIENT_NAME_LEN);
         assert!(c.name.as_bytes()[0].is_ascii_alphanumeric());
         assert!(c

@@ -95,6 +95,47 @@ BAD = {
 for name, text in BAD.items():
     write("config", f"bad-{name}.json", text)
 
+
+# key_set: clients packed as binary records (core/src/config/key_set.rs), a valid block and one
+# of each malformation, each of which the parser names.
+def key_set_bytes(records, version=1, count=None, sort=True):
+    """records: (key, name, rpm, tpm); the block before base64."""
+    import hashlib
+    rows = [(hashlib.sha256(k.encode()).digest(), n, r, t) for k, n, r, t in records]
+    if sort:
+        rows.sort(key=lambda row: row[0])
+    out = b"TK" + struct.pack(">HI", version, len(rows) if count is None else count)
+    for digest, name, rpm, tpm in rows:
+        out += digest + struct.pack(">IIB", rpm, tpm, len(name)) + name.encode()
+    return out
+
+
+def key_set(records, **kw):
+    import base64
+    return base64.b64encode(key_set_bytes(records, **kw)).decode()
+
+
+KS_RECORDS = [("sk-a", "packed-a", 120, 0), ("sk-b", "packed_b", 0, 5000), ("sk-c", "c", 0, 0)]
+KS_UP = {"api_key_env": "K"}
+KEY_SETS = {
+    "key-set": {"clients": [{"name": "json", "key_sha256": SHA}], "key_set": key_set(KS_RECORDS),
+                "default_tokens_per_minute": 100, "upstream": KS_UP},
+    "key-set-only": {"key_set": key_set(KS_RECORDS[:1]), "upstream": KS_UP},
+    "bad-key-set-truncated": {"key_set": key_set(KS_RECORDS)[:-8], "upstream": KS_UP},
+    "bad-key-set-version": {"key_set": key_set(KS_RECORDS, version=2), "upstream": KS_UP},
+    "bad-key-set-count": {"key_set": key_set(KS_RECORDS, count=2), "upstream": KS_UP},
+    "bad-key-set-unsorted": {"key_set": key_set(sorted(KS_RECORDS, key=lambda r: r[1], reverse=True),
+                                                sort=False), "upstream": KS_UP},
+    "bad-key-set-duplicate": {"key_set": key_set(KS_RECORDS + [("sk-a", "again", 1, 0)]),
+                              "upstream": KS_UP},
+    "bad-key-set-name": {"clients": [{"name": "c", "key_sha256": SHA}], "key_set": key_set(KS_RECORDS),
+                         "upstream": KS_UP},
+    "bad-key-set-empty": {"key_set": key_set([]), "upstream": KS_UP},
+    "bad-key-set-base64": {"key_set": "VEsAAQAAAAA-", "upstream": KS_UP},
+}
+for name, c in KEY_SETS.items():
+    write("config", f"{name}.json", json.dumps(c))
+
 # --- body: OpenAI request bodies ----------------------------------------------------------------
 
 BODIES = {

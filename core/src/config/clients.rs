@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 
 use super::cache::RawCache;
+use super::key_set::{record_field, KeySetReader};
 use super::prices::{compile_budgets, RawBudget};
 use super::routing::compile_patterns;
 use super::{check_client_name, per_minute, ConfigError, Phase};
@@ -109,27 +110,76 @@ pub(super) struct Defaults {
     pub(super) tokens_per_minute: Option<u32>,
 }
 
-/// Compiles the clients (each error names `clients[i].field`) and indexes their key digests,
-/// in time linear in their number.
+/// Where a client was written: `clients[i]`, or `key_set[i]` for the clients after the
+/// `json` JSON ones.
+fn client_path(id: ClientId, json: usize) -> String {
+    match id.checked_sub(json) {
+        Some(k) => format!("key_set[{k}]"),
+        None => format!("clients[{id}]"),
+    }
+}
+
+/// Client ids by name hash, so that a configuration of many clients compiles in linear time;
+/// the table holds ids only and compares names in the compiled clients (no copy of any name).
+struct Names {
+    hasher: hashbrown::DefaultHashBuilder,
+    table: hashbrown::HashTable<ClientId>,
+}
+
+impl Names {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            hasher: hashbrown::DefaultHashBuilder::default(),
+            table: hashbrown::HashTable::with_capacity(n),
+        }
+    }
+
+    /// Adds the name of the client about to be pushed to `clients`, or returns the id of the
+    /// client that has it already.
+    fn add(&mut self, name: &str, clients: &[Client]) -> Result<(), ClientId> {
+        use std::hash::BuildHasher as _;
+        let hash = self.hasher.hash_one(name);
+        let same = |&j: &ClientId| clients.get(j).is_some_and(|o| o.name == name);
+        if let Some(&first) = self.table.find(hash, same) {
+            return Err(first);
+        }
+        let hasher = &self.hasher;
+        let rehash = |&j: &ClientId| {
+            clients
+                .get(j)
+                .map_or(0, |o| hasher.hash_one(o.name.as_str()))
+        };
+        self.table.insert_unique(hash, clients.len(), rehash);
+        Ok(())
+    }
+}
+
+/// Compiles the clients, JSON `clients` first and then the records of `key_set` (each error
+/// names `clients[i].field` or `key_set[i].field`), and indexes their key digests, in time
+/// linear in their number.
 pub(super) fn compile_clients(
     raw: Vec<RawClient<'_>>,
+    key_set: Option<&str>,
     defaults: &Defaults,
     done: &mut dyn FnMut(Phase),
 ) -> Result<(Vec<Client>, KeyIndex), ConfigError> {
-    let mut clients = Vec::with_capacity(raw.len());
-    // Digests by client id; indexed once every client is valid.
-    let mut digests = Vec::with_capacity(raw.len());
-    // Client ids by name hash, so that a configuration of many clients compiles in linear time;
-    // the table holds ids only and compares names in `clients` (no copy of any name).
-    use std::hash::BuildHasher as _;
-    let hasher = hashbrown::DefaultHashBuilder::default();
-    let mut names: hashbrown::HashTable<ClientId> = hashbrown::HashTable::with_capacity(raw.len());
+    let json = raw.len();
+    let mut packed = match key_set {
+        Some(text) => Some(KeySetReader::new(text)?),
+        None => None,
+    };
+    let total = json + packed.as_ref().map_or(0, KeySetReader::count);
+    let mut clients = Vec::with_capacity(total);
+    // The JSON clients' digests by client id; indexed once every client is valid. The key
+    // set's go straight into the index (it holds no other kind of key and is sorted, so its
+    // own duplicates are found as it is read).
+    let mut digests = Vec::with_capacity(json);
+    let mut keys = KeyIndex::with_capacity(total);
+    let mut names = Names::with_capacity(total);
     for (i, c) in raw.into_iter().enumerate() {
         let at = |f: &str| format!("clients[{i}].{f}");
         check_client_name(&c.name).map_err(|m| ConfigError::new(at("name"), m))?;
-        let name_hash = hasher.hash_one(&*c.name);
-        let same_name = |&j: &ClientId| clients.get(j).is_some_and(|o: &Client| o.name == c.name);
-        if let Some(&first) = names.find(name_hash, same_name) {
+        if let Err(first) = names.add(&c.name, &clients) {
             return Err(ConfigError::new(
                 at("name"),
                 format!("duplicate client name {:?} (also clients[{first}])", c.name),
@@ -231,17 +281,69 @@ pub(super) fn compile_clients(
             redis_id,
             budgets,
         });
-        let rehash = |&j: &ClientId| {
-            clients
-                .get(j)
-                .map_or(0, |o: &Client| hasher.hash_one(o.name.as_str()))
-        };
-        names.insert_unique(name_hash, i, rehash);
+    }
+    if let Some(reader) = &mut packed {
+        let mut k = 0;
+        while let Some(record) = reader.next_record()? {
+            let at = |f: &str| record_field(k, f);
+            check_client_name(&record.name).map_err(|m| ConfigError::new(at("name"), m))?;
+            if let Err(first) = names.add(&record.name, &clients) {
+                return Err(ConfigError::new(
+                    at("name"),
+                    format!(
+                        "duplicate client name {:?} (also {})",
+                        record.name,
+                        client_path(first, json)
+                    ),
+                ));
+            }
+            let limit = |v: u32, field: &str, default: Option<u32>| match v {
+                0 => Ok(default),
+                v => per_minute(v)
+                    .map(Some)
+                    .map_err(|m| ConfigError::new(at(field), m)),
+            };
+            let requests_per_minute = limit(
+                record.requests_per_minute,
+                "requests_per_minute",
+                Some(defaults.requests_per_minute),
+            )?
+            .unwrap_or(defaults.requests_per_minute);
+            let tokens_per_minute = limit(
+                record.tokens_per_minute,
+                "tokens_per_minute",
+                defaults.tokens_per_minute,
+            )?;
+            let holder = KeyHolder {
+                client: clients.len(),
+                expires_at_ms: None,
+            };
+            let digest = Digest::from_sha256(record.key_sha256);
+            if let Some(other) = keys.insert_key(digest, holder) {
+                // Only another record could hold it, and records are strictly sorted.
+                return Err(ConfigError::new(
+                    at("key_sha256"),
+                    format!(
+                        "duplicate key digest (same key as {})",
+                        client_path(other, json)
+                    ),
+                ));
+            }
+            clients.push(Client {
+                name: record.name,
+                requests_per_minute,
+                tokens_per_minute,
+                models: None,
+                endpoints: defaults.endpoints,
+                redis_id: None,
+                budgets: Vec::new(),
+            });
+            k += 1;
+        }
     }
     drop(names);
     done(Phase::Clients);
 
-    let mut keys = KeyIndex::with_capacity(digests.len());
     for (digest, holder, in_list) in digests {
         if let Some(other) = keys.insert_key(digest, holder) {
             let field = match digest.kind() {
@@ -251,7 +353,10 @@ pub(super) fn compile_clients(
             let what = if other == holder.client {
                 "duplicate key digest (listed twice for this client)".to_string()
             } else {
-                format!("duplicate key digest (same key as clients[{other}])")
+                format!(
+                    "duplicate key digest (same key as {})",
+                    client_path(other, json)
+                )
             };
             let i = holder.client;
             let field = match in_list {

@@ -10,6 +10,7 @@
 
 mod cache;
 mod clients;
+mod key_set;
 mod limiter;
 mod path;
 mod prices;
@@ -33,6 +34,10 @@ use self::clients::{compile_clients, Defaults, RawClient};
 pub use self::clients::{
     parse_rfc3339_ms, Client, DEFAULT_REQUESTS_PER_MINUTE, MAX_CLIENT_NAME_LEN,
     MAX_KEYS_PER_CLIENT, MAX_KEY_LABEL_LEN, MAX_PER_MINUTE,
+};
+pub use self::key_set::{
+    pack_key_set, unpack_key_set, KeySetRecord, KEY_SET_HEADER_LEN, KEY_SET_RECORD_FIXED_LEN,
+    KEY_SET_VERSION,
 };
 use self::limiter::{compile_limiter, RawLimiter};
 pub use self::limiter::{
@@ -80,8 +85,11 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig<'a> {
-    #[serde(borrow)]
+    #[serde(default, borrow)]
     clients: Vec<RawClient<'a>>,
+    /// Clients packed in binary records (see [`key_set`]); borrowed, as it may be megabytes.
+    #[serde(default, borrow, deserialize_with = "clients::borrowed_opt")]
+    key_set: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     default_requests_per_minute: Option<u32>,
     #[serde(default)]
@@ -118,8 +126,10 @@ struct RawConfig<'a> {
 /// A validated, immutable configuration, built once per `on_configure`.
 #[derive(Debug)]
 pub struct Config {
-    /// Clients in configuration order; [`ClientId`] indexes this.
+    /// Clients in configuration order, `clients` then `key_set`; [`ClientId`] indexes this.
     pub clients: Vec<Client>,
+    /// How many of `clients` came from `key_set` (the last ones).
+    pub key_set_clients: usize,
     /// Digest lookup from a presented key to its client.
     pub keys: KeyIndex,
     /// How requests reach the provider(s).
@@ -270,10 +280,11 @@ fn compile(
         None => None,
     };
 
-    if raw.clients.is_empty() {
+    if raw.clients.is_empty() && raw.key_set.is_none() {
         return Err(ConfigError::new(
             "clients",
-            "at least one client is required (without clients every request is refused)",
+            "at least one client is required, in `clients` or `key_set` (without clients \
+             every request is refused)",
         ));
     }
 
@@ -291,7 +302,14 @@ fn compile(
         requests_per_minute: default_rpm,
         tokens_per_minute: default_tpm,
     };
-    let (clients, keys) = compile_clients(raw.clients, &defaults, done)?;
+    let json_clients = raw.clients.len();
+    let (clients, keys) = compile_clients(raw.clients, raw.key_set.as_deref(), &defaults, done)?;
+    if clients.is_empty() {
+        return Err(ConfigError::new(
+            "key_set",
+            "at least one client is required (this key set holds none, and `clients` is empty)",
+        ));
+    }
 
     let mode = match (raw.upstream, raw.providers) {
         (Some(upstream), None) => {
@@ -424,6 +442,7 @@ fn compile(
 
     done(Phase::Rest);
     Ok(Config {
+        key_set_clients: clients.len() - json_clients,
         clients,
         keys,
         mode,

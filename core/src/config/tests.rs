@@ -492,7 +492,7 @@ fn empty_and_malformed_documents() {
         "{e}"
     );
     let e = err(r#"{"upstream":{"api_key_env":"PROVIDER_KEY"}}"#);
-    assert!(e.starts_with("missing field `clients`"), "{e}");
+    assert!(e.starts_with("clients: at least one client"), "{e}");
 }
 
 /// Fuzz finding (fuzz/seeds/config/enum-given-a-number.json): valid JSON with a
