@@ -1104,7 +1104,7 @@ fn lease_limit(
         ask,
         want,
     };
-    match lease::admit(store, &lease::lease_key(c), ask, now_ms, policy) {
+    let (call, lease) = match lease::admit(store, &lease::lease_key(c), ask, now_ms, policy) {
         Ok(lease::Admit::Admitted {
             requests,
             tokens,
@@ -1117,10 +1117,10 @@ fn lease_limit(
                 redis_key: Some(webdis::tokens_key(&key_md5, minute)),
             });
             let step = forward_step(client, forward, Some(requests), Vec::new());
-            Start::Done(Step {
+            return Start::Done(Step {
                 prefetch: prefetch.map(fetch),
                 ..step
-            })
+            });
         }
         Ok(lease::Admit::Limited { tokens, window }) => {
             let over = if tokens {
@@ -1128,47 +1128,39 @@ fn lease_limit(
             } else {
                 Over::Requests(window)
             };
-            Start::Done(limited_step(config, client, over, Vec::new()))
+            return Start::Done(limited_step(config, client, over, Vec::new()));
         }
-        Ok(lease::Admit::Fetch(want)) => {
-            let fetch = fetch(want);
-            let call = webdis_call(
+        Ok(lease::Admit::Fetch(want)) => (
+            webdis_call(
                 &redis.webdis,
                 lease::command(&key_md5, &ask, &want, now_ms, policy),
-            );
-            Start::AskLimiter(Pending {
-                call,
-                client,
-                forward,
-                estimate,
-                key_md5,
-                counters: None,
-                report: false,
-                sent_ms: now_ms,
-                model: None,
-                lease: Some(fetch),
-            })
-        }
+            ),
+            Some(fetch(want)),
+        ),
+        // Without its lease record the request gets one Redis check of its own.
         Err(e) => {
-            let call = redis_callout(redis, &key_md5, ask.limit, ask.tokens, now_ms);
             log::warn!(
                 "lease record failed ({}); one Redis check for this request",
                 e.reason()
             );
-            Start::AskLimiter(Pending {
-                call,
-                client,
-                forward,
-                estimate,
-                key_md5,
-                counters: None,
-                report: false,
-                sent_ms: now_ms,
-                model: None,
-                lease: None,
-            })
+            (
+                redis_callout(redis, &key_md5, ask.limit, ask.tokens, now_ms),
+                None,
+            )
         }
-    }
+    };
+    Start::AskLimiter(Pending {
+        call,
+        client,
+        forward,
+        estimate,
+        key_md5,
+        counters: None,
+        report: false,
+        sent_ms: now_ms,
+        model: None,
+        lease,
+    })
 }
 
 /// Decides a request that waited for a lease: admitted from the new block, refused when the

@@ -371,16 +371,20 @@ fn compile(
             .default_provider
             .and_then(|p| routing.providers.get(p))
             .map(|p| p.api);
-        if default_api.is_some_and(|api| api != Api::OpenAi) {
-            let field = if default_endpoints.has_kind(Kind::Account) {
-                Some("default_provider".to_string())
+        // The field that grants account endpoints: `top` when the defaults do, else the first
+        // client whose own list does.
+        let account_grant = |top: &str| {
+            if default_endpoints.has_kind(Kind::Account) {
+                Some(top.to_string())
             } else {
                 clients
                     .iter()
                     .position(|c| c.endpoints.has_kind(Kind::Account))
                     .map(|i| format!("clients[{i}].endpoints"))
-            };
-            if let Some(field) = field {
+            }
+        };
+        if default_api.is_some_and(|api| api != Api::OpenAi) {
+            if let Some(field) = account_grant("default_provider") {
                 return Err(ConfigError::new(
                     field,
                     "account endpoints (files, batches, ...) are OpenAI's API and go to \
@@ -389,15 +393,7 @@ fn compile(
             }
         }
         if routing.default_provider.is_none() {
-            let field = if default_endpoints.has_kind(Kind::Account) {
-                Some("endpoints".to_string())
-            } else {
-                clients
-                    .iter()
-                    .position(|c| c.endpoints.has_kind(Kind::Account))
-                    .map(|i| format!("clients[{i}].endpoints"))
-            };
-            if let Some(field) = field {
+            if let Some(field) = account_grant("endpoints") {
                 return Err(ConfigError::new(
                     field,
                     "account endpoints (files, batches, ...) are sent to `default_provider`; \
