@@ -23,7 +23,7 @@
 
 use crate::config::{Client, LeasePolicy};
 use crate::host::{CasStore, SetError, StoreError};
-use crate::limiter::{window_of, LimiterError, Window, CAS_ATTEMPTS, WINDOW_MS};
+use crate::limiter::{self, window_of, LimiterError, Window, CAS_ATTEMPTS, WINDOW_MS};
 use crate::webdis::{self, LeaseAsk, Leased, ReplyError};
 
 /// Shared-data key prefix of the lease records, one per client.
@@ -523,15 +523,7 @@ pub fn read_record(store: &dyn CasStore, key: &str) -> Result<Option<Record>, Li
 /// Creates a client's lease record if it does not exist yet (at configure time, on the main
 /// thread: see `limiter::ensure_record` for the first-insert race this closes).
 pub fn ensure_record(store: &dyn CasStore, key: &str) -> Result<(), StoreError> {
-    match store.get(key)? {
-        Some(_) => Ok(()),
-        None => store
-            .set(key, &Record::default().encode(), 0)
-            .or_else(|e| match e {
-                SetError::CasMismatch => Ok(()),
-                SetError::Store => Err(StoreError),
-            }),
-    }
+    limiter::ensure_key(store, key, &Record::default().encode())
 }
 
 fn read(store: &dyn CasStore, key: &str) -> Result<(Option<Record>, u32), LimiterError> {

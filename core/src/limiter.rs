@@ -384,15 +384,19 @@ pub fn check_budget(
 /// has: a write to a *missing* key ignores the CAS token, so two workers inserting the first record
 /// at once could each count only their own request.
 pub fn ensure_record(store: &dyn CasStore, key: &str) -> Result<(), StoreError> {
+    ensure_key(store, key, &Record::default().encode())
+}
+
+/// Stores `initial` under `key` unless the key exists (any record kept in shared data whose
+/// first insert must happen before the workers see it: see [`ensure_record`]).
+pub fn ensure_key(store: &dyn CasStore, key: &str, initial: &[u8]) -> Result<(), StoreError> {
     match store.get(key)? {
         Some(_) => Ok(()),
-        None => store
-            .set(key, &Record::default().encode(), 0)
-            .or_else(|e| match e {
-                // Someone created it first: that is what we wanted.
-                SetError::CasMismatch => Ok(()),
-                SetError::Store => Err(StoreError),
-            }),
+        None => store.set(key, initial, 0).or_else(|e| match e {
+            // Someone created it first: that is what we wanted.
+            SetError::CasMismatch => Ok(()),
+            SetError::Store => Err(StoreError),
+        }),
     }
 }
 
