@@ -397,12 +397,7 @@ mod tests {
     use super::*;
     use crate::openai;
 
-    fn h(pairs: &[(&str, &str)]) -> Vec<Header> {
-        pairs
-            .iter()
-            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-            .collect()
-    }
+    use crate::fake::pairs as h;
 
     #[test]
     fn the_key_comes_from_x_api_key_or_a_bearer_token() {

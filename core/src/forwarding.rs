@@ -133,12 +133,7 @@ pub fn response_strip_list(headers: &[Header], replaced: &[&str]) -> Vec<&'stati
 mod tests {
     use super::*;
 
-    fn h(pairs: &[(&str, &str)]) -> Vec<Header> {
-        pairs
-            .iter()
-            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-            .collect()
-    }
+    use crate::fake::pairs as h;
 
     #[test]
     fn only_allowed_request_headers_are_forwarded() {

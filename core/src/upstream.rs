@@ -458,12 +458,7 @@ mod tests {
         }
     }
 
-    fn h(pairs: &[(&str, &str)]) -> Vec<Header> {
-        pairs
-            .iter()
-            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-            .collect()
-    }
+    use crate::fake::pairs as h;
 
     #[test]
     fn first_choice_gets_its_key_host_prefix_and_headers() {

@@ -1,7 +1,6 @@
 use super::*;
 use crate::base64;
 use crate::config::{Config, Mode};
-use crate::headers::Header;
 use crate::types::Webdis;
 use crate::webdis::ReplyError;
 use serde_json::Value;
@@ -148,12 +147,7 @@ fn cacheability_rule() {
     assert_eq!(check(&s, "/v1/embeddings", &json!({"input":"x"})), Ok(()));
 }
 
-fn h(pairs: &[(&str, &str)]) -> Vec<Header> {
-    pairs
-        .iter()
-        .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-        .collect()
-}
+use crate::fake::pairs as h;
 
 #[test]
 fn cache_control_directives() {
