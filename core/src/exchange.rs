@@ -1089,7 +1089,14 @@ fn limiter_answer(
     if let Some(fetch) = fetch {
         let error = step.limiter_errors.iter().find(|f| f.backend == "redis");
         let spent = step.outcome == Outcome::RateLimited;
-        gw.lease_answered(h, &fetch, error.map(|f| f.reason), spent, now);
+        gw.lease_answered(
+            h,
+            &fetch,
+            error.map(|f| f.reason),
+            spent,
+            step.lease_granted,
+            now,
+        );
     }
     step
 }

@@ -110,6 +110,8 @@ struct Leases {
     ticks: Cell<u32>,
     /// `[kind][outcome]` of `tollgate_lease_fetches_total`.
     fetches: [[Option<u32>; 3]; 2],
+    /// Requests, tokens of `tollgate_lease_granted_total`.
+    granted: [Option<u32>; 2],
     /// Requests, tokens of `tollgate_lease_returned_total`.
     returned: [Option<u32>; 2],
     /// Per [`lease::Transition::ALL`].
@@ -137,6 +139,7 @@ impl Leases {
             clients: RefCell::new(HashMap::new()),
             ticks: Cell::new(0),
             fetches,
+            granted: ["requests", "tokens"].map(|k| id(lease::granted_total(k))),
             returned: ["requests", "tokens"].map(|k| id(lease::returned_total(k))),
             breaker_ids: lease::Transition::ALL.map(|t| id(lease::breaker_total(t.as_str()))),
             calls: lease::CALL_KINDS.map(|k| id(lease::calls_total(k))),
@@ -147,6 +150,12 @@ impl Leases {
         if let (Some(id), true) = (id, n > 0) {
             host.increment(id, n);
         }
+    }
+
+    /// Counts a block Redis granted: `(requests, tokens)`.
+    fn granted(&self, host: &dyn Host, (requests, tokens): (u64, u64)) {
+        Self::count(host, self.granted.first().copied().flatten(), requests);
+        Self::count(host, self.granted.get(1).copied().flatten(), tokens);
     }
 
     fn fetched(&self, host: &dyn Host, blocking: bool, outcome: &str) {
@@ -524,19 +533,22 @@ impl Gateway {
     }
 
     /// A request's lease fetch was answered: `error` is the limiter failure it met (`None`:
-    /// Webdis answered), `spent`: the window is spent. Feeds the breaker and the metrics, and
-    /// remembers the client so that its lease is reclaimed when idle.
+    /// Webdis answered), `spent`: the window is spent, `granted`: the requests and tokens Redis
+    /// granted. Feeds the breaker and the metrics, and remembers the client so that its lease
+    /// is reclaimed when idle.
     pub fn lease_answered(
         &self,
         host: &dyn Host,
         fetch: &lease::Fetch,
         error: Option<&str>,
         spent: bool,
+        granted: (u64, u64),
         now_ms: u64,
     ) {
         let Some(l) = &self.leases else {
             return;
         };
+        l.granted(host, granted);
         let outcome = match (error, spent) {
             (Some(_), _) => "error",
             (None, true) => "spent",
@@ -638,6 +650,9 @@ impl Gateway {
                     "granted"
                 };
                 l.fetched(host, false, outcome);
+                if leased.spent.is_none() {
+                    l.granted(host, (leased.requests, leased.tokens));
+                }
                 if let Err(e) =
                     lease::on_grant(host, &key, fetch.ask, &fetch.want, &leased, now, &l.policy)
                 {

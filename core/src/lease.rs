@@ -588,6 +588,12 @@ pub fn fetches_total(kind: &str, outcome: &str) -> String {
     format!("tollgate_lease_fetches_total.kind={kind}.outcome={outcome}")
 }
 
+/// `tollgate_lease_granted_total{kind}`: requests or tokens Redis granted to this process's
+/// leases (granted - returned = drawn from leases, once they are idle).
+pub fn granted_total(kind: &str) -> String {
+    format!("tollgate_lease_granted_total.kind={kind}")
+}
+
 /// `tollgate_lease_returned_total{kind}`: requests or tokens given back to Redis.
 pub fn returned_total(kind: &str) -> String {
     format!("tollgate_lease_returned_total.kind={kind}")

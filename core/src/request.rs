@@ -161,6 +161,9 @@ pub struct Step {
     pub model: Option<String>,
     /// A lease prefetch for the worker's root context to send (see [`lease`]).
     pub prefetch: Option<lease::Fetch>,
+    /// Requests and tokens Redis granted to this request's lease fetch (for
+    /// `tollgate_lease_granted_total`).
+    pub lease_granted: (u64, u64),
 }
 
 /// What the filter does next with a request.
@@ -1202,7 +1205,7 @@ fn on_lease_answer(
     };
     let key = lease::lease_key(c);
     let granted = lease::on_grant(store, &key, fetch.ask, &fetch.want, &leased, now_ms, policy);
-    match granted {
+    let step = match granted {
         // The block is Redis's answer: a failing record only loses the rest of the block
         // (under-admission), and the waiting request was granted.
         Ok(lease::Granted::Admitted { requests, tokens }) => {
@@ -1242,6 +1245,15 @@ fn on_lease_answer(
                 limited_step(config, client, Over::Requests(window), Vec::new())
             }
         },
+    };
+    // Redis counted the block whether or not the record kept it.
+    let lease_granted = match leased.spent {
+        None => (leased.requests, leased.tokens),
+        Some(_) => (0, 0),
+    };
+    Step {
+        lease_granted,
+        ..step
     }
 }
 
@@ -1291,6 +1303,7 @@ fn reply(client: Option<ClientId>, outcome: Outcome, r: LocalReply) -> Step {
         key_error: None,
         model: None,
         prefetch: None,
+        lease_granted: (0, 0),
     }
 }
 
@@ -1596,6 +1609,7 @@ fn forward_step(
         key_error: None,
         model: None,
         prefetch: None,
+        lease_granted: (0, 0),
     }
 }
 

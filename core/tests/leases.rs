@@ -122,6 +122,10 @@ fn a_request_the_lease_covers_costs_what_the_local_limiter_costs() {
         1
     );
     assert_eq!(
+        host.counter("tollgate_lease_granted_total.kind=requests"),
+        5
+    );
+    assert_eq!(
         host.counter("tollgate_limiter_calls_total.backend=redis.kind=lease"),
         1
     );
@@ -164,6 +168,11 @@ fn prefetches_and_returns_go_out_on_the_root_tick() {
     assert_eq!(
         host.counter("tollgate_lease_returned_total.kind=requests"),
         22
+    );
+    // Granted (blocking 4 + prefetch 20) - returned = the two requests drawn from the lease.
+    assert_eq!(
+        host.counter("tollgate_lease_granted_total.kind=requests"),
+        24
     );
     assert_eq!(
         host.counter("tollgate_limiter_calls_total.backend=redis.kind=settle"),
