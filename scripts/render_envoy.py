@@ -441,7 +441,7 @@ ACCESS_LOG_FIELDS = {
     # value to JSON and back on every line.
     **{f: f"%FILTER_STATE(wasm.tollgate_{f}:PLAIN)%" for f in (
         "client", "model", "outcome", "reason", "cache", "limiter_error",
-        "prompt_tokens", "completion_tokens")},
+        "prompt_tokens", "completion_tokens", "provider", "cost_micros")},
     "duration_ms": "%DURATION%",
     "response_flags": "%RESPONSE_FLAGS%",
     # Why Envoy answered itself, e.g. path_normalization_failed, request_headers_timeout.

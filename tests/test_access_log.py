@@ -16,7 +16,13 @@ KEY = "sk-log-team-5c1d"
 SLOW = "sk-log-slow-0b7e"
 TINY = "sk-log-tiny-93fa"
 DOCUMENTED = {"client", "model", "outcome", "reason", "cache", "limiter_error",
-              "prompt_tokens", "completion_tokens"}
+              "prompt_tokens", "completion_tokens", "provider", "cost_micros"}
+# gpt-4.1 is priced (micro-USD per token = USD per million tokens); gpt-4.1-mini is not.
+PRICES = [{"model": "gpt-4.1", "input_per_million_tokens": 2, "output_per_million_tokens": 8}]
+
+
+def cost(usage: dict) -> str:
+    return str(usage["prompt_tokens"] * 2 + usage["completion_tokens"] * 8)
 
 
 def plugin(**extra) -> dict:
@@ -29,9 +35,12 @@ def plugin(**extra) -> dict:
              "tokens_per_minute": 10},
         ],
         "providers": [{"name": "relay", "cluster": "provider_relay",
-                       "api_key_env": harness.PROVIDER_KEY_ENV}],
+                       "api_key_env": harness.PROVIDER_KEY_ENV},
+                      {"name": "backup", "cluster": "provider_backup",
+                       "api_key_env": harness.BACKUP_KEY_ENV}],
+        "prices": PRICES,
         "models": [
-            {"match": "gpt-4.1", "providers": ["relay"]},
+            {"match": "gpt-4.1", "providers": ["relay", "backup"]},
             {"match": "gpt-4.1-mini", "providers": ["relay"], "cache": {"backend": "local"}},
             {"match": "o1", "providers": ["relay"]},
         ],
@@ -44,6 +53,17 @@ def relay(workdir):
     r = harness.MockProvider(workdir, name="relay", expect_key=harness.PROVIDER_KEY)
     yield r
     r.stop()
+
+
+@pytest.fixture
+def backup(workdir):
+    b = harness.MockProvider(workdir, name="backup", expect_key=harness.BACKUP_KEY)
+    yield b
+    b.stop()
+
+
+def urls(relay, backup) -> dict:
+    return {"relay": {"url": relay.url}, "backup": {"url": backup.url}}
 
 
 def log_lines(gw, count: int) -> list[dict]:
@@ -63,8 +83,8 @@ def fields(line: dict) -> dict | None:
     return got or None
 
 
-def test_every_outcome_is_logged_with_its_fields(start_gateway, relay):
-    gw = start_gateway(plugin(), {"relay": {"url": relay.url}})
+def test_every_outcome_is_logged_with_its_fields(start_gateway, relay, backup):
+    gw = start_gateway(plugin(), urls(relay, backup))
     harness.wait_for_fresh_window()
     body = lambda model, **kw: json.dumps(chat_body(model, **kw)).encode()  # noqa: E731
 
@@ -97,7 +117,8 @@ def test_every_outcome_is_logged_with_its_fields(start_gateway, relay):
     assert got == [
         (200, {**team, "model": "gpt-4.1", "outcome": "admitted",
                "prompt_tokens": str(usage["prompt_tokens"]),
-               "completion_tokens": str(usage["completion_tokens"])}),
+               "completion_tokens": str(usage["completion_tokens"]),
+               "provider": "relay", "cost_micros": cost(usage)}),
         (401, {"outcome": "unauthorized", "reason": "invalid_api_key"}),
         (403, {**team, "model": "o1", "outcome": "invalid", "reason": "model_not_allowed"}),
         (404, {**team, "model": "unknown-model", "outcome": "invalid",
@@ -106,14 +127,15 @@ def test_every_outcome_is_logged_with_its_fields(start_gateway, relay):
         (400, {**team, "outcome": "invalid", "reason": "malformed_body"}),
         (200, {"client": "log-slow", "model": "gpt-4.1", "outcome": "admitted",
                "prompt_tokens": str(slow.json()["usage"]["prompt_tokens"]),
-               "completion_tokens": str(slow.json()["usage"]["completion_tokens"])}),
+               "completion_tokens": str(slow.json()["usage"]["completion_tokens"]),
+               "provider": "relay", "cost_micros": cost(slow.json()["usage"])}),
         (429, {"client": "log-slow", "model": "gpt-4.1", "outcome": "rate_limited",
                "reason": "requests_per_minute"}),
         (429, {"client": "log-tiny", "model": "gpt-4.1", "outcome": "rate_limited",
                "reason": "tokens_per_minute"}),
         (200, {**team, "model": "gpt-4.1-mini", "outcome": "admitted", "cache": "miss",
                "prompt_tokens": str(mini_usage["prompt_tokens"]),
-               "completion_tokens": str(mini_usage["completion_tokens"])}),
+               "completion_tokens": str(mini_usage["completion_tokens"]), "provider": "relay"}),
         (200, {**team, "model": "gpt-4.1-mini", "outcome": "admitted", "cache": "hit"}),
         (400, None),
     ]
@@ -131,12 +153,41 @@ def test_every_outcome_is_logged_with_its_fields(start_gateway, relay):
     assert [line["attempts"] for line in lines] == [1, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0]
 
 
-def test_a_limiter_failing_open_is_logged(start_gateway, relay):
+def test_the_provider_that_answered_and_the_charge_are_logged(start_gateway, relay, backup):
+    """The relay fails with a 503 and the backup answers: `provider` names the backup (the
+    answer the client got), `attempts` says two tries, and the charge is the backup's usage
+    priced; a stream is charged from its final usage chunk."""
+    gw = start_gateway(plugin(), urls(relay, backup))
+    relay.rule("log-fall-back", status=503, times=1)
+    r = gw.post(key=KEY, body=json.dumps(chat_body("gpt-4.1", content="log-fall-back")).encode())
+    assert r.status == 200 and r.header("x-mock-name") == "backup"
+    stream = gw.post(key=KEY, body=json.dumps(chat_body(
+        "gpt-4.1", stream=True, stream_options={"include_usage": True})).encode())
+    assert stream.status == 200
+    usage = [json.loads(ln[6:]) for ln in stream.body.decode().splitlines()
+             if ln.startswith("data: {")][-1]["usage"]
+    fell_back, streamed = log_lines(gw, 2)
+    assert fell_back["attempts"] == 2
+    assert fields(fell_back) == {
+        "client": "log-team", "model": "gpt-4.1", "outcome": "admitted", "provider": "backup",
+        "prompt_tokens": str(r.json()["usage"]["prompt_tokens"]),
+        "completion_tokens": str(r.json()["usage"]["completion_tokens"]),
+        "cost_micros": cost(r.json()["usage"])}
+    assert streamed["attempts"] == 1
+    assert fields(streamed) == {
+        "client": "log-team", "model": "gpt-4.1", "outcome": "admitted", "provider": "relay",
+        "prompt_tokens": str(usage["prompt_tokens"]),
+        "completion_tokens": str(usage["completion_tokens"]), "cost_micros": cost(usage)}
+    assert gw.counter("tollgate_spend_micros_total", client="log-team", model="gpt-4_1") == \
+        int(cost(r.json()["usage"])) + int(cost(usage))
+
+
+def test_a_limiter_failing_open_is_logged(start_gateway, relay, backup):
     """The Redis limiter is unreachable and `on_error: allow`: the request is admitted without
     limits, and the log says which limiter failed and why."""
     dead = f"127.0.0.1:{harness.free_port()}"
     limiter = {"backend": "redis", "cluster": "webdis", "on_error": "allow", "timeout_ms": 200}
-    gw = start_gateway(plugin(limiter=limiter), {"relay": {"url": relay.url}}, webdis=dead)
+    gw = start_gateway(plugin(limiter=limiter), urls(relay, backup), webdis=dead)
     r = gw.post(key=KEY, body=json.dumps(chat_body("gpt-4.1")).encode())
     assert r.status == 200
     (line,) = log_lines(gw, 1)
@@ -145,7 +196,8 @@ def test_a_limiter_failing_open_is_logged(start_gateway, relay):
     usage = r.json()["usage"]
     assert got == {"client": "log-team", "model": "gpt-4.1", "outcome": "admitted",
                    "prompt_tokens": str(usage["prompt_tokens"]),
-                   "completion_tokens": str(usage["completion_tokens"])}
+                   "completion_tokens": str(usage["completion_tokens"]),
+                   "provider": "relay", "cost_micros": cost(usage)}
 
 
 def test_the_otlp_example_validates(tmp_path):

@@ -18,7 +18,7 @@ use std::borrow::Cow;
 pub const MAX_MODEL_CHARS: usize = 128;
 
 /// The log's field names, each set as the property `tollgate_<field>` ([`PROPERTIES`]).
-pub const FIELDS: [&str; 8] = [
+pub const FIELDS: [&str; 10] = [
     "client",
     "model",
     "outcome",
@@ -27,10 +27,12 @@ pub const FIELDS: [&str; 8] = [
     "limiter_error",
     "prompt_tokens",
     "completion_tokens",
+    "provider",
+    "cost_micros",
 ];
 
 /// The property of each of [`FIELDS`] (filter state `wasm.<property>`).
-pub const PROPERTIES: [&str; 8] = [
+pub const PROPERTIES: [&str; 10] = [
     "tollgate_client",
     "tollgate_model",
     "tollgate_outcome",
@@ -39,6 +41,8 @@ pub const PROPERTIES: [&str; 8] = [
     "tollgate_limiter_error",
     "tollgate_prompt_tokens",
     "tollgate_completion_tokens",
+    "tollgate_provider",
+    "tollgate_cost_micros",
 ];
 
 /// What the access log records about one request. `None` fields are not set (logged `null`).
@@ -60,11 +64,15 @@ pub struct Record {
     pub prompt_tokens: Option<u64>,
     /// Tokens the provider reported.
     pub completion_tokens: Option<u64>,
+    /// The provider that gave the answer (its last attempt; routed mode).
+    pub provider: Option<String>,
+    /// What the request was charged, in micro-units of the configured currency (priced models).
+    pub cost_micros: Option<u64>,
 }
 
 impl Record {
     /// Each field's value as logged, in [`FIELDS`] order.
-    pub fn values(&self) -> [Option<Cow<'_, str>>; 8] {
+    pub fn values(&self) -> [Option<Cow<'_, str>>; 10] {
         fn text(v: Option<&str>) -> Option<Cow<'_, str>> {
             v.map(Cow::Borrowed)
         }
@@ -80,6 +88,8 @@ impl Record {
             text(self.limiter_error.as_deref()),
             number(self.prompt_tokens),
             number(self.completion_tokens),
+            text(self.provider.as_deref()),
+            number(self.cost_micros),
         ]
     }
 

@@ -918,6 +918,10 @@ impl Exchange {
             if let Some(p) = gw.config.prices.get(price) {
                 cost = request::charge_money(p, estimate, self.used.as_ref(), delivered);
                 gw.count_spend(h, client, price, cost);
+                // Envoy (1.32 and later) runs the filter's log callback before the configured
+                // access logs, so the line carries it.
+                self.log.cost_micros = Some(cost);
+                self.write_log(h);
                 let started = self.started_ms.unwrap_or_default();
                 if let Some((key, n)) =
                     request::spend_record(&gw.config, client, price, cost, started)
@@ -965,10 +969,14 @@ impl Exchange {
     }
 
     /// Counts the upstream role's attempts of a forwarded request, once.
+    /// Counts the attempts once, and logs the provider that answered (model routing).
     fn count_attempts(&mut self, h: &dyn Host, gw: &Gateway) {
         if self.forwarded && !self.attempts_counted {
             self.attempts_counted = true;
-            gw.count_attempts(h);
+            if let Some(provider) = gw.count_attempts(h) {
+                self.log.provider = Some(provider.to_string());
+                self.write_log(h);
+            }
         }
     }
 

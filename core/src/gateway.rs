@@ -349,14 +349,20 @@ impl Gateway {
 
     /// Counts the attempts a forwarded request made, from the upstream role's log (model routing
     /// only; one host call).
-    pub fn count_attempts(&self, host: &dyn Host) {
+    pub fn count_attempts(&self, host: &dyn Host) -> Option<&str> {
         let (Some(counters), Mode::Routed(routing)) = (&self.attempts, &self.config.mode) else {
-            return;
+            return None;
         };
         match host.property(crate::upstream::ATTEMPTS_PROPERTY) {
-            Ok(Some(log)) => counters.count(host, routing, &log),
-            Ok(None) => {}
-            Err(e) => warn!("cannot read the attempt log: {e}"),
+            Ok(Some(log)) => counters
+                .count(host, routing, &log)
+                .and_then(|p| routing.providers.get(p))
+                .map(|p| p.name.as_str()),
+            Ok(None) => None,
+            Err(e) => {
+                warn!("cannot read the attempt log: {e}");
+                None
+            }
         }
     }
 

@@ -285,8 +285,11 @@ impl AttemptCounters {
     }
 
     /// Counts every attempt of a log: the attempt, the fallback into it, the provider's error.
-    pub fn count(&self, host: &dyn Host, routing: &Routing, log: &[u8]) {
+    /// Returns the provider of the last attempt (the one whose answer the client gets).
+    pub fn count(&self, host: &dyn Host, routing: &Routing, log: &[u8]) -> Option<ProviderId> {
+        let mut last = None;
         for a in parse_attempts(log) {
+            last = Some(a.provider);
             let (attempt, fallback) = match a.rule {
                 None => (self.default_attempts, None),
                 Some(rule) => (
@@ -310,6 +313,7 @@ impl AttemptCounters {
                 }
             }
         }
+        last.filter(|p| routing.providers.get(*p).is_some())
     }
 
     fn error_id(

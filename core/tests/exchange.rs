@@ -518,6 +518,8 @@ fn a_fallback_reads_the_attempt_log_and_the_listener_counts_it() {
     *host.response.borrow_mut() =
         pairs(&[(":status", "200"), ("content-type", "application/json")]);
     ex.on_response_headers(&host);
+    // The access log names the provider whose answer the client gets: the last attempt's.
+    assert!(log_record(&host).contains(&("provider", "backup")));
     for (name, n) in [
         (
             "tollgate_upstream_requests_total.provider=relay.model=gpt-4_1",
@@ -598,6 +600,9 @@ fn spend_is_counted_at_the_billed_model_price_with_cached_and_reasoning_tokens()
         host.counter("tollgate_spend_micros_total.client=team.model=gpt-4_1"),
         5100
     );
+    // The access log carries the charge, set in the log callback (which Envoy runs before
+    // the configured access logs).
+    assert!(log_record(&host).contains(&("cost_micros", "5100")));
     // `fast` is billed as deepseek-chat: 3 x 0.28 + 7 x 0.42 = 3.78, charged 4.
     let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":7}}\n\ndata: [DONE]\n\n";
     routed_exchange(&host, &gw, "fast", "text/event-stream", stream.as_bytes());
