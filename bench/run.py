@@ -125,17 +125,42 @@ def routing_unavailable() -> str:
     return ""
 
 
+def with_leases(cfg: dict) -> None:
+    """The Redis limiter with quota leases at their defaults (docs/limiters.md#leases)."""
+    plugin = render_envoy.plugin_config(cfg)
+    plugin["limiter"]["leases"] = {}
+    render_envoy.set_plugin_config(cfg, plugin)
+
+
+def with_budgets(cfg: dict) -> None:
+    """Every client with day, week and month budgets in money, tokens and requests (issue #18),
+    too large to refuse the bench: each is checked, reserved and settled on every request."""
+    plugin = render_envoy.plugin_config(cfg)
+    for client in plugin["clients"]:
+        client["budgets"] = [
+            {"window": "day", "money": 1_000_000},
+            {"window": "week", "tokens": 1_000_000_000},
+            {"window": "month", "requests": 1_000_000_000, "money": 1_000_000},
+        ]
+    render_envoy.set_plugin_config(cfg, plugin)
+
+
 PEERS: list[Peer] = [
     Peer("mock", "mock provider direct (no Envoy)", front="direct", baseline="bare", floor=None),
     Peer("bare", "bare Envoy (no wasm filter)", filter="none", baseline=None, floor=None),
     Peer("empty", "Envoy + empty wasm filter (the floor)", filter="empty", floor=None),
     Peer("local", "Envoy + Tollgate, local limiter", filter="tollgate", limiter="local"),
     Peer("redis", "Envoy + Tollgate, Redis limiter (Webdis)", filter="tollgate", limiter="redis"),
+    Peer("leases", "Envoy + Tollgate, Redis limiter with quota leases", filter="tollgate",
+         limiter="redis", configure=with_leases),
     # The demo's own layout once body routing is built (the model in the body picks the provider;
     # every provider of the demo points at the mock). The targets are measured on this peer when
     # it can run, on `local` otherwise.
     Peer("routing", "Envoy + Tollgate, local limiter + body routing", filter="tollgate",
          limiter="local", routing=True, unavailable=routing_unavailable),
+    Peer("budgets", "Envoy + Tollgate, body routing, priced, day/week/month budgets",
+         filter="tollgate", limiter="local", routing=True, configure=with_budgets,
+         unavailable=routing_unavailable),
     Peer("stream", "Envoy + Tollgate, local limiter, SSE streaming", filter="tollgate",
          limiter="local", stream=True, baseline="bare-stream", floor=None),
     Peer("bare-stream", "bare Envoy, SSE streaming", filter="none", stream=True, baseline=None,
