@@ -968,8 +968,8 @@ impl Exchange {
         }
     }
 
-    /// Counts the upstream role's attempts of a forwarded request, once.
-    /// Counts the attempts once, and logs the provider that answered (model routing).
+    /// Counts the upstream role's attempts of a forwarded request, once, and logs the provider
+    /// that answered (model routing).
     fn count_attempts(&mut self, h: &dyn Host, gw: &Gateway) {
         if self.forwarded && !self.attempts_counted {
             self.attempts_counted = true;

@@ -152,10 +152,14 @@ impl Leases {
         }
     }
 
-    /// Counts a block Redis granted: `(requests, tokens)`.
-    fn granted(&self, host: &dyn Host, (requests, tokens): (u64, u64)) {
-        Self::count(host, self.granted.first().copied().flatten(), requests);
-        Self::count(host, self.granted.get(1).copied().flatten(), tokens);
+    /// Adds `(requests, tokens)` to a counter pair by `kind` (granted, returned).
+    fn count_kinds(
+        host: &dyn Host,
+        [requests_id, tokens_id]: [Option<u32>; 2],
+        (requests, tokens): (u64, u64),
+    ) {
+        Self::count(host, requests_id, requests);
+        Self::count(host, tokens_id, tokens);
     }
 
     fn fetched(&self, host: &dyn Host, blocking: bool, outcome: &str) {
@@ -554,7 +558,7 @@ impl Gateway {
         let Some(l) = &self.leases else {
             return;
         };
-        l.granted(host, granted);
+        Leases::count_kinds(host, l.granted, granted);
         let outcome = match (error, spent) {
             (Some(_), _) => "error",
             (None, true) => "spent",
@@ -656,9 +660,7 @@ impl Gateway {
                     "granted"
                 };
                 l.fetched(host, false, outcome);
-                if leased.spent.is_none() {
-                    l.granted(host, (leased.requests, leased.tokens));
-                }
+                Leases::count_kinds(host, l.granted, leased.granted());
                 if let Err(e) =
                     lease::on_grant(host, &key, fetch.ask, &fetch.want, &leased, now, &l.policy)
                 {
@@ -716,8 +718,7 @@ impl Gateway {
             };
             match lease::reclaim(host, &lease::lease_key(c), ask, now, &l.policy) {
                 Ok(Some(back)) => {
-                    Leases::count(host, l.returned.first().copied().flatten(), back.requests);
-                    Leases::count(host, l.returned.get(1).copied().flatten(), back.tokens);
+                    Leases::count_kinds(host, l.returned, (back.requests, back.tokens));
                     for (key, delta) in lease::returns(&key_md5, &back) {
                         self.queue_settlement(host, key, delta);
                     }

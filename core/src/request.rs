@@ -1247,12 +1247,8 @@ fn on_lease_answer(
         },
     };
     // Redis counted the block whether or not the record kept it.
-    let lease_granted = match leased.spent {
-        None => (leased.requests, leased.tokens),
-        Some(_) => (0, 0),
-    };
     Step {
-        lease_granted,
+        lease_granted: leased.granted(),
         ..step
     }
 }

@@ -160,6 +160,17 @@ pub struct Leased {
     pub tokens_counted: u64,
 }
 
+impl Leased {
+    /// Requests and tokens Redis granted (and counted) with this reply: none when the window
+    /// was spent.
+    pub fn granted(&self) -> (u64, u64) {
+        match self.spent {
+            None => (self.requests, self.tokens),
+            Some(_) => (0, 0),
+        }
+    }
+}
+
 /// Reads a Webdis reply to [`lease_command`].
 pub fn parse_lease_reply(status: Option<u16>, body: &[u8]) -> Result<Leased, ReplyError> {
     let reply = eval_reply(status, body)?;
