@@ -149,7 +149,7 @@ impl AttemptExchange {
         let before = if attempt.position == 0 {
             Vec::new()
         } else {
-            match h.property(upstream::ATTEMPTS_PROPERTY) {
+            match h.property(&[upstream::ATTEMPTS_PROPERTY]) {
                 Ok(log) => log.unwrap_or_default(),
                 Err(e) => {
                     warn!("upstream: cannot read the attempt log: {e}");

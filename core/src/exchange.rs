@@ -28,6 +28,7 @@ use crate::cache::{self, Backend, Skip};
 use crate::endpoints::Api;
 use crate::gateway::{callout_status, timed_out, Gateway, MAX_WEBDIS_REPLY_BYTES};
 use crate::host::{send_local_reply, Action, Buffer, Host, Map};
+use crate::identity;
 use crate::limiter::Window;
 use crate::metrics::{CacheMetric, Outcome};
 use crate::openai::{self, LocalReply};
@@ -201,7 +202,25 @@ impl Exchange {
                 .and_then(|(_, v)| std::str::from_utf8(v).ok())
                 .map(str::to_string);
         }
-        let start = request::on_request_headers(&gw.config, &headers, end_of_stream, now, h);
+        let peer = match request::wants_peer_identity(&gw.config, &headers) {
+            false => None,
+            true => match h.property(&identity::PEER_URI_SAN) {
+                Ok(peer) => peer,
+                Err(e) => {
+                    error!("cannot read the peer certificate: {e}");
+                    gw.count_request(h, None, Outcome::Error);
+                    return self.reply(h, &openai::internal_error());
+                }
+            },
+        };
+        let start = request::on_request_headers(
+            &gw.config,
+            &headers,
+            peer.as_deref(),
+            end_of_stream,
+            now,
+            h,
+        );
         let start = match start {
             // No body will follow (a POST without one): decide on the empty body now.
             Start::ReadBody(awaiting) if end_of_stream => {

@@ -243,9 +243,9 @@ impl Host for FakeHost {
         Ok(())
     }
 
-    fn property(&self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
         self.call("property")?;
-        Ok(self.properties.borrow().get(name).cloned())
+        Ok(self.properties.borrow().get(&path.join(".")).cloned())
     }
 
     fn dispatch(&self, call: &Callout) -> Result<u32, HostError> {

@@ -357,7 +357,7 @@ impl Gateway {
         let (Some(counters), Mode::Routed(routing)) = (&self.attempts, &self.config.mode) else {
             return None;
         };
-        match host.property(crate::upstream::ATTEMPTS_PROPERTY) {
+        match host.property(&[crate::upstream::ATTEMPTS_PROPERTY]) {
             Ok(Some(log)) => counters
                 .count(host, routing, &log)
                 .and_then(|p| routing.providers.get(p))

@@ -113,9 +113,10 @@ pub trait Host: CasStore {
     fn clear_route_cache(&self) -> Result<(), HostError>;
     /// Sets a stream property (filter state `wasm.<name>`, read by access logs).
     fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError>;
-    /// A stream property set by a filter (`None` when unset): the listener role reads what the
-    /// upstream role recorded.
-    fn property(&self, name: &str) -> Result<Option<Vec<u8>>, HostError>;
+    /// A stream property by its path (`None` when unset): one segment for what a filter set
+    /// (the listener role reads what the upstream role recorded), or an Envoy attribute such as
+    /// `["connection", "uri_san_peer_certificate"]`.
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError>;
     /// Sends an HTTP callout; its answer comes back with the returned token.
     fn dispatch(&self, call: &Callout) -> Result<u32, HostError>;
     /// Resumes a paused request.

@@ -266,6 +266,9 @@ pub enum KeyError {
     Malformed,
     /// Well-formed, but no client has it.
     Unknown,
+    /// No key, over a connection whose peer certificate names no configured identity (or
+    /// carries none): see [`crate::identity`].
+    UnknownIdentity,
     /// A client's key whose `expires_at` has passed. The only failure whose answer differs
     /// (the message says the key expired): only a holder of the exact key can get it.
     Expired,

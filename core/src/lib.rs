@@ -19,6 +19,7 @@ pub mod forwarding;
 pub mod gateway;
 pub mod headers;
 pub mod host;
+pub mod identity;
 pub mod keys;
 pub mod lease;
 pub mod limiter;

@@ -242,14 +242,38 @@ pub fn strip_list(config: &Config, headers: &[Header]) -> Vec<Vec<u8>> {
     forwarding::strip_list(headers, &config.forward_headers)
 }
 
+/// The key a request presents where its API puts it (Anthropic's clients send `x-api-key`).
+fn presented_key(api: Api, headers: &[Header]) -> Result<&[u8], KeyError> {
+    match api {
+        Api::OpenAi => bearer_token(
+            headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(b"authorization"))
+                .map(|(_, v)| v.as_slice()),
+        ),
+        Api::Anthropic => anthropic::client_key(headers),
+    }
+}
+
+/// Whether [`on_request_headers`] needs the peer certificate's identity
+/// ([`crate::identity::PEER_URI_SAN`]): some client is known by one and the request presents
+/// no key. A request with a key is judged by its key alone, so the common path reads nothing.
+pub fn wants_peer_identity(config: &Config, headers: &[Header]) -> bool {
+    !config.identities.is_empty()
+        && presented_key(api_of(headers), headers) == Err(KeyError::Missing)
+}
+
 /// Decides what to do with a request from its headers.
 ///
 /// `headers` are all request headers as the host delivered them (names lowercase, values raw
-/// bytes), read before [`strip_list`] was applied; `end_of_stream` says no body or trailers
-/// follow; `now_ms` is the wall clock in Unix milliseconds.
+/// bytes), read before [`strip_list`] was applied; `peer` is the peer certificate's URI SAN when
+/// [`wants_peer_identity`] asked for it (a request with no key is then admitted by it, exactly);
+/// `end_of_stream` says no body or trailers follow; `now_ms` is the wall clock in Unix
+/// milliseconds.
 pub fn on_request_headers(
     config: &Config,
     headers: &[Header],
+    peer: Option<&[u8]>,
     end_of_stream: bool,
     now_ms: u64,
     store: &dyn CasStore,
@@ -259,21 +283,22 @@ pub fn on_request_headers(
     let mut parts = full_path.splitn(2, |&b| b == b'?');
     let path = parts.next().unwrap_or_default();
     let has_query = parts.next().is_some();
-    // The key where the client's API puts it: Anthropic's clients send `x-api-key`.
     let api = endpoints::api_of_path(path);
-    let presented = match api {
-        Api::OpenAi => bearer_token(
-            headers
-                .iter()
-                .filter(|(n, _)| n.eq_ignore_ascii_case(b"authorization"))
-                .map(|(_, v)| v.as_slice()),
-        ),
-        Api::Anthropic => anthropic::client_key(headers),
+    let authenticated = match presented_key(api, headers) {
+        // No key: a client known by its certificate, or nobody.
+        Err(KeyError::Missing) if !config.identities.is_empty() => match peer {
+            None => Err(KeyError::Missing),
+            Some(id) => config
+                .identities
+                .lookup(id)
+                .map(|c| (c, None))
+                .ok_or(KeyError::UnknownIdentity),
+        },
+        presented => presented.and_then(|token| {
+            let id = config.keys.admit(token, now_ms)?;
+            Ok((id, Some(token)))
+        }),
     };
-    let authenticated = presented.and_then(|token| {
-        let id = config.keys.admit(token, now_ms)?;
-        Ok((id, token))
-    });
     let (client, token) = match authenticated {
         Ok(found) => found,
         Err(why) => {
@@ -289,13 +314,13 @@ pub fn on_request_headers(
     };
     // The Redis limiter's key is derived from the client key; keep only that digest.
     let key_md5 = match config.limiter {
-        // All of a `keys` list spend one budget: its Redis keys are named after the client.
-        LimiterBackend::Redis(_) => Some(
-            config
-                .client(client)
-                .and_then(|c| c.redis_id.clone())
-                .unwrap_or_else(|| Digest::of_key(DigestKind::Md5, token).to_hex()),
-        ),
+        // All of a `keys` list or `identities` spend one budget: its Redis keys are named
+        // after the client.
+        LimiterBackend::Redis(_) => config.client(client).map(|c| match (&c.redis_id, token) {
+            (Some(id), _) => id.clone(),
+            (None, Some(t)) => Digest::of_key(DigestKind::Md5, t).to_hex(),
+            (None, None) => format!("name-{}", c.name),
+        }),
         LimiterBackend::Local => None,
     };
     if path == BUDGETS_PATH.as_bytes() && method == b"GET" {
@@ -1801,7 +1826,14 @@ mod tests {
     }
 
     fn done_on(c: &Config, h: &[Header], now: u64, s: &dyn CasStore) -> Step {
-        done(on_request_headers(c, &chat(h.to_vec()), false, now, s))
+        done(on_request_headers(
+            c,
+            &chat(h.to_vec()),
+            None,
+            false,
+            now,
+            s,
+        ))
     }
 
     fn done(start: Start) -> Step {
@@ -1972,7 +2004,7 @@ mod tests {
             ("authorization", b"Bearer sk-team-a"),
             ("x-tollgate-x", b"1"),
         ]);
-        match on_request_headers(c, &chat(headers), false, NOW, &FakeStore::default()) {
+        match on_request_headers(c, &chat(headers), None, false, NOW, &FakeStore::default()) {
             Start::AskLimiter(p) => p,
             other => panic!("expected a limiter callout, got {other:?}"),
         }
@@ -2122,7 +2154,7 @@ mod tests {
         if let Some(len) = len {
             headers.push((b"content-length".to_vec(), len.to_vec()));
         }
-        on_request_headers(c, &headers, false, NOW, &FakeStore::default())
+        on_request_headers(c, &headers, None, false, NOW, &FakeStore::default())
     }
 
     fn status(start: Start) -> u16 {
@@ -2253,7 +2285,7 @@ mod tests {
                 (":path", path),
                 ("authorization", &bearer),
             ]);
-            on_request_headers(&c, &headers, true, NOW, &FakeStore::default())
+            on_request_headers(&c, &headers, None, true, NOW, &FakeStore::default())
         };
         let step = done(start(b"sk-ops", b"DELETE", b"/v1/files/file-1"));
         let f = forward(&step);
@@ -2288,7 +2320,7 @@ mod tests {
     fn messages_step(c: &Config, path: &[u8], auth: (&str, &[u8]), body: &[u8]) -> Step {
         let store = FakeStore::default();
         let headers = h(&[(":method", b"POST"), (":path", path), auth]);
-        match on_request_headers(c, &headers, false, NOW, &store) {
+        match on_request_headers(c, &headers, None, false, NOW, &store) {
             Start::ReadBody(wait) => done(on_request_body(c, wait, body, NOW, &store)),
             other => done(other),
         }
@@ -2372,6 +2404,7 @@ mod tests {
             done(on_request_headers(
                 &c,
                 &headers,
+                None,
                 false,
                 NOW,
                 &FakeStore::default(),
@@ -2393,6 +2426,7 @@ mod tests {
                     ("x-api-key", b"sk-team-a"),
                     ("content-length", b"10"),
                 ]),
+                None,
                 false,
                 NOW,
                 &FakeStore::default()
@@ -2436,6 +2470,7 @@ mod tests {
         let step = done(on_request_headers(
             &c,
             &headers,
+            None,
             false,
             NOW,
             &FakeStore::default(),
@@ -2448,6 +2483,7 @@ mod tests {
         let step = done(on_request_headers(
             &c,
             &headers,
+            None,
             true,
             NOW,
             &FakeStore::default(),
@@ -2459,6 +2495,7 @@ mod tests {
         let step = done(on_request_headers(
             &c,
             &files,
+            None,
             true,
             NOW,
             &FakeStore::default(),
@@ -2484,6 +2521,7 @@ mod tests {
                     (":path", b"/v1/chat/completions"),
                     ("authorization", b"Bearer sk-team-a"),
                 ]),
+                None,
                 false,
                 NOW,
                 &store,
@@ -2579,7 +2617,14 @@ mod tests {
                 ("authorization", b"Bearer sk-team-a"),
                 ("content-length", len),
             ]);
-            done(on_request_headers(&c, &chat(headers), false, NOW, &store))
+            done(on_request_headers(
+                &c,
+                &chat(headers),
+                None,
+                false,
+                NOW,
+                &store,
+            ))
         };
         let t = forward(&send(b"120")).tokens.clone().unwrap();
         assert_eq!(t.estimate.total(), 30);
@@ -2609,7 +2654,7 @@ mod tests {
             (":path", b"/v1/chat/completions"),
             ("authorization", b"Bearer sk-team-a"),
         ]);
-        let Start::ReadBody(wait) = on_request_headers(c, &headers, false, NOW, store) else {
+        let Start::ReadBody(wait) = on_request_headers(c, &headers, None, false, NOW, store) else {
             panic!("expected to read the body")
         };
         match on_request_body(c, wait, body, NOW, store) {

@@ -522,8 +522,8 @@ impl Host for WasmHost {
         set_property(name, value)
     }
 
-    fn property(&self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
-        property(&[name])
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+        property(path)
     }
 
     fn dispatch(&self, call: &Callout) -> Result<u32, HostError> {

@@ -10,6 +10,7 @@ use super::prices::{compile_budgets, RawBudget};
 use super::routing::compile_patterns;
 use super::{check_client_name, per_minute, ConfigError, Phase};
 use crate::endpoints::EndpointSet;
+use crate::identity::{check_spiffe_id, IdentityIndex, MAX_IDENTITIES_PER_CLIENT};
 use crate::keys::{Digest, DigestKind, KeyHolder, KeyIndex};
 use crate::routing::Pattern;
 use crate::types::ClientId;
@@ -58,6 +59,8 @@ pub(super) struct RawClient<'a> {
     #[serde(default, borrow)]
     pub(super) keys: Option<Vec<RawKey<'a>>>,
     #[serde(default)]
+    pub(super) identities: Option<Vec<String>>,
+    #[serde(default)]
     pub(super) requests_per_minute: Option<u32>,
     #[serde(default)]
     pub(super) tokens_per_minute: Option<u32>,
@@ -95,9 +98,10 @@ pub struct Client {
     pub models: Option<Vec<Pattern>>,
     /// Endpoints this client may reach (its own `endpoints`, or the configuration's).
     pub endpoints: EndpointSet,
-    /// The middle part of this client's Redis limiter keys, for a client whose keys are a
-    /// `keys` list (`name-<name>`, so that all of them spend one budget); `None`: the MD5 hex of
-    /// the presented key, as the older proxy counted (`key_sha256` or `key_md5` on the client).
+    /// The middle part of this client's Redis limiter keys, for a client with a `keys` list or
+    /// `identities` (`name-<name>`, so that all of its credentials spend one budget); `None`: the
+    /// MD5 hex of the presented key, as the older proxy counted (`key_sha256` or `key_md5` on
+    /// the client).
     pub redis_id: Option<String>,
     /// Budgets over longer windows, shortest window first (at most one per window).
     pub budgets: Vec<crate::spend::Budget>,
@@ -162,7 +166,7 @@ pub(super) fn compile_clients(
     key_set: Option<&str>,
     defaults: &Defaults,
     done: &mut dyn FnMut(Phase),
-) -> Result<(Vec<Client>, KeyIndex), ConfigError> {
+) -> Result<(Vec<Client>, KeyIndex, IdentityIndex), ConfigError> {
     let json = raw.len();
     let mut packed = match key_set {
         Some(text) => Some(KeySetReader::new(text)?),
@@ -176,6 +180,7 @@ pub(super) fn compile_clients(
     let mut digests = Vec::with_capacity(json);
     let mut keys = KeyIndex::with_capacity(total);
     let mut names = Names::with_capacity(total);
+    let mut identities = IdentityIndex::default();
     for (i, c) in raw.into_iter().enumerate() {
         let at = |f: &str| format!("clients[{i}].{f}");
         check_client_name(&c.name).map_err(|m| ConfigError::new(at("name"), m))?;
@@ -190,8 +195,39 @@ pub(super) fn compile_clients(
             Some(list) => EndpointSet::from_names(list)
                 .map_err(|(j, m)| ConfigError::new(at(&format!("endpoints[{j}]")), m))?,
         };
-        let redis_id = c.keys.as_ref().map(|_| format!("name-{}", c.name));
-        match (c.keys, c.key_sha256.is_some() || c.key_md5.is_some()) {
+        let has_identities = match &c.identities {
+            None => false,
+            Some(list) => {
+                if list.is_empty() || list.len() > MAX_IDENTITIES_PER_CLIENT {
+                    return Err(ConfigError::new(
+                        at("identities"),
+                        format!(
+                            "expected 1 to {MAX_IDENTITIES_PER_CLIENT} SPIFFE IDs, got {}",
+                            list.len()
+                        ),
+                    ));
+                }
+                for (k, id) in list.iter().enumerate() {
+                    let field = || at(&format!("identities[{k}]"));
+                    check_spiffe_id(id).map_err(|m| ConfigError::new(field(), m))?;
+                    if let Err(other) = identities.insert(id, i) {
+                        let what = if other == i {
+                            "duplicate identity (listed twice for this client)".to_string()
+                        } else {
+                            format!("duplicate identity (also clients[{other}])")
+                        };
+                        return Err(ConfigError::new(field(), what));
+                    }
+                }
+                true
+            }
+        };
+        let has_key = c.key_sha256.is_some() || c.key_md5.is_some();
+        // Credentials other than one key spend one budget, named after the client.
+        let redis_id = (c.keys.is_some() || has_identities).then(|| format!("name-{}", c.name));
+        match (c.keys, has_key) {
+            // A client known by its certificate alone.
+            (None, false) if has_identities => {}
             (None, _) => {
                 let digest =
                     one_digest(c.key_sha256, c.key_md5, &at("key_sha256"), &at("key_md5"))?;
@@ -367,7 +403,7 @@ pub(super) fn compile_clients(
         }
     }
     done(Phase::KeyIndex);
-    Ok((clients, keys))
+    Ok((clients, keys, identities))
 }
 
 /// The digest of one key: exactly one of `key_sha256` and `key_md5`.
@@ -390,8 +426,8 @@ fn one_digest(
         )),
         (None, None) => Err(ConfigError::new(
             sha_field,
-            "missing: every client needs key_sha256 (hex SHA-256 of its key), key_md5, or a \
-             `keys` list",
+            "missing: every client needs key_sha256 (hex SHA-256 of its key), key_md5, a `keys` \
+             list, or `identities`",
         )),
     }
 }

@@ -24,6 +24,7 @@ use serde::Deserialize;
 
 use crate::cache::CacheConfig;
 use crate::endpoints::{Api, EndpointSet, Kind};
+use crate::identity::IdentityIndex;
 use crate::keys::KeyIndex;
 use crate::routing::Routing;
 use crate::spend::Prices;
@@ -132,6 +133,8 @@ pub struct Config {
     pub key_set_clients: usize,
     /// Digest lookup from a presented key to its client.
     pub keys: KeyIndex,
+    /// Clients known by their peer certificate's SPIFFE ID (see [`crate::identity`]).
+    pub identities: IdentityIndex,
     /// How requests reach the provider(s).
     pub mode: Mode,
     /// Limit counter backend.
@@ -303,7 +306,8 @@ fn compile(
         tokens_per_minute: default_tpm,
     };
     let json_clients = raw.clients.len();
-    let (clients, keys) = compile_clients(raw.clients, raw.key_set.as_deref(), &defaults, done)?;
+    let (clients, keys, identities) =
+        compile_clients(raw.clients, raw.key_set.as_deref(), &defaults, done)?;
     if clients.is_empty() {
         return Err(ConfigError::new(
             "key_set",
@@ -441,6 +445,7 @@ fn compile(
         key_set_clients: clients.len() - json_clients,
         clients,
         keys,
+        identities,
         mode,
         limiter,
         cache,

@@ -704,7 +704,7 @@ fn two_keys_of_one_client_spend_one_budget_and_expired_keys_get_their_own_401() 
         .iter()
         .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
         .collect();
-        match on_request_headers(&c, &headers, false, now, &store) {
+        match on_request_headers(&c, &headers, None, false, now, &store) {
             Start::Done(step) => match step.decision {
                 Decision::Reply(r) => (r.status, r.body),
                 Decision::Forward(_) => (200, String::new()),
@@ -889,4 +889,73 @@ fn prices_and_budgets_are_validated() {
     assert!(e.contains("unknown field `cost`"), "{e}");
     assert!(err(&routed("", r#","budget_utc_offset_minutes":900"#))
         .starts_with("budget_utc_offset_minutes: must be between"));
+}
+
+// Mesh identity (`identities`).
+
+#[test]
+fn a_client_may_be_known_by_its_spiffe_ids() {
+    let c = parse(&minimal(&format!(
+        r#"[{{"name":"mesh","identities":["spiffe://cluster.local/ns/a/sa/app",
+                                          "spiffe://cluster.local/ns/a/sa/batch"]}},
+            {{"name":"both","key_sha256":"{}","identities":["spiffe://cluster.local/ns/b/sa/app"]}},
+            {{"name":"key","key_sha256":"{}"}}]"#,
+        sha("k-both"),
+        sha("k-key")
+    )))
+    .unwrap();
+    assert_eq!(c.identities.len(), 3);
+    assert_eq!(c.keys.len(), 2);
+    assert_eq!(
+        c.identities.lookup(b"spiffe://cluster.local/ns/a/sa/batch"),
+        Some(0)
+    );
+    assert_eq!(
+        c.identities.lookup(b"spiffe://cluster.local/ns/b/sa/app"),
+        Some(1)
+    );
+    assert_eq!(c.keys.admit(b"k-both", 0), Ok(1));
+    // Every credential of a client with identities spends one Redis budget, named after it.
+    assert_eq!(c.clients[0].redis_id.as_deref(), Some("name-mesh"));
+    assert_eq!(c.clients[1].redis_id.as_deref(), Some("name-both"));
+    assert_eq!(c.clients[2].redis_id, None);
+    // Without any identity nothing reads the peer certificate.
+    assert!(parse(&minimal(&format!(
+        r#"[{{"name":"a","key_sha256":"{DEMO_SHA}"}}]"#
+    )))
+    .unwrap()
+    .identities
+    .is_empty());
+}
+
+#[test]
+fn identity_errors_name_the_field() {
+    let e = err(&minimal(r#"[{"name":"a","identities":[]}]"#));
+    assert!(
+        e.starts_with("clients[0].identities: expected 1 to 16"),
+        "{e}"
+    );
+    let e = err(&minimal(
+        r#"[{"name":"a","identities":["spiffe://cluster.local/ns/a","https://x/y"]}]"#,
+    ));
+    assert!(
+        e.starts_with("clients[0].identities[1]: \"https://x/y\" is not a SPIFFE ID"),
+        "{e}"
+    );
+    let e = err(&minimal(
+        r#"[{"name":"a","identities":["spiffe://d/x"]},{"name":"b","identities":["spiffe://d/x"]}]"#,
+    ));
+    assert!(
+        e.starts_with("clients[1].identities[0]: duplicate identity (also clients[0])"),
+        "{e}"
+    );
+    let e = err(&minimal(
+        r#"[{"name":"a","identities":["spiffe://d/x","spiffe://d/x"]}]"#,
+    ));
+    assert!(e.contains("listed twice for this client"), "{e}");
+    let e = err(&minimal(r#"[{"name":"a","identities":"spiffe://d/x"}]"#));
+    assert!(e.starts_with("clients[0].identities"), "{e}");
+    // A client needs some credential.
+    let e = err(&minimal(r#"[{"name":"a"}]"#));
+    assert!(e.contains("or `identities`"), "{e}");
 }
