@@ -37,8 +37,10 @@ class H2Response:
 class H2Client:
     """One HTTP/2 connection to a listener. Header names and values are bytes or str."""
 
-    def __init__(self, port: int, timeout_s: float = 10.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+    def __init__(self, port: int, timeout_s: float = 10.0, sock: socket.socket | None = None):
+        # `sock`: a connection made by the caller (TLS with ALPN h2, for a listener that
+        # terminates TLS); otherwise cleartext to 127.0.0.1:port.
+        self.sock = sock or socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
         self.conn = h2.connection.H2Connection(
             config=h2.config.H2Configuration(client_side=True, header_encoding=None,
                                              validate_outbound_headers=False,
