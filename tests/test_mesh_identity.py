@@ -92,7 +92,8 @@ def mtls(certs):
 
 def plugin() -> dict:
     return harness.default_plugin_config([
-        {"name": "mesh-a", "identities": [MESH_ID], "requests_per_minute": RPM},
+        {"name": "mesh-a", "identities": [MESH_ID], "requests_per_minute": RPM,
+         "endpoints": ["chat_completions"]},
         {"name": "keyed", "key_sha256": sha256_hex(KEYED)},
     ])
 
@@ -105,10 +106,10 @@ def connect(gw, certs, cert: str | None, alpn: str = "http/1.1") -> http.client.
     return http.client.HTTPSConnection("localhost", gw.port, context=ctx, timeout=30)
 
 
-def post(gw, certs, cert: str | None, headers=(), path: str = "/v1/chat/completions"):
+def post(gw, certs, cert: str | None, headers=(), path: str = "/v1/chat/completions", body=None):
     conn = connect(gw, certs, cert)
     try:
-        body = json.dumps(chat_body()).encode()
+        body = json.dumps(body or chat_body()).encode()
         conn.request("POST", path, body=body,
                      headers={"content-type": "application/json", **dict(headers)})
         r = conn.getresponse()
@@ -137,6 +138,20 @@ def test_a_client_is_admitted_by_its_certificate_and_limited(gw, mock, certs):
     # The keyed client on the same listener, without a certificate, is unaffected.
     assert post(gw, certs, None, [("authorization", f"Bearer {KEYED}")])[0] == 200
     assert gw.counter("tollgate_requests_total", client="keyed", outcome="admitted") == 1
+
+
+def test_the_certificate_client_keeps_to_its_endpoints(gw, mock, certs):
+    status, body = post(gw, certs, "team-a", path="/v1/embeddings",
+                        body={"model": "text-embedding-3-small", "input": "hello"})
+    assert status == 404, body
+    assert mock.requests() == []
+    assert gw.counter("tollgate_requests_total", client="mesh-a", outcome="invalid") == 1
+    # The keyed client (the default endpoints) may.
+    embed = {"model": "text-embedding-3-small", "input": "hello"}
+    status, body = post(gw, certs, None, [("authorization", f"Bearer {KEYED}")],
+                        path="/v1/embeddings", body=embed)
+    assert status == 200, body
+    assert len(mock.requests()) == 1
 
 
 def test_anthropic_clients_use_their_certificate_too(gw, mock, certs):
