@@ -801,3 +801,184 @@ fn budgets_in_redis_are_one_callout_and_settle_through_the_root_tick() {
     assert_eq!(reply.status, 429);
     assert!(String::from_utf8_lossy(&reply.body).contains("insufficient_quota"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Mesh identity as a credential: a client known by its peer certificate's SPIFFE ID is admitted
+// and limited like a keyed one, a key always wins over the certificate, nothing a client writes
+// in a header can stand in for the certificate, and a request with a key pays no host call for
+// any of it.
+
+const KEYED: &str = "sk-keyed-team";
+const MESH: &str = "spiffe://tollgate.test/ns/team-a/sa/app";
+/// How the fake host names the attribute Envoy serves as `connection.uri_san_peer_certificate`.
+const PEER: &str = "connection.uri_san_peer_certificate";
+
+/// A client known by its certificate (two requests a minute) and a keyed one, one provider
+/// speaking `api`.
+fn mesh_gateway(host: &FakeHost, api: &str) -> Rc<Gateway> {
+    let json = format!(
+        r#"{{"clients":[
+              {{"name":"mesh-a","identities":["{MESH}"],"requests_per_minute":2}},
+              {{"name":"keyed","key_sha256":"{}"}}],
+            "upstream":{{"api_key_env":"K","api":"{api}"}}}}"#,
+        sha(KEYED)
+    );
+    gateway(host, &json)
+}
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn mesh_request(host: &FakeHost, path: &str, extra: &[(&str, &str)]) {
+    let mut headers = vec![
+        (":method", "POST"),
+        (":path", path),
+        (":authority", "gw"),
+        ("content-type", "application/json"),
+        ("content-length", "2"),
+    ];
+    headers.extend_from_slice(extra);
+    *host.request.borrow_mut() = pairs(&headers);
+}
+
+fn set_peer(host: &FakeHost, id: Option<&str>) {
+    let mut properties = host.properties.borrow_mut();
+    properties.remove(PEER);
+    if let Some(id) = id {
+        properties.insert(PEER.to_string(), id.as_bytes().to_vec());
+    }
+}
+
+/// `tollgate_requests_total` of the certificate client with this outcome.
+fn mesh_a(host: &FakeHost, outcome: &str) -> u64 {
+    host.counter(&format!(
+        "tollgate_requests_total.client=mesh-a.outcome={outcome}"
+    ))
+}
+
+/// Runs one request's headers; the status of the local reply, or 200 when it was forwarded.
+fn mesh_status(host: &FakeHost, gw: &Rc<Gateway>) -> u16 {
+    host.replies.borrow_mut().clear();
+    let mut ex = Exchange::new(Some(gw.clone()));
+    match ex.on_request_headers(host, false) {
+        Action::Continue => {
+            assert!(ex.forwarded());
+            200
+        }
+        Action::Pause => host.replies.borrow()[0].status,
+    }
+}
+
+#[test]
+fn a_client_is_admitted_by_its_certificate_and_limited_like_any_other() {
+    let host = FakeHost::new(NOW, &[]);
+    let gw = mesh_gateway(&host, "openai");
+    set_peer(&host, Some(MESH));
+    mesh_request(&host, CHAT, &[]);
+    assert_eq!(mesh_status(&host, &gw), 200);
+    // One host call more than a keyed request: the attribute, read once.
+    let calls = host.take_calls();
+    assert_eq!(calls.iter().filter(|c| **c == "property").count(), 1);
+    assert_eq!(
+        host.request_header("authorization").as_deref(),
+        Some("Bearer sk-provider")
+    );
+    // (The fake host's request now carries the provider's key: start each one afresh.)
+    mesh_request(&host, CHAT, &[]);
+    assert_eq!(mesh_status(&host, &gw), 200);
+    mesh_request(&host, CHAT, &[]);
+    assert_eq!(mesh_status(&host, &gw), 429, "requests_per_minute 2");
+    assert_eq!(mesh_a(&host, "admitted"), 2);
+    assert_eq!(mesh_a(&host, "rate_limited"), 1);
+}
+
+#[test]
+fn anthropic_clients_use_the_same_credential() {
+    let host = FakeHost::new(NOW, &[]);
+    let gw = mesh_gateway(&host, "anthropic");
+    set_peer(&host, Some(MESH));
+    mesh_request(
+        &host,
+        "/v1/messages",
+        &[("anthropic-version", "2023-06-01")],
+    );
+    assert_eq!(mesh_status(&host, &gw), 200);
+    assert_eq!(
+        host.request_header("x-api-key").as_deref(),
+        Some("sk-provider")
+    );
+    assert_eq!(mesh_a(&host, "admitted"), 1);
+}
+
+#[test]
+fn a_request_with_a_key_is_judged_by_its_key_and_reads_no_certificate() {
+    let host = FakeHost::new(NOW, &[]);
+    let gw = mesh_gateway(&host, "openai");
+    set_peer(&host, Some(MESH));
+    mesh_request(
+        &host,
+        CHAT,
+        &[("authorization", &format!("Bearer {KEYED}"))],
+    );
+    host.take_calls();
+    assert_eq!(mesh_status(&host, &gw), 200);
+    assert!(
+        !host.take_calls().contains(&"property"),
+        "a keyed request reads no attribute"
+    );
+    assert_eq!(
+        host.counter("tollgate_requests_total.client=keyed.outcome=admitted"),
+        1
+    );
+    // A wrong key over the mesh client's connection is refused, not admitted as the mesh client.
+    mesh_request(&host, CHAT, &[("authorization", "Bearer sk-wrong")]);
+    assert_eq!(mesh_status(&host, &gw), 401);
+    mesh_request(&host, "/v1/messages", &[("x-api-key", "sk-wrong")]);
+    assert_eq!(mesh_status(&host, &gw), 401);
+    assert_eq!(mesh_a(&host, "admitted"), 0);
+}
+
+#[test]
+fn nothing_but_the_connection_names_an_identity() {
+    let host = FakeHost::new(NOW, &[]);
+    let gw = mesh_gateway(&host, "openai");
+    // No certificate (plain text or TLS without one), whatever the headers claim.
+    set_peer(&host, None);
+    for forged in [
+        ("x-forwarded-client-cert", format!("URI={MESH}")),
+        ("x-tollgate-identity", MESH.to_string()),
+        ("x-spiffe-id", MESH.to_string()),
+    ] {
+        mesh_request(&host, CHAT, &[(forged.0, &forged.1)]);
+        assert_eq!(mesh_status(&host, &gw), 401, "{}", forged.0);
+    }
+    // A certificate that is not exactly a configured identity.
+    for near in [
+        "spiffe://tollgate.test/ns/team-a/sa/app/",
+        "spiffe://tollgate.test/ns/team-a/sa/ap",
+        "spiffe://tollgate.test/ns/team-a/sa/app2",
+        "SPIFFE://tollgate.test/ns/team-a/sa/app",
+        "spiffe://other.test/ns/team-a/sa/app",
+    ] {
+        set_peer(&host, Some(near));
+        mesh_request(&host, CHAT, &[]);
+        assert_eq!(mesh_status(&host, &gw), 401, "{near}");
+    }
+    assert_eq!(mesh_a(&host, "admitted"), 0);
+    assert_eq!(
+        host.counter(
+            "tollgate_refusals_total.client=_anonymous.model=_default.reason=invalid_api_key"
+        ),
+        8
+    );
+}
+
+#[test]
+fn a_failed_attribute_read_refuses_the_request() {
+    let host = FakeHost::new(NOW, &[]);
+    let gw = mesh_gateway(&host, "openai");
+    set_peer(&host, Some(MESH));
+    host.fail.borrow_mut().push("property");
+    mesh_request(&host, CHAT, &[]);
+    assert_eq!(mesh_status(&host, &gw), 500);
+    assert_eq!(mesh_a(&host, "admitted"), 0);
+}

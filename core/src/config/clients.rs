@@ -198,15 +198,8 @@ pub(super) fn compile_clients(
         let has_identities = match &c.identities {
             None => false,
             Some(list) => {
-                if list.is_empty() || list.len() > MAX_IDENTITIES_PER_CLIENT {
-                    return Err(ConfigError::new(
-                        at("identities"),
-                        format!(
-                            "expected 1 to {MAX_IDENTITIES_PER_CLIENT} SPIFFE IDs, got {}",
-                            list.len()
-                        ),
-                    ));
-                }
+                check_count(list.len(), MAX_IDENTITIES_PER_CLIENT, "SPIFFE IDs")
+                    .map_err(|m| ConfigError::new(at("identities"), m))?;
                 for (k, id) in list.iter().enumerate() {
                     let field = || at(&format!("identities[{k}]"));
                     check_spiffe_id(id).map_err(|m| ConfigError::new(field(), m))?;
@@ -252,15 +245,8 @@ pub(super) fn compile_clients(
                 ));
             }
             (Some(list), false) => {
-                if list.is_empty() || list.len() > MAX_KEYS_PER_CLIENT {
-                    return Err(ConfigError::new(
-                        at("keys"),
-                        format!(
-                            "expected 1 to {MAX_KEYS_PER_CLIENT} keys, got {}",
-                            list.len()
-                        ),
-                    ));
-                }
+                check_count(list.len(), MAX_KEYS_PER_CLIENT, "keys")
+                    .map_err(|m| ConfigError::new(at("keys"), m))?;
                 for (k, key) in list.into_iter().enumerate() {
                     let kat = |f: &str| at(&format!("keys[{k}].{f}"));
                     let digest = one_digest(
@@ -404,6 +390,15 @@ pub(super) fn compile_clients(
     }
     done(Phase::KeyIndex);
     Ok((clients, keys, identities))
+}
+
+/// A client's list of credentials holds 1 to `max` of `what`.
+fn check_count(len: usize, max: usize, what: &str) -> Result<(), String> {
+    if (1..=max).contains(&len) {
+        Ok(())
+    } else {
+        Err(format!("expected 1 to {max} {what}, got {len}"))
+    }
 }
 
 /// The digest of one key: exactly one of `key_sha256` and `key_md5`.
