@@ -669,23 +669,39 @@ pub fn on_limiter_reply(
             }
         }
         Err(e) => {
-            let failure = vec![LimiterFailure {
+            let failure = LimiterFailure {
                 backend: "redis",
                 reason: e.reason(),
-            }];
-            match on_error {
-                OnError::Allow => forward_step(client, forward, None, failure),
-                OnError::Deny => Step {
-                    limiter_errors: failure,
-                    ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
-                },
-                OnError::Local => {
-                    local_step(config, client, forward, estimate, now_ms, store, failure)
-                }
-            }
+            };
+            redis_failed(
+                config, on_error, failure, client, forward, estimate, now_ms, store,
+            )
         }
     };
     Step { model, ..step }
+}
+
+/// A Redis reply (a check or a lease) that failed: `limiter.on_error` decides the request.
+#[allow(clippy::too_many_arguments)]
+fn redis_failed(
+    config: &Config,
+    on_error: OnError,
+    failure: LimiterFailure,
+    client: ClientId,
+    forward: Forward,
+    estimate: Estimate,
+    now_ms: u64,
+    store: &dyn CasStore,
+) -> Step {
+    let failures = vec![failure];
+    match on_error {
+        OnError::Allow => forward_step(client, forward, None, failures),
+        OnError::Deny => Step {
+            limiter_errors: failures,
+            ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
+        },
+        OnError::Local => local_step(config, client, forward, estimate, now_ms, store, failures),
+    }
 }
 
 /// Checks the request against the client's limits: a Redis callout, or the local limiter now.
@@ -1083,20 +1099,13 @@ fn on_counters_reply(
             limited_step(config, client, over, Vec::new())
         }
         Err(e) => {
-            let failure = vec![LimiterFailure {
+            let failure = LimiterFailure {
                 backend: "redis",
                 reason: e.reason(),
-            }];
-            match on_error {
-                OnError::Allow => forward_step(client, forward, None, failure),
-                OnError::Deny => Step {
-                    limiter_errors: failure,
-                    ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
-                },
-                OnError::Local => {
-                    local_step(config, client, forward, estimate, now_ms, store, failure)
-                }
-            }
+            };
+            redis_failed(
+                config, on_error, failure, client, forward, estimate, now_ms, store,
+            )
         }
     }
 }
@@ -1212,20 +1221,14 @@ fn on_lease_answer(
     let leased = match answer {
         Ok(leased) => leased,
         Err(e) => {
-            let failure = vec![LimiterFailure {
+            let failure = LimiterFailure {
                 backend: "redis",
                 reason: e.reason(),
-            }];
-            return match redis.on_error {
-                OnError::Allow => forward_step(client, forward, None, failure),
-                OnError::Deny => Step {
-                    limiter_errors: failure,
-                    ..reply(Some(client), Outcome::Error, openai::limiter_unavailable())
-                },
-                OnError::Local => {
-                    local_step(config, client, forward, estimate, now_ms, store, failure)
-                }
             };
+            let on_error = redis.on_error;
+            return redis_failed(
+                config, on_error, failure, client, forward, estimate, now_ms, store,
+            );
         }
     };
     let key = lease::lease_key(c);
