@@ -668,15 +668,16 @@ pub fn on_limiter_reply(
                 }
             }
         }
-        Err(e) => {
-            let failure = LimiterFailure {
-                backend: "redis",
-                reason: e.reason(),
-            };
-            redis_failed(
-                config, on_error, failure, client, forward, estimate, now_ms, store,
-            )
-        }
+        Err(e) => redis_failed(
+            config,
+            on_error,
+            e.reason(),
+            client,
+            forward,
+            estimate,
+            now_ms,
+            store,
+        ),
     };
     Step { model, ..step }
 }
@@ -686,14 +687,17 @@ pub fn on_limiter_reply(
 fn redis_failed(
     config: &Config,
     on_error: OnError,
-    failure: LimiterFailure,
+    reason: &'static str,
     client: ClientId,
     forward: Forward,
     estimate: Estimate,
     now_ms: u64,
     store: &dyn CasStore,
 ) -> Step {
-    let failures = vec![failure];
+    let failures = vec![LimiterFailure {
+        backend: "redis",
+        reason,
+    }];
     match on_error {
         OnError::Allow => forward_step(client, forward, None, failures),
         OnError::Deny => Step {
@@ -1098,15 +1102,16 @@ fn on_counters_reply(
             };
             limited_step(config, client, over, Vec::new())
         }
-        Err(e) => {
-            let failure = LimiterFailure {
-                backend: "redis",
-                reason: e.reason(),
-            };
-            redis_failed(
-                config, on_error, failure, client, forward, estimate, now_ms, store,
-            )
-        }
+        Err(e) => redis_failed(
+            config,
+            on_error,
+            e.reason(),
+            client,
+            forward,
+            estimate,
+            now_ms,
+            store,
+        ),
     }
 }
 
@@ -1221,13 +1226,15 @@ fn on_lease_answer(
     let leased = match answer {
         Ok(leased) => leased,
         Err(e) => {
-            let failure = LimiterFailure {
-                backend: "redis",
-                reason: e.reason(),
-            };
-            let on_error = redis.on_error;
             return redis_failed(
-                config, on_error, failure, client, forward, estimate, now_ms, store,
+                config,
+                redis.on_error,
+                e.reason(),
+                client,
+                forward,
+                estimate,
+                now_ms,
+                store,
             );
         }
     };
