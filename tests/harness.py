@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -506,3 +507,48 @@ def wait_for_fresh_window(margin_s: float = 15.0) -> float:
 
 def tmpdir(prefix: str) -> pathlib.Path:
     return pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+
+
+class SteadyLoad:
+    """Clients on keep-alive connections, each sending one request after the other with a short
+    pause (bounded load), recording every status and every exception. `gw` has `port` and
+    `post(key, conn=...)` (the reload tests' gateways)."""
+
+    def __init__(self, gw, key: str, clients: int = 2, pause_s: float = 0.01):
+        self.gw, self.key, self.pause_s = gw, key, pause_s
+        self.statuses: list[int] = []
+        self.errors: list[str] = []
+        self.stop_flag = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run) for _ in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.gw.port, timeout=30)
+        while not self.stop_flag.is_set():
+            try:
+                status = self.gw.post(self.key, conn=conn).status
+            except Exception as e:  # a reset or closed connection is a failed request
+                with self.lock:
+                    self.errors.append(repr(e))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.gw.port, timeout=30)
+                continue
+            with self.lock:
+                self.statuses.append(status)
+            self.stop_flag.wait(self.pause_s)
+        conn.close()
+
+    def advance(self, n: int = 10) -> None:
+        """Returns once the load has made `n` more requests (it runs across every change)."""
+        with self.lock:
+            want = len(self.statuses) + len(self.errors) + n
+        harness.wait_until(lambda: len(self.statuses) + len(self.errors) >= want,
+                           f"{n} more requests of the load", timeout_s=30)
+
+    def finish(self) -> tuple[list[int], list[str]]:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join()
+        return self.statuses, self.errors

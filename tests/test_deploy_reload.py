@@ -17,14 +17,12 @@ them and the mock provider in place of the provider.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import pathlib
 import re
 import shlex
 import subprocess
-import threading
 import time
 
 import pytest
@@ -146,48 +144,6 @@ class ShippedGateway:
         self._log.close()
 
 
-class SteadyLoad:
-    """Keep-alive clients sending one request after the other (bounded load); every status and
-    every exception recorded."""
-
-    def __init__(self, gw: ShippedGateway, key: str, clients: int = 2, pause_s: float = 0.01):
-        self.gw, self.key, self.pause_s = gw, key, pause_s
-        self.statuses: list[int] = []
-        self.errors: list[str] = []
-        self.stop_flag = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run) for _ in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self):
-        conn = http.client.HTTPConnection("127.0.0.1", self.gw.port, timeout=30)
-        while not self.stop_flag.is_set():
-            try:
-                status = self.gw.post(self.key, conn=conn).status
-            except Exception as e:  # a reset or closed connection is a failed request
-                with self.lock:
-                    self.errors.append(repr(e))
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.gw.port, timeout=30)
-                continue
-            with self.lock:
-                self.statuses.append(status)
-            self.stop_flag.wait(self.pause_s)
-        conn.close()
-
-    def advance(self, n: int = 10) -> None:
-        with self.lock:
-            want = len(self.statuses) + len(self.errors) + n
-        harness.wait_until(lambda: len(self.statuses) + len(self.errors) >= want, f"{n} more requests", timeout_s=30)
-
-    def finish(self) -> tuple[list[int], list[str]]:
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join()
-        return self.statuses, self.errors
-
-
 def until(predicate, what: str, since: float) -> float:
     """Polls `predicate` within RELOAD_BOUND_S of `since`; returns the seconds it took."""
     harness.wait_until(predicate, what, timeout_s=max(0.1, since + RELOAD_BOUND_S - time.monotonic()))
@@ -258,7 +214,7 @@ def test_kubernetes_configmap_swap_reloads_the_running_envoy(tmp_path, mock, red
         # Keys added (the operator's `kubectl apply` of the ConfigMap, then kubelet's swap).
         t = kdir.update({**kdir.read(), "tollgate.json": with_clients(base, [steady, metered])})
         timings["key added"] = until(lambda: gw.post(METERED).status == 200, "the added key accepted", t)
-        load = SteadyLoad(gw, STEADY)
+        load = harness.SteadyLoad(gw, STEADY)
         used = 1
         for _ in range(2):
             r = gw.post(METERED)

@@ -11,11 +11,9 @@ from its expiry on."""
 from __future__ import annotations
 
 import datetime
-import http.client
 import json
 import os
 import subprocess
-import threading
 import time
 
 import pytest
@@ -107,50 +105,6 @@ class ReloadGateway:
         self._log.close()
 
 
-class SteadyLoad:
-    """Clients on keep-alive connections, each sending one request after the other with a short
-    pause (bounded load), recording every status and every exception."""
-
-    def __init__(self, gw: ReloadGateway, key: str, clients: int = 2, pause_s: float = 0.01):
-        self.gw, self.key, self.pause_s = gw, key, pause_s
-        self.statuses: list[int] = []
-        self.errors: list[str] = []
-        self.stop_flag = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run) for _ in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self):
-        conn = http.client.HTTPConnection("127.0.0.1", self.gw.port, timeout=30)
-        while not self.stop_flag.is_set():
-            try:
-                status = self.gw.post(self.key, conn=conn).status
-            except Exception as e:  # a reset or closed connection is a failed request
-                with self.lock:
-                    self.errors.append(repr(e))
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.gw.port, timeout=30)
-                continue
-            with self.lock:
-                self.statuses.append(status)
-            self.stop_flag.wait(self.pause_s)
-        conn.close()
-
-    def advance(self, n: int = 10) -> None:
-        """Returns once the load has made `n` more requests (it runs across every change)."""
-        with self.lock:
-            want = len(self.statuses) + len(self.errors) + n
-        harness.wait_until(lambda: len(self.statuses) + len(self.errors) >= want,
-                           f"{n} more requests of the load", timeout_s=30)
-
-    def finish(self) -> tuple[list[int], list[str]]:
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join()
-        return self.statuses, self.errors
-
-
 @pytest.fixture
 def gw(workdir, mock):
     g = ReloadGateway(workdir, mock.url, [client("steady", STEADY, 100_000),
@@ -172,7 +126,7 @@ def remaining(r: harness.Response) -> tuple[int, int]:
 def test_keys_and_limits_change_under_load_without_a_failed_request_or_a_lost_count(gw):
     # Everything below runs in one minute window, so counts must carry on exactly.
     harness.wait_for_fresh_window(margin_s=45)
-    load = SteadyLoad(gw, STEADY)
+    load = harness.SteadyLoad(gw, STEADY)
     load.advance()
     used = 0
     for _ in range(5):
