@@ -544,7 +544,7 @@ class SteadyLoad:
         """Returns once the load has made `n` more requests (it runs across every change)."""
         with self.lock:
             want = len(self.statuses) + len(self.errors) + n
-        harness.wait_until(lambda: len(self.statuses) + len(self.errors) >= want,
+        wait_until(lambda: len(self.statuses) + len(self.errors) >= want,
                            f"{n} more requests of the load", timeout_s=30)
 
     def finish(self) -> tuple[list[int], list[str]]:
