@@ -297,7 +297,8 @@ pub enum Admit {
 }
 
 /// Admits a request from the process's lease, in one read and (when admitted) one
-/// compare-and-swap; a refusal or a fetch writes nothing.
+/// compare-and-swap; a refusal or a fetch writes nothing, except the recheck of a spent window,
+/// which claims it (one compare-and-swap).
 pub fn admit(
     store: &dyn CasStore,
     key: &str,
@@ -323,6 +324,18 @@ pub fn admit(
                     },
                 };
                 return Ok(Admit::Limited { tokens, window });
+            }
+            if r.spent_until != 0 {
+                // Spent, and the recheck is due: one request of this process asks Redis, and
+                // claims it by refusing the others as before until its answer comes (or until
+                // it is taken as lost), so a crowd of requests is not a crowd of calls.
+                let mut claim = r;
+                claim.spent_until = now_ms.saturating_add(p.stale_ms);
+                match store.set(key, &claim.encode(), cas) {
+                    Ok(()) => return Ok(Admit::Fetch(want(&r, &ask, now_ms, p, true))),
+                    Err(SetError::CasMismatch) => continue,
+                    Err(SetError::Store) => return Err(LimiterError::Store),
+                }
             }
             return Ok(Admit::Fetch(want(&r, &ask, now_ms, p, true)));
         }
@@ -978,12 +991,58 @@ mod tests {
         }
         // Another replica gave 3 back: picked up at the recheck.
         redis.n = 97;
+        let Admit::Fetch(w) = admit(&s, K, ASK, W0 + 2_000, &p).unwrap() else {
+            panic!("the recheck is due");
+        };
+        let leased = redis.lease(&ASK, &w, &p);
         assert!(matches!(
-            admit(&s, K, ASK, W0 + 2_000, &p).unwrap(),
+            on_grant(&s, K, ASK, &w, &leased, W0 + 2_000, &p).unwrap(),
+            Granted::Admitted { .. }
+        ));
+        assert_eq!(redis.n, 98, "a grant near the end is 1");
+    }
+
+    #[test]
+    fn one_request_rechecks_a_spent_window_while_the_others_are_refused() {
+        let s = FakeStore::default();
+        let p = policy();
+        let mut redis = FakeRedis {
+            n: 100,
+            ..FakeRedis::default()
+        };
+        let t = W0 + 1_000;
+        assert!(!request(&s, &mut redis, ASK, t));
+        // The recheck is due: the first request asks, the crowd behind it does not.
+        let Admit::Fetch(w) = admit(&s, K, ASK, t + 1_000, &p).unwrap() else {
+            panic!("the first request rechecks");
+        };
+        for later in [t + 1_000, t + 1_100, t + 1_000 + p.stale_ms - 1] {
+            assert!(matches!(
+                admit(&s, K, ASK, later, &p).unwrap(),
+                Admit::Limited { .. }
+            ));
+        }
+        // Its answer (another replica gave 2 back) admits it, and the next request too.
+        redis.n = 98;
+        let leased = redis.lease(&ASK, &w, &p);
+        assert!(matches!(
+            on_grant(&s, K, ASK, &w, &leased, t + 1_200, &p).unwrap(),
+            Granted::Admitted { .. }
+        ));
+        assert_eq!(redis.calls, 2, "one call for the recheck");
+        assert!(request(&s, &mut redis, ASK, t + 1_300));
+        // A recheck whose answer never comes is taken as lost after stale_ms: another request
+        // asks.
+        assert!(!request(&s, &mut redis, ASK, t + 1_400));
+        let due = read_record(&s, K).unwrap().unwrap().spent_until;
+        assert!(matches!(
+            admit(&s, K, ASK, due, &p).unwrap(),
             Admit::Fetch(_)
         ));
-        assert!(request(&s, &mut redis, ASK, W0 + 2_000));
-        assert_eq!(redis.n, 98, "a grant near the end is 1");
+        assert!(matches!(
+            admit(&s, K, ASK, due + p.stale_ms, &p).unwrap(),
+            Admit::Fetch(_)
+        ));
     }
 
     #[test]
