@@ -290,7 +290,9 @@ pub fn add(p: &Parsed, ctx: &mut Ctx) -> Result<(), Failure> {
                      limits in the file)"
                 )));
             }
-            let converted = !client.contains_key("keys");
+            // A client with one key_sha256/key_md5 moves to a list (a client known by its
+            // identities alone is already counted under its name).
+            let converted = !client.contains_key("keys") && !client.contains_key("identities");
             key_list(client)
                 .ok_or_else(|| not_a_list(&name))?
                 .push(entry);
@@ -366,7 +368,14 @@ pub fn revoke(p: &Parsed, ctx: &mut Ctx) -> Result<(), Failure> {
             )));
         }
     }
-    if all || left == 0 {
+    if !all && left == 0 && client.contains_key("identities") {
+        // Still known by its certificate: the client stays, without a key.
+        client.remove("keys");
+        writeln!(
+            ctx.err,
+            "client {name:?} has no key left; it keeps its `identities`"
+        )?;
+    } else if all || left == 0 {
         clients.retain(|c| c.get("name").and_then(Value::as_str) != Some(name.as_str()));
         writeln!(
             ctx.err,
@@ -536,6 +545,24 @@ mod tests {
             run(revoke, &format!("{f} --name a --label nope")),
             Err(Failure::Refused(m)) if m.contains("no such key")
         ));
+    }
+
+    #[test]
+    fn a_client_known_by_its_identities_keeps_them_without_keys() {
+        let id = "spiffe://cluster.local/ns/a/sa/app";
+        let path = tmp(
+            "identities.json",
+            &format!(r#"[{{"name":"mesh","identities":["{id}"]}}]"#),
+        );
+        let f = path.display();
+        run(add, &format!("{f} --name mesh --label ci")).unwrap();
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(v[0]["identities"][0], id);
+        assert_eq!(v[0]["keys"].as_array().unwrap().len(), 1);
+        // Its last key revoked, it is still a client: by its certificate.
+        run(revoke, &format!("{f} --name mesh --label ci")).unwrap();
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(v, json!([{"name": "mesh", "identities": [id]}]));
     }
 
     #[test]
