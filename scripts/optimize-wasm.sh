@@ -13,7 +13,10 @@ sum=$(sha256sum "$wasm" | cut -d' ' -f1)
 [[ -f "$stamp" && "$(cat "$stamp")" == "$sum" ]] && exit 0
 # The features rustc's wasm32-wasip1 target emits (Rust 1.86: bulk memory, sign extension,
 # mutable globals, non-trapping float-to-int, multi-value, reference types).
-wasm-opt -O3 --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
+# -ocimfs 200: a function called from one place is inlined only if small. Without it -O3 inlined
+# the whole configuration compile into one 80 KB on_configure, and Envoy's V8 (TurboFan only,
+# no Liftoff) peaked 10 MiB higher compiling it, memory the process keeps (docs/scale.md).
+wasm-opt -O3 -ocimfs 200 --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
   --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types \
   "$wasm" -o "$wasm.tmp"
 mv "$wasm.tmp" "$wasm"

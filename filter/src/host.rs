@@ -202,9 +202,35 @@ pub fn set_tick_period_ms(period_ms: u32) -> Result<(), HostError> {
     })
 }
 
-/// The plugin configuration bytes.
-pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
-    buffer(BUFFER_PLUGIN_CONFIGURATION, usize::MAX)
+/// The plugin configuration, read through windows of Envoy's copy (`proxy_get_buffer_bytes`
+/// with an offset): a large `key_set` is then decoded a window at a time, and no VM holds the
+/// whole configuration.
+pub struct PluginConfiguration {
+    /// Its size, as `on_configure` was told.
+    pub size: usize,
+}
+
+impl tollgate_core::config::Windows for PluginConfiguration {
+    fn len(&self) -> usize {
+        self.size
+    }
+
+    fn read(&mut self, start: usize, max: usize, out: &mut Vec<u8>) -> Result<(), String> {
+        let max = max.min(self.size.saturating_sub(start));
+        *out = if max == 0 {
+            Vec::new()
+        } else {
+            buffer_window(BUFFER_PLUGIN_CONFIGURATION, start, max).map_err(|e| e.to_string())?
+        };
+        if out.len() != max {
+            return Err(format!(
+                "{} bytes at offset {start} where {max} were expected (of {})",
+                out.len(),
+                self.size
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Sets a stream property; Envoy keeps it as filter state `wasm.<name>`, which access logs read
@@ -263,10 +289,16 @@ pub fn replace_buffer(buffer: Buffer, size: usize, body: &[u8]) -> Result<(), Ho
 
 /// Up to `max` bytes of a body buffer (empty when there is none).
 pub fn buffer(buffer_type: u32, max: usize) -> Result<Vec<u8>, HostError> {
+    buffer_window(buffer_type, 0, max)
+}
+
+/// Up to `max` bytes of a buffer from offset `start` (which must not be past its end: the host
+/// does not check it), empty when there is none.
+fn buffer_window(buffer_type: u32, start: usize, max: usize) -> Result<Vec<u8>, HostError> {
     let mut data = null_mut();
     let mut size = 0usize;
     // SAFETY: out-pointers are valid; the returned buffer is taken exactly once.
-    let status = unsafe { proxy_get_buffer_bytes(buffer_type, 0, max, &mut data, &mut size) };
+    let status = unsafe { proxy_get_buffer_bytes(buffer_type, start, max, &mut data, &mut size) };
     match status {
         OK => Ok(unsafe { take_host_buffer(data, size) }),
         NOT_FOUND => Ok(Vec::new()),

@@ -67,15 +67,13 @@ impl Context for Root {
 }
 
 impl RootContext for Root {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes = match host::plugin_configuration() {
-            Ok(b) => b,
-            Err(e) => {
-                error!("cannot read the plugin configuration: {e}");
-                return false;
-            }
+    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+        // Read through windows: a `key_set` of megabytes is decoded a window at a time instead
+        // of being copied whole into this VM, whose memory never shrinks.
+        let mut bytes = host::PluginConfiguration {
+            size: plugin_configuration_size,
         };
-        let config = match Config::parse(&bytes, &|name| std::env::var(name).ok()) {
+        let config = match Config::parse_windows(&mut bytes, &|name| std::env::var(name).ok()) {
             Ok(c) => c,
             Err(e) => {
                 // Envoy then refuses the plugin; this line is what the operator reads.

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 
 use super::cache::RawCache;
-use super::key_set::{record_field, KeySetReader};
+use super::key_set::{record_field, KeySetReader, Windows};
 use super::prices::{compile_budgets, RawBudget};
 use super::routing::compile_patterns;
 use super::{check_client_name, per_minute, ConfigError, Phase};
@@ -163,7 +163,7 @@ impl Names {
 /// linear in their number.
 pub(super) fn compile_clients(
     raw: Vec<RawClient<'_>>,
-    key_set: Option<&str>,
+    key_set: Option<&mut dyn Windows>,
     defaults: &Defaults,
     done: &mut dyn FnMut(Phase),
 ) -> Result<(Vec<Client>, KeyIndex, IdentityIndex), ConfigError> {
@@ -178,7 +178,7 @@ pub(super) fn compile_clients(
     // set's go straight into the index (it holds no other kind of key and is sorted, so its
     // own duplicates are found as it is read).
     let mut digests = Vec::with_capacity(json);
-    let mut keys = KeyIndex::with_capacity(total);
+    let mut keys = KeyIndex::with_capacities(json, total - json);
     let mut names = Names::with_capacity(total);
     let mut identities = IdentityIndex::default();
     for (i, c) in raw.into_iter().enumerate() {

@@ -80,11 +80,201 @@ pub fn pack_key_set(records: &mut [KeySetRecord]) -> Result<String, String> {
     Ok(base64::encode(&bytes))
 }
 
+/// Text read a window at a time: a string in memory, or (in the filter) Envoy's copy of the
+/// plugin configuration, so that a VM never holds a whole multi-megabyte configuration.
+pub trait Windows {
+    /// Length in bytes.
+    fn len(&self) -> usize;
+    /// Whether there is no byte at all.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Replaces `out` with the bytes from `start`, `max` of them or up to the end (`start` is at
+    /// most the length). The error says why the host could not give them.
+    fn read(&mut self, start: usize, max: usize, out: &mut Vec<u8>) -> Result<(), String>;
+}
+
+/// [`Windows`] over a string in memory.
+pub struct StrWindows<'a>(pub &'a [u8]);
+
+impl Windows for StrWindows<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn read(&mut self, start: usize, max: usize, out: &mut Vec<u8>) -> Result<(), String> {
+        let end = start.saturating_add(max).min(self.0.len());
+        out.clear();
+        out.extend_from_slice(self.0.get(start..end).unwrap_or_default());
+        Ok(())
+    }
+}
+
+/// A part of another [`Windows`]: `len` bytes from `start`.
+pub(super) struct SubWindows<'a> {
+    pub(super) inner: &'a mut dyn Windows,
+    pub(super) start: usize,
+    pub(super) len: usize,
+}
+
+impl Windows for SubWindows<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn read(&mut self, start: usize, max: usize, out: &mut Vec<u8>) -> Result<(), String> {
+        let max = max.min(self.len.saturating_sub(start));
+        self.inner.read(self.start + start, max, out)
+    }
+}
+
+/// A plugin configuration read through [`Windows`] by [`split_key_set`].
+pub(super) enum Split {
+    /// The whole document, which has no top-level `key_set` string.
+    Whole(Vec<u8>),
+    /// The document with the value of its `key_set` string left out (`"key_set":""`), and
+    /// where that value is in the configuration: `len` bytes from `start`.
+    KeySet {
+        json: Vec<u8>,
+        start: usize,
+        len: usize,
+    },
+    /// Something this scan does not handle (an escape or a non-ASCII character in the key
+    /// set, a second `key_set`, a document that is not an object, ...): read the whole
+    /// document and let the parser judge it.
+    Unsure,
+}
+
+/// Bytes of the configuration scanned at a time by [`split_key_set`].
+const SCAN_WINDOW: usize = 64 * 1024;
+
+/// Reads a configuration through `windows`, copying all of it but the value of a top-level
+/// `"key_set"` string, which the key set's reader reads later through windows of its own. This
+/// only finds that value: the parser checks the document, as it would the whole one.
+pub(super) fn split_key_set(windows: &mut dyn Windows) -> Result<Split, String> {
+    let len = windows.len();
+    let mut json = Vec::with_capacity(len.min(SCAN_WINDOW));
+    let mut window = Vec::new();
+    let mut depth = 0u32;
+    let mut in_string = false;
+    let mut escaped = false;
+    // A top-level key is expected next (after `{` or `,`), is being read, was `key_set`.
+    let mut expect_key = false;
+    let mut key: Option<Vec<u8>> = None;
+    let mut key_is_key_set = false;
+    // After the `:` of a top-level key.
+    let mut expect_value = false;
+    // Inside the key set's value, from this offset.
+    let mut skipping: Option<usize> = None;
+    let mut found: Option<(usize, usize)> = None;
+    let mut at = 0;
+    while at < len {
+        windows.read(at, SCAN_WINDOW, &mut window)?;
+        if window.is_empty() {
+            return Err(format!("the host gave no bytes at offset {at} of {len}"));
+        }
+        let mut i = 0;
+        while let Some(rest) = window.get(i..).filter(|r| !r.is_empty()) {
+            if let Some(start) = skipping {
+                // Base64 up to the closing quote: anything else is for the parser to judge.
+                let stop = |b: &u8| matches!(b, b'"' | b'\\') || !b.is_ascii_graphic();
+                match rest.iter().position(stop) {
+                    None => {
+                        i = window.len();
+                        continue;
+                    }
+                    Some(p) if rest.get(p) == Some(&b'"') => {
+                        found = Some((start, at + i + p));
+                        skipping = None;
+                        in_string = false;
+                        expect_value = false;
+                        json.push(b'"');
+                        i += p + 1;
+                        continue;
+                    }
+                    Some(_) => return Ok(Split::Unsure),
+                }
+            }
+            let Some(&b) = rest.first() else { break };
+            i += 1;
+            json.push(b);
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                    // An escaped key is never taken for `key_set` (the parser still reads it).
+                    key = None;
+                } else if b == b'"' {
+                    in_string = false;
+                    if let Some(k) = key.take() {
+                        key_is_key_set = k == b"key_set";
+                    }
+                } else if let Some(k) = key.as_mut() {
+                    k.push(b);
+                    if k.len() > 8 {
+                        key = None;
+                    }
+                }
+                continue;
+            }
+            match b {
+                b'"' => {
+                    in_string = true;
+                    if depth == 1 && expect_key {
+                        key = Some(Vec::new());
+                        expect_key = false;
+                    } else if depth == 1 && expect_value && key_is_key_set {
+                        if found.is_some() {
+                            return Ok(Split::Unsure);
+                        }
+                        skipping = Some(at + i);
+                    }
+                    expect_value = false;
+                }
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth == 1 {
+                        if b != b'{' {
+                            return Ok(Split::Unsure);
+                        }
+                        expect_key = true;
+                    }
+                    expect_value = false;
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                b',' if depth == 1 => {
+                    expect_key = true;
+                    key_is_key_set = false;
+                    expect_value = false;
+                }
+                b':' if depth == 1 => expect_value = true,
+                b' ' | b'\t' | b'\n' | b'\r' => {}
+                _ => expect_value = false,
+            }
+        }
+        at += window.len();
+    }
+    Ok(match (found, skipping) {
+        (_, Some(_)) => Split::Unsure,
+        (None, None) => Split::Whole(json),
+        (Some((start, end)), None) => Split::KeySet {
+            json,
+            start,
+            len: end - start,
+        },
+    })
+}
+
+/// Bytes of base64 text decoded at a time (a multiple of 4): 48 KiB of text, 36 KiB of records.
+const TEXT_WINDOW: usize = 48 * 1024;
+
 /// The records of a key set, in order (for tools: `tollgate keys pack` merges into one).
 /// Checks the block's form (header, records, order); not the names and limits, which the
 /// configuration's parser checks.
 pub fn unpack_key_set(text: &str) -> Result<Vec<KeySetRecord>, ConfigError> {
-    let mut reader = KeySetReader::new(text)?;
+    let mut text = StrWindows(text.as_bytes());
+    let mut reader = KeySetReader::new(&mut text)?;
     let mut out = Vec::with_capacity(reader.count());
     while let Some(record) = reader.next_record()? {
         out.push(record);
@@ -95,11 +285,40 @@ pub fn unpack_key_set(text: &str) -> Result<Vec<KeySetRecord>, ConfigError> {
 /// Reads a key set's records in order. Each record's digest is checked against the previous
 /// one's (sorted, no duplicates); names and limits are left to the caller, which knows the
 /// configuration's rules and defaults.
+///
+/// The base64 text is decoded a window at a time ([`TEXT_WINDOW`]): neither a decoded copy of
+/// the block nor (with the filter's [`Windows`]) the whole text is ever in memory.
 pub(super) struct KeySetReader<'a> {
-    decoder: Decoder<'a>,
+    text: &'a mut dyn Windows,
+    /// Offset of the next window of text.
+    next_text: usize,
+    /// The current window of text.
+    window: Vec<u8>,
+    /// The current window, decoded, and how much of it was read.
+    decoded: Vec<u8>,
+    used: usize,
+    /// Decoded bytes not read yet, in all.
+    remaining: usize,
     count: u32,
     read: u32,
     previous: Option<[u8; 32]>,
+}
+
+/// Why bytes could not be read from a key set.
+enum Fail {
+    /// The block ends before them.
+    End,
+    /// Not base64, or the host failed.
+    Error(ConfigError),
+}
+
+impl From<DecodeError> for Fail {
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::End => Fail::End,
+            e => Fail::Error(decode_error(e)),
+        }
+    }
 }
 
 /// The field of record `i`, for errors.
@@ -123,22 +342,48 @@ fn decode_error(e: DecodeError) -> ConfigError {
     ConfigError::new("key_set", message)
 }
 
+fn host_error(e: String) -> ConfigError {
+    ConfigError::new("key_set", format!("cannot read it: {e}"))
+}
+
 impl<'a> KeySetReader<'a> {
     /// Checks the header; the records are read by [`KeySetReader::next_record`].
-    pub(super) fn new(text: &'a str) -> Result<Self, ConfigError> {
-        let mut decoder = Decoder::new(text).map_err(decode_error)?;
+    pub(super) fn new(text: &'a mut dyn Windows) -> Result<Self, ConfigError> {
+        let len = text.len();
+        if len % 4 != 0 {
+            return Err(decode_error(DecodeError::Length));
+        }
+        // The decoded size, from the padding at the end.
+        let mut window = Vec::new();
+        text.read(len.saturating_sub(2), 2, &mut window)
+            .map_err(host_error)?;
+        let pad = window.iter().rev().take_while(|&&c| c == b'=').count();
+        let mut reader = Self {
+            text,
+            next_text: 0,
+            window,
+            decoded: Vec::new(),
+            used: 0,
+            remaining: (len / 4 * 3).saturating_sub(pad),
+            count: 0,
+            read: 0,
+            previous: None,
+        };
         let mut header = [0u8; KEY_SET_HEADER_LEN];
-        if decoder.remaining() < KEY_SET_HEADER_LEN {
+        if reader.remaining < KEY_SET_HEADER_LEN {
             return Err(ConfigError::new(
                 "key_set",
                 format!(
                     "{} bytes, shorter than the {KEY_SET_HEADER_LEN}-byte header: not a key set \
                      (`tollgate keys pack` writes one)",
-                    decoder.remaining()
+                    reader.remaining
                 ),
             ));
         }
-        decoder.read(&mut header).map_err(decode_error)?;
+        reader.read_bytes(&mut header).map_err(|e| match e {
+            Fail::End => decode_error(DecodeError::End),
+            Fail::Error(e) => e,
+        })?;
         let [m0, m1, v0, v1, c0, c1, c2, c3] = header;
         if [m0, m1] != KEY_SET_MARK {
             return Err(ConfigError::new(
@@ -159,7 +404,7 @@ impl<'a> KeySetReader<'a> {
         }
         let count = u32::from_be_bytes([c0, c1, c2, c3]);
         // The count sizes allocations: it must fit the bytes that follow.
-        let most = decoder.remaining() / KEY_SET_RECORD_FIXED_LEN;
+        let most = reader.remaining / KEY_SET_RECORD_FIXED_LEN;
         if usize::try_from(count).map_or(true, |c| c > most) {
             return Err(ConfigError::new(
                 "key_set",
@@ -169,12 +414,8 @@ impl<'a> KeySetReader<'a> {
                 ),
             ));
         }
-        Ok(Self {
-            decoder,
-            count,
-            read: 0,
-            previous: None,
-        })
+        reader.count = count;
+        Ok(reader)
     }
 
     /// The number of records, from the header (checked against the block's size).
@@ -182,12 +423,82 @@ impl<'a> KeySetReader<'a> {
         self.count as usize
     }
 
+    /// Decodes the next window of text.
+    fn next_window(&mut self) -> Result<(), Fail> {
+        let start = self.next_text;
+        let len = self.text.len();
+        let max = TEXT_WINDOW.min(len.saturating_sub(start));
+        self.text
+            .read(start, max, &mut self.window)
+            .map_err(|e| Fail::Error(host_error(e)))?;
+        if max == 0 || self.window.len() != max {
+            return Err(Fail::End);
+        }
+        // Base64 is ASCII: anything else is an error at its offset (and a window of ASCII is
+        // a string, whatever the window boundaries).
+        if let Some(p) = self.window.iter().position(|b| !b.is_ascii()) {
+            return Err(DecodeError::Character(start + p).into());
+        }
+        let text = std::str::from_utf8(&self.window)
+            .map_err(|_| Fail::from(DecodeError::Character(start)))?;
+        let at = |e: DecodeError| match e {
+            DecodeError::Character(p) => DecodeError::Character(start + p),
+            e => e,
+        };
+        let mut decoder = Decoder::new(text).map_err(at)?;
+        self.decoded.resize(decoder.remaining(), 0);
+        decoder.read(&mut self.decoded).map_err(at)?;
+        // Padding belongs to the last window only (a window's decoder takes its end for the
+        // end of the text).
+        if start + max < len {
+            let tail = max.saturating_sub(2);
+            if let Some(p) = self
+                .window
+                .get(tail..)
+                .and_then(|t| t.iter().position(|&c| c == b'='))
+            {
+                return Err(DecodeError::Character(start + tail + p).into());
+            }
+        }
+        self.next_text = start + max;
+        self.used = 0;
+        Ok(())
+    }
+
+    /// Fills `out` with the next bytes of the block.
+    fn read_bytes(&mut self, out: &mut [u8]) -> Result<(), Fail> {
+        if out.len() > self.remaining {
+            return Err(Fail::End);
+        }
+        let mut filled = 0;
+        while filled < out.len() {
+            if self.used == self.decoded.len() {
+                self.next_window()?;
+                if self.decoded.is_empty() {
+                    return Err(Fail::End);
+                }
+            }
+            let n = (out.len() - filled).min(self.decoded.len() - self.used);
+            let (Some(dst), Some(src)) = (
+                out.get_mut(filled..filled + n),
+                self.decoded.get(self.used..self.used + n),
+            ) else {
+                return Err(Fail::End);
+            };
+            dst.copy_from_slice(src);
+            filled += n;
+            self.used += n;
+        }
+        self.remaining -= out.len();
+        Ok(())
+    }
+
     /// The next record (`i` is its index, for errors), `None` after the last. After the last,
     /// nothing may follow.
     pub(super) fn next_record(&mut self) -> Result<Option<KeySetRecord>, ConfigError> {
         let i = self.read as usize;
         if self.read == self.count {
-            let left = self.decoder.remaining();
+            let left = self.remaining;
             if left > 0 {
                 return Err(ConfigError::new(
                     "key_set",
@@ -200,21 +511,20 @@ impl<'a> KeySetReader<'a> {
             }
             return Ok(None);
         }
+        let count = self.count;
         let truncated = || {
             ConfigError::new(
                 format!("key_set[{i}]"),
                 format!(
-                    "truncated: the block ends inside this record (the header says {} records)",
-                    self.count
+                    "truncated: the block ends inside this record (the header says {count} records)"
                 ),
             )
         };
-        let read = |d: &mut Decoder<'_>, out: &mut [u8]| match d.read(out) {
-            Err(DecodeError::End) => Err(truncated()),
-            other => other.map_err(decode_error),
-        };
         let mut fixed = [0u8; KEY_SET_RECORD_FIXED_LEN];
-        read(&mut self.decoder, &mut fixed)?;
+        self.read_bytes(&mut fixed).map_err(|e| match e {
+            Fail::End => truncated(),
+            Fail::Error(e) => e,
+        })?;
         let mut key_sha256 = [0u8; 32];
         let (digest, rest) = fixed.split_at(32);
         key_sha256.copy_from_slice(digest);
@@ -228,7 +538,10 @@ impl<'a> KeySetReader<'a> {
             ));
         }
         let mut name = vec![0u8; len];
-        read(&mut self.decoder, &mut name)?;
+        self.read_bytes(&mut name).map_err(|e| match e {
+            Fail::End => truncated(),
+            Fail::Error(e) => e,
+        })?;
         let name = String::from_utf8(name).map_err(|_| {
             ConfigError::new(
                 record_field(i, "name"),
@@ -508,5 +821,202 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("key_set: invalid type"), "{e}");
+    }
+
+    // Reading a configuration through windows (the filter's way).
+
+    /// A configuration behind windows, recording the largest window asked for.
+    struct Host {
+        text: Vec<u8>,
+        largest: usize,
+        reads: usize,
+    }
+
+    impl Windows for Host {
+        fn len(&self) -> usize {
+            self.text.len()
+        }
+        fn read(&mut self, start: usize, max: usize, out: &mut Vec<u8>) -> Result<(), String> {
+            assert!(
+                start <= self.text.len(),
+                "read at {start} of {}",
+                self.text.len()
+            );
+            let end = start.saturating_add(max).min(self.text.len());
+            self.largest = self.largest.max(end - start);
+            self.reads += 1;
+            *out = self.text[start..end].to_vec();
+            Ok(())
+        }
+    }
+
+    fn host(text: &str) -> Host {
+        Host {
+            text: text.as_bytes().to_vec(),
+            largest: 0,
+            reads: 0,
+        }
+    }
+
+    fn many(n: usize) -> (Vec<KeySetRecord>, String) {
+        let mut records: Vec<KeySetRecord> = (0..n)
+            .map(|i| key_rec(&format!("sk-{i}"), &format!("client-{i:06}"), 5, 0))
+            .collect();
+        let set = pack_key_set(&mut records).unwrap();
+        (records, set)
+    }
+
+    fn summary(c: &Config) -> Vec<(String, u32, Option<u32>)> {
+        c.clients
+            .iter()
+            .map(|c| (c.name.clone(), c.requests_per_minute, c.tokens_per_minute))
+            .collect()
+    }
+
+    #[test]
+    fn windows_read_a_key_set_without_a_whole_copy() {
+        // 3,000 records: 160 KB of base64, several windows of the scan and of the decoder.
+        let (records, set) = many(3000);
+        assert!(set.len() > 3 * SCAN_WINDOW);
+        let json = format!(
+            "{{\n  \"clients\": [],\n  \"upstream\": {{\"api_key_env\": \"P\"}},\n  \"key_set\" :  \"{set}\",\n  \"default_requests_per_minute\": 9\n}}\n"
+        );
+        let whole = Config::parse(json.as_bytes(), &env).unwrap();
+        let mut h = host(&json);
+        let windowed = Config::parse_windows(&mut h, &env).unwrap();
+        assert!(h.largest <= SCAN_WINDOW, "{}", h.largest);
+        assert_eq!(summary(&windowed), summary(&whole));
+        assert_eq!(windowed.key_set_clients, 3000);
+        assert_eq!(records.len(), 3000);
+        for i in (0..3000).step_by(97) {
+            let id = windowed.keys.lookup(format!("sk-{i}").as_bytes()).unwrap();
+            assert_eq!(windowed.client(id).unwrap().name, format!("client-{i:06}"));
+        }
+        assert_eq!(windowed.keys.lookup(b"sk-3000"), None);
+
+        // The split itself: the document with an empty key set, and where the value is.
+        let Split::KeySet {
+            json: rest,
+            start,
+            len,
+        } = split_key_set(&mut host(&json)).unwrap()
+        else {
+            panic!("not split")
+        };
+        assert_eq!(&json.as_bytes()[start..start + len], set.as_bytes());
+        assert_eq!(String::from_utf8(rest).unwrap(), json.replace(&set, ""));
+    }
+
+    #[test]
+    fn windows_fall_back_to_the_whole_document_when_unsure() {
+        let (_, set) = many(3);
+        let parse = |json: &str| {
+            let mut h = host(json);
+            let split = match split_key_set(&mut host(json)).unwrap() {
+                Split::Whole(_) => "whole",
+                Split::KeySet { .. } => "key_set",
+                Split::Unsure => "unsure",
+            };
+            (
+                split,
+                Config::parse_windows(&mut h, &env).map_err(|e| e.to_string()),
+                Config::parse(json.as_bytes(), &env).map_err(|e| e.to_string()),
+            )
+        };
+        let up = r#""upstream":{"api_key_env":"P"}"#;
+        // Escaped slashes are still base64 once unescaped: the parser reads them.
+        let escaped = set.replace('/', "\\/");
+        for (json, how) in [
+            (format!(r#"{{"key_set":"{set}",{up}}}"#), "key_set"),
+            (
+                format!(r#"{{{up},"key_set":"{escaped}"}}"#),
+                if escaped == set { "key_set" } else { "unsure" },
+            ),
+            (
+                format!(r#"{{"key_set":"{set}","key_set":"{set}",{up}}}"#),
+                "unsure",
+            ),
+            (format!(r#"{{"key_set":7,{up}}}"#), "whole"),
+            (format!(r#"{{"key_set":["{set}"],{up}}}"#), "whole"),
+            (
+                format!(r#"{{"upstream":{{"api_key_env":"P","key_set":"{set}"}}}}"#),
+                "whole",
+            ),
+            (
+                format!(r#"{{"clients":[{{"name":"key_set"}}],"x":"key_set",{up}}}"#),
+                "whole",
+            ),
+            (format!(r#"{{"key\u005fset":"{set}",{up}}}"#), "whole"),
+            (format!(r#"{{"key_set":"{set} ",{up}}}"#), "unsure"),
+            (format!(r#"{{"key_set":"{set}"#), "unsure"),
+            (format!(r#"["key_set","{set}"]"#), "unsure"),
+            (String::new(), "whole"),
+            ("   ".to_string(), "whole"),
+            (format!(r#"{{"key_set":"","clients":[],{up}}}"#), "key_set"),
+        ] {
+            let (split, windowed, whole) = parse(&json);
+            assert_eq!(split, how, "{json}");
+            // The same answer either way, errors included.
+            match (&windowed, &whole) {
+                (Ok(a), Ok(b)) => assert_eq!(summary(a), summary(b), "{json}"),
+                (a, b) => assert_eq!(a.as_ref().err(), b.as_ref().err(), "{json}"),
+            }
+        }
+    }
+
+    #[test]
+    fn windowed_key_set_errors_name_the_offset_in_the_whole_text() {
+        let (_, set) = many(3000);
+        let up = r#""upstream":{"api_key_env":"P"}"#;
+        // A bad character in the third window of the decoder.
+        let at = 2 * TEXT_WINDOW + 1001;
+        let mut bad = set.clone().into_bytes();
+        bad[at] = b'*';
+        let bad = String::from_utf8(bad).unwrap();
+        // Padding at the end of a window that is not the last.
+        let mut padded = set.clone().into_bytes();
+        padded[TEXT_WINDOW - 1] = b'=';
+        let padded = String::from_utf8(padded).unwrap();
+        // Truncated: a whole base64 string, shorter than the header says.
+        let short = base64::encode(&base64::decode(&set).unwrap()[..100_000]);
+        for text in [bad, padded, short] {
+            let json = format!(r#"{{"key_set":"{text}",{up}}}"#);
+            let whole = Config::parse(json.as_bytes(), &env).unwrap_err();
+            let windowed = Config::parse_windows(&mut host(&json), &env).unwrap_err();
+            assert_eq!(windowed, whole);
+        }
+        let json = format!(r#"{{"key_set":"{}",{up}}}"#, {
+            let mut b = set.clone().into_bytes();
+            b[at] = b'*';
+            String::from_utf8(b).unwrap()
+        });
+        assert_eq!(
+            Config::parse_windows(&mut host(&json), &env)
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "key_set: not base64: character {at} is not in the standard alphabet (A-Z a-z \
+                 0-9 + /, `=` only as padding at the end)"
+            )
+        );
+    }
+
+    #[test]
+    fn host_failures_are_configuration_errors() {
+        struct Failing;
+        impl Windows for Failing {
+            fn len(&self) -> usize {
+                10
+            }
+            fn read(&mut self, _: usize, _: usize, _: &mut Vec<u8>) -> Result<(), String> {
+                Err("status 2".into())
+            }
+        }
+        assert_eq!(
+            Config::parse_windows(&mut Failing, &env)
+                .unwrap_err()
+                .to_string(),
+            "cannot read the plugin configuration: status 2"
+        );
     }
 }

@@ -37,9 +37,10 @@ pub use self::clients::{
     MAX_KEYS_PER_CLIENT, MAX_KEY_LABEL_LEN, MAX_PER_MINUTE,
 };
 pub use self::key_set::{
-    pack_key_set, unpack_key_set, KeySetRecord, KEY_SET_HEADER_LEN, KEY_SET_RECORD_FIXED_LEN,
-    KEY_SET_VERSION,
+    pack_key_set, unpack_key_set, KeySetRecord, Windows, KEY_SET_HEADER_LEN,
+    KEY_SET_RECORD_FIXED_LEN, KEY_SET_VERSION,
 };
+use self::key_set::{split_key_set, Split, StrWindows, SubWindows};
 use self::limiter::{compile_limiter, RawLimiter};
 pub use self::limiter::{
     LeasePolicy, LimiterBackend, OnError, OnRestart, RedisLimiter, DEFAULT_REDIS_TIMEOUT_MS,
@@ -194,9 +195,47 @@ impl Config {
         Self::parse_observed(json, env, &mut |_| {})
     }
 
+    /// [`Config::parse`] of a configuration read through windows (the filter reads Envoy's copy
+    /// this way): the `key_set` string's value, which holds nearly all of a large
+    /// configuration, is decoded a window at a time and never copied whole; the rest of the
+    /// document is parsed as [`Config::parse`] would. Errors are the same.
+    pub fn parse_windows(
+        config: &mut dyn Windows,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let cannot =
+            |e: String| ConfigError::new("", format!("cannot read the plugin configuration: {e}"));
+        match split_key_set(config).map_err(cannot)? {
+            Split::Whole(json) => Self::parse(&json, env),
+            Split::KeySet { json, start, len } => {
+                let mut key_set = SubWindows {
+                    inner: config,
+                    start,
+                    len,
+                };
+                Self::parse_with(&json, Some(&mut key_set), env, &mut |_| {})
+            }
+            Split::Unsure => {
+                let mut json = Vec::new();
+                config.read(0, config.len(), &mut json).map_err(cannot)?;
+                Self::parse(&json, env)
+            }
+        }
+    }
+
     /// [`Config::parse`], calling `done` as each [`Phase`] ends (not for a phase that failed).
     pub fn parse_observed(
         json: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+        done: &mut dyn FnMut(Phase),
+    ) -> Result<Self, ConfigError> {
+        Self::parse_with(json, None, env, done)
+    }
+
+    /// The document `json`, whose `key_set` (if any) is read from `key_set` when given.
+    fn parse_with(
+        json: &[u8],
+        key_set: Option<&mut dyn Windows>,
         env: &dyn Fn(&str) -> Option<String>,
         done: &mut dyn FnMut(Phase),
     ) -> Result<Self, ConfigError> {
@@ -235,7 +274,7 @@ impl Config {
         de.end()
             .map_err(|e| ConfigError::new("", format!("not valid JSON: {e}")))?;
         done(Phase::Json);
-        compile(raw, env, done)
+        compile(raw, key_set, env, done)
     }
 
     /// The client with this id.
@@ -261,6 +300,7 @@ fn strip_position(message: &str) -> String {
 
 fn compile(
     mut raw: RawConfig<'_>,
+    key_set: Option<&mut dyn Windows>,
     env: &dyn Fn(&str) -> Option<String>,
     done: &mut dyn FnMut(Phase),
 ) -> Result<Config, ConfigError> {
@@ -306,8 +346,17 @@ fn compile(
         tokens_per_minute: default_tpm,
     };
     let json_clients = raw.clients.len();
-    let (clients, keys, identities) =
-        compile_clients(raw.clients, raw.key_set.as_deref(), &defaults, done)?;
+    // The key set's text: read through the caller's windows, or the document's own string.
+    let mut own;
+    let key_set: Option<&mut dyn Windows> = match (key_set, raw.key_set.as_deref()) {
+        (Some(windows), Some(_)) => Some(windows),
+        (_, Some(text)) => {
+            own = StrWindows(text.as_bytes());
+            Some(&mut own)
+        }
+        (_, None) => None,
+    };
+    let (clients, keys, identities) = compile_clients(raw.clients, key_set, &defaults, done)?;
     if clients.is_empty() {
         return Err(ConfigError::new(
             "key_set",
