@@ -100,7 +100,7 @@ fn clients(s: &Subject, out: &mut Vec<String>) {
             "  {:<width$}  {:>10} requests/min{limit_source:<14}  {digest}",
             c.name, c.requests_per_minute
         ));
-        if let Some(models) = &c.models {
+        if let Some(models) = c.models() {
             out.push(format!(
                 "  {:<width$}  may use only: {}",
                 "",
@@ -389,7 +389,7 @@ fn budgets(s: &Subject, out: &mut Vec<String>) {
         .config
         .clients
         .iter()
-        .filter(|c| !c.budgets.is_empty())
+        .filter(|c| !c.budgets().is_empty())
         .collect();
     if with.is_empty() {
         return;
@@ -413,7 +413,7 @@ fn budgets(s: &Subject, out: &mut Vec<String>) {
     let currency = &s.config.prices.currency;
     for c in with {
         let parts: Vec<String> = c
-            .budgets
+            .budgets()
             .iter()
             .map(|b| {
                 let limits: Vec<String> = Measure::ALL
@@ -434,7 +434,7 @@ fn budgets(s: &Subject, out: &mut Vec<String>) {
         .config
         .clients
         .iter()
-        .any(|c| c.budgets.iter().any(|b| b.period > Period::Minute));
+        .any(|c| c.budgets().iter().any(|b| b.period > Period::Minute));
     match (&s.config.limiter, long) {
         (LimiterBackend::Local, true) => out.push(
             "  with the local limiter (limiter.budgets_on_restart: reset), budgets live in this \

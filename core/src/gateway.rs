@@ -259,7 +259,7 @@ impl Gateway {
                     .config
                     .clients
                     .iter()
-                    .any(|c| c.tokens_per_minute.is_some() || !c.budgets.is_empty()));
+                    .any(|c| c.tokens_per_minute.is_some() || !c.budgets().is_empty()));
         if self.leases.is_some() {
             return Some(LEASE_TICK_MS);
         }

@@ -316,8 +316,8 @@ pub fn on_request_headers(
     let key_md5 = match config.limiter {
         // All of a `keys` list or `identities` spend one budget: its Redis keys are named
         // after the client.
-        LimiterBackend::Redis(_) => config.client(client).map(|c| match (&c.redis_id, token) {
-            (Some(id), _) => id.clone(),
+        LimiterBackend::Redis(_) => config.client(client).map(|c| match (c.redis_id(), token) {
+            (Some(id), _) => id.to_string(),
             (None, Some(t)) => Digest::of_key(DigestKind::Md5, t).to_hex(),
             (None, None) => format!("name-{}", c.name),
         }),
@@ -377,7 +377,7 @@ pub fn on_request_headers(
     };
     match endpoint.kind {
         Kind::ModelList => {
-            let allow = config.client(client).and_then(|c| c.models.as_deref());
+            let allow = config.client(client).and_then(|c| c.models());
             let answer = match path.strip_prefix(b"/v1/models/".as_slice()) {
                 None => openai::json_ok(routing::models_list(routing, allow)),
                 Some(id) => {
@@ -502,7 +502,7 @@ fn decide_model(
     store: &dyn CasStore,
 ) -> Start {
     let invalid = |r: LocalReply| Start::Done(reply(Some(client), Outcome::Invalid, r));
-    let allow = config.client(client).and_then(|c| c.models.as_deref());
+    let allow = config.client(client).and_then(|c| c.models());
     if !routing::allowed(allow, &request.model) {
         let name = config.client(client).map_or("", |c| c.name.as_str());
         return invalid(openai::model_not_allowed(name, &request.model));
@@ -721,7 +721,9 @@ fn limit(
     match (&config.limiter, key_md5) {
         (LimiterBackend::Redis(redis), Some(key_md5))
             if redis.leases.is_some()
-                && config.client(client).is_some_and(|c| c.budgets.is_empty()) =>
+                && config
+                    .client(client)
+                    .is_some_and(|c| c.budgets().is_empty()) =>
         {
             lease_limit(config, client, key_md5, forward, estimate, now_ms, store)
         }
@@ -774,7 +776,7 @@ pub const BUDGETS_PATH: &str = "/v1/tollgate/budgets";
 /// The current window of each of the client's budgets.
 fn budget_windows(config: &Config, client: ClientId, now_ms: u64) -> Vec<(Period, u64)> {
     config.client(client).map_or_else(Vec::new, |c| {
-        c.budgets
+        c.budgets()
             .iter()
             .map(|b| {
                 (
@@ -890,7 +892,7 @@ fn budgets_step(
         );
     }
     let budgets: Vec<Value> = c
-        .budgets
+        .budgets()
         .iter()
         .zip(slots)
         .map(|(b, slot)| {
@@ -931,7 +933,7 @@ fn budget_asks(
     estimate: Estimate,
     now_ms: u64,
 ) -> (Vec<BudgetAsk>, Option<BudgetReservation>) {
-    let Some(c) = config.client(client).filter(|c| !c.budgets.is_empty()) else {
+    let Some(c) = config.client(client).filter(|c| !c.budgets().is_empty()) else {
         return (Vec::new(), None);
     };
     let money = forward
@@ -940,7 +942,7 @@ fn budget_asks(
         .map_or(0, |p| p.estimate(estimate.prompt, estimate.completion));
     let tokens = estimate.total();
     let asks: Vec<BudgetAsk> = c
-        .budgets
+        .budgets()
         .iter()
         .map(|b| {
             let w = b.period.window(now_ms, config.budget_utc_offset_minutes);

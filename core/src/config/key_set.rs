@@ -747,7 +747,7 @@ mod tests {
             bee.endpoints,
             EndpointSet::from_names(&["embeddings".to_string()]).unwrap()
         );
-        assert!(bee.models.is_none() && bee.budgets.is_empty() && bee.redis_id.is_none());
+        assert!(bee.models().is_none() && bee.budgets().is_empty() && bee.redis_id().is_none());
         assert_eq!(c.keys.lookup(b"k-other"), None);
 
         // Without a default token limit, 0 is none; `clients` may be left out.

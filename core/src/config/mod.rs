@@ -410,7 +410,7 @@ fn compile(
                  the request body is not read, so the model is unknown",
             ));
         }
-        if let Some(i) = clients.iter().position(|c| c.models.is_some()) {
+        if let Some(i) = clients.iter().position(|c| c.models().is_some()) {
             return Err(ConfigError::new(
                 format!("clients[{i}].models"),
                 "model allow-lists need model routing (`providers` and `models`)",
@@ -464,10 +464,10 @@ fn compile(
     // live is accepted only when the configuration says what a restart does to it.
     if limiter == LimiterBackend::Local && on_restart.is_none() {
         let long = clients.iter().enumerate().find_map(|(i, c)| {
-            c.budgets
+            c.budgets()
                 .iter()
                 .position(|b| b.period > crate::spend::Period::Minute)
-                .map(|j| (i, c.budgets.get(j).map_or("", |b| b.period.as_str())))
+                .map(|j| (i, c.budgets().get(j).map_or("", |b| b.period.as_str())))
         });
         if let Some((i, period)) = long {
             return Err(ConfigError::new(
