@@ -73,7 +73,19 @@ impl RootContext for Root {
         let mut bytes = host::PluginConfiguration {
             size: plugin_configuration_size,
         };
-        let config = match Config::parse_windows(&mut bytes, &|name| std::env::var(name).ok()) {
+        let root_id = host::property(&["plugin_root_id"])
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let upstream = root_id == UPSTREAM_ROOT_ID;
+        let env = |name: &str| std::env::var(name).ok();
+        // The upstream role never looks a client up: it reads everything but the clients.
+        let parsed = if upstream {
+            Config::parse_windows_upstream(&mut bytes, &env)
+        } else {
+            Config::parse_windows(&mut bytes, &env)
+        };
+        let config = match parsed {
             Ok(c) => c,
             Err(e) => {
                 // Envoy then refuses the plugin; this line is what the operator reads.
@@ -90,11 +102,7 @@ impl RootContext for Root {
                 }
             }
         }
-        let root_id = host::property(&["plugin_root_id"])
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        if root_id == UPSTREAM_ROOT_ID {
+        if upstream {
             return match Upstream::configure(&WasmHost, config) {
                 Ok(u) => {
                     info!("configured: upstream filter (provider keys, hosts, model names)");

@@ -874,6 +874,36 @@ mod tests {
     }
 
     #[test]
+    fn the_upstream_role_reads_no_client() {
+        let (_, set) = many(3000);
+        let json = format!(
+            r#"{{"clients":[{{"name":"json","key_sha256":"{}"}}],"key_set":"{set}",
+                "providers":[{{"name":"relay","cluster":"relay","api_key_env":"P"}}],
+                "models":[{{"match":"*","providers":["relay"]}}]}}"#,
+            "ab".repeat(32)
+        );
+        let mut h = host(&json);
+        let upstream = Config::parse_windows_upstream(&mut h, &env).unwrap();
+        assert!(upstream.clients.is_empty() && upstream.keys.is_empty());
+        assert!(matches!(upstream.mode, crate::config::Mode::Routed(_)));
+        // The scan reads the document once; the key set's value is never decoded.
+        assert!(
+            h.reads * SCAN_WINDOW < json.len() + 2 * SCAN_WINDOW,
+            "{}",
+            h.reads
+        );
+        // The listener role, from the same document, compiles them all.
+        let listener = Config::parse_windows(&mut host(&json), &env).unwrap();
+        assert_eq!(listener.clients.len(), 3001);
+        // What the upstream role needs is still checked.
+        let bad = json.replace(r#""providers":["relay"]"#, r#""providers":["nope"]"#);
+        assert!(Config::parse_windows_upstream(&mut host(&bad), &env)
+            .unwrap_err()
+            .to_string()
+            .starts_with("models[0].providers"));
+    }
+
+    #[test]
     fn windows_read_a_key_set_without_a_whole_copy() {
         // 3,000 records: 160 KB of base64, several windows of the scan and of the decoder.
         let (records, set) = many(3000);

@@ -203,22 +203,42 @@ impl Config {
         config: &mut dyn Windows,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
+        Self::parse_windows_scoped(config, env, Scope::All)
+    }
+
+    /// [`Config::parse_windows`] for the upstream role, which routes attempts and never looks a
+    /// client up: everything but `clients` and `key_set`, which are neither compiled nor (the
+    /// key set) read. The listener role, configured from the same document, checks them; a
+    /// configuration of 100,000 clients then costs the upstream filter of each provider cluster
+    /// nothing per client.
+    pub fn parse_windows_upstream(
+        config: &mut dyn Windows,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        Self::parse_windows_scoped(config, env, Scope::Routing)
+    }
+
+    fn parse_windows_scoped(
+        config: &mut dyn Windows,
+        env: &dyn Fn(&str) -> Option<String>,
+        scope: Scope,
+    ) -> Result<Self, ConfigError> {
         let cannot =
             |e: String| ConfigError::new("", format!("cannot read the plugin configuration: {e}"));
         match split_key_set(config).map_err(cannot)? {
-            Split::Whole(json) => Self::parse(&json, env),
+            Split::Whole(json) => Self::parse_with(&json, None, env, &mut |_| {}, scope),
             Split::KeySet { json, start, len } => {
                 let mut key_set = SubWindows {
                     inner: config,
                     start,
                     len,
                 };
-                Self::parse_with(&json, Some(&mut key_set), env, &mut |_| {})
+                Self::parse_with(&json, Some(&mut key_set), env, &mut |_| {}, scope)
             }
             Split::Unsure => {
                 let mut json = Vec::new();
                 config.read(0, config.len(), &mut json).map_err(cannot)?;
-                Self::parse(&json, env)
+                Self::parse_with(&json, None, env, &mut |_| {}, scope)
             }
         }
     }
@@ -229,7 +249,7 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
         done: &mut dyn FnMut(Phase),
     ) -> Result<Self, ConfigError> {
-        Self::parse_with(json, None, env, done)
+        Self::parse_with(json, None, env, done, Scope::All)
     }
 
     /// The document `json`, whose `key_set` (if any) is read from `key_set` when given.
@@ -238,6 +258,7 @@ impl Config {
         key_set: Option<&mut dyn Windows>,
         env: &dyn Fn(&str) -> Option<String>,
         done: &mut dyn FnMut(Phase),
+        scope: Scope,
     ) -> Result<Self, ConfigError> {
         if json.iter().all(u8::is_ascii_whitespace) {
             return Err(ConfigError::new(
@@ -274,7 +295,7 @@ impl Config {
         de.end()
             .map_err(|e| ConfigError::new("", format!("not valid JSON: {e}")))?;
         done(Phase::Json);
-        compile(raw, key_set, env, done)
+        compile(raw, key_set, env, done, scope)
     }
 
     /// The client with this id.
@@ -298,12 +319,27 @@ fn strip_position(message: &str) -> String {
     }
 }
 
+/// What a role compiles of the document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Everything (the listener role, the CLI).
+    All,
+    /// Everything but the clients (the upstream role).
+    Routing,
+}
+
 fn compile(
     mut raw: RawConfig<'_>,
     key_set: Option<&mut dyn Windows>,
     env: &dyn Fn(&str) -> Option<String>,
     done: &mut dyn FnMut(Phase),
+    scope: Scope,
 ) -> Result<Config, ConfigError> {
+    if scope == Scope::Routing {
+        // Not compiled, and the key set's windows never read (see below).
+        raw.clients = Vec::new();
+        raw.key_set = None;
+    }
     // The cache settings are compiled last, once the routing and the limiter are known.
     let client_caches: Vec<Option<RawCache>> =
         raw.clients.iter_mut().map(|c| c.cache.take()).collect();
@@ -323,7 +359,7 @@ fn compile(
         None => None,
     };
 
-    if raw.clients.is_empty() && raw.key_set.is_none() {
+    if scope == Scope::All && raw.clients.is_empty() && raw.key_set.is_none() {
         return Err(ConfigError::new(
             "clients",
             "at least one client is required, in `clients` or `key_set` (without clients \
@@ -357,7 +393,7 @@ fn compile(
         (_, None) => None,
     };
     let (clients, keys, identities) = compile_clients(raw.clients, key_set, &defaults, done)?;
-    if clients.is_empty() {
+    if scope == Scope::All && clients.is_empty() {
         return Err(ConfigError::new(
             "key_set",
             "at least one client is required (this key set holds none, and `clients` is empty)",
