@@ -344,6 +344,19 @@ def default_plugin_config(clients: list[dict], **extra) -> dict:
     return {"clients": clients, "upstream": {"api_key_env": PROVIDER_KEY_ENV}, **extra}
 
 
+def render(plugin: dict | str, provider_url: str | dict = "http://127.0.0.1:9") -> dict:
+    """envoy/demo.yaml in the layout `plugin` asks for: one provider (`upstream`), or model
+    routing (`providers`, with `provider_url` naming each provider's URL). A string (e.g. broken
+    JSON) goes into the one-provider layout as it is."""
+    cfg = render_envoy.load()
+    if isinstance(plugin, dict):
+        render_envoy.configure(cfg, plugin, provider_url)
+    else:
+        render_envoy.configure_single(cfg, render_envoy.plugin_config(cfg), provider_url)
+        render_envoy.set_plugin_config(cfg, plugin)
+    return cfg
+
+
 @dataclass
 class Gateway:
     """Envoy (two workers) running tollgate.wasm from envoy/demo.yaml, rendered for this test."""
@@ -373,15 +386,10 @@ class Gateway:
     def _start(self) -> None:
         self.port = free_port()
         self.admin_port = free_port()
-        cfg = render_envoy.load()
+        # provider_url: one URL (single provider), or {provider name: {"url": ...}} (routing).
+        cfg = render(self.plugin, self.provider_url)
         render_envoy.set_listen(cfg, f"127.0.0.1:{self.port}")
         render_envoy.set_admin(cfg, f"127.0.0.1:{self.admin_port}")
-        if isinstance(self.plugin, dict):
-            # provider_url: one URL (single provider), or {provider name: {"url": ...}} (routing).
-            render_envoy.configure(cfg, self.plugin, self.provider_url)
-        else:
-            render_envoy.configure_single(cfg, render_envoy.plugin_config(cfg), self.provider_url)
-            render_envoy.set_plugin_config(cfg, self.plugin)
         render_envoy.set_wasm(cfg, str(WASM))
         if self.webdis:
             render_envoy.set_webdis(cfg, self.webdis)

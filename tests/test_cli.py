@@ -83,8 +83,7 @@ BROKEN = {
 
 @pytest.mark.parametrize("case", list(BROKEN), ids=str)
 def test_config_check_says_what_envoy_logs(case, tmp_path):
-    cfg = render_envoy.load()
-    render_envoy.set_plugin_config(cfg, BROKEN[case])
+    cfg = harness.render(BROKEN[case])
     path = tmp_path / "broken.yaml"
     path.write_text(render_envoy.dump(cfg))
     # The same environment for both: the variable is set but not in host_env_keys.

@@ -86,8 +86,9 @@ BROKEN = {
 @pytest.mark.parametrize("case", list(BROKEN), ids=str)
 def test_invalid_plugin_config_is_refused_naming_the_field(case, tmp_path):
     plugin, message = BROKEN[case]
-    cfg = render_envoy.load()
-    render_envoy.set_plugin_config(cfg, plugin)
+    # In the layout it asks for: routing's upstream filters do not read clients, and would
+    # refuse a one-provider configuration first, for having no `providers`.
+    cfg = harness.render(plugin)
     out = tmp_path / "broken.yaml"
     out.write_text(render_envoy.dump(cfg))
     r = validate(out, {"NOT_IN_HOST_ENV_KEYS": "sk-set-but-not-listed"})

@@ -90,8 +90,9 @@ def test_a_broken_key_set_is_refused_with_the_record_named(tmp_path):
     dup_at = next(i for i, c in enumerate(order) if c["name"] == "dup")
     plugin = harness.default_plugin_config(
         [{"name": "dup", "key_sha256": sha256_hex("k-json")}], key_set=key_set)
-    cfg = render_envoy.load()
-    render_envoy.set_plugin_config(cfg, plugin)
+    # The one-provider layout the plugin configuration asks for (the routing layout's upstream
+    # filters would refuse it first, for having no `providers`: they do not read clients).
+    cfg = harness.render(plugin)
     path = tmp_path / "broken.yaml"
     path.write_text(render_envoy.dump(cfg))
     env = {**os.environ, PROVIDER_KEY_ENV: PROVIDER_KEY}
