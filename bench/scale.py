@@ -223,11 +223,12 @@ def time_config_check(path: pathlib.Path, repeats: int) -> dict:
 
 
 def start_timed(name: str, make_cfg: Callable[[], dict], workdir: pathlib.Path, starts: int,
-                concurrency: int, stack: list) -> tuple[TimedEnvoy, list[dict]]:
+                concurrency: int, stack: list,
+                bootstrap_format: str = "yaml") -> tuple[TimedEnvoy, list[dict]]:
     """Starts Envoy `starts` times (each timed, its memory read once ready); keeps the last."""
     samples = []
     for i in range(starts):
-        e = TimedEnvoy(f"{name}-{i}", make_cfg(), workdir, concurrency)
+        e = TimedEnvoy(f"{name}-{i}", make_cfg(), workdir, concurrency, bootstrap_format)
         mem = e.memory_kib()
         samples.append({"ready_s": e.ready_s, "rss_kib": mem["VmRSS"], "hwm_kib": mem["VmHWM"]})
         print(f"  {name:<8} start {i + 1}/{starts}: ready in {e.ready_s:6.2f} s, VmRSS "
@@ -319,7 +320,8 @@ def render_markdown(doc: dict) -> str:
         + " in the plugin configuration.",
         "",
         f"Command: `{doc['command']}`. Envoy {doc['machine']['envoy_version']} `--concurrency "
-        f"{doc['settings']['concurrency']}` (three VMs), {doc['machine']['nproc']} CPUs "
+        f"{doc['settings']['concurrency']}` (three VMs), "
+        f"{doc['settings'].get('bootstrap', 'yaml').upper()} bootstrap, {doc['machine']['nproc']} CPUs "
         f"({doc['machine']['cpu_model']}), git {doc['machine']['git']}, tollgate.wasm sha256 "
         f"{doc['wasm_sha256'][:12]}. Load average at start {' '.join(doc['machine']['loadavg_at_start'])}.",
         "",
@@ -393,7 +395,7 @@ def run(a: argparse.Namespace, command: str) -> int:
         stack.append(mock.stop)
         print("floor (empty filter):", flush=True)
         floor_envoy, floor = start_timed("floor", lambda: envoy_config("empty", None, mock.url, wasm),
-                                         workdir, a.starts, a.concurrency, stack)
+                                         workdir, a.starts, a.concurrency, stack, a.bootstrap)
         targets = {"floor": bench.Target(bench.PEER_BY_ID["empty"], floor_envoy.url, floor_envoy.pid,
                                          floor_envoy)}
         for n in sizes:
@@ -409,7 +411,7 @@ def run(a: argparse.Namespace, command: str) -> int:
             print(f"{n:,} clients: config check {checks[n]['cpu_s']:.2f} s CPU, "
                   f"{checks[n]['wall_s']:.2f} s wall", flush=True)
             e, starts[n] = start_timed(str(n), lambda: envoy_config("tollgate", plugin, mock.url, wasm),
-                                       workdir, a.starts, a.concurrency, stack)
+                                       workdir, a.starts, a.concurrency, stack, a.bootstrap)
             targets[str(n)] = bench.Target(bench.PEER_BY_ID["local"], e.url, e.pid, e)
         settings = bench.Settings(
             repeats=a.repeats, warmup_s=a.warmup, latency_s=a.latency_duration, load_s=a.load_duration,
@@ -431,7 +433,8 @@ def run(a: argparse.Namespace, command: str) -> int:
         "form": "key_set" if a.key_set else "clients",
         "settings": {"starts": a.starts, "repeats": a.repeats, "connections": a.connections,
                      "load_s": a.load_duration, "latency_s": a.latency_duration,
-                     "concurrency": a.concurrency, "pinning": pinning.describe(), "priority": priority},
+                     "concurrency": a.concurrency, "bootstrap": a.bootstrap,
+                     "pinning": pinning.describe(), "priority": priority},
         "machine": machine,
         "wasm": str(wasm),
         "wasm_sha256": hashlib.sha256(wasm.read_bytes()).hexdigest(),
@@ -472,6 +475,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=2, help="Envoy workers (default 2)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    p.add_argument("--bootstrap", choices=("yaml", "json"), default="yaml",
+                   help="the bootstrap's format (default yaml; Envoy parses a large inline "
+                        "configuration 2-3x faster from JSON, docs/scale.md)")
     p.add_argument("--key-set", action="store_true",
                    help="the clients as a key_set (tollgate keys pack) instead of JSON clients")
     p.add_argument("--tollgate-wasm", help="measure this module instead of the one `make build` makes")

@@ -233,3 +233,48 @@ def test_an_expired_key_is_refused_from_its_expiry_on(workdir, mock):
         assert gw.post("sk-temp-2").status == 200
     finally:
         gw.stop()
+
+
+SCALE = 100_000
+
+
+def packed(prefix: str, tmp_path) -> str:
+    """`tollgate keys pack` of SCALE clients whose keys are `<prefix>-<i>`: the key_set string."""
+    clients = [{"name": f"{prefix}-{i:06d}", "key_sha256": sha256_hex(f"sk-{prefix}-{i}")}
+               for i in range(SCALE)]
+    path = tmp_path / f"{prefix}.json"
+    path.write_text(json.dumps(clients))
+    done = subprocess.run([str(CLI), "keys", "pack", str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_100000_client_key_set_is_replaced_under_load_without_a_failed_request(workdir, mock):
+    """Issue 23: replacing a configuration of 100,000 clients (a 7 MB key set) while Envoy serves
+    fails no request, and the new keys replace the old ones."""
+    gw = ReloadGateway(workdir, mock.url, [client("steady", STEADY, 100_000)])
+    try:
+        base = gw.plugin()
+        old, new = packed("old", workdir), packed("new", workdir)
+        reloads = gw.stat(ECDS + "update_success")
+        gw.push({**base, "key_set": old})
+        harness.wait_until(lambda: gw.post("sk-old-99999").status == 200, "the first key set",
+                           timeout_s=30)
+        load = harness.SteadyLoad(gw, STEADY)
+        load.advance()
+        t = gw.push({**base, "key_set": new})
+        harness.wait_until(lambda: gw.post("sk-new-54321").status == 200, "the new key set",
+                           timeout_s=30)
+        took = time.monotonic() - t
+        assert gw.post("sk-old-54321").status == 401, "the old keys are gone"
+        load.advance()
+        statuses, errors = load.finish()
+        assert errors == []
+        assert len(statuses) >= 20 and set(statuses) == {200}, sorted(set(statuses))
+        assert gw.stat(ECDS + "update_success") == reloads + 2
+        assert gw.stat("wasm.tollgate.vm_reload") == 0
+        print(f"\n{SCALE:,} clients replaced in {took:.2f} s under load: {len(statuses)} requests, "
+              "0 failed")
+    finally:
+        gw.stop()
