@@ -121,7 +121,7 @@ fn check_config(config: &Config, document: Option<&Value>, data: &[u8]) {
     assert!(!config.clients.is_empty());
     // A record holds a name, one digest and limits: nothing else of a client.
     for c in &config.clients[clients.len()..] {
-        assert!(c.models.is_none() && c.budgets.is_empty() && c.redis_id.is_none());
+        assert!(c.models().is_none() && c.budgets().is_empty() && c.redis_id().is_none());
     }
     assert!(config.keys.len() >= config.key_set_clients);
     for (i, c) in config.clients.iter().enumerate() {
