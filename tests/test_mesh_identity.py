@@ -226,3 +226,20 @@ def test_every_http2_stream_is_decided_on_its_own(gw, mock, certs):
     # The forged header named another workload: the stream was still the certificate's.
     assert gw.counter("tollgate_requests_total", client="mesh-a", outcome="admitted") == 2
     assert len(mock.requests()) == 2
+
+
+def test_with_the_redis_limiter_the_certificate_client_counts_under_its_name(
+        start_gateway, mock, certs, redis, webdis):
+    """Two Envoys share one Redis budget for the certificate client, kept under
+    `rate:name-<client>:<minute>` (a client's credentials spend one budget)."""
+    config = plugin()
+    config["limiter"] = {"backend": "redis", "cluster": "webdis", "on_error": "deny"}
+    gateways = [start_gateway(config, mock.url, transform=mtls(certs), webdis=webdis.addr)
+                for _ in range(2)]
+    minute = harness.wait_for_fresh_window(margin_s=20)
+    statuses = [post(gw, certs, "team-a")[0] for gw in gateways for _ in range(2)]
+    assert sorted(statuses) == [200] * RPM + [429], statuses
+    assert redis.cli("GET", f"rate:name-mesh-a:{int(minute)}") == str(RPM)
+    assert len(mock.requests()) == RPM
+    assert sum(gw.counter("tollgate_requests_total", client="mesh-a", outcome="admitted")
+               for gw in gateways) == RPM
