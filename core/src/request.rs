@@ -317,7 +317,7 @@ pub fn on_request_headers(
         // All of a `keys` list or `identities` spend one budget: its Redis keys are named
         // after the client.
         LimiterBackend::Redis(_) => config.client(client).map(|c| match (c.redis_id(), token) {
-            (Some(id), _) => id.to_string(),
+            (Some(id), _) => id,
             (None, Some(t)) => Digest::of_key(DigestKind::Md5, t).to_hex(),
             (None, None) => format!("name-{}", c.name),
         }),

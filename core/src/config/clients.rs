@@ -96,6 +96,9 @@ pub struct Client {
     pub tokens_per_minute: Option<u32>,
     /// Endpoints this client may reach (its own `endpoints`, or the configuration's).
     pub endpoints: EndpointSet,
+    /// A `keys` list or `identities`: all its credentials spend one Redis budget, named after
+    /// the client (see [`Client::redis_id`]).
+    by_name: bool,
     /// What most clients do not have (none of a `key_set` client's), boxed: a configuration of
     /// 100,000 clients holds them in every VM, 40 bytes each on wasm32 instead of 72.
     more: Option<Box<More>>,
@@ -105,7 +108,6 @@ pub struct Client {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct More {
     models: Option<Vec<Pattern>>,
-    redis_id: Option<String>,
     budgets: Vec<crate::spend::Budget>,
 }
 
@@ -122,6 +124,7 @@ impl Client {
             requests_per_minute,
             tokens_per_minute,
             endpoints,
+            by_name: false,
             more: None,
         }
     }
@@ -135,8 +138,8 @@ impl Client {
     /// `identities` (`name-<name>`, so that all of its credentials spend one budget); `None`:
     /// the MD5 hex of the presented key, as the older proxy counted (`key_sha256` or `key_md5`
     /// on the client).
-    pub fn redis_id(&self) -> Option<&str> {
-        self.more.as_ref().and_then(|m| m.redis_id.as_deref())
+    pub fn redis_id(&self) -> Option<String> {
+        self.by_name.then(|| format!("name-{}", self.name))
     }
 
     /// Budgets over longer windows, shortest window first (at most one per window).
@@ -146,16 +149,13 @@ impl Client {
 
     fn with_more(
         mut self,
+        by_name: bool,
         models: Option<Vec<Pattern>>,
-        redis_id: Option<String>,
         budgets: Vec<crate::spend::Budget>,
     ) -> Self {
-        if models.is_some() || redis_id.is_some() || !budgets.is_empty() {
-            self.more = Some(Box::new(More {
-                models,
-                redis_id,
-                budgets,
-            }));
+        self.by_name = by_name;
+        if models.is_some() || !budgets.is_empty() {
+            self.more = Some(Box::new(More { models, budgets }));
         }
         self
     }
@@ -271,7 +271,7 @@ pub(super) fn compile_clients(
         };
         let has_key = c.key_sha256.is_some() || c.key_md5.is_some();
         // Credentials other than one key spend one budget, named after the client.
-        let redis_id = (c.keys.is_some() || has_identities).then(|| format!("name-{}", c.name));
+        let by_name = c.keys.is_some() || has_identities;
         match (c.keys, has_key) {
             // A client known by its certificate alone.
             (None, false) if has_identities => {}
@@ -355,7 +355,7 @@ pub(super) fn compile_clients(
                 tokens_per_minute,
                 endpoints,
             )
-            .with_more(models, redis_id, budgets),
+            .with_more(by_name, models, budgets),
         );
     }
     if let Some(reader) = &mut packed {

@@ -579,7 +579,7 @@ fn a_client_may_have_several_keys_with_labels_and_expiry() {
     );
     assert_eq!(c.keys.admit(b"k-b", 0), Ok(1));
     // A `keys` list names the Redis budget after the client; one key keeps the key's MD5.
-    assert_eq!(c.clients[0].redis_id(), Some("name-a"));
+    assert_eq!(c.clients[0].redis_id().as_deref(), Some("name-a"));
     assert_eq!(c.clients[1].redis_id(), None);
 }
 
@@ -916,8 +916,8 @@ fn a_client_may_be_known_by_its_spiffe_ids() {
     );
     assert_eq!(c.keys.admit(b"k-both", 0), Ok(1));
     // Every credential of a client with identities spends one Redis budget, named after it.
-    assert_eq!(c.clients[0].redis_id(), Some("name-mesh"));
-    assert_eq!(c.clients[1].redis_id(), Some("name-both"));
+    assert_eq!(c.clients[0].redis_id().as_deref(), Some("name-mesh"));
+    assert_eq!(c.clients[1].redis_id().as_deref(), Some("name-both"));
     assert_eq!(c.clients[2].redis_id(), None);
     // Without any identity nothing reads the peer certificate.
     assert!(parse(&minimal(&format!(
