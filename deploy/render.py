@@ -559,10 +559,7 @@ def main(argv: list[str]) -> int:
             cfg, files = reloadable(cfg)
             out = render_envoy.dump(cfg)
             ecds.write(pathlib.Path(filter_dir_of(a.output)), files)
-        if a.output == "-":
-            sys.stdout.write(out)
-        else:
-            pathlib.Path(a.output).write_text(out, encoding="utf-8")
+        render_envoy.write_output(out, a.output)
         return 0
 
     stale = []

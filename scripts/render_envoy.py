@@ -512,6 +512,14 @@ def dump(cfg: dict) -> str:
     return yaml.dump(cfg, Dumper=_Dumper, sort_keys=False)
 
 
+def write_output(text: str, output: str) -> None:
+    """Writes a rendered file to `output`, or to standard output for "-"."""
+    if output == "-":
+        sys.stdout.write(text)
+    else:
+        pathlib.Path(output).write_text(text, encoding="utf-8")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--template", default=str(TEMPLATE))
@@ -563,11 +571,7 @@ def main(argv: list[str]) -> int:
         import ecds
         reload_dir = pathlib.Path(a.reload_dir).resolve()
         ecds.write(reload_dir, ecds.use_ecds(cfg, str(reload_dir)))
-    out = dump(cfg)
-    if a.output == "-":
-        sys.stdout.write(out)
-    else:
-        pathlib.Path(a.output).write_text(out, encoding="utf-8")
+    write_output(dump(cfg), a.output)
     return 0
 
 

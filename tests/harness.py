@@ -357,8 +357,60 @@ def render(plugin: dict | str, provider_url: str | dict = "http://127.0.0.1:9") 
     return cfg
 
 
+class EnvoyProcess:
+    """An Envoy a test started, and what every test gateway asks of it: a chat completion with a
+    key, Envoy's own stats, its log, stopping it. Subclasses render a config and call `_launch`
+    and then `_await_ready`."""
+
+    url: str
+    admin: str
+    log_path: pathlib.Path
+    proc: subprocess.Popen | None = None
+
+    def _launch(self, config_path: pathlib.Path, log_path: pathlib.Path, env: dict, concurrency: int = 2,
+                log_args: tuple[str, ...] = ("--log-level", "info", "--component-log-level", "wasm:debug"),
+                extra_args: tuple[str, ...] = ()) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [envoy_bin(), "-c", str(config_path), "--concurrency", str(concurrency), "--disable-hot-restart",
+             *log_args, *extra_args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )
+
+    def _await_ready(self, ready, what: str) -> None:
+        """Waits (bounded) until `ready()`; stops Envoy and raises if it never is."""
+        try:
+            wait_until(ready, what, proc=self.proc)
+        except Exception:
+            self.stop()
+            raise
+
+    def chat(self, key: str, conn=None) -> Response:
+        """One chat completion with `key` as the bearer token."""
+        return request(self.url, "POST", "/v1/chat/completions", [("authorization", f"Bearer {key}")],
+                       chat_body(), conn=conn)
+
+    def envoy_stat(self, name: str) -> int:
+        body = request(self.admin, "GET", f"/stats?filter=^{re.escape(name)}$").body.decode()
+        for line in body.splitlines():
+            k, _, v = line.partition(": ")
+            if k == name:
+                return int(v)
+        return 0
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self._log.close()
+
+
 @dataclass
-class Gateway:
+class Gateway(EnvoyProcess):
     """Envoy (two workers) running tollgate.wasm from envoy/demo.yaml, rendered for this test."""
 
     provider_url: str | dict
@@ -399,25 +451,13 @@ class Gateway:
             self.transform(cfg)
         self.config_path = self.log_dir / f"{self.name}.yaml"
         self.config_path.write_text(render_envoy.dump(cfg))
-        self.log_path = self.log_dir / f"{self.name}.log"
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
         env = {**os.environ, PROVIDER_KEY_ENV: PROVIDER_KEY, BACKUP_KEY_ENV: BACKUP_KEY, **self.env}
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [
-                envoy_bin(), "-c", str(self.config_path), "--concurrency", str(self.concurrency),
-                "--disable-hot-restart", "--log-level", "info", "--component-log-level", "wasm:debug",
-                # Access-log lines reach the log within 0.1 s instead of Envoy's default 10 s.
-                "--file-flush-interval-msec", "100",
-            ],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-        )
-        try:
-            wait_until(self._ready, "Envoy to be ready", proc=self.proc)
-        except Exception:
-            self.stop()
-            raise
+        # Access-log lines reach the log within 0.1 s instead of Envoy's default 10 s.
+        self._launch(self.config_path, self.log_dir / f"{self.name}.log", env, self.concurrency,
+                     extra_args=("--file-flush-interval-msec", "100"))
+        self._await_ready(self._ready, "Envoy to be ready")
 
     def _ready(self) -> bool:
         if request(self.admin, "GET", "/ready").status != 200:
@@ -444,23 +484,6 @@ class Gateway:
             if fam == name and all(lbls.get(k) == v for k, v in want.items()) and len(lbls) == len(want):
                 return value
         return 0.0
-
-    def envoy_stat(self, name: str) -> int:
-        body = request(self.admin, "GET", f"/stats?filter=^{re.escape(name)}$").body.decode()
-        for line in body.splitlines():
-            k, _, v = line.partition(": ")
-            if k == name:
-                return int(v)
-        return 0
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        stop(self.proc)
-        self._log.close()
 
 
 _SERIES = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
@@ -519,8 +542,8 @@ def tmpdir(prefix: str) -> pathlib.Path:
 
 class SteadyLoad:
     """Clients on keep-alive connections, each sending one request after the other with a short
-    pause (bounded load), recording every status and every exception. `gw` has `port` and
-    `post(key, conn=...)` (the reload tests' gateways)."""
+    pause (bounded load), recording every status and every exception. `gw` is an EnvoyProcess
+    with a `port`."""
 
     def __init__(self, gw, key: str, clients: int = 2, pause_s: float = 0.01):
         self.gw, self.key, self.pause_s = gw, key, pause_s
@@ -536,7 +559,7 @@ class SteadyLoad:
         conn = http.client.HTTPConnection("127.0.0.1", self.gw.port, timeout=30)
         while not self.stop_flag.is_set():
             try:
-                status = self.gw.post(self.key, conn=conn).status
+                status = self.gw.chat(self.key, conn=conn).status
             except Exception as e:  # a reset or closed connection is a failed request
                 with self.lock:
                     self.errors.append(repr(e))

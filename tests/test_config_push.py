@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 
 import pytest
 import yaml
@@ -27,7 +26,7 @@ def plugin(name: str, key_sha256: str, **extra) -> dict:
     return default_plugin_config([{"name": name, "key_sha256": key_sha256, "requests_per_minute": 10000}], **extra)
 
 
-class DynamicGateway:
+class DynamicGateway(harness.EnvoyProcess):
     """Envoy (two workers) whose listener comes from a watched LDS file; clusters are static."""
 
     def __init__(self, workdir, provider_url: str):
@@ -50,21 +49,12 @@ class DynamicGateway:
         self.config_path.write_text(harness.render_envoy.dump(cfg))
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
-        self.log_path = workdir / "envoy-dynamic.log"
-        self._log = open(self.log_path, "wb")
-        env = {**os.environ, harness.PROVIDER_KEY_ENV: harness.PROVIDER_KEY}
-        self.proc = subprocess.Popen(
-            [harness.envoy_bin(), "-c", str(self.config_path), "--concurrency", "2", "--disable-hot-restart",
-             "--log-level", "info", "--component-log-level", "wasm:debug"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=harness.ROOT)
-        try:
-            harness.wait_until(lambda: self.stat("listener_manager.lds.update_success") == 1
-                               and self.stat("listener_manager.workers_started") == 1
-                               and harness.request(self.admin, "GET", "/ready").status == 200,
-                               "Envoy to load its listener", proc=self.proc)
-        except Exception:
-            self.stop()
-            raise
+        self._launch(self.config_path, workdir / "envoy-dynamic.log",
+                     {**os.environ, harness.PROVIDER_KEY_ENV: harness.PROVIDER_KEY})
+        self._await_ready(lambda: self.envoy_stat("listener_manager.lds.update_success") == 1
+                          and self.envoy_stat("listener_manager.workers_started") == 1
+                          and harness.request(self.admin, "GET", "/ready").status == 200,
+                          "Envoy to load its listener")
 
     def push(self, plugin_config: dict | str) -> None:
         """Writes a listener with this plugin configuration and moves it into place (atomic)."""
@@ -81,25 +71,6 @@ class DynamicGateway:
             {"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", **listener}]}))
         os.rename(tmp, self.lds_path)
 
-    def stat(self, name: str) -> int:
-        body = harness.request(self.admin, "GET", f"/stats?filter=^{name}$").body.decode()
-        for line in body.splitlines():
-            k, _, v = line.partition(": ")
-            if k == name:
-                return int(v)
-        return 0
-
-    def post(self, key: str) -> int:
-        return harness.request(self.url, "POST", "/v1/chat/completions",
-                               [("authorization", f"Bearer {key}")], chat_body()).status
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        harness.stop(self.proc)
-        self._log.close()
 
 
 @pytest.fixture
@@ -121,26 +92,26 @@ INVALID = {
 
 
 def test_an_invalid_push_is_rejected_and_the_old_configuration_keeps_serving(dyn):
-    vms = dyn.stat("wasm.envoy.wasm.runtime.v8.active")
+    vms = dyn.envoy_stat("wasm.envoy.wasm.runtime.v8.active")
     for n, (case, (config, logged)) in enumerate(INVALID.items(), start=1):
         dyn.push(config)
-        harness.wait_until(lambda: dyn.stat("listener_manager.lds.update_rejected") == n,
+        harness.wait_until(lambda: dyn.envoy_stat("listener_manager.lds.update_rejected") == n,
                            f"Envoy to reject the update with {case}", timeout_s=15)
         assert logged in dyn.log(), case
         # The running listener still has the old configuration, on both workers.
-        statuses = [dyn.post(OLD) for _ in range(10)]
+        statuses = [dyn.chat(OLD).status for _ in range(10)]
         assert statuses == [200] * 10, case
-        assert dyn.post(NEW) == 401, case
-    assert dyn.stat("listener_manager.lds.update_success") == 1
+        assert dyn.chat(NEW).status == 401, case
+    assert dyn.envoy_stat("listener_manager.lds.update_success") == 1
     # Envoy's own wording: 1.40 "lds: listener 'gateway' config rejected: ...", 1.36
     # "Error adding/updating listener(s) gateway: ..." (docs/compatibility.md).
     rejected = ("lds: listener 'gateway' config rejected: ", "Error adding/updating listener(s) gateway: ")
     assert any(f"{r}Unable to create Wasm plugin tollgate" in dyn.log() for r in rejected)
     # The serving VMs were never touched: none failed, none was reloaded.
-    assert dyn.stat("wasm.envoy.wasm.runtime.v8.active") == vms
-    assert dyn.stat("wasm.tollgate.vm_reload") == 0
+    assert dyn.envoy_stat("wasm.envoy.wasm.runtime.v8.active") == vms
+    assert dyn.envoy_stat("wasm.tollgate.vm_reload") == 0
     listener = f"listener.127.0.0.1_{dyn.port}"
-    assert all(dyn.stat(f"{listener}.worker_{w}.downstream_cx_total") > 0 for w in (0, 1))
+    assert all(dyn.envoy_stat(f"{listener}.worker_{w}.downstream_cx_total") > 0 for w in (0, 1))
 
 
 def test_a_valid_push_takes_effect_and_lets_a_stream_in_flight_finish(dyn, mock):
@@ -154,9 +125,9 @@ def test_a_valid_push_takes_effect_and_lets_a_stream_in_flight_finish(dyn, mock)
     r = conn.getresponse()
     assert r.status == 200
     dyn.push(plugin("new", sha256_hex(NEW)))
-    harness.wait_until(lambda: dyn.stat("listener_manager.lds.update_success") == 2, "the update", timeout_s=15)
-    harness.wait_until(lambda: dyn.post(NEW) == 200, "the new key to be served", timeout_s=15)
-    assert dyn.post(OLD) == 401
+    harness.wait_until(lambda: dyn.envoy_stat("listener_manager.lds.update_success") == 2, "the update", timeout_s=15)
+    harness.wait_until(lambda: dyn.chat(NEW).status == 200, "the new key to be served", timeout_s=15)
+    assert dyn.chat(OLD).status == 401
     # The stream that started under the old configuration ends normally (the old listener drains).
     assert r.read().decode().rstrip().endswith("data: [DONE]")
     conn.close()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import re
 import shlex
 import subprocess
 import time
@@ -30,7 +29,7 @@ import yaml
 
 import harness
 import render_envoy
-from harness import PROVIDER_KEY, ROOT, WASM, chat_body, sha256_hex
+from harness import PROVIDER_KEY, ROOT, WASM, sha256_hex
 from test_deploy import WEBDIS_AUTH, deploy_python, deploy_render, docs, kustomize
 
 # The bound each change is asserted against; the measured times are printed (docs/keys.md).
@@ -86,7 +85,7 @@ def _with_wasm(text: str) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
-class ShippedGateway:
+class ShippedGateway(harness.EnvoyProcess):
     """A shipped bootstrap on loopback: listener, admin and ops on free ports, the provider
     clusters at the mock, Webdis at `webdis`, the watched directory at `filter_dir`; nothing
     else of the file changed."""
@@ -111,37 +110,9 @@ class ShippedGateway:
         path = tmp_path / "envoy.yaml"
         path.write_text(render_envoy.dump(cfg))
         self.url, self.admin, self.ops = (f"http://127.0.0.1:{p}" for p in (self.port, admin, ops))
-        self.log_path = tmp_path / "envoy.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([harness.envoy_bin(), "-c", path, "--concurrency", "2", "--disable-hot-restart",
-                                      "--log-level", "warning", "--component-log-level", "wasm:info"],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env})
-        try:
-            harness.wait_until(lambda: harness.request(self.ops, "GET", "/ready").status == 200, "Envoy ready",
-                               proc=self.proc)
-        except Exception:
-            self.stop()
-            raise
-
-    def post(self, key: str, conn=None) -> harness.Response:
-        return harness.request(self.url, "POST", "/v1/chat/completions", [("authorization", f"Bearer {key}")],
-                               chat_body(), conn=conn)
-
-    def stat(self, name: str) -> int:
-        body = harness.request(self.admin, "GET", f"/stats?filter=^{re.escape(name)}$").body.decode()
-        for line in body.splitlines():
-            k, _, v = line.partition(": ")
-            if k == name:
-                return int(v)
-        return 0
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        harness.stop(self.proc)
-        self._log.close()
+        self._launch(path, tmp_path / "envoy.log", {**os.environ, **env},
+                     log_args=("--log-level", "warning", "--component-log-level", "wasm:info"))
+        self._await_ready(lambda: harness.request(self.ops, "GET", "/ready").status == 200, "Envoy ready")
 
 
 def until(predicate, what: str, since: float) -> float:
@@ -206,43 +177,43 @@ def test_kubernetes_configmap_swap_reloads_the_running_envoy(tmp_path, mock, red
     load = None
     try:
         # The shipped placeholder admits nobody.
-        assert gw.post(STEADY).status == 401
+        assert gw.chat(STEADY).status == 401
         base = kdir.read()["tollgate.json"]
         steady = {"name": "steady", "key_sha256": sha256_hex(STEADY), "requests_per_minute": 1_000_000}
         metered = {"name": "metered", "key_sha256": sha256_hex(METERED), "requests_per_minute": 1000}
 
         # Keys added (the operator's `kubectl apply` of the ConfigMap, then kubelet's swap).
         t = kdir.update({**kdir.read(), "tollgate.json": with_clients(base, [steady, metered])})
-        timings["key added"] = until(lambda: gw.post(METERED).status == 200, "the added key accepted", t)
+        timings["key added"] = until(lambda: gw.chat(METERED).status == 200, "the added key accepted", t)
         load = harness.SteadyLoad(gw, STEADY)
         used = 1
         for _ in range(2):
-            r = gw.post(METERED)
+            r = gw.chat(METERED)
             used += 1
         assert limits(r) == (1000, 1000 - used)
         load.advance()
 
         # A limit changed: applies, the window's count carried on (in Redis, across the reload).
         t = kdir.update({**kdir.read(), "tollgate.json": with_clients(base, [steady, {**metered, "requests_per_minute": 500}])})
-        timings["limit changed"] = until(lambda: limits(gw.post(METERED))[0] == 500, "the new limit", t)
-        r = gw.post(METERED)
+        timings["limit changed"] = until(lambda: limits(gw.chat(METERED))[0] == 500, "the new limit", t)
+        r = gw.chat(METERED)
         lim, rem = limits(r)
         assert lim == 500 and rem < 500 - used, "the count carried on"
         load.advance()
 
         # An invalid ConfigMap: refused, the field named, the old configuration serving.
-        rejected = gw.stat(ECDS + "update_rejected")
+        rejected = gw.envoy_stat(ECDS + "update_rejected")
         bad = {**metered, "key_sha256": "abcd"}
         kdir.update({**kdir.read(), "tollgate.json": with_clients(base, [steady, bad])})
-        harness.wait_until(lambda: gw.stat(ECDS + "update_rejected") > rejected, "the invalid config refused",
+        harness.wait_until(lambda: gw.envoy_stat(ECDS + "update_rejected") > rejected, "the invalid config refused",
                            timeout_s=RELOAD_BOUND_S)
         assert "clients[1].key_sha256" in gw.log()
-        assert limits(gw.post(METERED))[0] == 500
+        assert limits(gw.chat(METERED))[0] == 500
         load.advance()
 
         # A key revoked.
         t = kdir.update({**kdir.read(), "tollgate.json": with_clients(base, [steady])})
-        timings["key revoked"] = until(lambda: gw.post(METERED).status == 401, "the revoked key refused", t)
+        timings["key revoked"] = until(lambda: gw.chat(METERED).status == 401, "the revoked key refused", t)
         load.advance()
         statuses, errors = load.finish()
         load = None
@@ -272,10 +243,10 @@ def test_a_pod_started_on_an_invalid_configmap_fails_closed(tmp_path, mock, redi
     env = {deploy_render.provider_env("openai"): PROVIDER_KEY, deploy_render.WEBDIS_AUTH_ENV: WEBDIS_AUTH}
     gw = ShippedGateway(tmp_path, ROOT / "k8s/standalone/envoy.yaml", mock, webdis, fdir, env)
     try:
-        assert gw.post(STEADY).status == 500
+        assert gw.chat(STEADY).status == 500
         assert harness.request(gw.url, "GET", "/health").status == 200
         assert mock.requests() == []
-        assert gw.stat(ECDS + "update_rejected") == 1
+        assert gw.envoy_stat(ECDS + "update_rejected") == 1
         assert "clients[0].key_sha256" in gw.log()
     finally:
         gw.stop()
@@ -294,17 +265,17 @@ def test_compose_directory_edited_with_the_cli_reloads_the_running_envoy(tmp_pat
     # As an operator runs it: on the host, where the gateway's variables are not set.
     cli_env = {k: v for k, v in os.environ.items() if k not in env}
     try:
-        assert gw.post("sk-tollgate-demo").status == 200
+        assert gw.chat("sk-tollgate-demo").status == 200
         t = time.monotonic()
         out = subprocess.run([CLI, "keys", "add", fdir / "tollgate.json", "--name", "team-b", "--rpm", "100", "--json"],
                              check=True, capture_output=True, text=True, env=cli_env).stdout
         key = json.loads(out)["key"]
-        added = until(lambda: gw.post(key).status == 200, "the added key accepted", t)
+        added = until(lambda: gw.chat(key).status == 200, "the added key accepted", t)
         t = time.monotonic()
         subprocess.run([CLI, "keys", "revoke", fdir / "tollgate.json", "--name", "team-b", "--all"],
                        check=True, capture_output=True, env=cli_env)
-        revoked = until(lambda: gw.post(key).status == 401, "the revoked key refused", t)
-        assert gw.post("sk-tollgate-demo").status == 200
+        revoked = until(lambda: gw.chat(key).status == 401, "the revoked key refused", t)
+        assert gw.chat("sk-tollgate-demo").status == 200
         assert gw.proc.poll() is None
         print(f"\ncompose directory, time to effect: key added {added:.3f} s, key revoked {revoked:.3f} s")
     finally:

@@ -19,7 +19,7 @@ import time
 import pytest
 
 import harness
-from harness import chat_body, sha256_hex
+from harness import sha256_hex
 
 import ecds  # scripts/ (harness put it on the path)
 
@@ -42,7 +42,7 @@ def client(name: str, keys: list[str] | str, rpm: int, **extra) -> dict:
             "requests_per_minute": rpm, **extra}
 
 
-class ReloadGateway:
+class ReloadGateway(harness.EnvoyProcess):
     """Envoy (two workers) rendered like every test gateway, then switched to ECDS."""
 
     def __init__(self, workdir, provider_url: str, clients: list[dict]):
@@ -60,20 +60,11 @@ class ReloadGateway:
         config_path.write_text(harness.render_envoy.dump(cfg))
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
-        self.log_path = workdir / "envoy-reload.log"
-        self._log = open(self.log_path, "wb")
-        env = {**os.environ, harness.PROVIDER_KEY_ENV: harness.PROVIDER_KEY}
-        self.proc = subprocess.Popen(
-            [harness.envoy_bin(), "-c", str(config_path), "--concurrency", "2", "--disable-hot-restart",
-             "--log-level", "info", "--component-log-level", "wasm:debug"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=harness.ROOT)
-        try:
-            harness.wait_until(lambda: self.stat("listener_manager.workers_started") == 1
-                               and harness.request(self.admin, "GET", "/ready").status == 200,
-                               "Envoy to load its listener and filter", proc=self.proc)
-        except Exception:
-            self.stop()
-            raise
+        self._launch(config_path, workdir / "envoy-reload.log",
+                     {**os.environ, harness.PROVIDER_KEY_ENV: harness.PROVIDER_KEY})
+        self._await_ready(lambda: self.envoy_stat("listener_manager.workers_started") == 1
+                          and harness.request(self.admin, "GET", "/ready").status == 200,
+                          "Envoy to load its listener and filter")
 
     def plugin(self) -> dict:
         return json.loads(ecds.plugin_config(json.loads(self.path.read_text())))
@@ -84,25 +75,6 @@ class ReloadGateway:
         ecds.write(self.dir, {self.path.name: doc})
         return time.monotonic()
 
-    def stat(self, name: str) -> int:
-        body = harness.request(self.admin, "GET", f"/stats?filter=^{name}$").body.decode()
-        for line in body.splitlines():
-            k, _, v = line.partition(": ")
-            if k == name:
-                return int(v)
-        return 0
-
-    def post(self, key: str, conn=None) -> harness.Response:
-        return harness.request(self.url, "POST", "/v1/chat/completions",
-                               [("authorization", f"Bearer {key}")], chat_body(), conn=conn)
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        harness.stop(self.proc)
-        self._log.close()
 
 
 @pytest.fixture
@@ -130,13 +102,13 @@ def test_keys_and_limits_change_under_load_without_a_failed_request_or_a_lost_co
     load.advance()
     used = 0
     for _ in range(5):
-        assert gw.post(METERED).status == 200
+        assert gw.chat(METERED).status == 200
         used += 1
-    r = gw.post(METERED)
+    r = gw.chat(METERED)
     used += 1
     assert remaining(r) == (METERED_RPM, METERED_RPM - used)
     base = gw.plugin()
-    reloads = gw.stat(ECDS + "update_success")
+    reloads = gw.envoy_stat(ECDS + "update_success")
     timings = {}
 
     # A key added with the CLI, on the file Envoy watches: accepted.
@@ -144,8 +116,8 @@ def test_keys_and_limits_change_under_load_without_a_failed_request_or_a_lost_co
     out = subprocess.run([str(CLI), "keys", "add", str(gw.path), "--name", "added", "--rpm", "100", "--json"],
                          check=True, capture_output=True, text=True).stdout
     added_key = json.loads(out)["key"]
-    timings["added"] = until(lambda: gw.post(added_key).status == 200, "the added key to be accepted", t)
-    r = gw.post(METERED)
+    timings["added"] = until(lambda: gw.chat(added_key).status == 200, "the added key to be accepted", t)
+    r = gw.chat(METERED)
     used += 1
     assert remaining(r) == (METERED_RPM, METERED_RPM - used), "the window count carried on"
     load.advance()
@@ -154,7 +126,7 @@ def test_keys_and_limits_change_under_load_without_a_failed_request_or_a_lost_co
     t = time.monotonic()
     subprocess.run([str(CLI), "keys", "revoke", str(gw.path), "--name", "added", "--all"],
                    check=True, capture_output=True)
-    timings["revoked"] = until(lambda: gw.post(added_key).status == 401, "the revoked key to be refused", t)
+    timings["revoked"] = until(lambda: gw.chat(added_key).status == 401, "the revoked key to be refused", t)
     assert gw.plugin() == base
     load.advance()
 
@@ -165,37 +137,37 @@ def test_keys_and_limits_change_under_load_without_a_failed_request_or_a_lost_co
 
     def new_limit() -> bool:
         nonlocal used
-        r = gw.post(METERED)
+        r = gw.chat(METERED)
         used += 1
         return r.status == 200 and remaining(r)[0] == new_rpm
     timings["limit"] = until(new_limit, "the new limit to apply", t)
-    r = gw.post(METERED)
+    r = gw.chat(METERED)
     assert r.status == 200 and remaining(r) == (new_rpm, new_rpm - used - 1)
     used += 1
     while used < new_rpm:
-        assert gw.post(METERED).status == 200
+        assert gw.chat(METERED).status == 200
         used += 1
-    assert gw.post(METERED).status == 429
+    assert gw.chat(METERED).status == 429
 
     load.advance()
     # An invalid file: refused, the field logged, the old configuration keeps serving.
-    fails = gw.stat(ECDS + "update_rejected")
+    fails = gw.envoy_stat(ECDS + "update_rejected")
     bad = {**changed, "clients": changed["clients"] + [{"name": "bad", "key_sha256": "abc"}]}
     gw.push(bad)
-    harness.wait_until(lambda: gw.stat(ECDS + "update_rejected") > fails,
+    harness.wait_until(lambda: gw.envoy_stat(ECDS + "update_rejected") > fails,
                        "Envoy to refuse the invalid file", timeout_s=RELOAD_BOUND_S)
     assert "clients[2].key_sha256: expected 64 hex characters" in gw.log()
-    assert gw.post(METERED).status == 429, "the old configuration (and its count) still serves"
-    assert gw.post(added_key).status == 401
+    assert gw.chat(METERED).status == 429, "the old configuration (and its count) still serves"
+    assert gw.chat(added_key).status == 401
     load.advance()
 
     statuses, errors = load.finish()
     assert errors == []
     assert len(statuses) >= 50 and set(statuses) == {200}, sorted(set(statuses))
-    assert gw.stat(ECDS + "update_success") == reloads + 3
+    assert gw.envoy_stat(ECDS + "update_success") == reloads + 3
     # The VMs were reused, never restarted.
-    assert gw.stat("wasm.tollgate.vm_reload") == 0
-    print(f"\ntime to effect after the file change (s): "
+    assert gw.envoy_stat("wasm.tollgate.vm_reload") == 0
+    print("\ntime to effect after the file change (s): "
           + ", ".join(f"{k} {v:.2f}" for k, v in timings.items())
           + f"; load: {len(statuses)} requests, 0 failed")
 
@@ -204,9 +176,9 @@ def test_two_keys_of_one_client_spend_one_budget(workdir, mock):
     harness.wait_for_fresh_window(margin_s=15)
     gw = ReloadGateway(workdir, mock.url, [client("rotating", ["sk-rot-old-1", "sk-rot-new-2"], 4)])
     try:
-        assert [gw.post(k).status for k in ["sk-rot-old-1", "sk-rot-new-2"] * 2] == [200] * 4
-        assert gw.post("sk-rot-old-1").status == 429
-        assert gw.post("sk-rot-new-2").status == 429
+        assert [gw.chat(k).status for k in ["sk-rot-old-1", "sk-rot-new-2"] * 2] == [200] * 4
+        assert gw.chat("sk-rot-old-1").status == 429
+        assert gw.chat("sk-rot-new-2").status == 429
     finally:
         gw.stop()
 
@@ -222,15 +194,15 @@ def test_an_expired_key_is_refused_from_its_expiry_on(workdir, mock):
         deadline = expiry.timestamp()
         # Before the expiry (with a margin for the two clocks' reads): admitted.
         while time.time() < deadline - 0.5:
-            assert gw.post("sk-temp-1").status == 200
+            assert gw.chat("sk-temp-1").status == 200
         harness.wait_until(lambda: time.time() > deadline + 0.5, "the expiry to pass", timeout_s=10)
-        r = gw.post("sk-temp-1")
+        r = gw.chat("sk-temp-1")
         assert r.status == 401
         assert r.header("www-authenticate") == "Bearer"
         assert r.json()["error"]["code"] == "invalid_api_key"
         assert "expired" in r.json()["error"]["message"]
         # The client's other key still works.
-        assert gw.post("sk-temp-2").status == 200
+        assert gw.chat("sk-temp-2").status == 200
     finally:
         gw.stop()
 
@@ -257,23 +229,23 @@ def test_a_100000_client_key_set_is_replaced_under_load_without_a_failed_request
     try:
         base = gw.plugin()
         old, new = packed("old", workdir), packed("new", workdir)
-        reloads = gw.stat(ECDS + "update_success")
+        reloads = gw.envoy_stat(ECDS + "update_success")
         gw.push({**base, "key_set": old})
-        harness.wait_until(lambda: gw.post("sk-old-99999").status == 200, "the first key set",
+        harness.wait_until(lambda: gw.chat("sk-old-99999").status == 200, "the first key set",
                            timeout_s=30)
         load = harness.SteadyLoad(gw, STEADY)
         load.advance()
         t = gw.push({**base, "key_set": new})
-        harness.wait_until(lambda: gw.post("sk-new-54321").status == 200, "the new key set",
+        harness.wait_until(lambda: gw.chat("sk-new-54321").status == 200, "the new key set",
                            timeout_s=30)
         took = time.monotonic() - t
-        assert gw.post("sk-old-54321").status == 401, "the old keys are gone"
+        assert gw.chat("sk-old-54321").status == 401, "the old keys are gone"
         load.advance()
         statuses, errors = load.finish()
         assert errors == []
         assert len(statuses) >= 20 and set(statuses) == {200}, sorted(set(statuses))
-        assert gw.stat(ECDS + "update_success") == reloads + 2
-        assert gw.stat("wasm.tollgate.vm_reload") == 0
+        assert gw.envoy_stat(ECDS + "update_success") == reloads + 2
+        assert gw.envoy_stat("wasm.tollgate.vm_reload") == 0
         print(f"\n{SCALE:,} clients replaced in {took:.2f} s under load: {len(statuses)} requests, "
               "0 failed")
     finally:

@@ -205,11 +205,7 @@ def main(argv: list[str]) -> int:
     clients = json.loads(pathlib.Path(a.clients).read_text()) if a.clients else None
     docs = [routing_envoyfilter(providers, models=models, clients=clients, limiter=a.limiter),
             *provider_resources(providers)]
-    out = "---\n".join(render_envoy.dump(d) for d in docs)
-    if a.output == "-":
-        sys.stdout.write(out)
-    else:
-        pathlib.Path(a.output).write_text(out, encoding="utf-8")
+    render_envoy.write_output("---\n".join(render_envoy.dump(d) for d in docs), a.output)
     return 0
 
 
