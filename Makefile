@@ -54,13 +54,14 @@ run: deps build
 
 ## The filter crate is a cdylib of wasm imports: it is linted for its real target and has no
 ## host tests (its logic lives in tollgate-core). The fuzz targets are a workspace of their own.
-lint: toolchain
+lint: toolchain $(VENV)/.installed
 	cargo fmt --all -- --check
 	cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
 	cargo clippy --workspace --exclude tollgate-filter --all-targets -- -D warnings
 	cargo clippy -p tollgate-filter --target wasm32-wasip1 -- -D warnings
 	cargo clippy --manifest-path fuzz/Cargo.toml --target-dir target/fuzz-clippy --locked -- -D warnings
 	python3 scripts/modgraph.py
+	$(VENV)/bin/python -m pyflakes $$(git ls-files '*.py')
 
 unit:
 	cargo test --workspace --exclude tollgate-filter

@@ -176,7 +176,6 @@ class Sampler:
 
 def check_accounting(records: list[tuple], gw: harness.Gateway, redis_counts: dict | None) -> dict:
     """Per client: admitted/refused totals, and every window's exactness. Returns the verdicts."""
-    limits = {n: rpm for n, _, rpm in CLIENTS}
     windows: dict[tuple[str, int], dict] = defaultdict(lambda: {"remaining": [], "refused": 0})
     per_client: dict[str, Counter] = defaultdict(Counter)
     problems: list[str] = []

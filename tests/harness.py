@@ -62,13 +62,19 @@ def envoy_version(binary: str | None = None) -> tuple[int, int, int]:
     return _VERSIONS[binary]
 
 
+def envoy_validate(path, env: dict, level: str = "warning",
+                   binary: str | None = None) -> subprocess.CompletedProcess:
+    """`envoy --mode validate -c PATH` (which loads tollgate.wasm in V8 and runs its
+    on_configure), from the repository root, with this environment; output captured as text."""
+    return subprocess.run([binary or envoy_bin(), "--mode", "validate", "-c", str(path), "-l", level],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
 def envoy_has_v8(binary: str | None = None) -> bool:
-    """Whether this Envoy loads tollgate.wasm: `--mode validate` of envoy/demo.yaml (which loads
-    the module in the V8 runtime and runs its on_configure). Some packaged builds have no V8."""
+    """Whether this Envoy loads tollgate.wasm: `--mode validate` of envoy/demo.yaml. Some packaged
+    builds have no V8."""
     env = {**os.environ, PROVIDER_KEY_ENV: PROVIDER_KEY, BACKUP_KEY_ENV: BACKUP_KEY}
-    r = subprocess.run([binary or envoy_bin(), "--mode", "validate", "-c", "envoy/demo.yaml",
-                        "-l", "critical"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    return r.returncode == 0
+    return envoy_validate("envoy/demo.yaml", env, level="critical", binary=binary).returncode == 0
 
 
 def sha256_hex(key: str) -> str:

@@ -8,10 +8,8 @@ broke a VM would show in the final test (and usually in the cases after it)."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
-import threading
 import time
 
 import pytest
@@ -420,7 +418,6 @@ def test_h2_many_streams_on_one_connection(setup, h2):
 
 
 def test_h2_slow_body_and_streams_reset_by_the_client(setup, h2):
-    gw = setup.gw
     setup.relay.clear()
     # A body in 3-byte frames over about two seconds.
     sid = h2.start("POST", PATH, H2_HEAD, end_stream=False)

@@ -89,8 +89,7 @@ def test_config_check_says_what_envoy_logs(case, tmp_path):
     # The same environment for both: the variable is set but not in host_env_keys.
     env = {**os.environ, PROVIDER_KEY_ENV: PROVIDER_KEY, "NOT_IN_HOST_ENV_KEYS": "sk-set-but-not-listed"}
 
-    envoy = subprocess.run([harness.envoy_bin(), "--mode", "validate", "-c", str(path), "-l", "warning"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    envoy = harness.envoy_validate(path, env)
     envoy_log = envoy.stdout + envoy.stderr
     logged = LOGGED.findall(envoy_log)
     assert logged, envoy_log

@@ -138,8 +138,7 @@ def envoy_validate(cfg: dict, tmp_path, env=None) -> subprocess.CompletedProcess
     render_envoy.set_wasm(cfg, str(WASM))
     path = tmp_path / f"envoy-{len(list(tmp_path.iterdir()))}.yaml"
     path.write_text(render_envoy.dump(cfg))
-    return run([harness.envoy_bin(), "--mode", "validate", "-c", path, "-l", "warning"],
-               env={**os.environ, **(ENVOY_ENV if env is None else env)})
+    return harness.envoy_validate(path, {**os.environ, **(ENVOY_ENV if env is None else env)})
 
 
 @pytest.fixture(scope="module")

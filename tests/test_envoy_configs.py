@@ -18,10 +18,7 @@ ENVOY_YAMLS = sorted(p.relative_to(ROOT) for p in (ROOT / "envoy").rglob("*.yaml
 
 def validate(path, env_extra=None) -> subprocess.CompletedProcess:
     env = {**os.environ, PROVIDER_KEY_ENV: PROVIDER_KEY, BACKUP_KEY_ENV: BACKUP_KEY, **(env_extra or {})}
-    return subprocess.run(
-        [harness.envoy_bin(), "--mode", "validate", "-c", str(path), "-l", "warning"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
+    return harness.envoy_validate(path, env)
 
 
 def test_there_are_configs_to_validate():

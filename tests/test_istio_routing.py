@@ -18,7 +18,6 @@ import copy
 import importlib.util
 import json
 import os
-import subprocess
 
 import pytest
 import yaml
@@ -390,8 +389,7 @@ def test_shipped_routing_passes_envoy_validate(tmp_path):
     path = tmp_path / "istio.yaml"
     path.write_text(harness.render_envoy.dump(cfg))
     env = {**os.environ, PROVIDER_KEY_ENV: PROVIDER_KEY, "TOLLGATE_WEBDIS_AUTH": "tollgate:pw"}
-    r = subprocess.run([harness.envoy_bin(), "--mode", "validate", "-c", str(path), "-l", "warning"],
-                       capture_output=True, text=True, timeout=120, env=env)
+    r = harness.envoy_validate(path, env)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
     plugin = json.loads(harness.render_envoy.wasm_config(cfg)["configuration"]["value"])
     assert plugin["limiter"]["cluster"] == "outbound|7379||webdis.tollgate.svc.cluster.local"

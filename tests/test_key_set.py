@@ -96,8 +96,7 @@ def test_a_broken_key_set_is_refused_with_the_record_named(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text(render_envoy.dump(cfg))
     env = {**os.environ, PROVIDER_KEY_ENV: PROVIDER_KEY}
-    envoy = subprocess.run([harness.envoy_bin(), "--mode", "validate", "-c", str(path), "-l", "warning"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    envoy = harness.envoy_validate(path, env)
     logged = LOGGED.findall(envoy.stdout + envoy.stderr)
     want = f'key_set[{dup_at}].name: duplicate client name "dup" (also clients[0])'
     assert logged and logged[0] == want, envoy.stdout + envoy.stderr

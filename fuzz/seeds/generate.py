@@ -197,7 +197,7 @@ write("sse", "error-event.sse", 'data: {"error":{"message":"overloaded","type":"
 # spaces), split or not, before and after small ones.
 write("sse_bound", "oversized.sse", b"data: {\"choices\":[{\"delta\":{\"content\":\"" + b"\x01\x90" + b"\"}}],\"usage\":null}\n\n"
       + f"data: {USAGE}\n\ndata: [DONE]\n\n".encode())
-write("sse_bound", "oversized-usage.sse", b"data: {\"choices\":[]," + b"\x02\x81" + f"\"usage\":{{\"prompt_tokens\":1}}}}\n\ndata: [DONE]\n\n".encode())
+write("sse_bound", "oversized-usage.sse", b"data: {\"choices\":[]," + b"\x02\x81" + b"\"usage\":{\"prompt_tokens\":1}}\n\ndata: [DONE]\n\n")
 
 # Just under the bound (0x7f * 2048 bytes of content), with CRLF separators.
 write("sse_bound", "big-delta-crlf.sse",
