@@ -57,9 +57,12 @@ run: deps build
 lint: toolchain $(VENV)/.installed
 	cargo fmt --all -- --check
 	cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
+	cargo fmt --manifest-path bench/core-profile/Cargo.toml -- --check
 	cargo clippy --workspace --exclude tollgate-filter --all-targets -- -D warnings
 	cargo clippy -p tollgate-filter --target wasm32-wasip1 -- -D warnings
 	cargo clippy --manifest-path fuzz/Cargo.toml --target-dir target/fuzz-clippy --locked -- -D warnings
+	# The bench's native harness of the core builds against today's core API (it had rotted once).
+	cargo clippy --manifest-path bench/core-profile/Cargo.toml --target-dir target/bench-core-profile --locked -- -D warnings
 	python3 scripts/modgraph.py
 	$(VENV)/bin/python -m pyflakes $$(git ls-files '*.py')
 

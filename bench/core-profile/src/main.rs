@@ -1,23 +1,27 @@
-//! Runs tollgate-core's request path in a loop, as the filter drives it for one admitted request:
-//! decode the host's header map, `on_request_headers` (and `on_request_body` with routing), the
-//! limiter's shared-data CAS against an in-memory store, and the response's rate-limit headers.
+//! Runs tollgate-core's whole exchange in a loop, as the filter drives it for one admitted
+//! request of `make bench`: `Exchange` from request headers to the log, over the core's fake host
+//! (the same one the core's tests count host calls with; its shared data has Envoy's CAS
+//! semantics).
 //!
-//!     core-profile [single|routed|usage-json|usage-sse] [ITERATIONS]
+//!     core-profile [single|routed|stream|usage-json|usage-sse] [ITERATIONS]
 //!
-//! `single` and `routed`: the request path. `usage-json` and `usage-sse`: reading token usage
-//! from the mock provider's response (a JSON body; an SSE stream in nine chunks).
+//! `single`: one provider, a JSON answer (the bench's `local` peer). `routed`: the listener role
+//! with model routing (`routing`; the upstream role's attempt is not included). `stream`: one
+//! provider, the answer streamed in nine SSE chunks (`stream`). `usage-json` and `usage-sse`:
+//! only reading token usage from the answer.
 //!
-//! Prints nanoseconds per request (native code: wasm in V8 is slower, by a factor to measure, not
-//! assume). Under `valgrind --tool=callgrind` it gives instruction counts per function.
+//! Prints nanoseconds per request and the host calls each made (native code: wasm in V8 is
+//! slower, by a factor to measure, not assume). Under `valgrind --tool=callgrind` it gives
+//! instruction counts per function; the fake host's own work shows as `tollgate_core::fake`.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::hint::black_box;
+use std::rc::Rc;
 use std::time::Instant;
 
-use tollgate_core::headers;
-use tollgate_core::host::{CasStore, SetError, StoreError};
-use tollgate_core::request::{self, Decision, Start};
+use tollgate_core::exchange::Exchange;
+use tollgate_core::fake::{pairs, FakeHost};
+use tollgate_core::gateway::Gateway;
+use tollgate_core::host::Action;
 use tollgate_core::usage::{self, SseUsage};
 use tollgate_core::Config;
 
@@ -102,25 +106,68 @@ fn usage_of(mode: &str) -> u64 {
     found.map_or(0, |u| u.prompt_tokens + u.completion_tokens)
 }
 
-/// Envoy shared data's semantics: a CAS token per key, bumped on every write.
-#[derive(Default)]
-struct Store(RefCell<HashMap<String, (Vec<u8>, u32)>>);
+/// The request headers as Envoy hands them to the filter (wrk's request through the listener).
+const REQUEST: &[(&str, &str)] = &[
+    (":authority", "127.0.0.1:10000"),
+    (":path", "/v1/chat/completions"),
+    (":method", "POST"),
+    (":scheme", "http"),
+    ("authorization", "Bearer sk-tollgate-demo"),
+    ("content-type", "application/json"),
+    ("content-length", "76"),
+    ("x-forwarded-proto", "http"),
+    ("x-request-id", "5b3c9a0e-3f7d-4c39-9a51-2f0c8e0d7a11"),
+];
 
-impl CasStore for Store {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
-        Ok(self.0.borrow().get(key).cloned())
-    }
+/// The mock provider's response headers.
+const RESPONSE_HEADERS: &[(&str, &str)] = &[
+    (":status", "200"),
+    ("content-type", "application/json"),
+    ("x-ratelimit-limit-requests", "10000"),
+    ("x-ratelimit-remaining-requests", "9999"),
+    ("x-ratelimit-reset-requests", "6ms"),
+];
 
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
-        let mut map = self.0.borrow_mut();
-        let next = match map.get(key) {
-            Some((_, current)) if cas != 0 && cas != *current => return Err(SetError::CasMismatch),
-            Some((_, current)) => current.wrapping_add(1).max(1),
-            None => 1,
-        };
-        map.insert(key.to_string(), (value.to_vec(), next));
-        Ok(())
+/// The mock provider's response headers for a stream.
+const STREAM_HEADERS: &[(&str, &str)] =
+    &[(":status", "200"), ("content-type", "text/event-stream")];
+
+fn fail(what: &str) -> ! {
+    eprintln!("{what}");
+    std::process::exit(1);
+}
+
+/// One admitted request, headers to log; returns the host calls it made.
+fn exchange(host: &FakeHost, gw: &Rc<Gateway>, mode: &str) -> usize {
+    *host.request.borrow_mut() = pairs(REQUEST);
+    let mut ex = Exchange::new(Some(gw.clone()));
+    let mut action = ex.on_request_headers(host, false);
+    if mode == "routed" {
+        *host.request_body.borrow_mut() = BODY.to_vec();
+        action = ex.on_request_body(host, BODY.len(), true);
     }
+    if action != Action::Continue || !ex.forwarded() {
+        fail(&format!(
+            "not forwarded: {action:?}, replies {:?}",
+            host.replies.borrow().last()
+        ));
+    }
+    if mode == "stream" {
+        *host.response.borrow_mut() = pairs(STREAM_HEADERS);
+        ex.on_response_headers(host);
+        for (i, chunk) in STREAM.iter().enumerate() {
+            *host.response_chunk.borrow_mut() = chunk.to_vec();
+            ex.on_response_body(host, chunk.len(), i + 1 == STREAM.len());
+        }
+    } else {
+        *host.response.borrow_mut() = pairs(RESPONSE_HEADERS);
+        ex.on_response_headers(host);
+        *host.response_chunk.borrow_mut() = RESPONSE.to_vec();
+        ex.on_response_body(host, RESPONSE.len(), true);
+    }
+    ex.on_log(host);
+    host.samples.borrow_mut().clear();
+    host.take_calls().len()
 }
 
 fn main() {
@@ -128,17 +175,18 @@ fn main() {
     let mode = args.get(1).map_or("single", String::as_str);
     let iterations: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000);
     let json = match mode {
-        "single" | "usage-json" | "usage-sse" => SINGLE,
+        "single" | "stream" | "usage-json" | "usage-sse" => SINGLE,
         "routed" => ROUTED,
         other => {
-            eprintln!("mode must be single, routed, usage-json or usage-sse, not {other:?}");
+            eprintln!(
+                "mode must be single, routed, stream, usage-json or usage-sse, not {other:?}"
+            );
             std::process::exit(2);
         }
     };
     if mode.starts_with("usage") {
         if usage_of(mode) != 13 {
-            eprintln!("no usage found");
-            std::process::exit(1);
+            fail("no usage found");
         }
         let t0 = Instant::now();
         let mut sink = 0u64;
@@ -153,63 +201,26 @@ fn main() {
         return;
     }
     let config = Config::parse(json.as_bytes(), &|_| Some("sk-bench-provkey".to_string()))
-        .unwrap_or_else(|e| {
-            eprintln!("config: {e}");
-            std::process::exit(2);
-        });
-    // The request headers as Envoy hands them to the filter (wrk's request through the listener).
-    let map = headers::encode(&[
-        (":authority", "127.0.0.1:10000"),
-        (":path", "/v1/chat/completions"),
-        (":method", "POST"),
-        (":scheme", "http"),
-        ("authorization", "Bearer sk-tollgate-demo"),
-        ("content-type", "application/json"),
-        ("content-length", "76"),
-        ("x-forwarded-proto", "http"),
-        ("x-request-id", "5b3c9a0e-3f7d-4c39-9a51-2f0c8e0d7a11"),
-    ]);
-    let store = Store::default();
-    let mut now_ms: u64 = 1_800_000_000_000;
-    let run = |now_ms: u64| -> usize {
-        let Ok(headers) = headers::decode(black_box(&map)) else {
-            return 0;
-        };
-        let strip = request::strip_list(&config, &headers);
-        let mut start = request::on_request_headers(&config, &headers, false, now_ms, &store);
-        if let Start::ReadBody(awaiting) = start {
-            start = request::on_request_body(&config, awaiting, black_box(BODY), now_ms, &store);
-        }
-        match start {
-            Start::Done(step) => match step.decision {
-                Decision::Forward(f) => {
-                    strip.len()
-                        + f.set.len()
-                        + f.window.map_or(0, |w| request::response_headers(&w).len())
-                }
-                Decision::Reply(r) => {
-                    eprintln!("unexpected reply {}: {}", r.status, r.body);
-                    std::process::exit(1);
-                }
-            },
-            other => {
-                eprintln!("unexpected {other:?}");
-                std::process::exit(1);
-            }
-        }
-    };
-    // Warm the store (the filter creates the record in on_configure).
-    black_box(run(now_ms));
+        .unwrap_or_else(|e| fail(&format!("config: {e}")));
+    let host = FakeHost::new(1_800_000_000_000, REQUEST);
+    let gw = Rc::new(
+        Gateway::configure(&host, config).unwrap_or_else(|e| fail(&format!("configure: {e}"))),
+    );
+    host.take_calls();
+    // The first request defines the metric series it uses (once per VM in the filter too).
+    exchange(&host, &gw, mode);
+    let calls = exchange(&host, &gw, mode);
     let t0 = Instant::now();
     let mut sink = 0usize;
     for _ in 0..iterations {
-        now_ms += 1;
-        sink = sink.wrapping_add(run(black_box(now_ms)));
+        host.now.set(host.now.get() + 1);
+        sink = sink.wrapping_add(exchange(&host, &gw, black_box(mode)));
     }
     let elapsed = t0.elapsed();
     black_box(sink);
     println!(
-        "{mode}: {iterations} requests, {:.0} ns per request (native)",
+        "{mode}: {iterations} requests, {:.0} ns per request (native, fake host included), \
+         {calls} host calls each",
         elapsed.as_nanos() as f64 / iterations as f64
     );
 }
