@@ -59,24 +59,125 @@ struct RawUsage {
 
 /// `*_tokens_details`: only the counts that change the price are read; a detail of another
 /// type (a provider's own shape) counts as absent rather than losing the usage.
-#[derive(Deserialize, Default)]
+#[derive(Default)]
 struct RawDetails {
-    #[serde(default, deserialize_with = "lenient_count")]
     cached_tokens: Option<u64>,
-    #[serde(default, deserialize_with = "lenient_count")]
     reasoning_tokens: Option<u64>,
 }
 
-fn lenient_details<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RawDetails>, D::Error> {
-    let value = serde_json::Value::deserialize(d)?;
-    Ok(match value {
-        serde_json::Value::Object(_) => serde_json::from_value(value).ok(),
-        _ => None,
-    })
+/// The members of a `*_tokens_details` object that are read.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum DetailKey {
+    CachedTokens,
+    ReasoningTokens,
+    #[serde(other)]
+    Other,
 }
 
-fn lenient_count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    Ok(serde_json::Value::deserialize(d)?.as_u64())
+/// A details object, or `None` for any other JSON value (read through, not kept: no
+/// intermediate `serde_json::Value`, which allocated a map per response). A repeated member
+/// counts as its last occurrence, as JSON objects are read elsewhere.
+fn lenient_details<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RawDetails>, D::Error> {
+    struct DetailsVisitor;
+    impl<'de> Visitor<'de> for DetailsVisitor {
+        type Value = Option<RawDetails>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut details = RawDetails::default();
+            while let Some(key) = map.next_key::<DetailKey>()? {
+                match key {
+                    DetailKey::CachedTokens => {
+                        details.cached_tokens = map.next_value::<LenientCount>()?.0;
+                    }
+                    DetailKey::ReasoningTokens => {
+                        details.reasoning_tokens = map.next_value::<LenientCount>()?.0;
+                    }
+                    DetailKey::Other => {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(Some(details))
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(DetailsVisitor)
+}
+
+/// A count: a non-negative integer, or `None` for any other JSON value (what
+/// `serde_json::Value::as_u64` accepts, without building the value).
+struct LenientCount(Option<u64>);
+
+impl<'de> Deserialize<'de> for LenientCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct CountVisitor;
+        impl<'de> Visitor<'de> for CountVisitor {
+            type Value = Option<u64>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Some(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(u64::try_from(v).ok())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(None)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(None)
+            }
+        }
+        d.deserialize_any(CountVisitor).map(LenientCount)
+    }
 }
 
 impl RawUsage {
@@ -329,7 +430,7 @@ impl SseUsage {
         // One data line (the usual event) is read where it is; more are joined.
         let mut first: Option<&[u8]> = None;
         let mut joined: Option<Vec<u8>> = None;
-        for line in event.split(|&b| b == b'\n') {
+        for line in lines(event) {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if let Some(value) = line.strip_prefix(b"data:") {
                 let value = value.strip_prefix(b" ").unwrap_or(value);
@@ -411,10 +512,7 @@ fn is_usage_only(event: &[u8]) -> bool {
         #[serde(default)]
         usage: Option<serde::de::IgnoredAny>,
     }
-    let Some(data) = event
-        .split(|&b| b == b'\n')
-        .find_map(|l| l.strip_prefix(b"data:"))
-    else {
+    let Some(data) = lines(event).find_map(|l| l.strip_prefix(b"data:")) else {
         return false;
     };
     let data = data.strip_suffix(b"\r").unwrap_or(data);
@@ -426,6 +524,27 @@ fn is_usage_only(event: &[u8]) -> bool {
         serde_json::from_slice::<Chunk>(data),
         Ok(Chunk { choices: Some(c), usage: Some(_) }) if c.is_empty()
     )
+}
+
+/// The LF-separated lines of `b`, as `b.split(|&b| b == b'\n')` gives them (a trailing LF
+/// gives a last, empty line), found with `memchr` rather than byte by byte: an event is a few
+/// hundred bytes and every one of a stream's events is split.
+fn lines(b: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(b);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        match memchr::memchr(b'\n', text) {
+            Some(at) => {
+                let (line, after) = text.split_at(at);
+                rest = after.get(1..);
+                Some(line)
+            }
+            None => {
+                rest = None;
+                Some(text)
+            }
+        }
+    })
 }
 
 fn separator_at(b: &[u8], i: usize) -> Option<usize> {
@@ -455,6 +574,22 @@ fn next_separator(buf: &[u8], from: usize) -> Option<(usize, usize)> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn lines_are_what_split_on_lf_gives() {
+        for text in [
+            &b""[..],
+            b"\n",
+            b"\n\n",
+            b"data: x",
+            b"data: x\n",
+            b"event: e\ndata: a\ndata: b",
+            b"a\r\n\r\nb\n",
+        ] {
+            let want: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+            assert_eq!(lines(text).collect::<Vec<_>>(), want, "{text:?}");
+        }
+    }
 
     #[test]
     fn only_events_that_may_carry_usage_are_parsed() {
