@@ -48,6 +48,7 @@ sys.path.insert(0, str(BENCH))
 
 import run as bench  # noqa: E402  (bench/run.py: peers, Envoy configs, wrk runs, /proc readers)
 from run import harness, render_envoy  # noqa: E402
+import ecds  # noqa: E402  (scripts/, on the path through harness)
 
 CLI_BIN = ROOT / "target" / "release" / "tollgate"
 DEFAULT_SIZES = (1_000, 10_000, 100_000)
@@ -111,8 +112,14 @@ class TimedEnvoy:
         render_envoy.set_listen(cfg, f"127.0.0.1:{self.port}")
         render_envoy.set_admin(cfg, f"127.0.0.1:{self.admin_port}")
         # Envoy reads a bootstrap by its extension: .yaml with yaml-cpp, .json with protobuf's
-        # JSON parser (much faster on a large plugin configuration).
-        self.config_path = workdir / f"envoy-{name}.{bootstrap_format}"
+        # JSON parser (much faster on a large plugin configuration). "ecds": a YAML bootstrap
+        # whose filter configurations come from watched discovery files (JSON), the layout
+        # every shipped deployment uses for live reload (docs/keys.md).
+        if bootstrap_format == "ecds":
+            filter_dir = workdir / f"filter-{name}"
+            ecds.write(filter_dir, ecds.use_ecds(cfg, str(filter_dir)))
+        suffix = "json" if bootstrap_format == "json" else "yaml"
+        self.config_path = workdir / f"envoy-{name}.{suffix}"
         self.config_path.write_text(json.dumps(cfg) if bootstrap_format == "json"
                                     else render_envoy.dump(cfg))
         self.log_path = workdir / f"envoy-{name}.log"
@@ -475,9 +482,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=2, help="Envoy workers (default 2)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    p.add_argument("--bootstrap", choices=("yaml", "json"), default="yaml",
+    p.add_argument("--bootstrap", choices=("yaml", "json", "ecds"), default="yaml",
                    help="the bootstrap's format (default yaml; Envoy parses a large inline "
-                        "configuration 2-3x faster from JSON, docs/scale.md)")
+                        "configuration 2-3x faster from JSON, docs/scale.md); ecds: a YAML "
+                        "bootstrap with the filter configuration in a watched JSON discovery "
+                        "file, as the shipped deployments load it")
     p.add_argument("--key-set", action="store_true",
                    help="the clients as a key_set (tollgate keys pack) instead of JSON clients")
     p.add_argument("--tollgate-wasm", help="measure this module instead of the one `make build` makes")
