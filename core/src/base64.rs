@@ -62,17 +62,47 @@ pub fn decode_url(input: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Not a character of the standard alphabet, in [`STANDARD_VALUES`].
+const NOT_BASE64: u8 = 0xff;
+
+/// The value of each byte as a character of the standard alphabet ([`NOT_BASE64`] for the
+/// others): one lookup per character.
+// Evaluated at compile time: an index out of bounds fails the build, it cannot panic.
+#[allow(clippy::indexing_slicing)]
+const STANDARD_VALUES: [u8; 256] = {
+    let mut table = [NOT_BASE64; 256];
+    let mut i = 0;
+    while i < 64 {
+        table[STANDARD[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+
 /// The value of a character of the standard alphabet.
 fn standard_value(c: u8) -> Option<u32> {
-    let v = match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => return None,
-    };
-    Some(u32::from(v))
+    match STANDARD_VALUES.get(usize::from(c)) {
+        Some(&v) if v != NOT_BASE64 => Some(u32::from(v)),
+        _ => None,
+    }
+}
+
+/// The 24 bits of a group of four characters of the standard alphabet (no padding), or the
+/// index of the first character that is not one. Straight-line: a key set is megabytes of
+/// these groups.
+fn group_bits(group: [u8; 4]) -> Result<u32, usize> {
+    let v = group.map(|c| {
+        STANDARD_VALUES
+            .get(usize::from(c))
+            .copied()
+            .unwrap_or(NOT_BASE64)
+    });
+    let [a, b, c, d] = v;
+    if (a | b | c | d) & 0xc0 != 0 {
+        // Some value is NOT_BASE64 (a character's value is below 64).
+        return Err(v.iter().position(|&x| x == NOT_BASE64).unwrap_or(0));
+    }
+    Ok(u32::from(a) << 18 | u32::from(b) << 12 | u32::from(c) << 6 | u32::from(d))
 }
 
 /// Why standard base64 could not be decoded.
@@ -104,7 +134,12 @@ impl<'a> Decoder<'a> {
     /// A decoder of `input`; only the length and the padding are checked here, each character
     /// as it is read.
     pub fn new(input: &'a str) -> Result<Self, DecodeError> {
-        let input = input.as_bytes();
+        Self::from_bytes(input.as_bytes())
+    }
+
+    /// [`Decoder::new`] of bytes (a character outside the alphabet is an error when read, as
+    /// in a string).
+    pub fn from_bytes(input: &'a [u8]) -> Result<Self, DecodeError> {
         if input.len() % 4 != 0 {
             return Err(DecodeError::Length);
         }
@@ -132,6 +167,24 @@ impl<'a> Decoder<'a> {
     pub fn read(&mut self, out: &mut [u8]) -> Result<(), DecodeError> {
         if out.len() > self.remaining {
             return Err(DecodeError::End);
+        }
+        let mut out = out;
+        // Whole groups straight into `out` while nothing is pending, all but the last group
+        // (only the last may hold padding; it goes through `refill`, which checks it). The
+        // same errors as `refill`: here `=` is a character like any other outside the alphabet.
+        while self.pending_len == 0 && out.len() >= 3 && self.at + 4 < self.input.len() {
+            let group = self
+                .input
+                .get(self.at..self.at + 4)
+                .and_then(|g| <[u8; 4]>::try_from(g).ok())
+                .ok_or(DecodeError::End)?;
+            let n = group_bits(group).map_err(|i| DecodeError::Character(self.at + i))?;
+            let [_, a, b, c] = n.to_be_bytes();
+            let (head, rest) = std::mem::take(&mut out).split_at_mut(3);
+            head.copy_from_slice(&[a, b, c]);
+            out = rest;
+            self.at += 4;
+            self.remaining -= 3;
         }
         for slot in out.iter_mut() {
             if self.pending_len == 0 {
@@ -262,6 +315,24 @@ mod tests {
         #[test]
         fn standard_decoder_never_panics(s in "[A-Za-z0-9+/=]{0,40}") {
             let _ = decode(&s);
+        }
+
+        /// A whole read (groups decoded straight into the output) and a read one byte at a time
+        /// (every group through `refill`) give the same bytes and the same error.
+        #[test]
+        fn a_whole_read_and_a_bytewise_read_agree(s in "[A-Za-z0-9+/=.]{0,40}") {
+            let bytewise = || -> Result<Vec<u8>, DecodeError> {
+                let mut d = Decoder::new(&s)?;
+                let mut out = Vec::new();
+                while d.remaining() > 0 {
+                    let mut byte = [0u8; 1];
+                    d.read(&mut byte)?;
+                    let [b] = byte;
+                    out.push(b);
+                }
+                Ok(out)
+            };
+            prop_assert_eq!(decode(&s), bytewise());
         }
     }
 }

@@ -434,18 +434,17 @@ impl<'a> KeySetReader<'a> {
         if max == 0 || self.window.len() != max {
             return Err(Fail::End);
         }
-        // Base64 is ASCII: anything else is an error at its offset (and a window of ASCII is
-        // a string, whatever the window boundaries).
-        if let Some(p) = self.window.iter().position(|b| !b.is_ascii()) {
+        // Base64 is ASCII: anything else is an error at its offset (`is_ascii` checks a word
+        // at a time; the offset is looked for only when there is one).
+        if !self.window.is_ascii() {
+            let p = self.window.iter().position(|b| !b.is_ascii()).unwrap_or(0);
             return Err(DecodeError::Character(start + p).into());
         }
-        let text = std::str::from_utf8(&self.window)
-            .map_err(|_| Fail::from(DecodeError::Character(start)))?;
         let at = |e: DecodeError| match e {
             DecodeError::Character(p) => DecodeError::Character(start + p),
             e => e,
         };
-        let mut decoder = Decoder::new(text).map_err(at)?;
+        let mut decoder = Decoder::from_bytes(&self.window).map_err(at)?;
         self.decoded.resize(decoder.remaining(), 0);
         decoder.read(&mut self.decoded).map_err(at)?;
         // Padding belongs to the last window only (a window's decoder takes its end for the
