@@ -75,108 +75,108 @@ enum DetailKey {
     Other,
 }
 
-/// A details object, or `None` for any other JSON value (read through, not kept: no
-/// intermediate `serde_json::Value`, which allocated a map per response). A repeated member
-/// counts as its last occurrence, as JSON objects are read elsewhere.
-fn lenient_details<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RawDetails>, D::Error> {
-    struct DetailsVisitor;
-    impl<'de> Visitor<'de> for DetailsVisitor {
-        type Value = Option<RawDetails>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("any JSON value")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut details = RawDetails::default();
-            while let Some(key) = map.next_key::<DetailKey>()? {
-                match key {
-                    DetailKey::CachedTokens => {
-                        details.cached_tokens = map.next_value::<LenientCount>()?.0;
-                    }
-                    DetailKey::ReasoningTokens => {
-                        details.reasoning_tokens = map.next_value::<LenientCount>()?.0;
-                    }
-                    DetailKey::Other => {
-                        map.next_value::<serde::de::IgnoredAny>()?;
-                    }
-                }
-            }
-            Ok(Some(details))
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(
-            self,
-            mut seq: A,
-        ) -> Result<Self::Value, A::Error> {
-            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
+/// The one JSON shape a lenient field accepts; any other value is read through and gives
+/// `None` (see [`Lenient`]).
+trait Shape<'de> {
+    type Out;
+    /// A non-negative integer (`None`: a negative one).
+    fn count(&self, _n: Option<u64>) -> Option<Self::Out> {
+        None
     }
-    d.deserialize_any(DetailsVisitor)
+    /// An object (read it, or leave it to be skipped).
+    fn object<A: MapAccess<'de>>(&self, map: A) -> Result<Option<Self::Out>, A::Error> {
+        skip_map(map)
+    }
 }
 
-/// A count: a non-negative integer, or `None` for any other JSON value (what
-/// `serde_json::Value::as_u64` accepts, without building the value).
+fn skip_map<'de, A: MapAccess<'de>, T>(mut map: A) -> Result<Option<T>, A::Error> {
+    while map
+        .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+        .is_some()
+    {}
+    Ok(None)
+}
+
+/// Reads any JSON value, keeping only the shape `S` accepts: what `serde_json::Value` and
+/// `as_u64` / `from_value` did, without building the value (it allocated a map per response).
+struct Lenient<S>(S);
+
+impl<'de, S: Shape<'de>> Visitor<'de> for Lenient<S> {
+    type Value = Option<S::Out>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(self.0.count(Some(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(self.0.count(u64::try_from(v).ok()))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        self.0.object(map)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// A count: a non-negative integer.
+struct Count;
+
+impl Shape<'_> for Count {
+    type Out = u64;
+    fn count(&self, n: Option<u64>) -> Option<u64> {
+        n
+    }
+}
+
+/// A `*_tokens_details` object. A repeated member counts as its last occurrence.
+struct Details;
+
+impl<'de> Shape<'de> for Details {
+    type Out = RawDetails;
+    fn object<A: MapAccess<'de>>(&self, mut map: A) -> Result<Option<RawDetails>, A::Error> {
+        let mut details = RawDetails::default();
+        while let Some(key) = map.next_key::<DetailKey>()? {
+            match key {
+                DetailKey::CachedTokens => {
+                    details.cached_tokens = map.next_value::<LenientCount>()?.0
+                }
+                DetailKey::ReasoningTokens => {
+                    details.reasoning_tokens = map.next_value::<LenientCount>()?.0;
+                }
+                DetailKey::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some(details))
+    }
+}
+
+fn lenient_details<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RawDetails>, D::Error> {
+    d.deserialize_any(Lenient(Details))
+}
+
+/// A count member of a details object (see [`Count`]).
 struct LenientCount(Option<u64>);
 
 impl<'de> Deserialize<'de> for LenientCount {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct CountVisitor;
-        impl<'de> Visitor<'de> for CountVisitor {
-            type Value = Option<u64>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(Some(v))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(u64::try_from(v).ok())
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(None)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                while map
-                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                    .is_some()
-                {}
-                Ok(None)
-            }
-        }
-        d.deserialize_any(CountVisitor).map(LenientCount)
+        d.deserialize_any(Lenient(Count)).map(LenientCount)
     }
 }
 
@@ -946,6 +946,38 @@ mod tests {
         let s = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":5,\"prompt_tokens_details\":{\"cached_tokens\":8},\"completion_tokens_details\":{\"reasoning_tokens\":3}}}\n\ndata: [DONE]\n\n";
         let u = read(&[s.as_bytes()]).usage.unwrap();
         assert_eq!((u.cached_tokens, u.reasoning_tokens), (8, 3));
+    }
+
+    #[test]
+    fn token_details_are_read_as_json_values_would_be() {
+        let cached = |details: &str| {
+            let body =
+                format!(r#"{{"usage":{{"prompt_tokens":50,"prompt_tokens_details":{details}}}}}"#);
+            from_json(body.as_bytes()).map(|u| u.cached_tokens)
+        };
+        // What `serde_json::Value` and `as_u64` made of them: only a non-negative integer counts.
+        for (details, want) in [
+            (r#"{"cached_tokens":7}"#, Some(7)),
+            (r#"{"cached_tokens":-7}"#, Some(0)),
+            (r#"{"cached_tokens":7.0}"#, Some(0)),
+            (r#"{"cached_tokens":{"n":7}}"#, Some(0)),
+            (r#"{"cached_tokens":[7]}"#, Some(0)),
+            (r#"{"cached_tokens":true}"#, Some(0)),
+            (r#"{"cached_tokens":null}"#, Some(0)),
+            (r#"{"cached_tokens":1,"cached_tokens":9}"#, Some(9)),
+            (r#"{"cached_\u0074okens":7}"#, Some(7)),
+            (
+                r#"{"other":{"cached_tokens":7},"cached_tokens":3}"#,
+                Some(3),
+            ),
+            ("12", Some(0)),
+            (r#""cached""#, Some(0)),
+            ("false", Some(0)),
+        ] {
+            assert_eq!(cached(details), want, "{details}");
+        }
+        // Broken JSON inside the details is still broken JSON: no usage at all.
+        assert_eq!(cached(r#"{"cached_tokens":}"#), None);
     }
 
     proptest! {
