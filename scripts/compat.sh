@@ -89,7 +89,7 @@ for v in "${VERSIONS[@]}"; do
     report="$OUT/$v.xml"
     rm -f "$report"
     set +e
-    (cd tests && ENVOY_BIN="$envoy" TOLLGATE_METRIC_NAMES_DIR="$OUT/names" nice "$PYTHON" -m pytest -q -p no:cacheprovider \
+    (cd tests && ENVOY_BIN="$envoy" TOLLGATE_METRIC_NAMES_DIR="$OUT/names" nice "$PYTHON" -m pytest -q -rfE -p no:cacheprovider \
         --ignore=test_deploy.py --junitxml="$report" "${TESTS[@]}") >"$OUT/$v.log" 2>&1
     set -e
     if [ ! -f "$report" ]; then
@@ -103,6 +103,9 @@ for v in "${VERSIONS[@]}"; do
     note=""
     if [ "$failed" -gt 0 ]; then
         note="see $OUT/$v.log"
+        # The log stays on the machine that ran it: print the failures where CI shows them.
+        echo "compat: Envoy $v failures:"
+        sed -n '/^=* \(FAILURES\|ERRORS\) =*$/,$p' "$OUT/$v.log" | tail -n 200
     fi
     rows+=("$v $passed $failed $skipped $note")
 done
