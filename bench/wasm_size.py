@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
-"""Where the bytes of a wasm module go: section sizes, and code size by crate and by function.
+"""Where the bytes of a wasm module go: section sizes, and code size by crate and by function;
+with --compile-memory, what compiling each function costs V8's optimizing compiler.
 
-    python3 bench/wasm_size.py MODULE.wasm [--top 25]
+    python3 bench/wasm_size.py MODULE.wasm [--top 25] [--compile-memory]
 
 Function names come from the module's `name` section, which the release profile strips; build a
 copy that keeps it (same code, names added) with
 
     CARGO_PROFILE_RELEASE_STRIP=false cargo build --release --target wasm32-wasip1 \\
         -p tollgate-filter --target-dir target/bench-size-names
+
+--compile-memory compiles the module in Node.js's V8 as Envoy's V8 does (TurboFan only, every
+function up front: proxy-wasm-cpp-host turns Liftoff off) and lists the functions whose compile
+needs the most memory, from V8's own trace (`--trace-wasm-compilation-times`: peak zone and total
+bytes per function). Node's V8 is not Envoy's, so the figures are relative; Envoy keeps the
+allocator memory of that compile for the life of the process (docs/scale.md). Needs `node`.
 
 Standard library only.
 """
@@ -18,6 +25,8 @@ import argparse
 import collections
 import pathlib
 import re
+import shutil
+import subprocess
 import sys
 
 SECTIONS = {0: "custom", 1: "type", 2: "import", 3: "function", 4: "table", 5: "memory",
@@ -89,7 +98,7 @@ def parse(buf: bytes):
         i = end
     funcs = [(names.get(imported_funcs + idx, f"func[{imported_funcs + idx}]"), size)
              for idx, size in enumerate(bodies)]
-    return sections, funcs
+    return sections, funcs, imported_funcs
 
 
 def parse_names(buf: bytes, i: int, end: int) -> dict[int, str]:
@@ -106,6 +115,37 @@ def parse_names(buf: bytes, i: int, end: int) -> dict[int, str]:
                 k += n
         i = j + size
     return names
+
+
+_TRACE = re.compile(r"#(\d+) using TurboFan, took (\d+) ms and (\d+) / (\d+) max/total bytes")
+
+
+def compile_memory(module: str, funcs: list[tuple[str, int]], imported: int, top: int) -> int:
+    """Prints the functions whose TurboFan compile takes the most memory (Node.js's V8, one
+    compile task so that each function's figures are its own)."""
+    node = shutil.which("node")
+    if node is None:
+        print("--compile-memory needs node", file=sys.stderr)
+        return 2
+    load = "new WebAssembly.Module(require('fs').readFileSync(process.argv[1]))"
+    done = subprocess.run([node, "--no-liftoff", "--no-wasm-lazy-compilation",
+                           "--wasm-num-compilation-tasks=0", "--trace-wasm-compilation-times",
+                           "-e", load, module], capture_output=True, text=True, timeout=600)
+    rows = []
+    for m in _TRACE.finditer(done.stdout + done.stderr):
+        index, ms, peak, total = map(int, m.groups())
+        name, size = funcs[index - imported] if 0 <= index - imported < len(funcs) else (f"func[{index}]", 0)
+        rows.append((total, peak, ms, size, name))
+    if done.returncode != 0 or not rows:
+        print(f"node could not compile {module}: {done.stderr.strip()[:300]}", file=sys.stderr)
+        return 2
+    rows.sort(reverse=True)
+    print(f"\nTurboFan compile memory (Node.js {subprocess.run([node, '--version'], capture_output=True, text=True).stdout.strip()}, "
+          f"{len(rows)} functions, {sum(r[0] for r in rows) / 2**20:.0f} MiB allocated in all):")
+    print(f"  {'total MiB':>9}  {'peak MiB':>8}  {'ms':>4}  {'bytes':>7}  function")
+    for total, peak, ms, size, name in rows[:top]:
+        print(f"  {total / 2**20:9.1f}  {peak / 2**20:8.1f}  {ms:4d}  {size:7,}  {name[:120]}")
+    return 0
 
 
 def crate_of(symbol: str) -> str:
@@ -129,9 +169,11 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("module")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--compile-memory", action="store_true",
+                   help="also list the functions whose compile in V8 (TurboFan) takes the most memory")
     a = p.parse_args(argv)
     buf = pathlib.Path(a.module).read_bytes()
-    sections, funcs = parse(buf)
+    sections, funcs, imported = parse(buf)
     print(f"{a.module}: {len(buf):,} bytes")
     print("\nsections:")
     for label, size in sorted(sections, key=lambda s: -s[1]):
@@ -146,6 +188,8 @@ def main(argv: list[str]) -> int:
     print("\nlargest functions:")
     for name, size in sorted(funcs, key=lambda f: -f[1])[:a.top]:
         print(f"  {size:>9,}  {name[:150]}")
+    if a.compile_memory:
+        return compile_memory(a.module, funcs, imported, a.top)
     return 0
 
 
