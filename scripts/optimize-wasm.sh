@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Optimises the release module with Binaryen's wasm-opt (-O3 without inlining: it takes ~11% off
 # the size), from cargo's own output (target/.../deps/tollgate.wasm, which cargo keeps) to the
-# module Envoy loads. Runs once per cargo output and set of flags: what it optimised is recorded,
-# so a second `make build` neither optimises twice nor gives another module, and a change of
-# flags here applies on the next `make build`.
+# module Envoy loads. wasm-opt runs once per cargo output and set of flags: its output is kept
+# beside the module (tollgate.wasm.optimized) with what it was made from, so a second `make build`
+# does not optimise again but still ends with the optimised module. (Cargo hard-links its output
+# to tollgate.wasm again on every build, even when nothing changed: the module is therefore
+# always replaced, never written in place, which would write through the link into cargo's own
+# copy.) A change of flags here applies on the next `make build`.
 set -euo pipefail
 wasm=$1
 stamp="$wasm.optimized-sha256"
@@ -24,13 +27,21 @@ flags=(-O3 -aimfs 0 -fimfs 0 -ocimfs 0 --enable-bulk-memory --enable-sign-ext --
 src="$(dirname "$wasm")/deps/$(basename "$wasm")"
 if [[ -f "$src" ]]; then
   key="$(sha256sum "$src" | cut -d' ' -f1) ${flags[*]}"
-  [[ -f "$wasm" && -f "$stamp" && "$(cat "$stamp")" == "$key" ]] && exit 0
+  out="$wasm.optimized"
+  if ! [[ -f "$out" && -f "$stamp" && "$(cat "$stamp")" == "$key" ]]; then
+    wasm-opt "${flags[@]}" "$src" -o "$out.tmp"
+    mv "$out.tmp" "$out"
+    echo "$key" > "$stamp"
+  fi
+  if ! cmp -s "$out" "$wasm"; then
+    cp "$out" "$wasm.tmp"
+    mv "$wasm.tmp" "$wasm"
+  fi
+  exit 0
 else
   # No cargo output beside it (a module copied elsewhere): optimise in place, once.
-  src=$wasm
   [[ -f "$stamp" && "$(cat "$stamp")" == "$(sha256sum "$wasm" | cut -d' ' -f1) optimized" ]] && exit 0
-  key=""
 fi
-wasm-opt "${flags[@]}" "$src" -o "$wasm.tmp"
+wasm-opt "${flags[@]}" "$wasm" -o "$wasm.tmp"
 mv "$wasm.tmp" "$wasm"
-echo "${key:-$(sha256sum "$wasm" | cut -d' ' -f1) optimized}" > "$stamp"
+echo "$(sha256sum "$wasm" | cut -d' ' -f1) optimized" > "$stamp"
