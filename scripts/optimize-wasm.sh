@@ -3,10 +3,10 @@
 # the size), from cargo's own output (target/.../deps/tollgate.wasm, which cargo keeps) to the
 # module Envoy loads. wasm-opt runs once per cargo output and set of flags: its output is kept
 # beside the module (tollgate.wasm.optimized) with what it was made from, so a second `make build`
-# does not optimise again but still ends with the optimised module. (Cargo hard-links its output
-# to tollgate.wasm again on every build, even when nothing changed: the module is therefore
-# always replaced, never written in place, which would write through the link into cargo's own
-# copy.) A change of flags here applies on the next `make build`.
+# does not optimise again but still ends with the optimised module. (Cargo may hard-link its
+# output to tollgate.wasm again on a later build, even when nothing changed: the module is
+# therefore replaced, never written in place, which would write through the link into cargo's
+# own copy.) A change of flags here applies on the next `make build`.
 set -euo pipefail
 wasm=$1
 stamp="$wasm.optimized-sha256"
@@ -37,11 +37,9 @@ if [[ -f "$src" ]]; then
     cp "$out" "$wasm.tmp"
     mv "$wasm.tmp" "$wasm"
   fi
-  exit 0
-else
+elif ! [[ -f "$stamp" && "$(cat "$stamp")" == "$(sha256sum "$wasm" | cut -d' ' -f1) optimized" ]]; then
   # No cargo output beside it (a module copied elsewhere): optimise in place, once.
-  [[ -f "$stamp" && "$(cat "$stamp")" == "$(sha256sum "$wasm" | cut -d' ' -f1) optimized" ]] && exit 0
+  wasm-opt "${flags[@]}" "$wasm" -o "$wasm.tmp"
+  mv "$wasm.tmp" "$wasm"
+  echo "$(sha256sum "$wasm" | cut -d' ' -f1) optimized" > "$stamp"
 fi
-wasm-opt "${flags[@]}" "$wasm" -o "$wasm.tmp"
-mv "$wasm.tmp" "$wasm"
-echo "$(sha256sum "$wasm" | cut -d' ' -f1) optimized" > "$stamp"
