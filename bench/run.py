@@ -132,6 +132,14 @@ def with_leases(cfg: dict) -> None:
     render_envoy.set_plugin_config(cfg, plugin)
 
 
+def with_access_log(cfg: dict) -> None:
+    """The access log's fields on (`access_log`, docs/metrics.md#access-log): four properties
+    more per admitted request, one host call each."""
+    plugin = render_envoy.plugin_config(cfg)
+    plugin["access_log"] = True
+    render_envoy.set_plugin_config(cfg, plugin)
+
+
 def with_budgets(cfg: dict) -> None:
     """Every client with day, week and month budgets in money, tokens and requests (issue #18),
     too large to refuse the bench: each is checked, reserved and settled on every request."""
@@ -150,6 +158,8 @@ PEERS: list[Peer] = [
     Peer("bare", "bare Envoy (no wasm filter)", filter="none", baseline=None, floor=None),
     Peer("empty", "Envoy + empty wasm filter (the floor)", filter="empty", floor=None),
     Peer("local", "Envoy + Tollgate, local limiter", filter="tollgate", limiter="local"),
+    Peer("logged", "Envoy + Tollgate, local limiter, access-log fields", filter="tollgate",
+         limiter="local", configure=with_access_log),
     Peer("redis", "Envoy + Tollgate, Redis limiter (Webdis)", filter="tollgate", limiter="redis"),
     Peer("leases", "Envoy + Tollgate, Redis limiter with quota leases", filter="tollgate",
          limiter="redis", configure=with_leases),
@@ -216,6 +226,9 @@ def bench_plugin(cfg: dict, routing: bool) -> dict:
     # cache (docs/cache.md) would inspect, and at temperature 0 answer, its identical requests.
     for rule in plugin.get("models", []):
         rule.pop("cache", None)
+    # The access log's fields are opt-in (the demo turns them on to show them); the `logged`
+    # peer measures them.
+    plugin.pop("access_log", None)
     if not routing:
         plugin = {k: v for k, v in plugin.items() if k not in ROUTING_FIELDS}
         plugin["upstream"] = {"api_key_env": harness.PROVIDER_KEY_ENV}

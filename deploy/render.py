@@ -286,6 +286,9 @@ def mesh_plugin_config(webdis_cluster: str | None, webdis_authority: str | None 
     add. With `webdis_cluster` None the limiter is local."""
     cfg = render_envoy.load()
     plugin = {
+        # The access log's fields (docs/metrics.md#access-log): Envoy Gateway's EnvoyProxy logs
+        # them; with Istio, add them to the Telemetry access-log format.
+        "access_log": True,
         "clients": PLACEHOLDER_CLIENTS,
         "default_requests_per_minute": render_envoy.plugin_config(cfg)["default_requests_per_minute"],
         "upstream": {"api_key_env": MESH_PROVIDER_KEY_ENV},

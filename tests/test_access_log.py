@@ -27,6 +27,7 @@ def cost(usage: dict) -> str:
 
 def plugin(**extra) -> dict:
     return {
+        "access_log": True,
         "clients": [
             {"name": "log-team", "key_sha256": sha256_hex(KEY), "requests_per_minute": 1000,
              "models": ["gpt-4.1", "gpt-4.1-mini", "unknown-*"]},
@@ -151,6 +152,23 @@ def test_every_outcome_is_logged_with_its_fields(start_gateway, relay, backup):
     assert len(refusals) == 7
     # Nothing went upstream for a refusal or a cache hit; one try for each admitted request.
     assert [line["attempts"] for line in lines] == [1, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0]
+
+
+def test_the_fields_are_opt_in(start_gateway, relay, backup):
+    """Without `access_log` Tollgate sets no property (four host calls fewer per admitted
+    request): Envoy still writes every line with its own fields, and Tollgate's are null, for an
+    admitted request and for a refusal alike."""
+    config = plugin()
+    del config["access_log"]
+    gw = start_gateway(config, urls(relay, backup))
+    harness.wait_for_fresh_window()
+    assert gw.post(key=KEY, body=json.dumps(chat_body("gpt-4.1")).encode()).status == 200
+    assert gw.post(key="sk-not-a-client").status == 401
+    lines = log_lines(gw, 2)
+    assert [(line["status"], fields(line)) for line in lines] == [(200, None), (401, None)]
+    assert [line["attempts"] for line in lines] == [1, 0]
+    assert len(relay.requests()) == 1
+    assert gw.counter("tollgate_requests_total", client="log-team", outcome="admitted") == 1
 
 
 def test_the_provider_that_answered_and_the_charge_are_logged(start_gateway, relay, backup):

@@ -250,7 +250,8 @@ def access_log_lines(gw, count: int) -> list[dict]:
 
 def test_hits_cost_no_tokens(start_gateway, providers):
     relay, backup = providers
-    gw = start_gateway(plugin({}), provider_urls(relay, backup))
+    # The access log's properties on: the hit's line is read below.
+    gw = start_gateway(plugin({}, access_log=True), provider_urls(relay, backup))
     harness.wait_for_fresh_window()
     body = json.dumps(chat_body("gpt-4.1", content="tokens?", temperature=0)).encode()
     first = post(gw, TEAM_A, body)

@@ -17,6 +17,7 @@ KEY = "sk-usage-team-77aa"
 
 def routed() -> dict:
     return {
+        "access_log": True,
         "clients": [{"name": "usage-team", "key_sha256": sha256_hex(KEY), "requests_per_minute": 1000}],
         "providers": [
             {"name": "relay", "cluster": "provider_relay", "api_key_env": harness.PROVIDER_KEY_ENV},

@@ -25,9 +25,11 @@ use log::{debug, error, warn};
 use crate::access_log::{self, Record};
 use crate::anthropic;
 use crate::cache::{self, Backend, Skip};
+use crate::config::Config;
 use crate::endpoints::Api;
 use crate::gateway::{callout_status, timed_out, Gateway, MAX_WEBDIS_REPLY_BYTES};
-use crate::host::{send_local_reply, Action, Buffer, Host, Map};
+use crate::headers::Header;
+use crate::host::{send_local_reply, Action, Buffer, Host, HostError, Map};
 use crate::identity;
 use crate::limiter::Window;
 use crate::metrics::{CacheMetric, Outcome};
@@ -221,7 +223,7 @@ impl Exchange {
             now,
             h,
         );
-        let start = match start {
+        let mut start = match start {
             // No body will follow (a POST without one): decide on the empty body now.
             Start::ReadBody(awaiting) if end_of_stream => {
                 request::on_request_body(&gw.config, awaiting, b"", now, h)
@@ -229,29 +231,28 @@ impl Exchange {
             start => start,
         };
         // Headers a provider must not see go before the request can pause or be forwarded.
-        // An answered request needs no stripping: nothing of it goes upstream. A forwarded one
-        // keeps the headers it is about to replace (one host call each, not two).
-        let replaced: Vec<&str> = match &start {
+        // An answered request needs no stripping: nothing of it goes upstream.
+        let stripped = match &mut start {
             Start::Done(Step {
                 decision: Decision::Reply(_),
                 ..
             }) => return self.proceed(h, &gw, start),
-            // Forwarded now (a cache lookup may still pause it: then strip everything).
+            // Forwarded now (a cache lookup may still pause it: then strip everything): the
+            // removals and the headers it sets are one edit of the map.
             Start::Done(Step {
                 decision: Decision::Forward(f),
                 ..
-            }) if f.cache.is_none() => f.set.iter().map(|(n, _)| *n).collect(),
-            _ => Vec::new(),
+            }) if f.cache.is_none() => strip_and_set(h, &gw.config, &headers, &mut f.set),
+            _ => strip(h, &gw.config, &headers),
         };
-        for name in request::strip_list(&gw.config, &headers) {
-            if replaced.iter().any(|r| r.as_bytes() == name.as_slice()) {
-                continue;
-            }
-            if let Err(e) = h.remove_header(Map::Request, &name) {
-                error!("cannot remove a request header: {e}");
-                gw.count_request(h, None, Outcome::Error);
-                return self.reply(h, &openai::internal_error());
-            }
+        if let Err(e) = stripped {
+            error!("cannot edit the request headers: {e}");
+            let client = match &start {
+                Start::Done(step) => step.client,
+                _ => None,
+            };
+            gw.count_request(h, client, Outcome::Error);
+            return self.reply(h, &openai::internal_error());
         }
         self.proceed(h, &gw, start)
     }
@@ -510,9 +511,12 @@ impl Exchange {
         Action::Pause
     }
 
-    /// Sets the access log's properties (`wasm.tollgate_<field>`): one host call per field
-    /// that got a value since the last time.
+    /// Sets the access log's properties (`wasm.tollgate_<field>`) when the configuration asks
+    /// for them (`access_log`): one host call per field that got a value since the last time.
     fn write_log(&mut self, h: &dyn Host) {
+        if !self.gateway.as_ref().is_some_and(|gw| gw.config.access_log) {
+            return;
+        }
         for (property, value) in self.log.changes(&self.logged) {
             if let Err(e) = h.set_property(property, value.as_bytes()) {
                 debug!("cannot set {property}: {e}");
@@ -1128,9 +1132,54 @@ fn limiter_answer(
     step
 }
 
+/// Removes the request headers a provider must not see, one host call each.
+fn strip(h: &dyn Host, config: &Config, headers: &[Header]) -> Result<(), HostError> {
+    for name in request::strip_list(config, headers) {
+        h.remove_header(Map::Request, &name)?;
+    }
+    Ok(())
+}
+
+/// Removes the request headers a provider must not see and sets a forward's headers (`set`,
+/// emptied: they are applied). More than one edit is one write of the whole map; a single
+/// edit is its own call, which costs Envoy less than rebuilding the map.
+fn strip_and_set(
+    h: &dyn Host,
+    config: &Config,
+    headers: &[Header],
+    set: &mut Vec<(&'static str, String)>,
+) -> Result<(), HostError> {
+    let removed = request::strip_list(config, headers);
+    let replaced = |name: &[u8]| set.iter().any(|(n, _)| n.as_bytes() == name);
+    let removals = removed.iter().filter(|n| !replaced(n)).count();
+    match (removals, set.len()) {
+        (0, 0) => {}
+        (1, 0) => strip(h, config, headers)?,
+        (0, 1) => {
+            for (name, value) in set.iter() {
+                h.replace_header(Map::Request, name, value)?;
+            }
+        }
+        _ => {
+            let mut map: Vec<Header> = headers
+                .iter()
+                .filter(|(n, _)| !replaced(n) && !removed.contains(n))
+                .cloned()
+                .collect();
+            map.extend(
+                set.iter()
+                    .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())),
+            );
+            h.set_headers(Map::Request, &map)?;
+        }
+    }
+    set.clear();
+    Ok(())
+}
+
 /// Applies a forward's rewrite: headers set (the provider key or the route), the body replaced
 /// (a stream now asking for usage), the route picked again.
-fn apply(h: &dyn Host, forward: &Forward) -> Result<(), crate::host::HostError> {
+fn apply(h: &dyn Host, forward: &Forward) -> Result<(), HostError> {
     for (name, value) in &forward.set {
         h.replace_header(Map::Request, name, value)?;
     }

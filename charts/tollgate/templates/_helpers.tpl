@@ -84,7 +84,7 @@ app.kubernetes.io/component: gateway
 {{- else if .Values.limiter.budgetsOnRestart -}}
 {{- $_ := set $limiter "budgets_on_restart" .Values.limiter.budgetsOnRestart -}}
 {{- end -}}
-{{- $cfg := dict "clients" $clients "default_requests_per_minute" (int64 .Values.defaultRequestsPerMinute) "providers" $providers "models" .Values.models "limiter" $limiter -}}
+{{- $cfg := dict "access_log" true "clients" $clients "default_requests_per_minute" (int64 .Values.defaultRequestsPerMinute) "providers" $providers "models" .Values.models "limiter" $limiter -}}
 {{- if .Values.defaultProvider }}{{ $_ := set $cfg "default_provider" .Values.defaultProvider }}{{ end -}}
 {{- if .Values.prices -}}
 {{- $_ := set $cfg "currency" (.Values.currency | default "USD") -}}

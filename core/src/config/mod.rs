@@ -120,6 +120,8 @@ struct RawConfig<'a> {
     prices: Option<Vec<RawPrice>>,
     #[serde(default)]
     budget_utc_offset_minutes: Option<i32>,
+    #[serde(default)]
+    access_log: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -150,6 +152,9 @@ pub struct Config {
     pub budget_utc_offset_minutes: i32,
     /// `limiter.budgets_on_restart`: set when the local limiter holds budgets of an hour or more.
     pub budgets_on_restart: Option<OnRestart>,
+    /// `access_log`: set the access log's properties (`wasm.tollgate_<field>`, one host call
+    /// per field a request has). Off by default: four host calls of an admitted request.
+    pub access_log: bool,
 }
 
 /// One provider for everything, or routing by model.
@@ -375,6 +380,7 @@ fn compile(
     let forward_headers = compile_forward_headers(raw.forward_headers.take().unwrap_or_default())?;
     let prices = compile_prices(raw.currency.take(), raw.prices.take())?;
     let budget_utc_offset_minutes = check_offset(raw.budget_utc_offset_minutes)?;
+    let access_log = raw.access_log;
 
     let defaults = Defaults {
         endpoints: default_endpoints,
@@ -538,6 +544,7 @@ fn compile(
         prices,
         budget_utc_offset_minutes,
         budgets_on_restart: on_restart,
+        access_log,
     })
 }
 
