@@ -509,7 +509,15 @@ def run_wrk(target: Target, connections: int, duration_s: int, helper_pids: list
     if w["good"] != n:
         problems.append(f"{n} requests but {w['good']} good responses")
     if counters0 is not None:
-        problems += check_counters(target.peer, counters0, target.envoy.tollgate_counters(), w["good"])
+        # A busy worker writes its counters on its root tick (every 100 ms) or once its last
+        # request ends (docs/metrics.md): give the last ones up to a second to arrive.
+        deadline = time.monotonic() + 1.0
+        while True:
+            found = check_counters(target.peer, counters0, target.envoy.tollgate_counters(), w["good"])
+            if not found or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        problems += found
     wrk_cpu = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
     server_cpu = s1 - s0
     busy, steal = machine_busy_s(m0, m1)

@@ -138,13 +138,30 @@ pub struct Exchange {
     request_id: Option<String>,
     /// What the properties already hold (each field is set once).
     logged: Record,
+    /// The gateway was told this exchange ended (its log callback ran, or it had none).
+    ended: bool,
+}
+
+impl Drop for Exchange {
+    /// A context Envoy drops without its log callback still ends its exchange, so the worker's
+    /// batch is not held back for it (the root tick writes it).
+    fn drop(&mut self) {
+        if let (false, Some(gw)) = (self.ended, &self.gateway) {
+            gw.end_exchange(None);
+        }
+    }
 }
 
 impl Exchange {
     /// A new exchange; `gateway` is `None` when the configuration failed to load (every request
     /// is then refused).
     pub fn new(gateway: Option<Rc<Gateway>>) -> Self {
+        if let Some(gw) = &gateway {
+            gw.begin_exchange();
+        }
+        let ended = gateway.is_none();
         Self {
+            ended,
             gateway,
             waiting: Waiting::Nothing,
             forwarded: false,
@@ -900,6 +917,15 @@ impl Exchange {
         let Some(gw) = self.gateway.clone() else {
             return;
         };
+        self.settle(h, &gw);
+        if !self.ended {
+            self.ended = true;
+            gw.end_exchange(Some(h));
+        }
+    }
+
+    /// Counts and settles what the finished exchange used (the log callback's work).
+    fn settle(&mut self, h: &dyn Host, gw: &Rc<Gateway>) {
         if let Waiting::Cache(_, wait) = std::mem::replace(&mut self.waiting, Waiting::Nothing) {
             // Gone while the Redis lookup was out: count it, and give its tokens back below.
             gw.count_request(h, wait.client, wait.outcome);
@@ -908,7 +934,7 @@ impl Exchange {
             self.budgets = wait.forward.budgets;
         }
         // No response headers (client gone, stream reset): the attempts made still count.
-        self.count_attempts(h, &gw);
+        self.count_attempts(h, gw);
         if let Some(store) = self.cache_store.take() {
             // The response never reached its end of stream (reset, client gone).
             let skip = Skip::Incomplete.reason();
@@ -960,34 +986,19 @@ impl Exchange {
         else {
             return;
         };
-        let settled = request::settle(
+        let (adjustments, local) = request::settlement(
             &gw.config,
             client,
             tokens.as_ref(),
             budgets.as_ref(),
             delivered,
             cost,
-            h,
         );
-        match settled {
-            Ok(adjustments) => {
-                for (key, delta) in adjustments {
-                    gw.queue_settlement(h, key, delta);
-                }
-            }
-            Err(e) => {
-                warn!(
-                    "cannot settle token usage ({}); the estimate stays counted",
-                    e.reason()
-                );
-                gw.limiter_error(
-                    h,
-                    &request::LimiterFailure {
-                        backend: "local",
-                        reason: e.reason(),
-                    },
-                );
-            }
+        for (key, delta) in adjustments {
+            gw.queue_settlement(h, key, delta);
+        }
+        if let Some(local) = local {
+            gw.settle_local(h, local);
         }
     }
 

@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 
 use log::{debug, error, info, warn};
 
+use crate::batch::Batch;
 use crate::cache::{self, Backend};
 use crate::config::{LimiterBackend, Mode};
 use crate::host::{Callout, Host, HostError, Map};
@@ -95,6 +96,8 @@ pub struct Gateway {
     cache_in_flight: RefCell<HashMap<u32, StoreMeta>>,
     /// Quota leases (with `limiter.leases`).
     leases: Option<Leases>,
+    /// Counter increments and local settlements written per batch, not per request.
+    batch: RefCell<Batch>,
 }
 
 /// A worker's part of the quota leases (see [`lease`]): its circuit breaker, the prefetches
@@ -246,28 +249,22 @@ impl Gateway {
             cache_queue: RefCell::new(VecDeque::new()),
             cache_in_flight: RefCell::new(HashMap::new()),
             leases,
+            batch: RefCell::new(Batch::default()),
         })
     }
 
-    /// The root context's timer period, when this configuration needs one (Redis cache
-    /// stores, Redis token settlements).
+    /// The root context's timer period: every configuration has one, as a busy worker writes
+    /// its counters and settlements on it ([`crate::batch`]); quota leases need a shorter one.
     pub fn tick_period_ms(&self) -> Option<u32> {
-        // Token and budget settlements, and spend records for `tollgate spend`.
-        let redis_tokens = matches!(self.config.limiter, LimiterBackend::Redis(_))
-            && (!self.config.prices.models.is_empty()
-                || self
-                    .config
-                    .clients
-                    .iter()
-                    .any(|c| c.tokens_per_minute.is_some() || !c.budgets().is_empty()));
         if self.leases.is_some() {
             return Some(LEASE_TICK_MS);
         }
-        (self.config.cache.uses(Backend::Redis) || redis_tokens).then_some(ROOT_TICK_MS)
+        Some(ROOT_TICK_MS)
     }
 
-    /// The root context's timer: send what the requests queued.
+    /// The root context's timer: write the batch, send what the requests queued.
     pub fn on_tick(&self, host: &dyn Host) {
+        self.flush(host);
         self.send_stores(host);
         self.send_prefetches(host);
         self.reclaim_leases(host);
@@ -319,7 +316,7 @@ impl Gateway {
             None => self.metrics.anonymous.get(outcome.index()).copied(),
         };
         if let Some(id) = id {
-            host.increment(id, 1);
+            self.batch.borrow_mut().count(id, 1);
         }
     }
 
@@ -400,7 +397,7 @@ impl Gateway {
             host.define_counter(&metrics::tokens_total(name, self.model_label(rule), kind))
         });
         if let Some(id) = id {
-            host.increment(id, n);
+            self.batch.borrow_mut().count(id, n);
         }
     }
 
@@ -419,7 +416,7 @@ impl Gateway {
             host.define_counter(&metrics::spend_micros_total(name, model))
         });
         if let Some(id) = id {
-            host.increment(id, micros);
+            self.batch.borrow_mut().count(id, micros);
         }
     }
 
@@ -505,6 +502,57 @@ impl Gateway {
                 timeout_ms: redis.timeout_ms,
             },
         });
+    }
+
+    /// A request of this worker started (see [`crate::batch`]).
+    pub fn begin_exchange(&self) {
+        self.batch.borrow_mut().begin();
+    }
+
+    /// A request of this worker ended: with none left in flight, the batch is written now.
+    /// Without a host (a context dropped without its log callback) the root tick writes it.
+    pub fn end_exchange(&self, host: Option<&dyn Host>) {
+        let idle = self.batch.borrow_mut().end();
+        if let (true, Some(host)) = (idle, host) {
+            self.flush(host);
+        }
+    }
+
+    /// Holds a finished request's local settlement for the batch (written now when the batch
+    /// is full).
+    pub fn settle_local(&self, host: &dyn Host, settlement: request::LocalSettlement) {
+        let full = self.batch.borrow_mut().settle(settlement);
+        if full {
+            self.flush(host);
+        }
+    }
+
+    /// Writes the batch: each counter series once, each client's record in one
+    /// compare-and-swap. A settlement the store refuses stays counted as reserved (as a
+    /// request's own settlement would), and is counted as a local limiter error.
+    pub fn flush(&self, host: &dyn Host) {
+        if self.batch.borrow().is_empty() {
+            return;
+        }
+        let flush = self.batch.borrow_mut().take();
+        for (id, n) in flush.counters {
+            host.increment(id, n);
+        }
+        for settlement in &flush.settlements {
+            if let Err(e) = request::apply_local(&self.config, settlement, host) {
+                warn!(
+                    "cannot settle token usage ({}); the estimate stays counted",
+                    e.reason()
+                );
+                self.limiter_error(
+                    host,
+                    &LimiterFailure {
+                        backend: "local",
+                        reason: e.reason(),
+                    },
+                );
+            }
+        }
     }
 
     /// Queues a Redis token adjustment for the root tick; a full queue is counted.

@@ -8,6 +8,7 @@ pub mod access_log;
 pub mod anthropic;
 pub mod attempt;
 pub mod base64;
+pub mod batch;
 pub mod body;
 pub mod cache;
 pub mod config;

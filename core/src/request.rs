@@ -1564,19 +1564,54 @@ pub fn spend_record(
     ))
 }
 
-/// Settles everything a finished request reserved, once: its minute tokens and its budgets
-/// (tokens by [`charge`], money by `money` from [`charge_money`]). Local reservations are
-/// adjusted in the store now, in one compare-and-swap; Redis ones are returned as
-/// `(key, amount to add)` for the worker's next batch.
-pub fn settle(
+/// What a finished request's settlement changes in its client's local limit record: the
+/// minute's token count (window, delta) and each budget window it held (token and money
+/// deltas). Requests with the same client and windows add up, so a worker applies many in one
+/// compare-and-swap ([`apply_local`], batched by `crate::batch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSettlement {
+    /// The client whose record changes.
+    pub client: ClientId,
+    /// The minute window the tokens were reserved in, and the tokens to add (negative: give
+    /// back).
+    pub minute: Option<(u64, i64)>,
+    /// The budget windows the request held (those still current are adjusted).
+    pub budgets: Vec<(Period, u64)>,
+    /// Tokens to add to each budget window.
+    pub tokens_delta: i64,
+    /// Money (micro-units) to add to each budget window.
+    pub money_delta: i64,
+}
+
+impl LocalSettlement {
+    /// Adds another request's settlement of the same client and windows; `false` (nothing
+    /// added) when they differ.
+    pub fn merge(&mut self, other: &LocalSettlement) -> bool {
+        let same_minute = self.minute.map(|(w, _)| w) == other.minute.map(|(w, _)| w);
+        if self.client != other.client || !same_minute || self.budgets != other.budgets {
+            return false;
+        }
+        if let (Some((_, d)), Some((_, e))) = (&mut self.minute, other.minute) {
+            *d = d.saturating_add(e);
+        }
+        self.tokens_delta = self.tokens_delta.saturating_add(other.tokens_delta);
+        self.money_delta = self.money_delta.saturating_add(other.money_delta);
+        true
+    }
+}
+
+/// What settling everything a finished request reserved changes, once: its minute tokens and
+/// its budgets (tokens by [`charge`], money by `money` from [`charge_money`]). Redis
+/// reservations come back as `(key, amount to add)` for the worker's next batch, local ones as
+/// one [`LocalSettlement`] (`None` when nothing changes). Nothing is written here.
+pub fn settlement(
     config: &Config,
     client: ClientId,
     tokens: Option<&TokenReservation>,
     budgets: Option<&BudgetReservation>,
     delivered: Delivered,
     money: u64,
-    store: &dyn CasStore,
-) -> Result<Vec<(String, i64)>, LimiterError> {
+) -> (Vec<(String, i64)>, Option<LocalSettlement>) {
     let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     let mut out = Vec::new();
     let mut minute = None;
@@ -1612,19 +1647,40 @@ pub fn settle(
             local_budgets = &b.windows;
         }
     }
-    if minute.is_some() || !local_budgets.is_empty() {
-        if let Some(c) = config.client(client) {
-            limiter::adjust_all(
-                store,
-                &limiter::budget_key(c),
-                minute,
-                local_budgets,
-                tokens_delta,
-                money_delta,
-            )?;
-        }
-    }
-    Ok(out)
+    let minute = minute.filter(|(_, d)| *d != 0);
+    let budgets_change = !local_budgets.is_empty() && (tokens_delta != 0 || money_delta != 0);
+    let local = (minute.is_some() || budgets_change).then(|| LocalSettlement {
+        client,
+        minute,
+        budgets: if budgets_change {
+            local_budgets.to_vec()
+        } else {
+            Vec::new()
+        },
+        tokens_delta,
+        money_delta,
+    });
+    (out, local)
+}
+
+/// Applies a local settlement (one request's or many merged) to its client's record, in one
+/// compare-and-swap.
+pub fn apply_local(
+    config: &Config,
+    settlement: &LocalSettlement,
+    store: &dyn CasStore,
+) -> Result<(), LimiterError> {
+    let Some(c) = config.client(settlement.client) else {
+        return Ok(());
+    };
+    limiter::adjust_all(
+        store,
+        &limiter::budget_key(c),
+        settlement.minute,
+        &settlement.budgets,
+        settlement.tokens_delta,
+        settlement.money_delta,
+    )
 }
 
 fn forward_step(

@@ -245,6 +245,8 @@ fn a_spent_window_is_refused_locally_until_the_recheck() {
         host.counter("tollgate_lease_fetches_total.kind=blocking.outcome=spent"),
         1
     );
+    // Both requests are still open: the worker's batch is written on demand.
+    gw.flush(&host);
     assert_eq!(
         host.counter("tollgate_requests_total.client=team.outcome=rate_limited"),
         2

@@ -124,9 +124,14 @@ impl RootContext for Root {
         };
         if let Some(period) = gateway.tick_period_ms() {
             if let Err(e) = host::set_tick_period_ms(period) {
-                error!("cannot start the timer that sends cache stores and token settlements: {e}");
+                error!("cannot start the timer that writes counters and settlements: {e}");
                 return false;
             }
+        }
+        // What the old configuration's requests counted and settled is written now; its
+        // requests still in flight write theirs as they end.
+        if let Some(Role::Gateway(old)) = &self.role {
+            old.flush(&WasmHost);
         }
         self.role = Some(Role::Gateway(Rc::new(gateway)));
         true
