@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 
 import openai
 import pytest
@@ -148,3 +149,49 @@ def test_a_cut_off_stream_is_charged_for_what_it_delivered(gateway, relay):
             lambda: redis.cli("GET", tokens_key(minute)) == str(probe_used + charged),
             f"the token window to settle at {probe_used} + {charged}", timeout_s=10)
     assert remaining_tokens(gw, probe) == TPM - probe_used - charged - estimate(probe)
+
+
+def test_a_burst_settles_every_request_exactly_once(gateway, relay):
+    """A client's key fires 8 connections x 3 requests at once, each reserving far more than it
+    uses (`max_tokens` 40). While others are in flight a worker sums its requests' settlements
+    and counters in its batch, and writes them as its last request ends or on its tick
+    (docs/limiters.md#token-limits): afterwards the budget is exactly the limit less what the
+    provider reported, and every request and token is counted once (no settlement lost, none
+    applied twice, no unused estimate kept)."""
+    gw, redis = gateway
+    minute = harness.wait_for_fresh_window()
+    body = json.dumps(chat_body("gpt-4.1", content="a burst", max_tokens=40)).encode()
+    assert 24 * estimate(body, 40) < TPM, "every request of the burst fits the minute"
+    used: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        start.wait()
+        mine = []
+        for _ in range(3):
+            r = gw.post(key=KEY, body=body, conn=conn)
+            assert r.status == 200, r.body
+            mine.append(json.loads(r.body)["usage"]["total_tokens"])
+        conn.close()
+        with lock:
+            used.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(used) == 24, "a client thread failed"
+    assert len(relay.requests()) == 24
+    total = sum(used)
+    assert gw.counter("tollgate_requests_total", client="token-team", outcome="admitted") == 24
+    counted = sum(gw.counter("tollgate_tokens_total", client="token-team", model="gpt-4_1", kind=k)
+                  for k in ("prompt", "completion"))
+    assert counted == total
+    if redis is not None:
+        harness.wait_until(lambda: redis.cli("GET", tokens_key(minute)) == str(total),
+                           f"the token window to settle at {total}", timeout_s=10)
+    probe = json.dumps(chat_body("gpt-4.1", content="probe")).encode()
+    assert remaining_tokens(gw, probe) == TPM - total - estimate(probe)
