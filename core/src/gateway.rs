@@ -349,14 +349,16 @@ impl Gateway {
     }
 
     /// Counts the attempts a forwarded request made, from the upstream role's log (model routing
-    /// only; one host call).
+    /// only; one host call, the counts go to the worker's batch).
     pub fn count_attempts(&self, host: &dyn Host) -> Option<&str> {
         let (Some(counters), Mode::Routed(routing)) = (&self.attempts, &self.config.mode) else {
             return None;
         };
         match host.property(&[crate::upstream::ATTEMPTS_PROPERTY]) {
             Ok(Some(log)) => counters
-                .count(host, routing, &log)
+                .count(host, routing, &log, &mut |id, n| {
+                    self.batch.borrow_mut().count(id, n);
+                })
                 .and_then(|p| routing.providers.get(p))
                 .map(|p| p.name.as_str()),
             Ok(None) => None,

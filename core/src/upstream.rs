@@ -284,9 +284,16 @@ impl AttemptCounters {
         })
     }
 
-    /// Counts every attempt of a log: the attempt, the fallback into it, the provider's error.
-    /// Returns the provider of the last attempt (the one whose answer the client gets).
-    pub fn count(&self, host: &dyn Host, routing: &Routing, log: &[u8]) -> Option<ProviderId> {
+    /// Counts every attempt of a log: the attempt, the fallback into it, the provider's error,
+    /// each through `add` (metric id, amount). Returns the provider of the last attempt (the one
+    /// whose answer the client gets). `host` only defines an error series on its first use.
+    pub fn count(
+        &self,
+        host: &dyn Host,
+        routing: &Routing,
+        log: &[u8],
+        add: &mut dyn FnMut(u32, u64),
+    ) -> Option<ProviderId> {
         let mut last = None;
         for a in parse_attempts(log) {
             last = Some(a.provider);
@@ -305,11 +312,11 @@ impl AttemptCounters {
                 ),
             };
             for id in [attempt, fallback].into_iter().flatten() {
-                host.increment(id, 1);
+                add(id, 1);
             }
             if let Some(status) = a.status {
                 if let Some(id) = self.error_id(host, routing, a.provider, status) {
-                    host.increment(id, 1);
+                    add(id, 1);
                 }
             }
         }
@@ -419,7 +426,14 @@ mod tests {
         let r = routing();
         let host = crate::fake::FakeHost::default();
         let counters = AttemptCounters::define(&host, &r).unwrap();
-        counters.count(&host, &r, b"0.0.0=503,0.1.1,d.0.0,9.9.9=500");
+        counters.count(
+            &host,
+            &r,
+            b"0.0.0=503,0.1.1,d.0.0,9.9.9=500",
+            &mut |id, n| {
+                crate::host::Host::increment(&host, id, n);
+            },
+        );
         let c = |n: &str| host.counter(n);
         assert_eq!(
             c("tollgate_upstream_requests_total.provider=relay.model=gpt-4_1"),

@@ -687,6 +687,8 @@ fn a_fallback_reads_the_attempt_log_and_the_listener_counts_it() {
     ex.on_response_headers(&host);
     // The access log names the provider whose answer the client gets: the last attempt's.
     assert!(log_record(&host).contains(&("provider", "backup")));
+    // The counts go to the worker's batch, written as the exchange ends.
+    ex.on_log(&host);
     for (name, n) in [
         (
             "tollgate_upstream_requests_total.provider=relay.model=gpt-4_1",
