@@ -71,6 +71,14 @@ fn chat_request(host: &FakeHost, len: usize) {
     ]);
 }
 
+/// An SDK's chat request: its key, and no other header to strip.
+fn sdk_request(host: &FakeHost, len: usize) {
+    chat_request(host, len);
+    host.request
+        .borrow_mut()
+        .retain(|(n, _)| n != b"x-api-key" && n != b"x-tollgate-route");
+}
+
 fn provider_response(host: &FakeHost, content_type: &str) {
     *host.response.borrow_mut() = pairs(&[
         (":status", "200"),
@@ -242,10 +250,7 @@ fn an_admitted_json_request_end_to_end_and_its_host_calls() {
 /// One admitted JSON request through the exchange (the chat request with nothing to strip but
 /// its key, the provider's JSON answer with usage); the host calls of each phase.
 fn admitted_json(host: &FakeHost, ex: &mut Exchange) -> [Vec<&'static str>; 4] {
-    chat_request(host, 100);
-    host.request
-        .borrow_mut()
-        .retain(|(n, _)| n != b"x-api-key" && n != b"x-tollgate-route");
+    sdk_request(host, 100);
     host.take_calls();
     assert_eq!(ex.on_request_headers(host, false), Action::Continue);
     let request = host.take_calls();
@@ -530,11 +535,10 @@ fn a_failed_host_call_never_forwards() {
         let host = FakeHost::new(NOW, &[]);
         let gw = gateway(&host, &one_provider(""));
         let mut ex = Exchange::new(Some(gw));
-        chat_request(&host, 100);
-        if !strip {
-            host.request
-                .borrow_mut()
-                .retain(|(n, _)| n != b"x-api-key" && n != b"x-tollgate-route");
+        if strip {
+            chat_request(&host, 100);
+        } else {
+            sdk_request(&host, 100);
         }
         host.fail.borrow_mut().push(call);
         assert_eq!(ex.on_request_headers(&host, false), Action::Pause, "{call}");
@@ -556,19 +560,21 @@ fn a_failed_host_call_never_forwards() {
 #[test]
 fn a_routed_request_and_its_attempt_in_host_calls() {
     use tollgate_core::attempt::{AttemptExchange, Upstream};
+    // An SDK's request (its key, and nothing else to strip), routed on its body's model: the
+    // host calls of its headers and of its body.
+    let admit = |host: &FakeHost, ex: &mut Exchange| {
+        sdk_request(host, 40);
+        host.take_calls();
+        assert_eq!(ex.on_request_headers(host, false), Action::Pause);
+        let headers = host.take_calls();
+        *host.request_body.borrow_mut() = br#"{"model":"gpt-4.1","messages":[]}"#.to_vec();
+        assert_eq!(ex.on_request_body(host, 33, true), Action::Continue);
+        (headers, host.take_calls())
+    };
     // The access log's properties are opt-in: three more host calls when they are on.
     let host = FakeHost::new(NOW, &[]);
-    let on = gateway(&host, &logged(&routed()));
-    let mut ex = Exchange::new(Some(on));
-    chat_request(&host, 40);
-    host.request
-        .borrow_mut()
-        .retain(|(n, _)| n != b"x-api-key" && n != b"x-tollgate-route");
-    assert_eq!(ex.on_request_headers(&host, false), Action::Pause);
-    host.take_calls();
-    *host.request_body.borrow_mut() = br#"{"model":"gpt-4.1","messages":[]}"#.to_vec();
-    assert_eq!(ex.on_request_body(&host, 33, true), Action::Continue);
-    let logged_body = host.take_calls();
+    let mut ex = Exchange::new(Some(gateway(&host, &logged(&routed()))));
+    let (_, logged_body) = admit(&host, &mut ex);
     assert_eq!(
         log_record(&host),
         [
@@ -581,16 +587,7 @@ fn a_routed_request_and_its_attempt_in_host_calls() {
     let host = FakeHost::new(NOW, &[]);
     let gw = gateway(&host, &routed());
     let mut ex = Exchange::new(Some(gw));
-    chat_request(&host, 40);
-    // An SDK's request: its key, and nothing else to strip.
-    host.request
-        .borrow_mut()
-        .retain(|(n, _)| n != b"x-api-key" && n != b"x-tollgate-route");
-    assert_eq!(ex.on_request_headers(&host, false), Action::Pause);
-    let headers = host.take_calls();
-    *host.request_body.borrow_mut() = br#"{"model":"gpt-4.1","messages":[]}"#.to_vec();
-    assert_eq!(ex.on_request_body(&host, 33, true), Action::Continue);
-    let body = host.take_calls();
+    let (headers, body) = admit(&host, &mut ex);
     println!("headers {headers:?}\nbody {body:?}");
     // The body's six include the client's request counter, defined on its first use (its
     // increment waits for the worker's batch).
@@ -734,10 +731,7 @@ fn routed_exchange(
     body: &[u8],
 ) {
     let mut ex = Exchange::new(Some(gw.clone()));
-    chat_request(host, 40);
-    host.request
-        .borrow_mut()
-        .retain(|(n, _)| n != b"x-api-key" && n != b"x-tollgate-route");
+    sdk_request(host, 40);
     assert_eq!(ex.on_request_headers(host, false), Action::Pause);
     *host.request_body.borrow_mut() =
         format!(r#"{{"model":"{model}","messages":[]}}"#).into_bytes();
@@ -788,10 +782,7 @@ fn spend_is_counted_at_the_billed_model_price_with_cached_and_reasoning_tokens()
 
 /// A routed request for `model` with `max_tokens`, up to its decision; the host calls it made.
 fn routed_admission(host: &FakeHost, ex: &mut Exchange, model: &str, max_tokens: u64) -> usize {
-    chat_request(host, 40);
-    host.request
-        .borrow_mut()
-        .retain(|(n, _)| n != b"x-api-key" && n != b"x-tollgate-route");
+    sdk_request(host, 40);
     host.take_calls();
     assert_eq!(ex.on_request_headers(host, false), Action::Pause);
     *host.request_body.borrow_mut() =
