@@ -1165,7 +1165,11 @@ fn strip_and_set(
     let removals = removed.iter().filter(|n| !replaced(n)).count();
     match (removals, set.len()) {
         (0, 0) => {}
-        (1, 0) => strip(h, config, headers)?,
+        (1, 0) => {
+            for name in &removed {
+                h.remove_header(Map::Request, name)?;
+            }
+        }
         (0, 1) => {
             for (name, value) in set.iter() {
                 h.replace_header(Map::Request, name, value)?;
