@@ -315,8 +315,11 @@ def configure_routing(cfg: dict, plugin: dict, providers: dict[str, dict]) -> No
         '"param":null,"code":null}}'}}})
     vhost = _hcm(cfg)["route_config"]["virtual_hosts"][0]
     vhost["routes"] = routes
-    # The upstream filter maps attempt N to the rule's N-th provider.
+    # The upstream filter maps attempt N to the rule's N-th provider; the listener role counts
+    # one successful attempt from the response's count without reading the attempt log (and
+    # removes the header before the client sees it).
     vhost["include_request_attempt_count"] = True
+    vhost["include_attempt_count_in_response"] = True
     vhost.pop("response_headers_to_add", None)
     cfg["static_resources"]["clusters"] = clusters
     # The filter pauses the request headers to read the body (model), then resumes.
@@ -380,6 +383,7 @@ def configure_single(cfg: dict, plugin: dict, url: str) -> None:
     vhost = _hcm(cfg)["route_config"]["virtual_hosts"][0]
     vhost["routes"] = [{"match": {"prefix": "/"}, "route": route}]
     vhost.pop("include_request_attempt_count", None)
+    vhost.pop("include_attempt_count_in_response", None)
     for w in _all_wasm_configs(cfg):
         w.pop("allow_on_headers_stop_iteration", None)
     set_buffer_limit(cfg, plugin)

@@ -308,6 +308,7 @@ def test_routes_and_clusters_are_the_demos_routing_layout():
     assert got_routes[:-1] == want_vh["routes"][:-1], "the header routes, in the demo's order"
     assert vh["routes"][-1]["name"] == "unrouted" and vh["routes"][-1]["direct_response"]["status"] == 404
     assert vh["include_request_attempt_count"] is True
+    assert vh["include_attempt_count_in_response"] is True
     by_name = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
     for c in want["static_resources"]["clusters"]:
         if c["name"].startswith("tollgate_route_"):

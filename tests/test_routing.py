@@ -148,8 +148,14 @@ def test_fallback_to_the_second_provider_with_its_own_key(failure, start_gateway
             assert_no_client_keys(relay)
         assert_no_client_keys(backup)
         assert gw.counter("tollgate_fallbacks_total", model="gpt-4_1", **{"from": "relay", "to": "backup"}) == 1
+        # Both attempts are counted, the first one also when it never got an answer (no
+        # status, so the upstream role recorded nothing for it: Envoy's count says it was made).
+        for provider in ("relay", "backup"):
+            assert gw.counter("tollgate_upstream_requests_total", provider=provider, model="gpt-4_1") == 1
         if relay:
             assert gw.counter("tollgate_upstream_errors_total", provider="relay", status=failure) == 1
+        # Envoy's count, read by Tollgate, is not the client's business.
+        assert r.header("x-envoy-attempt-count") is None
     finally:
         backup.stop()
         if relay:
@@ -176,6 +182,29 @@ def test_envoys_own_errors_are_openai_shaped(start_gateway, providers):
     assert r.header("content-type") == "application/json"
     assert r.json()["error"]["type"] == "server_error"
     assert r.json()["error"]["code"] in ("upstream_connect_error", "upstream_reset", "no_healthy_upstream")
+    # The one attempt is counted (from Envoy's count on its own reply), with no provider error:
+    # no provider answered.
+    assert gw.counter("tollgate_upstream_requests_total", provider="relay", model="gpt-4_1-_") == 1
+    assert gw.counter("tollgate_upstream_errors_total", provider="relay", status="503") == 0
+
+
+def test_a_client_cannot_pick_the_attempt_or_its_key(gw, providers):
+    """An attacker with a valid key sends Envoy's attempt header and a route of its own, to
+    reach the fallback provider (or its key) on the first attempt: the first attempt still
+    goes to the rule's first provider with that provider's key, counted as one attempt."""
+    relay, backup = providers
+    r = gw.post(key=TEAM, body=chat_body("gpt-4.1"),
+                headers=[("x-envoy-attempt-count", "2"), ("x-tollgate-route", "r2")])
+    assert r.status == 200, r.body
+    assert r.header("x-mock-name") == "relay"
+    assert keys_seen(relay) == [f"Bearer {PROVIDER_KEY}"]
+    assert backup.requests() == []
+    (seen,) = relay.requests()
+    assert dict(seen["headers"]).get("x-envoy-attempt-count") == "1"
+    assert ["x-tollgate-route", "r0"] in seen["headers"]
+    assert gw.counter("tollgate_upstream_requests_total", provider="relay", model="gpt-4_1") == 1
+    assert gw.counter("tollgate_upstream_requests_total", provider="backup", model="gpt-4_1") == 0
+    assert gw.counter("tollgate_fallbacks_total", model="gpt-4_1", **{"from": "relay", "to": "backup"}) == 0
 
 
 def test_streams_are_routed(gw, providers):

@@ -68,7 +68,7 @@ impl AttemptExchange {
             Ok(headers) => headers,
             Err(e) => return refuse(h, &format!("cannot read request headers: {e}")),
         };
-        let attempt = upstream::on_attempt_headers(routing, &headers);
+        let mut attempt = upstream::on_attempt_headers(routing, &headers);
         debug!(
             "attempt {} to {}: rule {:?}, rename {:?}",
             attempt.position + 1,
@@ -83,6 +83,8 @@ impl AttemptExchange {
             return refuse(h, "the request has no route chosen by Tollgate");
         }
         self.record(h, &attempt);
+        // The listener role prepared the first attempt in its own write: nothing left to do.
+        attempt.retain_needed(&headers);
         let edits: Result<(), HostError> = (|| {
             for name in &attempt.remove {
                 h.remove_header(Map::Request, name)?;
@@ -143,18 +145,20 @@ impl AttemptExchange {
         Action::Continue
     }
 
-    /// Appends this attempt to the stream's attempt log. The first attempt starts it (one host
-    /// call); a fallback reads what the attempts before it wrote.
+    /// Records this attempt in the stream's attempt log. A first attempt only keeps its entry,
+    /// written with its provider's error if there is one (the listener role counts a first
+    /// attempt without the log); a fallback reads what the attempts before it wrote and
+    /// appends itself (two host calls).
     fn record(&mut self, h: &dyn Host, attempt: &upstream::Attempt) {
-        let before = if attempt.position == 0 {
-            Vec::new()
-        } else {
-            match h.property(&[upstream::ATTEMPTS_PROPERTY]) {
-                Ok(log) => log.unwrap_or_default(),
-                Err(e) => {
-                    warn!("upstream: cannot read the attempt log: {e}");
-                    Vec::new()
-                }
+        if attempt.position == 0 {
+            self.log = upstream::record_attempt(&[], attempt).unwrap_or_default();
+            return;
+        }
+        let before = match h.property(&[upstream::ATTEMPTS_PROPERTY]) {
+            Ok(log) => log.unwrap_or_default(),
+            Err(e) => {
+                warn!("upstream: cannot read the attempt log: {e}");
+                Vec::new()
             }
         };
         if let Some(log) = upstream::record_attempt(&before, attempt) {

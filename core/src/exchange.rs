@@ -3,12 +3,12 @@
 //! [`Action`] it gets. Every decision is here; the filter only adapts Envoy's callbacks.
 //!
 //! ```text
-//! request headers ─► strip headers ─► decide (crate::request) ─┬─ reply ─────────────► done
-//!                       (before any pause)                     ├─ read body ─► decide ┐
-//!                                                              ├─ limiter callout ─► decide
-//!                                                              └─ forward ◄───────────┘
-//!                                                                  │ cache: hit ─► reply
-//!                                                                  ▼
+//! request headers ─► decide (crate::request) ─┬─ reply ─────────────► done
+//!                                             ├─ read body ─► decide ┐
+//!                                             ├─ limiter callout ─► decide
+//!                                             └─ forward ◄───────────┘
+//!                                                 │ cache: hit ─► reply
+//!                                                 ▼ one write: headers stripped, key or route set
 //! response headers ─► account headers out, the client's budget in, usage reader, cache copy
 //! response body ───► usage (JSON copy or SSE reader), cache copy, stream usage chunk out
 //! log ─────────────► duration, tokens settled (once)
@@ -25,7 +25,7 @@ use log::{debug, error, warn};
 use crate::access_log::{self, Record};
 use crate::anthropic;
 use crate::cache::{self, Backend, Skip};
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::endpoints::Api;
 use crate::gateway::{callout_status, timed_out, Gateway, MAX_WEBDIS_REPLY_BYTES};
 use crate::headers::Header;
@@ -38,6 +38,8 @@ use crate::request::{
     self, AwaitBody, Decision, Delivered, Forward, Pending, ResponseHead, Start, Step,
     TokenReservation,
 };
+use crate::routing::ROUTE_HEADER;
+use crate::upstream;
 use crate::usage::{self, SseUsage, Usage};
 use crate::webdis::ReplyError;
 
@@ -138,6 +140,9 @@ pub struct Exchange {
     request_id: Option<String>,
     /// What the properties already hold (each field is set once).
     logged: Record,
+    /// The request headers as they arrived, while the request waits for its body or a callout:
+    /// what a provider must not see is removed when it is forwarded, in the same write.
+    unstripped: Option<Vec<Header>>,
     /// The gateway was told this exchange ended (its log callback ran, or it had none).
     ended: bool,
 }
@@ -185,6 +190,7 @@ impl Exchange {
             api: Api::OpenAi,
             request_id: None,
             logged: Record::default(),
+            unstripped: None,
         }
     }
 
@@ -247,29 +253,28 @@ impl Exchange {
             }
             start => start,
         };
-        // Headers a provider must not see go before the request can pause or be forwarded.
-        // An answered request needs no stripping: nothing of it goes upstream.
-        let stripped = match &mut start {
+        // Headers a provider must not see go in the same write as what Tollgate sets on the
+        // request it forwards: now, or once its body or a callout decided it (until then it
+        // is paused: nothing of it goes upstream). An answered request needs no stripping.
+        match &mut start {
             Start::Done(Step {
                 decision: Decision::Reply(_),
                 ..
-            }) => return self.proceed(h, &gw, start),
-            // Forwarded now (a cache lookup may still pause it: then strip everything): the
-            // removals and the headers it sets are one edit of the map.
+            }) => {}
+            // Forwarded now (a cache lookup may still pause it).
             Start::Done(Step {
                 decision: Decision::Forward(f),
+                client,
                 ..
-            }) if f.cache.is_none() => strip_and_set(h, &gw.config, &headers, &mut f.set),
-            _ => strip(h, &gw.config, &headers),
-        };
-        if let Err(e) = stripped {
-            error!("cannot edit the request headers: {e}");
-            let client = match &start {
-                Start::Done(step) => step.client,
-                _ => None,
-            };
-            gw.count_request(h, client, Outcome::Error);
-            return self.reply(h, &openai::internal_error());
+            }) if f.cache.is_none() => {
+                if let Err(e) = write_request_headers(h, &gw.config, &headers, &f.set) {
+                    error!("cannot edit the request headers: {e}");
+                    gw.count_request(h, *client, Outcome::Error);
+                    return self.reply(h, &openai::internal_error());
+                }
+                f.set.clear();
+            }
+            _ => self.unstripped = Some(headers),
         }
         self.proceed(h, &gw, start)
     }
@@ -478,12 +483,12 @@ impl Exchange {
     fn admit(
         &mut self,
         h: &dyn Host,
-        _gw: &Gateway,
+        gw: &Gateway,
         forward: Forward,
         client: Option<usize>,
         outcome: Outcome,
     ) -> (Action, Outcome) {
-        match apply(h, &forward) {
+        match apply(h, &gw.config, &forward, self.unstripped.take()) {
             Ok(()) => {
                 self.forwarded = true;
                 self.window = forward.window;
@@ -752,9 +757,7 @@ impl Exchange {
         let Some(gw) = self.gateway.clone() else {
             return Action::Continue;
         };
-        // Envoy's router made its last attempt: count them before the client sees the answer.
-        self.count_attempts(h, &gw);
-        // One read of the whole map: status, content type, and the headers to remove.
+        // One read of the whole map: status, content type, attempts, and the headers to remove.
         let headers = match h.headers(Map::Response) {
             Ok(headers) => headers,
             Err(e) => {
@@ -765,6 +768,8 @@ impl Exchange {
             }
         };
         let head = ResponseHead::read(&headers);
+        // Envoy's router made its last attempt: count them.
+        self.count_attempts(h, &gw, head.attempts, head.status);
         self.cache_response_headers(&gw, h, &head);
         let (remove, mut set) = request::response_edits(
             self.api,
@@ -934,7 +939,7 @@ impl Exchange {
             self.budgets = wait.forward.budgets;
         }
         // No response headers (client gone, stream reset): the attempts made still count.
-        self.count_attempts(h, gw);
+        self.count_attempts(h, gw, None, None);
         if let Some(store) = self.cache_store.take() {
             // The response never reached its end of stream (reset, client gone).
             let skip = Skip::Incomplete.reason();
@@ -1004,10 +1009,16 @@ impl Exchange {
 
     /// Counts the upstream role's attempts of a forwarded request, once, and logs the provider
     /// that answered (model routing).
-    fn count_attempts(&mut self, h: &dyn Host, gw: &Gateway) {
+    fn count_attempts(
+        &mut self,
+        h: &dyn Host,
+        gw: &Gateway,
+        attempts: Option<usize>,
+        status: Option<u16>,
+    ) {
         if self.forwarded && !self.attempts_counted {
             self.attempts_counted = true;
-            if let Some(provider) = gw.count_attempts(h) {
+            if let Some(provider) = gw.count_attempts(h, self.rule, attempts, status) {
                 self.log.provider = Some(provider.to_string());
                 self.write_log(h);
             }
@@ -1143,60 +1154,72 @@ fn limiter_answer(
     step
 }
 
-/// Removes the request headers a provider must not see, one host call each.
-fn strip(h: &dyn Host, config: &Config, headers: &[Header]) -> Result<(), HostError> {
-    for name in request::strip_list(config, headers) {
-        h.remove_header(Map::Request, &name)?;
-    }
-    Ok(())
-}
-
-/// Removes the request headers a provider must not see and sets a forward's headers (`set`,
-/// emptied: they are applied). More than one edit is one write of the whole map; a single
-/// edit is its own call, which costs Envoy less than rebuilding the map.
-fn strip_and_set(
+/// Writes the request headers of a forwarded request: `headers` (as they arrived) without what
+/// a provider must not see, with the forward's headers `set` and, on a route of Tollgate's, the
+/// first attempt's credentials (see [`upstream::first_attempt_edits`]). More than one edit is
+/// one write of the whole map; a single edit is its own call, which costs Envoy less than
+/// rebuilding the map.
+fn write_request_headers(
     h: &dyn Host,
     config: &Config,
     headers: &[Header],
-    set: &mut Vec<(&'static str, String)>,
+    set: &[(&'static str, String)],
 ) -> Result<(), HostError> {
-    let removed = request::strip_list(config, headers);
-    let replaced = |name: &[u8]| set.iter().any(|(n, _)| n.as_bytes() == name);
-    let removals = removed.iter().filter(|n| !replaced(n)).count();
-    match (removals, set.len()) {
-        (0, 0) => {}
-        (1, 0) => {
-            for name in &removed {
-                h.remove_header(Map::Request, name)?;
-            }
-        }
-        (0, 1) => {
-            for (name, value) in set.iter() {
-                h.replace_header(Map::Request, name, value)?;
-            }
-        }
-        _ => {
-            let mut map: Vec<Header> = headers
-                .iter()
-                .filter(|(n, _)| !replaced(n) && !removed.contains(n))
-                .cloned()
-                .collect();
-            map.extend(
+    let mut removed = request::strip_list(config, headers);
+    let mut set: Vec<(String, String)> = set
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.clone()))
+        .collect();
+    let forwarded = |removed: &[Vec<u8>], set: &[(String, String)]| -> Vec<Header> {
+        headers
+            .iter()
+            .filter(|(n, _)| {
+                !removed.contains(n) && !set.iter().any(|(s, _)| s.as_bytes() == n.as_slice())
+            })
+            .cloned()
+            .chain(
                 set.iter()
                     .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())),
-            );
-            h.set_headers(Map::Request, &map)?;
+            )
+            .collect()
+    };
+    if let Mode::Routed(routing) = &config.mode {
+        if set.iter().any(|(n, _)| n == ROUTE_HEADER) {
+            let map = forwarded(&removed, &set);
+            let mut first = upstream::first_attempt_edits(routing, &map);
+            first.retain_needed(&map);
+            removed.extend(first.remove);
+            set.extend(first.set);
         }
     }
-    set.clear();
-    Ok(())
+    let replaced = |name: &[u8]| set.iter().any(|(n, _)| n.as_bytes() == name);
+    let removals: Vec<&Vec<u8>> = removed
+        .iter()
+        .filter(|n| !replaced(n) && headers.iter().any(|(h, _)| h == *n))
+        .collect();
+    match (removals.as_slice(), set.as_slice()) {
+        ([], []) => Ok(()),
+        ([name], []) => h.remove_header(Map::Request, name),
+        ([], [(name, value)]) => h.replace_header(Map::Request, name, value),
+        _ => h.set_headers(Map::Request, &forwarded(&removed, &set)),
+    }
 }
 
 /// Applies a forward's rewrite: headers set (the provider key or the route), the body replaced
 /// (a stream now asking for usage), the route picked again.
-fn apply(h: &dyn Host, forward: &Forward) -> Result<(), HostError> {
-    for (name, value) in &forward.set {
-        h.replace_header(Map::Request, name, value)?;
+fn apply(
+    h: &dyn Host,
+    config: &Config,
+    forward: &Forward,
+    unstripped: Option<Vec<Header>>,
+) -> Result<(), HostError> {
+    match unstripped {
+        Some(headers) => write_request_headers(h, config, &headers, &forward.set)?,
+        None => {
+            for (name, value) in &forward.set {
+                h.replace_header(Map::Request, name, value)?;
+            }
+        }
     }
     if let Some(body) = &forward.body {
         // Called with the whole body buffered and the headers held.

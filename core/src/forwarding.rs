@@ -52,6 +52,9 @@ pub const RESPONSE_STRIPPED: &[&str] = &[
     "openai-project",
     "anthropic-organization-id",
     "set-cookie",
+    // Envoy's count of the attempts (routing's `include_attempt_count_in_response`, which
+    // Tollgate reads): how often the providers failed is not the client's business.
+    "x-envoy-attempt-count",
     "x-ratelimit-limit-requests",
     "x-ratelimit-remaining-requests",
     "x-ratelimit-reset-requests",

@@ -348,25 +348,36 @@ impl Gateway {
         }
     }
 
-    /// Counts the attempts a forwarded request made, from the upstream role's log (model routing
-    /// only; one host call, the counts go to the worker's batch).
-    pub fn count_attempts(&self, host: &dyn Host) -> Option<&str> {
+    /// Counts the attempts a forwarded request made on `rule`'s route (`None`: the default
+    /// route; model routing only; the counts go to the worker's batch). `attempts` and
+    /// `status` come from the response when it arrived: one attempt that succeeded is counted
+    /// without a host call; anything else reads the upstream role's log (one host call).
+    pub fn count_attempts(
+        &self,
+        host: &dyn Host,
+        rule: Option<usize>,
+        attempts: Option<usize>,
+        status: Option<u16>,
+    ) -> Option<&str> {
         let (Some(counters), Mode::Routed(routing)) = (&self.attempts, &self.config.mode) else {
             return None;
         };
-        match host.property(&[crate::upstream::ATTEMPTS_PROPERTY]) {
-            Ok(Some(log)) => counters
-                .count(host, routing, &log, &mut |id, n| {
-                    self.batch.borrow_mut().count(id, n);
+        let first_succeeded = attempts == Some(1) && status.is_some_and(|s| s < 400);
+        let log = if first_succeeded {
+            None
+        } else {
+            host.property(&[crate::upstream::ATTEMPTS_PROPERTY])
+                .unwrap_or_else(|e| {
+                    warn!("cannot read the attempt log: {e}");
+                    None
                 })
-                .and_then(|p| routing.providers.get(p))
-                .map(|p| p.name.as_str()),
-            Ok(None) => None,
-            Err(e) => {
-                warn!("cannot read the attempt log: {e}");
-                None
-            }
-        }
+        };
+        let add = &mut |id, n| self.batch.borrow_mut().count(id, n);
+        let log = log.unwrap_or_default();
+        counters
+            .count(host, routing, rule, attempts.unwrap_or(0), &log, add)
+            .and_then(|p| routing.providers.get(p))
+            .map(|p| p.name.as_str())
     }
 
     /// Counts a limiter failure that its failure policy handled.

@@ -1761,6 +1761,9 @@ pub struct ResponseHead {
     pub content_type: Vec<u8>,
     /// A `content-encoding` other than `identity` is set.
     pub encoded: bool,
+    /// Envoy's attempt count (`x-envoy-attempt-count`, with the virtual host's
+    /// `include_attempt_count_in_response`).
+    pub attempts: Option<usize>,
 }
 
 impl ResponseHead {
@@ -1773,10 +1776,13 @@ impl ResponseHead {
             .to_vec();
         let encoded = header(headers, b"content-encoding")
             .is_some_and(|e| !e.eq_ignore_ascii_case(b"identity"));
+        let attempts = header(headers, crate::upstream::ATTEMPT_HEADER)
+            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok());
         Self {
             status,
             content_type,
             encoded,
+            attempts,
         }
     }
 

@@ -51,20 +51,64 @@ pub const ATTEMPT_HEADER: &[u8] = b"x-envoy-attempt-count";
 
 /// Prepares one attempt from the request headers the downstream role and Envoy's router left.
 pub fn on_attempt_headers(routing: &Routing, headers: &[Header]) -> Attempt {
+    let attempt = headers
+        .iter()
+        .find(|(n, _)| n.as_slice() == ATTEMPT_HEADER)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
+        .unwrap_or(1);
+    prepare(routing, headers, attempt)
+}
+
+/// What the listener role sets on a request it routes, in the same write as its route: the
+/// first attempt's credentials and extra headers, so that the upstream role finds the first
+/// attempt ready and changes nothing. `:authority` and `:path` stay as the client sent them
+/// until the upstream role's turn: Envoy picks the route again after the listener's write, and
+/// the operator's virtual hosts and routes match on them.
+pub fn first_attempt_edits(routing: &Routing, headers: &[Header]) -> Attempt {
+    let mut attempt = prepare(routing, headers, 1);
+    attempt
+        .set
+        .retain(|(name, _)| name != ":authority" && name != ":path");
+    attempt
+}
+
+impl Attempt {
+    /// Keeps only the edits `headers` does not already have: a header to remove that is there,
+    /// a header to set that is missing or holds another value.
+    pub fn retain_needed(&mut self, headers: &[Header]) {
+        self.remove
+            .retain(|name| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)));
+        self.set.retain(|(name, value)| {
+            let mut values = headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .peekable();
+            values.peek().is_none() || values.any(|(_, v)| v.as_slice() != value.as_bytes())
+        });
+    }
+}
+
+/// The provider of the `position`-th attempt of `rule` (`None`: the default route). More
+/// attempts than providers stay on the last one.
+pub fn provider_at(routing: &Routing, rule: Option<usize>, position: usize) -> Option<ProviderId> {
+    match rule {
+        Some(rule) => {
+            let targets = &routing.rules.get(rule)?.targets;
+            targets.get(position).or(targets.last()).map(|t| t.provider)
+        }
+        None => routing.default_provider,
+    }
+}
+
+fn prepare(routing: &Routing, headers: &[Header], attempt: usize) -> Attempt {
     let mut remove: Vec<Vec<u8>> = Vec::new();
     let mut route: Option<&[u8]> = None;
     let mut path: Option<&[u8]> = None;
-    let mut attempt = 1usize;
     for (name, value) in headers {
         if name.eq_ignore_ascii_case(ROUTE_HEADER.as_bytes()) {
             route = Some(value);
         } else if name.as_slice() == b":path" {
             path = Some(value);
-        } else if name.as_slice() == ATTEMPT_HEADER {
-            attempt = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(1);
         }
     }
     let route = route
@@ -144,7 +188,12 @@ pub fn on_attempt_headers(routing: &Routing, headers: &[Header]) -> Attempt {
 
 /// The stream property (Envoy filter state `wasm.tollgate_attempts`) through which the upstream
 /// role hands its attempts to the listener role: `<rule|d>.<position>.<provider>[=<status>]`,
-/// comma separated, one entry per attempt, the status only for a provider's error (4xx, 5xx).
+/// comma separated, the status only for a provider's error (4xx, 5xx). A first attempt writes
+/// nothing unless its provider answers with an error: the listener role knows the first
+/// provider of its own route, and Envoy's `x-envoy-attempt-count` on the response
+/// (`include_attempt_count_in_response`) says how many attempts there were. A fallback writes
+/// its entry (it reads the log for that); an attempt missing from the log (one that failed
+/// before any response, such as a connect failure) is still counted from the attempt count.
 pub const ATTEMPTS_PROPERTY: &str = "tollgate_attempts";
 
 /// Attempts recorded per request at most (Envoy's retries are bounded by the route; this bounds
@@ -284,29 +333,45 @@ impl AttemptCounters {
         })
     }
 
-    /// Counts every attempt of a log: the attempt, the fallback into it, the provider's error,
-    /// each through `add` (metric id, amount). Returns the provider of the last attempt (the one
-    /// whose answer the client gets). `host` only defines an error series on its first use.
+    /// Counts the attempts of a forwarded request: `rule` is the listener's route (`None`: the
+    /// default route), `attempts` Envoy's attempt count when the response carried it (0 when
+    /// not), `log` what the upstream role recorded. Every attempt is counted, with the fallback
+    /// into it and its provider's error, each through `add` (metric id, amount). Returns the
+    /// provider of the last attempt (the one whose answer the client gets). `host` only defines
+    /// an error series on its first use.
     pub fn count(
         &self,
         host: &dyn Host,
         routing: &Routing,
+        rule: Option<usize>,
+        attempts: usize,
         log: &[u8],
         add: &mut dyn FnMut(u32, u64),
     ) -> Option<ProviderId> {
+        let recorded = parse_attempts(log);
+        let seen = recorded
+            .iter()
+            .filter(|a| a.rule == rule)
+            .map(|a| a.position + 1)
+            .max()
+            .unwrap_or(1);
+        let n = attempts.max(seen).min(MAX_RECORDED_ATTEMPTS);
         let mut last = None;
-        for a in parse_attempts(log) {
-            last = Some(a.provider);
-            let (attempt, fallback) = match a.rule {
+        for position in 0..n {
+            let Some(provider) = provider_at(routing, rule, position) else {
+                break;
+            };
+            last = Some(provider);
+            let (attempt, fallback) = match rule {
                 None => (self.default_attempts, None),
                 Some(rule) => (
                     self.attempts
                         .get(rule)
-                        .and_then(|r| r.get(a.position))
+                        .and_then(|r| r.get(position))
                         .copied(),
                     self.fallbacks
                         .get(rule)
-                        .and_then(|r| r.get(a.position))
+                        .and_then(|r| r.get(position))
                         .copied()
                         .flatten(),
                 ),
@@ -314,13 +379,17 @@ impl AttemptCounters {
             for id in [attempt, fallback].into_iter().flatten() {
                 add(id, 1);
             }
-            if let Some(status) = a.status {
-                if let Some(id) = self.error_id(host, routing, a.provider, status) {
+            let status = recorded
+                .iter()
+                .find(|a| a.rule == rule && a.position == position && a.provider == provider)
+                .and_then(|a| a.status);
+            if let Some(status) = status {
+                if let Some(id) = self.error_id(host, routing, provider, status) {
                     add(id, 1);
                 }
             }
         }
-        last.filter(|p| routing.providers.get(*p).is_some())
+        last
     }
 
     fn error_id(
@@ -421,39 +490,155 @@ mod tests {
         );
     }
 
+    /// Counts one exchange's attempts into `host` and returns the last provider.
+    fn count(
+        host: &crate::fake::FakeHost,
+        r: &Routing,
+        rule: Option<usize>,
+        attempts: usize,
+        log: &[u8],
+    ) -> Option<ProviderId> {
+        let counters = AttemptCounters::define(host, r).unwrap();
+        counters.count(host, r, rule, attempts, log, &mut |id, n| {
+            crate::host::Host::increment(host, id, n);
+        })
+    }
+
+    const RELAY: &str = "tollgate_upstream_requests_total.provider=relay.model=gpt-4_1";
+    const DEEPSEEK: &str = "tollgate_upstream_requests_total.provider=deepseek.model=gpt-4_1";
+    const FALLBACK: &str = "tollgate_fallbacks_total.model=gpt-4_1.from=relay.to=deepseek";
+    const RELAY_503: &str = "tollgate_upstream_errors_total.provider=relay.status=503";
+
     #[test]
     fn the_listener_counts_attempts_fallbacks_and_errors() {
         let r = routing();
         let host = crate::fake::FakeHost::default();
-        let counters = AttemptCounters::define(&host, &r).unwrap();
-        counters.count(
-            &host,
-            &r,
-            b"0.0.0=503,0.1.1,d.0.0,9.9.9=500",
-            &mut |id, n| {
-                crate::host::Host::increment(&host, id, n);
-            },
-        );
-        let c = |n: &str| host.counter(n);
+        // The first provider failed (recorded with its status), the fallback answered; an
+        // entry of another rule (a log another filter wrote) is not this exchange's.
+        let last = count(&host, &r, Some(0), 2, b"0.0.0=503,0.1.1,9.9.9=500");
+        assert_eq!(last, Some(1));
+        for (name, n) in [(RELAY, 1), (DEEPSEEK, 1), (FALLBACK, 1), (RELAY_503, 1)] {
+            assert_eq!(host.counter(name), n, "{name}");
+        }
         assert_eq!(
-            c("tollgate_upstream_requests_total.provider=relay.model=gpt-4_1"),
+            host.counter("tollgate_upstream_errors_total.provider=_.status=500"),
+            0
+        );
+        // The default route.
+        let host = crate::fake::FakeHost::default();
+        assert_eq!(count(&host, &r, None, 1, b""), Some(0));
+        assert_eq!(
+            host.counter("tollgate_upstream_requests_total.provider=relay.model=_default"),
             1
         );
+    }
+
+    #[test]
+    fn a_first_attempt_is_counted_without_a_log() {
+        let r = routing();
+        let host = crate::fake::FakeHost::default();
+        // One attempt that succeeded: nothing was written, the route says which provider.
+        assert_eq!(count(&host, &r, Some(0), 1, b""), Some(0));
+        assert_eq!((host.counter(RELAY), host.counter(DEEPSEEK)), (1, 0));
+        // No attempt count on the response (a virtual host without
+        // `include_attempt_count_in_response`) and no log: one attempt.
+        let host = crate::fake::FakeHost::default();
+        assert_eq!(count(&host, &r, Some(0), 0, b""), Some(0));
+        assert_eq!(host.counter(RELAY), 1);
+    }
+
+    #[test]
+    fn an_attempt_missing_from_the_log_is_still_counted() {
+        let r = routing();
+        // The first attempt failed before any response (a connect failure: no status, no
+        // entry); the fallback wrote its own. With or without Envoy's count: two attempts.
+        for attempts in [2, 0] {
+            let host = crate::fake::FakeHost::default();
+            assert_eq!(count(&host, &r, Some(0), attempts, b"0.1.1"), Some(1));
+            for (name, n) in [(RELAY, 1), (DEEPSEEK, 1), (FALLBACK, 1), (RELAY_503, 0)] {
+                assert_eq!(host.counter(name), n, "{attempts}: {name}");
+            }
+        }
+        // The last attempt failed before any response: Envoy's count has it, the log does not.
+        let host = crate::fake::FakeHost::default();
+        assert_eq!(count(&host, &r, Some(0), 2, b"0.0.0=503"), Some(1));
+        for (name, n) in [(RELAY, 1), (DEEPSEEK, 1), (FALLBACK, 1), (RELAY_503, 1)] {
+            assert_eq!(host.counter(name), n, "{name}");
+        }
+        // A count past any bound is bounded.
+        let host = crate::fake::FakeHost::default();
+        count(&host, &r, Some(0), usize::MAX, b"");
+        assert_eq!(host.counter(RELAY), 1);
         assert_eq!(
-            c("tollgate_upstream_requests_total.provider=deepseek.model=gpt-4_1"),
-            1
+            host.counter(DEEPSEEK),
+            1,
+            "positions past the rule count no attempt"
         );
+    }
+
+    #[test]
+    fn the_listener_prepares_the_first_attempt_but_not_its_route() {
+        let r = routing();
+        let headers = h(&[
+            (":authority", "gateway.example"),
+            (":path", "/v1/chat/completions"),
+            ("x-tollgate-route", "r0"),
+            // A client cannot pick the fallback: the listener prepares the first attempt.
+            ("x-envoy-attempt-count", "2"),
+        ]);
+        let a = first_attempt_edits(&r, &headers);
         assert_eq!(
-            c("tollgate_upstream_requests_total.provider=relay.model=_default"),
-            1
+            a.set,
+            vec![
+                ("authorization".into(), "Bearer sk-RELAY_KEY".into()),
+                ("x-org".into(), "team".into()),
+            ]
         );
+        assert_eq!((a.rule, a.provider, a.position), (Some(0), Some(0), 0));
+        // The upstream role's first attempt then has its host and path left to set, and
+        // nothing else.
+        let mut prepared = headers.clone();
+        prepared.retain(|(n, _)| n != b"x-envoy-attempt-count");
+        prepared.extend(h(&[
+            ("authorization", "Bearer sk-RELAY_KEY"),
+            ("x-org", "team"),
+            ("x-envoy-attempt-count", "1"),
+        ]));
+        let mut upstream = on_attempt_headers(&r, &prepared);
+        upstream.retain_needed(&prepared);
+        assert!(upstream.remove.is_empty());
         assert_eq!(
-            c("tollgate_fallbacks_total.model=gpt-4_1.from=relay.to=deepseek"),
-            1
+            upstream.set,
+            vec![
+                (":authority".into(), "api.relay.example".into()),
+                (":path".into(), "/openai/v1/chat/completions".into()),
+            ]
         );
+    }
+
+    #[test]
+    fn only_the_edits_a_map_lacks_are_kept() {
+        let mut a = attempt(Some(0), 0, Some(0));
+        a.remove = vec![b"x-gone".to_vec(), b"x-old".to_vec()];
+        a.set = vec![
+            ("authorization".into(), "Bearer k".into()),
+            ("x-same".into(), "1".into()),
+            ("x-twice".into(), "1".into()),
+        ];
+        a.retain_needed(&h(&[
+            ("X-Old", "v"),
+            ("authorization", "Bearer other"),
+            ("x-same", "1"),
+            ("x-twice", "1"),
+            ("x-twice", "2"),
+        ]));
+        assert_eq!(a.remove, vec![b"x-old".to_vec()]);
         assert_eq!(
-            c("tollgate_upstream_errors_total.provider=relay.status=503"),
-            1
+            a.set,
+            vec![
+                ("authorization".into(), "Bearer k".into()),
+                ("x-twice".into(), "1".into())
+            ]
         );
     }
 

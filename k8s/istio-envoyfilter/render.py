@@ -10,7 +10,8 @@ made into patches of what istiod generates for the gateway:
   HTTP_FILTER   INSERT_BEFORE router   the listener filter (routing configuration, body reading)
   CLUSTER       MERGE (by name)        each provider cluster: the upstream filter (own vm_id)
   CLUSTER       ADD                    one aggregate cluster per rule with fallbacks
-  VIRTUAL_HOST  MERGE                  include_request_attempt_count (attempt N -> N-th provider)
+  VIRTUAL_HOST  MERGE                  include_request_attempt_count (attempt N -> N-th provider),
+                                       include_attempt_count_in_response (the listener counts)
   HTTP_ROUTE    INSERT_FIRST           the routes on `x-tollgate-route`, with the retry policy
 
 tests/test_istio_routing.py applies these patches, as istiod does, to an Istio-like gateway
@@ -132,7 +133,8 @@ def routing_envoyfilter(providers: list[dict] = SHIPPED_PROVIDERS, *, models: li
         "applyTo": "VIRTUAL_HOST",
         "match": _match(routeConfiguration=copy.deepcopy(route_config)),
         "patch": {"operation": "MERGE", "value": {
-            "include_request_attempt_count": vhost["include_request_attempt_count"]}},
+            "include_request_attempt_count": vhost["include_request_attempt_count"],
+            "include_attempt_count_in_response": vhost["include_attempt_count_in_response"]}},
     })
     # Every route but the catch-all (the VirtualService's 404 is last); INSERT_FIRST puts each
     # patch's route before those already there, so they are listed last to first.
