@@ -255,11 +255,12 @@ impl Gateway {
 
     /// The root context's timer period: every configuration has one, as a busy worker writes
     /// its counters and settlements on it ([`crate::batch`]); quota leases need a shorter one.
-    pub fn tick_period_ms(&self) -> Option<u32> {
+    pub fn tick_period_ms(&self) -> u32 {
         if self.leases.is_some() {
-            return Some(LEASE_TICK_MS);
+            LEASE_TICK_MS
+        } else {
+            ROOT_TICK_MS
         }
-        Some(ROOT_TICK_MS)
     }
 
     /// The root context's timer: write the batch, send what the requests queued.

@@ -454,17 +454,6 @@ pub fn check_cost(
     })
 }
 
-/// Adds `delta` (negative: gives back) to the tokens of minute `window`, if that window is still
-/// the record's; a window that has passed is left alone (its budget is gone anyway).
-pub fn adjust(
-    store: &dyn CasStore,
-    key: &str,
-    window: u64,
-    delta: i64,
-) -> Result<(), LimiterError> {
-    adjust_all(store, key, Some((window, delta)), &[], 0, 0)
-}
-
 fn add_signed(n: u64, delta: i64) -> u64 {
     if delta < 0 {
         n.saturating_sub(delta.unsigned_abs())
@@ -731,6 +720,16 @@ pub(crate) mod tests {
         ));
         let (rec, _) = read(&s, K).unwrap();
         assert_eq!(rec.map(|r| (r.requests, r.tokens)), Some((2, 70)));
+    }
+
+    /// Adds `delta` (negative: gives back) to the tokens of minute `window` alone.
+    fn adjust(
+        store: &dyn CasStore,
+        key: &str,
+        window: u64,
+        delta: i64,
+    ) -> Result<(), LimiterError> {
+        adjust_all(store, key, Some((window, delta)), &[], 0, 0)
     }
 
     #[test]

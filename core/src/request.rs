@@ -1517,30 +1517,6 @@ pub fn charge_money(
     }
 }
 
-/// Settles a reservation once the response is over (once: the caller drops the reservation):
-/// the estimate is replaced by [`charge`]. A local reservation is adjusted in the store now;
-/// for a Redis one, the adjustment `(key, tokens to add)` is returned, to be sent in the
-/// worker's next batch (see [`webdis::Settlements`]).
-pub fn settle_tokens(
-    config: &Config,
-    client: ClientId,
-    reservation: &TokenReservation,
-    delivered: Delivered,
-    store: &dyn CasStore,
-) -> Result<Option<(String, i64)>, LimiterError> {
-    let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-    let delta = to_i64(charge(reservation.estimate, delivered))
-        .saturating_sub(to_i64(reservation.estimate.total()));
-    if let Some(key) = &reservation.redis_key {
-        return Ok((delta != 0).then(|| (key.clone(), delta)));
-    }
-    let Some(c) = config.client(client) else {
-        return Ok(None);
-    };
-    limiter::adjust(store, &limiter::budget_key(c), reservation.window, delta)?;
-    Ok(None)
-}
-
 /// The Redis spend record of a priced response (`tollgate spend` reads them): its key for the
 /// day of `started_ms` and the micro-units to add; `None` with the local limiter or at no cost.
 pub fn spend_record(
@@ -1866,6 +1842,22 @@ mod tests {
     use crate::limiter::tests::FakeStore;
 
     const NOW: u64 = 1_700_000_000_000;
+
+    /// Settles one token reservation as the exchange does ([`settlement`], then
+    /// [`apply_local`]): the Redis adjustment it returns, the local one applied to `store`.
+    fn settle_tokens(
+        config: &Config,
+        client: ClientId,
+        reservation: &TokenReservation,
+        delivered: Delivered,
+        store: &dyn CasStore,
+    ) -> Result<Option<(String, i64)>, LimiterError> {
+        let (redis, local) = settlement(config, client, Some(reservation), None, delivered, 0);
+        if let Some(local) = local {
+            apply_local(config, &local, store)?;
+        }
+        Ok(redis.into_iter().next())
+    }
 
     fn config(rpm: u32) -> Config {
         let sha = Digest::of_key(DigestKind::Sha256, b"sk-team-a").to_hex();

@@ -1056,7 +1056,7 @@ fn budgets_in_redis_are_one_callout_and_settle_through_the_root_tick() {
             1,
         );
     let gw = gateway(&host, &json);
-    assert!(gw.tick_period_ms().is_some());
+    assert_eq!(gw.tick_period_ms(), 100);
     let mut ex = Exchange::new(Some(gw.clone()));
     routed_admission(&host, &mut ex, "gpt-4.1", 100);
     let call = host.callouts.borrow().last().cloned().unwrap();

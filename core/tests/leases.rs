@@ -81,7 +81,7 @@ fn a_request_the_lease_covers_costs_what_the_local_limiter_costs() {
 
     let host = FakeHost::new(NOW, &[]);
     let gw = gateway(&host, &config(LEASES));
-    assert_eq!(gw.tick_period_ms(), Some(20));
+    assert_eq!(gw.tick_period_ms(), 20);
     // The first request finds no lease: it waits for one lease call.
     let mut ex = Exchange::new(Some(gw.clone()));
     request(&host);

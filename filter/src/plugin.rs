@@ -122,11 +122,9 @@ impl RootContext for Root {
                 return false;
             }
         };
-        if let Some(period) = gateway.tick_period_ms() {
-            if let Err(e) = host::set_tick_period_ms(period) {
-                error!("cannot start the timer that writes counters and settlements: {e}");
-                return false;
-            }
+        if let Err(e) = host::set_tick_period_ms(gateway.tick_period_ms()) {
+            error!("cannot start the timer that writes counters and settlements: {e}");
+            return false;
         }
         // What the old configuration's requests counted and settled is written now; its
         // requests still in flight write theirs as they end.
