@@ -268,6 +268,15 @@ fn admitted_json(host: &FakeHost, ex: &mut Exchange) -> [Vec<&'static str>; 4] {
     provider_response(host, "application/json");
     assert_eq!(ex.on_response_headers(host), Action::Continue);
     let response = host.take_calls();
+    let (body, log) = usage_answer_and_log(host, ex);
+    [request, response, body, log]
+}
+
+/// The provider's JSON body with its usage, then the log callback: the host calls of each.
+fn usage_answer_and_log(
+    host: &FakeHost,
+    ex: &mut Exchange,
+) -> (Vec<&'static str>, Vec<&'static str>) {
     *host.response_chunk.borrow_mut() =
         br#"{"id":"x","usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12}}"#
             .to_vec();
@@ -275,8 +284,7 @@ fn admitted_json(host: &FakeHost, ex: &mut Exchange) -> [Vec<&'static str>; 4] {
     assert_eq!(ex.on_response_body(host, size, true), Action::Continue);
     let body = host.take_calls();
     ex.on_log(host);
-    let log = host.take_calls();
-    [request, response, body, log]
+    (body, host.take_calls())
 }
 
 #[test]
@@ -615,14 +623,7 @@ fn routed_json(
         .push((b"x-envoy-attempt-count".to_vec(), b"1".to_vec()));
     assert_eq!(ex.on_response_headers(host), Action::Continue);
     let response = host.take_calls();
-    *host.response_chunk.borrow_mut() =
-        br#"{"id":"x","usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12}}"#
-            .to_vec();
-    let size = host.response_chunk.borrow().len();
-    assert_eq!(ex.on_response_body(host, size, true), Action::Continue);
-    let response_body = host.take_calls();
-    ex.on_log(host);
-    let log = host.take_calls();
+    let (response_body, log) = usage_answer_and_log(host, ex);
     vec![
         headers,
         body,
