@@ -143,6 +143,8 @@ pub struct Exchange {
     /// The request headers as they arrived, while the request waits for its body or a callout:
     /// what a provider must not see is removed when it is forwarded, in the same write.
     unstripped: Option<Vec<Header>>,
+    /// The length of the whole request body, once read (a body Tollgate rewrites replaces it).
+    request_body_len: Option<usize>,
     /// The gateway was told this exchange ended (its log callback ran, or it had none).
     ended: bool,
 }
@@ -191,6 +193,7 @@ impl Exchange {
             request_id: None,
             logged: Record::default(),
             unstripped: None,
+            request_body_len: None,
         }
     }
 
@@ -390,6 +393,7 @@ impl Exchange {
                 return self.reply(h, &openai::internal_error());
             }
         };
+        self.request_body_len = Some(body.len());
         // The request is counted in the window of its arrival (its headers' time): one clock
         // read per request.
         let now = self.started_ms.unwrap_or_default();
@@ -488,7 +492,13 @@ impl Exchange {
         client: Option<usize>,
         outcome: Outcome,
     ) -> (Action, Outcome) {
-        match apply(h, &gw.config, &forward, self.unstripped.take()) {
+        match apply(
+            h,
+            &gw.config,
+            &forward,
+            self.unstripped.take(),
+            self.request_body_len,
+        ) {
             Ok(()) => {
                 self.forwarded = true;
                 self.window = forward.window;
@@ -1212,20 +1222,29 @@ fn apply(
     config: &Config,
     forward: &Forward,
     unstripped: Option<Vec<Header>>,
+    body_len: Option<usize>,
 ) -> Result<(), HostError> {
+    // A new body's length goes in the same write as the other header edits.
+    let mut set = forward.set.clone();
+    if let Some(body) = &forward.body {
+        set.push(("content-length", body.len().to_string()));
+    }
     match unstripped {
-        Some(headers) => write_request_headers(h, config, &headers, &forward.set)?,
+        Some(headers) => write_request_headers(h, config, &headers, &set)?,
         None => {
-            for (name, value) in &forward.set {
+            for (name, value) in &set {
                 h.replace_header(Map::Request, name, value)?;
             }
         }
     }
     if let Some(body) = &forward.body {
-        // Called with the whole body buffered and the headers held.
-        let size = h.body(Buffer::Request, usize::MAX).map(|b| b.len())?;
+        // Called with the whole body buffered and the headers held: its length is the one the
+        // exchange read it at (read again only when it was not read here).
+        let size = match body_len {
+            Some(n) => n,
+            None => h.body(Buffer::Request, usize::MAX).map(|b| b.len())?,
+        };
         h.replace_body(Buffer::Request, size, body)?;
-        h.replace_header(Map::Request, "content-length", &body.len().to_string())?;
     }
     if forward.reroute {
         h.clear_route_cache()?;

@@ -458,6 +458,48 @@ fn a_routed_body_that_ends_with_trailers_is_decided_then_forwarded() {
 }
 
 #[test]
+fn a_routed_stream_asks_for_its_usage_in_the_write_that_forwards_it() {
+    let host = FakeHost::new(NOW, &[]);
+    let gw = gateway(&host, &routed());
+    // A first request defines the series.
+    routed_admission(&host, &mut Exchange::new(Some(gw.clone())), "gpt-4.1", 10);
+    let mut ex = Exchange::new(Some(gw));
+    sdk_request(&host, 40);
+    assert_eq!(ex.on_request_headers(&host, false), Action::Pause);
+    let body = br#"{"model":"gpt-4.1","stream":true,"messages":[]}"#;
+    *host.request_body.borrow_mut() = body.to_vec();
+    host.take_calls();
+    assert_eq!(
+        ex.on_request_body(&host, body.len(), true),
+        Action::Continue
+    );
+    // The body is read once; its new length is one more header of the one write; the new body
+    // replaces exactly the old one.
+    assert_eq!(
+        host.take_calls(),
+        [
+            "get_body",
+            "get_shared_data",
+            "set_shared_data",
+            "set_headers",
+            "replace_body",
+            "clear_route_cache"
+        ]
+    );
+    let sent = host.request_body.borrow().clone();
+    let text = String::from_utf8(sent.clone()).unwrap();
+    assert!(text.contains(r#""include_usage":true"#), "{text}");
+    assert!(
+        text.ends_with("]}") && text.matches("\"model\"").count() == 1,
+        "{text}"
+    );
+    assert_eq!(
+        host.request_header("content-length"),
+        Some(sent.len().to_string())
+    );
+}
+
+#[test]
 fn headers_then_trailers_without_a_body_is_refused() {
     let host = FakeHost::new(NOW, &[]);
     let gw = gateway(&host, &routed());
