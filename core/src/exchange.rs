@@ -1175,44 +1175,44 @@ fn write_request_headers(
     headers: &[Header],
     set: &[(&'static str, String)],
 ) -> Result<(), HostError> {
-    let mut removed = request::strip_list(config, headers);
-    let mut set: Vec<(String, String)> = set
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.clone()))
-        .collect();
-    let forwarded = |removed: &[Vec<u8>], set: &[(String, String)]| -> Vec<Header> {
-        headers
-            .iter()
-            .filter(|(n, _)| {
-                !removed.contains(n) && !set.iter().any(|(s, _)| s.as_bytes() == n.as_slice())
-            })
-            .cloned()
-            .chain(
-                set.iter()
-                    .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())),
-            )
-            .collect()
-    };
+    let removed = request::strip_list(config, headers);
     if let Mode::Routed(routing) = &config.mode {
-        if set.iter().any(|(n, _)| n == ROUTE_HEADER) {
-            let map = forwarded(&removed, &set);
+        if set.iter().any(|(n, _)| *n == ROUTE_HEADER) {
+            // The route and the first attempt's credentials: the map as forwarded, in one write.
+            let mut map = headers.to_vec();
+            edit(&mut map, &removed, set);
             let mut first = upstream::first_attempt_edits(routing, &map);
             first.retain_needed(&map);
-            removed.extend(first.remove);
-            set.extend(first.set);
+            edit(&mut map, &first.remove, &first.set);
+            return h.set_headers(Map::Request, &map);
         }
     }
     let replaced = |name: &[u8]| set.iter().any(|(n, _)| n.as_bytes() == name);
-    let removals: Vec<&Vec<u8>> = removed
-        .iter()
-        .filter(|n| !replaced(n) && headers.iter().any(|(h, _)| h == *n))
-        .collect();
-    match (removals.as_slice(), set.as_slice()) {
+    let removals: Vec<&Vec<u8>> = removed.iter().filter(|n| !replaced(n)).collect();
+    match (removals.as_slice(), set) {
         ([], []) => Ok(()),
         ([name], []) => h.remove_header(Map::Request, name),
         ([], [(name, value)]) => h.replace_header(Map::Request, name, value),
-        _ => h.set_headers(Map::Request, &forwarded(&removed, &set)),
+        _ => {
+            let mut map = headers.to_vec();
+            edit(&mut map, &removed, set);
+            h.set_headers(Map::Request, &map)
+        }
     }
+}
+
+/// Edits a header map in place: the names in `removed` and in `set` go, then `set` is added.
+fn edit<N: AsRef<str>>(map: &mut Vec<Header>, removed: &[Vec<u8>], set: &[(N, String)]) {
+    map.retain(|(n, _)| {
+        !removed.contains(n)
+            && !set
+                .iter()
+                .any(|(s, _)| s.as_ref().as_bytes() == n.as_slice())
+    });
+    map.extend(
+        set.iter()
+            .map(|(n, v)| (n.as_ref().as_bytes().to_vec(), v.as_bytes().to_vec())),
+    );
 }
 
 /// Applies a forward's rewrite: headers set (the provider key or the route), the body replaced

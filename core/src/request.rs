@@ -1753,7 +1753,7 @@ impl ResponseHead {
         let encoded = header(headers, b"content-encoding")
             .is_some_and(|e| !e.eq_ignore_ascii_case(b"identity"));
         let attempts = header(headers, crate::upstream::ATTEMPT_HEADER)
-            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok());
+            .and_then(crate::upstream::attempt_count);
         Self {
             status,
             content_type,

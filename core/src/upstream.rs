@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use crate::headers::Header;
 use crate::host::{Host, HostError};
 use crate::metrics;
-use crate::routing::{ProviderId, Routing, DEFAULT_ROUTE, ROUTE_HEADER};
+use crate::routing::{ProviderId, Routing, Rule, Target, DEFAULT_ROUTE, ROUTE_HEADER};
 
 /// What to do with one attempt's request headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,12 +49,17 @@ pub struct Attempt {
 /// Envoy's attempt counter on upstream requests (`include_request_attempt_count`), from 1.
 pub const ATTEMPT_HEADER: &[u8] = b"x-envoy-attempt-count";
 
+/// The attempt count of an [`ATTEMPT_HEADER`] value (request or response).
+pub fn attempt_count(value: &[u8]) -> Option<usize> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
 /// Prepares one attempt from the request headers the downstream role and Envoy's router left.
 pub fn on_attempt_headers(routing: &Routing, headers: &[Header]) -> Attempt {
     let attempt = headers
         .iter()
         .find(|(n, _)| n.as_slice() == ATTEMPT_HEADER)
-        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
+        .and_then(|(_, v)| attempt_count(v))
         .unwrap_or(1);
     prepare(routing, headers, attempt)
 }
@@ -92,12 +97,15 @@ impl Attempt {
 /// attempts than providers stay on the last one.
 pub fn provider_at(routing: &Routing, rule: Option<usize>, position: usize) -> Option<ProviderId> {
     match rule {
-        Some(rule) => {
-            let targets = &routing.rules.get(rule)?.targets;
-            targets.get(position).or(targets.last()).map(|t| t.provider)
-        }
+        Some(rule) => target_at(routing.rules.get(rule)?, position).map(|t| t.provider),
         None => routing.default_provider,
     }
+}
+
+/// The target of a rule's `position`-th attempt: past the last provider (more retries than
+/// providers), the last one.
+fn target_at(rule: &Rule, position: usize) -> Option<&Target> {
+    rule.targets.get(position).or(rule.targets.last())
 }
 
 fn prepare(routing: &Routing, headers: &[Header], attempt: usize) -> Attempt {
@@ -117,8 +125,7 @@ fn prepare(routing: &Routing, headers: &[Header], attempt: usize) -> Attempt {
     let rule = routing.rule_of_route(route);
     let position = attempt.saturating_sub(1);
     let (provider, rename_model) = match rule.and_then(|r| routing.rules.get(r)) {
-        // Past the last provider (more retries than providers): stay on the last one.
-        Some(r) => match r.targets.get(position).or(r.targets.last()) {
+        Some(r) => match target_at(r, position) {
             Some(t) => {
                 // A rule that renames for some provider names the model back for the others,
                 // undoing an earlier attempt's rename (exact rules only; globs cannot rename).
