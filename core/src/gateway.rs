@@ -6,6 +6,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 
 use log::{debug, error, info, warn};
+use sha2::{Digest as _, Sha256};
 
 use crate::batch::Batch;
 use crate::cache::{self, Backend};
@@ -17,7 +18,7 @@ use crate::metrics::{self, CacheMetric, Outcome, ANONYMOUS};
 use crate::request::{self, LimiterFailure};
 use crate::upstream::AttemptCounters;
 use crate::webdis::{self, ReplyError, Settlements};
-use crate::Config;
+use crate::{Client, Config};
 
 /// How often each worker's root context sends what its requests queued for Redis since its last
 /// tick: response cache stores and token settlements.
@@ -197,6 +198,60 @@ impl Leases {
     }
 }
 
+/// Shared data: the fingerprint ([`records_fingerprint`]) of the last set of client records a
+/// VM of this Envoy created in full.
+pub const RECORDS_ENSURED_KEY: &str = "tollgate.v2.records_ensured";
+
+/// What identifies a set of client records: every record key, in order, with the form of the
+/// keys (their prefixes) and whether lease records are part of it.
+fn records_fingerprint(clients: &[Client], leases: bool) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"tollgate records 1\0");
+    h.update(limiter::BUDGET_KEY_PREFIX.as_bytes());
+    h.update(b"\0");
+    h.update(lease::LEASE_KEY_PREFIX.as_bytes());
+    h.update([u8::from(leases)]);
+    for client in clients {
+        let name = client.name.as_bytes();
+        h.update(u32::try_from(name.len()).unwrap_or(u32::MAX).to_le_bytes());
+        h.update(name);
+    }
+    h.finalize().into()
+}
+
+/// Creates every client's limit record (and lease record), unless a VM of this Envoy already
+/// created exactly this set: Envoy configures the main thread's VM first, so the workers' VMs
+/// (and the main thread's second one) find the fingerprint it left and make one host call
+/// instead of one or two per client, the largest part of a worker's configure at 100,000
+/// clients (docs/scale.md). Records are never removed, so a set once created stays created.
+/// The fingerprint is written only when every record was created: after a failure the next VM
+/// tries them all again.
+fn ensure_records(host: &dyn Host, clients: &[Client], leases: bool) {
+    let fingerprint = records_fingerprint(clients, leases);
+    if matches!(host.get(RECORDS_ENSURED_KEY), Ok(Some((v, _))) if v == fingerprint) {
+        debug!("client records already created by another VM");
+        return;
+    }
+    let mut complete = true;
+    for client in clients {
+        let key = limiter::budget_key(client);
+        if limiter::ensure_record(host, &key).is_err() {
+            warn!("cannot create the limit record {key}");
+            complete = false;
+        }
+        if leases {
+            let key = lease::lease_key(client);
+            if lease::ensure_record(host, &key).is_err() {
+                warn!("cannot create the lease record {key}");
+                complete = false;
+            }
+        }
+    }
+    if complete && host.set(RECORDS_ENSURED_KEY, &fingerprint, 0).is_err() {
+        warn!("cannot record that the client records exist (each VM will check them again)");
+    }
+}
+
 impl Gateway {
     /// Builds the listener role from a compiled configuration: defines its metrics and creates
     /// every client's limit record, before workers take traffic with this configuration (see
@@ -211,18 +266,7 @@ impl Gateway {
             LimiterBackend::Redis(r) => r.leases.map(|p| Leases::define(host, p)),
             LimiterBackend::Local => None,
         };
-        for client in &config.clients {
-            let key = limiter::budget_key(client);
-            if limiter::ensure_record(host, &key).is_err() {
-                warn!("cannot create the limit record {key}");
-            }
-            if leases.is_some() {
-                let key = lease::lease_key(client);
-                if lease::ensure_record(host, &key).is_err() {
-                    warn!("cannot create the lease record {key}");
-                }
-            }
-        }
+        ensure_records(host, &config.clients, leases.is_some());
         info!(
             "configured: {} clients, limiter {}, {}",
             config.clients.len(),
