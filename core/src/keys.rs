@@ -310,8 +310,11 @@ impl KeyIndex {
             });
             return None;
         }
-        if let Some(other) = self.get(&digest) {
-            return Some(other.client);
+        // Among the sorted digests, or else in the map (looked up once, by the entry).
+        if digest.kind == DigestKind::Sha256 {
+            if let Some(client) = self.sorted_client(&digest.bytes) {
+                return Some(client);
+            }
         }
         match self.by_digest.entry(digest) {
             hashbrown::hash_map::Entry::Occupied(e) => Some(e.get().client),

@@ -55,6 +55,9 @@ pub(super) struct RawLocalCache {
     pub(super) max_bytes: Option<u64>,
 }
 
+// The Webdis fields of `limiter` again, compiled by the same `compile_webdis`: a shared struct
+// would need `#[serde(flatten)]`, which serde does not combine with `deny_unknown_fields` (a
+// misspelt field would pass) and which buffers the object (errors lose their field path).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRedisCache {
