@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -170,6 +171,37 @@ def test_keys_and_limits_change_under_load_without_a_failed_request_or_a_lost_co
     print("\ntime to effect after the file change (s): "
           + ", ".join(f"{k} {v:.2f}" for k, v in timings.items())
           + f"; load: {len(statuses)} requests, 0 failed")
+
+
+def test_only_the_first_vm_creates_the_client_records(gw):
+    # Envoy configures the main thread's VM before the workers': that VM creates every client's
+    # limit record and leaves a fingerprint of the set; each later VM with the same set reads
+    # it and skips the per-client reads (core/tests/configure.rs). Here, in a real Envoy, at
+    # start and after a reload that adds a client, every VM but one says it skipped.
+    def counts() -> tuple[int, int]:
+        log = gw.log()
+        return (len(re.findall(r"tollgate: configured: \d+ clients", log)),
+                log.count("client records already created by another VM"))
+
+    def one_creator(since: tuple[int, int], at_least: int) -> bool:
+        configured, skipped = (now - then for now, then in zip(counts(), since))
+        return configured >= at_least and skipped == configured - 1
+
+    # The main thread's two VMs and the two workers'.
+    harness.wait_until(lambda: one_creator((0, 0), 4),
+                       "every VM to be configured, one creating the records", timeout_s=RELOAD_BOUND_S)
+    before = counts()
+    late = "sk-reload-late-0003"
+    base = gw.plugin()
+    t = gw.push({**base, "clients": base["clients"] + [client("late", late, 2)]})
+    until(lambda: gw.chat(late).status == 200, "the added client to be admitted", t)
+    # The reload configures a VM of the main thread and each worker's again.
+    harness.wait_until(lambda: one_creator(before, 3),
+                       "the reload's VMs to be configured, one creating the records",
+                       timeout_s=RELOAD_BOUND_S)
+    # The new client's record was created: its limit counts from the first request.
+    statuses = [gw.chat(late).status for _ in range(3)]
+    assert statuses == [200, 429, 429], statuses
 
 
 def test_two_keys_of_one_client_spend_one_budget(workdir, mock):
