@@ -488,14 +488,14 @@ impl Exchange {
         &mut self,
         h: &dyn Host,
         gw: &Gateway,
-        forward: Forward,
+        mut forward: Forward,
         client: Option<usize>,
         outcome: Outcome,
     ) -> (Action, Outcome) {
         match apply(
             h,
             &gw.config,
-            &forward,
+            &mut forward,
             self.unstripped.take(),
             self.request_body_len,
         ) {
@@ -1215,17 +1215,17 @@ fn edit<N: AsRef<str>>(map: &mut Vec<Header>, removed: &[Vec<u8>], set: &[(N, St
     );
 }
 
-/// Applies a forward's rewrite: headers set (the provider key or the route), the body replaced
-/// (a stream now asking for usage), the route picked again.
+/// Applies a forward's rewrite: headers set (the provider key or the route; taken from
+/// `forward`), the body replaced (a stream now asking for usage), the route picked again.
 fn apply(
     h: &dyn Host,
     config: &Config,
-    forward: &Forward,
+    forward: &mut Forward,
     unstripped: Option<Vec<Header>>,
     body_len: Option<usize>,
 ) -> Result<(), HostError> {
     // A new body's length goes in the same write as the other header edits.
-    let mut set = forward.set.clone();
+    let mut set = std::mem::take(&mut forward.set);
     if let Some(body) = &forward.body {
         set.push(("content-length", body.len().to_string()));
     }
