@@ -17,15 +17,15 @@ use crate::openai::LocalReply;
 /// The client key of a request to Anthropic's API: `x-api-key` (what Anthropic's API and
 /// SDKs use) or `authorization: Bearer` (what some SDK versions and relays send). Both may be
 /// sent only with the same key; a repeated header is refused as for `authorization`.
-pub fn client_key(headers: &[Header]) -> Result<&[u8], KeyError> {
-    fn values<'a>(
-        headers: &'a [Header],
+pub fn client_key<'a>(headers: &[Header<'a>]) -> Result<&'a [u8], KeyError> {
+    fn values<'a: 'h, 'h>(
+        headers: &'h [Header<'a>],
         name: &'static [u8],
-    ) -> impl Iterator<Item = &'a [u8]> + 'a {
+    ) -> impl Iterator<Item = &'a [u8]> + 'h {
         headers
             .iter()
             .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+            .map(|(_, v)| *v)
     }
     let mut api_keys = values(headers, b"x-api-key");
     let api_key = match (api_keys.next(), api_keys.next()) {
@@ -397,7 +397,7 @@ mod tests {
     use super::*;
     use crate::openai;
 
-    use crate::fake::pairs as h;
+    use crate::fake::view as h;
 
     #[test]
     fn the_key_comes_from_x_api_key_or_a_bearer_token() {

@@ -65,9 +65,10 @@ impl AttemptExchange {
             return refuse(h, "the configuration has no providers");
         };
         let headers = match h.headers(Map::Request) {
-            Ok(headers) => headers,
+            Ok(map) => map,
             Err(e) => return refuse(h, &format!("cannot read request headers: {e}")),
         };
+        let headers = headers.pairs();
         let mut attempt = upstream::on_attempt_headers(routing, &headers);
         debug!(
             "attempt {} to {}: rule {:?}, rename {:?}",

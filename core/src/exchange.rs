@@ -28,7 +28,7 @@ use crate::cache::{self, Backend, Skip};
 use crate::config::{Config, Mode};
 use crate::endpoints::Api;
 use crate::gateway::{callout_status, timed_out, Gateway, MAX_WEBDIS_REPLY_BYTES};
-use crate::headers::Header;
+use crate::headers::{Header, HeaderMap};
 use crate::host::{send_local_reply, Action, Buffer, Host, HostError, Map};
 use crate::identity;
 use crate::limiter::Window;
@@ -142,7 +142,7 @@ pub struct Exchange {
     logged: Record,
     /// The request headers as they arrived, while the request waits for its body or a callout:
     /// what a provider must not see is removed when it is forwarded, in the same write.
-    unstripped: Option<Vec<Header>>,
+    unstripped: Option<HeaderMap>,
     /// The length of the whole request body, once read (a body Tollgate rewrites replaces it).
     request_body_len: Option<usize>,
     /// The gateway was told this exchange ended (its log callback ran, or it had none).
@@ -213,20 +213,21 @@ impl Exchange {
             error!("request without a configuration");
             return self.reply(h, &openai::internal_error());
         };
-        let (headers, now) = match (h.headers(Map::Request), h.now_ms()) {
-            (Ok(headers), Ok(now)) => (headers, now),
+        let (map, now) = match (h.headers(Map::Request), h.now_ms()) {
+            (Ok(map), Ok(now)) => (map, now),
             (Err(e), _) | (_, Err(e)) => {
                 error!("cannot read the request: {e}");
                 gw.count_request(h, None, Outcome::Error);
                 return self.reply(h, &openai::internal_error());
             }
         };
+        let headers = map.pairs();
         self.started_ms = Some(now);
         self.api = request::api_of(&headers);
         if self.api == Api::Anthropic {
             self.request_id = headers
                 .iter()
-                .find(|(n, _)| n.as_slice() == b"x-request-id")
+                .find(|(n, _)| *n == b"x-request-id")
                 .and_then(|(_, v)| std::str::from_utf8(v).ok())
                 .map(str::to_string);
         }
@@ -277,7 +278,7 @@ impl Exchange {
                 }
                 f.set.clear();
             }
-            _ => self.unstripped = Some(headers),
+            _ => self.unstripped = Some(map),
         }
         self.proceed(h, &gw, start)
     }
@@ -768,8 +769,8 @@ impl Exchange {
             return Action::Continue;
         };
         // One read of the whole map: status, content type, attempts, and the headers to remove.
-        let headers = match h.headers(Map::Response) {
-            Ok(headers) => headers,
+        let map = match h.headers(Map::Response) {
+            Ok(map) => map,
             Err(e) => {
                 // The provider's account headers could reach the client: do not let them.
                 error!("cannot read the response headers: {e}; resetting the stream");
@@ -777,6 +778,7 @@ impl Exchange {
                 return Action::Pause;
             }
         };
+        let headers = map.pairs();
         let head = ResponseHead::read(&headers);
         // Envoy's router made its last attempt: count them.
         self.count_attempts(h, &gw, head.attempts, head.status);
@@ -793,7 +795,7 @@ impl Exchange {
         }
         // All edits in one host call: the map without what goes or is replaced, plus what is set.
         if !remove.is_empty() || !set.is_empty() {
-            let mut map: Vec<(Vec<u8>, Vec<u8>)> = headers
+            let mut edited: Vec<Header> = headers
                 .into_iter()
                 .filter(|(n, _)| {
                     !remove.iter().any(|r| n.eq_ignore_ascii_case(r.as_bytes()))
@@ -802,11 +804,8 @@ impl Exchange {
                             .any(|(s, _)| n.eq_ignore_ascii_case(s.as_bytes()))
                 })
                 .collect();
-            map.extend(
-                set.into_iter()
-                    .map(|(n, v)| (n.as_bytes().to_vec(), v.into_bytes())),
-            );
-            if let Err(e) = h.set_headers(Map::Response, &map) {
+            edited.extend(set.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+            if let Err(e) = h.set_headers(Map::Response, &edited) {
                 // The provider's account headers could reach the client: do not let them.
                 error!("cannot rewrite the response headers: {e}; resetting the stream");
                 let _ = h.reset_request();
@@ -1202,16 +1201,14 @@ fn write_request_headers(
 }
 
 /// Edits a header map in place: the names in `removed` and in `set` go, then `set` is added.
-fn edit<N: AsRef<str>>(map: &mut Vec<Header>, removed: &[Vec<u8>], set: &[(N, String)]) {
+fn edit<'a, N: AsRef<str>>(map: &mut Vec<Header<'a>>, removed: &[Vec<u8>], set: &'a [(N, String)]) {
     map.retain(|(n, _)| {
-        !removed.contains(n)
-            && !set
-                .iter()
-                .any(|(s, _)| s.as_ref().as_bytes() == n.as_slice())
+        !removed.iter().any(|r| r.as_slice() == *n)
+            && !set.iter().any(|(s, _)| s.as_ref().as_bytes() == *n)
     });
     map.extend(
         set.iter()
-            .map(|(n, v)| (n.as_ref().as_bytes().to_vec(), v.as_bytes().to_vec())),
+            .map(|(n, v)| (n.as_ref().as_bytes(), v.as_bytes())),
     );
 }
 
@@ -1221,7 +1218,7 @@ fn apply(
     h: &dyn Host,
     config: &Config,
     forward: &mut Forward,
-    unstripped: Option<Vec<Header>>,
+    unstripped: Option<HeaderMap>,
     body_len: Option<usize>,
 ) -> Result<(), HostError> {
     // A new body's length goes in the same write as the other header edits.
@@ -1230,7 +1227,7 @@ fn apply(
         set.push(("content-length", body.len().to_string()));
     }
     match unstripped {
-        Some(headers) => write_request_headers(h, config, &headers, &set)?,
+        Some(map) => write_request_headers(h, config, &map.pairs(), &set)?,
         None => {
             for (name, value) in &set {
                 h.replace_header(Map::Request, name, value)?;

@@ -6,7 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 
-use crate::headers::Header;
+use crate::headers::{Header, HeaderMap, OwnedHeader};
 use crate::host::{Buffer, Callout, CasStore, Host, HostError, Map, SetError, StoreError};
 
 /// A local reply the fake host was asked to send.
@@ -26,15 +26,15 @@ pub struct FakeHost {
     /// The clock (Unix ms).
     pub now: Cell<u64>,
     /// The request headers.
-    pub request: RefCell<Vec<Header>>,
+    pub request: RefCell<Vec<OwnedHeader>>,
     /// The buffered request body.
     pub request_body: RefCell<Vec<u8>>,
     /// The response headers.
-    pub response: RefCell<Vec<Header>>,
+    pub response: RefCell<Vec<OwnedHeader>>,
     /// This callback's response body bytes.
     pub response_chunk: RefCell<Vec<u8>>,
     /// The answer to the last callout: headers (`:status` first) and body.
-    pub call_response: RefCell<(Vec<Header>, Vec<u8>)>,
+    pub call_response: RefCell<(Vec<OwnedHeader>, Vec<u8>)>,
     /// Shared data: value and CAS token.
     pub shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
     /// Properties set.
@@ -104,7 +104,7 @@ impl FakeHost {
         Ok(())
     }
 
-    fn map(&self, map: Map) -> &RefCell<Vec<Header>> {
+    fn map(&self, map: Map) -> &RefCell<Vec<OwnedHeader>> {
         match map {
             Map::Request => &self.request,
             Map::Response => &self.response,
@@ -123,13 +123,20 @@ impl FakeHost {
 }
 
 /// Header pairs from `&str`s.
-pub fn pairs(list: &[(&str, &str)]) -> Vec<Header> {
+pub fn pairs(list: &[(&str, &str)]) -> Vec<OwnedHeader> {
     list.iter()
         .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
         .collect()
 }
 
-fn find(headers: &[Header], name: &str) -> Option<String> {
+/// Header pairs borrowing `&str`s, for the functions that read a map (`&[Header]`).
+pub fn view<'a>(list: &[(&'a str, &'a str)]) -> Vec<Header<'a>> {
+    list.iter()
+        .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+        .collect()
+}
+
+fn find(headers: &[OwnedHeader], name: &str) -> Option<String> {
     headers
         .iter()
         .find(|(n, _)| n.as_slice() == name.as_bytes())
@@ -162,11 +169,12 @@ impl Host for FakeHost {
         Ok(self.now.get())
     }
 
-    fn headers(&self, map: Map) -> Result<Vec<Header>, HostError> {
+    fn headers(&self, map: Map) -> Result<HeaderMap, HostError> {
         self.call("get_headers")?;
+        // In Envoy's wire format, as the filter reads it.
         Ok(match map {
-            Map::CallResponse => self.call_response.borrow().0.clone(),
-            map => self.map(map).borrow().clone(),
+            Map::CallResponse => HeaderMap::from_pairs(&self.call_response.borrow().0),
+            map => HeaderMap::from_pairs(&self.map(map).borrow()),
         })
     }
 
@@ -184,7 +192,10 @@ impl Host for FakeHost {
 
     fn set_headers(&self, map: Map, headers: &[Header]) -> Result<(), HostError> {
         self.call("set_headers")?;
-        *self.map(map).borrow_mut() = headers.to_vec();
+        *self.map(map).borrow_mut() = headers
+            .iter()
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+            .collect();
         Ok(())
     }
 

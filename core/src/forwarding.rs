@@ -109,7 +109,7 @@ pub fn varying(headers: &[Header], extra: &[String]) -> Vec<(Vec<u8>, Vec<u8>)> 
     let mut out: Vec<(Vec<u8>, Vec<u8>)> = headers
         .iter()
         .filter(|(n, _)| VARYING.iter().any(|v| is(n, v)) || extra.iter().any(|v| is(n, v)))
-        .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+        .map(|(n, v)| (n.to_ascii_lowercase(), v.to_vec()))
         .collect();
     out.sort();
     out
@@ -136,7 +136,7 @@ pub fn response_strip_list(headers: &[Header], replaced: &[&str]) -> Vec<&'stati
 mod tests {
     use super::*;
 
-    use crate::fake::pairs as h;
+    use crate::fake::view as h;
 
     #[test]
     fn only_allowed_request_headers_are_forwarded() {

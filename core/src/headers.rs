@@ -8,8 +8,49 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MalformedMap;
 
-/// A decoded header: name and raw value bytes (values may be any bytes, not only UTF-8).
-pub type Header = (Vec<u8>, Vec<u8>);
+/// A decoded header: name and raw value bytes (values may be any bytes, not only UTF-8),
+/// borrowed from the map they were read from (a [`HeaderMap`], or a test's pairs).
+pub type Header<'a> = (&'a [u8], &'a [u8]);
+
+/// A header that owns its bytes (the fake host's maps, tests).
+pub type OwnedHeader = (Vec<u8>, Vec<u8>);
+
+/// A header map as the host handed it over: the one buffer of the wire format, checked once.
+/// Its pairs borrow from it, so reading a map of N headers allocates twice (the buffer and the
+/// list of pairs), not 2N + 1 times.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderMap {
+    bytes: Vec<u8>,
+}
+
+impl HeaderMap {
+    /// Takes a serialized map once it decodes.
+    pub fn new(bytes: Vec<u8>) -> Result<Self, MalformedMap> {
+        decode(&bytes)?;
+        Ok(Self { bytes })
+    }
+
+    /// A map of these pairs (tests and the fake host).
+    pub fn from_pairs<N: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(N, V)]) -> Self {
+        Self {
+            bytes: encode(pairs),
+        }
+    }
+
+    /// The headers, in the order the host gave them.
+    pub fn pairs(&self) -> Vec<Header<'_>> {
+        // Checked when the map was made: an error cannot happen here.
+        decode(&self.bytes).unwrap_or_default()
+    }
+}
+
+/// The borrowed view of owned pairs.
+pub fn borrowed(pairs: &[OwnedHeader]) -> Vec<Header<'_>> {
+    pairs
+        .iter()
+        .map(|(n, v)| (n.as_slice(), v.as_slice()))
+        .collect()
+}
 
 fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
     let b = bytes.get(at..at.checked_add(4)?)?;
@@ -17,8 +58,8 @@ fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
     usize::try_from(u32::from_le_bytes(arr)).ok()
 }
 
-/// Decodes a serialized header map.
-pub fn decode(bytes: &[u8]) -> Result<Vec<Header>, MalformedMap> {
+/// Decodes a serialized header map; the pairs borrow from `bytes`.
+pub fn decode(bytes: &[u8]) -> Result<Vec<Header<'_>>, MalformedMap> {
     if bytes.is_empty() {
         return Ok(Vec::new());
     }
@@ -38,7 +79,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Header>, MalformedMap> {
         let value_len = read_u32(bytes, sizes + 4).ok_or(MalformedMap)?;
         let name = take(bytes, &mut data, name_len)?;
         let value = take(bytes, &mut data, value_len)?;
-        out.push((name.to_vec(), value.to_vec()));
+        out.push((name, value));
     }
     Ok(out)
 }
@@ -114,7 +155,7 @@ mod tests {
             (b"x-bin".to_vec(), vec![0xff, 0x00, 0xfe]),
             (b"empty".to_vec(), Vec::new()),
         ];
-        assert_eq!(decode(&encode(&pairs)).unwrap(), pairs);
+        assert_eq!(decode(&encode(&pairs)).unwrap(), borrowed(&pairs));
         assert_eq!(decode(&[]).unwrap(), Vec::<Header>::new());
         assert_eq!(
             decode(&encode::<&[u8], &[u8]>(&[])).unwrap(),
@@ -132,6 +173,27 @@ mod tests {
         assert_eq!(decode(&good), Err(MalformedMap));
         let good = encode(&[("name", "value")]);
         assert_eq!(decode(&good[..good.len() - 3]), Err(MalformedMap));
+    }
+
+    #[test]
+    fn a_map_is_checked_once_and_its_pairs_are_not_copies() {
+        assert_eq!(HeaderMap::new(vec![1, 0]), Err(MalformedMap));
+        let bytes = encode(&[(":path", "/v1/models"), ("authorization", "Bearer sk-a")]);
+        let map = HeaderMap::new(bytes.clone()).unwrap();
+        assert_eq!(map, HeaderMap::from_pairs(&decode(&bytes).unwrap()));
+        let pairs = map.pairs();
+        assert_eq!(
+            pairs,
+            [
+                (&b":path"[..], &b"/v1/models"[..]),
+                (b"authorization", b"Bearer sk-a")
+            ]
+        );
+        // Every name and value points into the map's one buffer.
+        let buffer = map.bytes.as_ptr_range();
+        for (name, value) in &pairs {
+            assert!(buffer.contains(&name.as_ptr()) && buffer.contains(&value.as_ptr()));
+        }
     }
 
     #[test]
@@ -158,7 +220,8 @@ mod tests {
         #[test]
         fn encode_decode_identity(pairs in proptest::collection::vec(
             (proptest::collection::vec(any::<u8>(), 0..20), proptest::collection::vec(any::<u8>(), 0..40)), 0..10)) {
-            prop_assert_eq!(decode(&encode(&pairs)).unwrap(), pairs);
+            let bytes = encode(&pairs);
+            prop_assert_eq!(decode(&bytes).unwrap(), borrowed(&pairs));
         }
     }
 }

@@ -4,7 +4,7 @@
 //! feature modules pass to the host (callouts, header maps, buffers) live here, so that no feature
 //! module depends on another for them.
 
-use crate::headers::Header;
+use crate::headers::{Header, HeaderMap};
 
 /// A shared key-value store with compare-and-swap tokens (Envoy shared data).
 pub trait CasStore {
@@ -96,7 +96,7 @@ pub trait Host: CasStore {
     /// Wall-clock time in Unix milliseconds.
     fn now_ms(&self) -> Result<u64, HostError>;
     /// Every header of a map, values as raw bytes.
-    fn headers(&self, map: Map) -> Result<Vec<Header>, HostError>;
+    fn headers(&self, map: Map) -> Result<HeaderMap, HostError>;
     /// One header's first value; `None` when absent.
     fn header(&self, map: Map, name: &str) -> Result<Option<Vec<u8>>, HostError>;
     /// Replaces a whole header map with these pairs (one call for many edits).

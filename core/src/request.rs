@@ -243,13 +243,13 @@ pub fn strip_list(config: &Config, headers: &[Header]) -> Vec<Vec<u8>> {
 }
 
 /// The key a request presents where its API puts it (Anthropic's clients send `x-api-key`).
-fn presented_key(api: Api, headers: &[Header]) -> Result<&[u8], KeyError> {
+fn presented_key<'a>(api: Api, headers: &[Header<'a>]) -> Result<&'a [u8], KeyError> {
     match api {
         Api::OpenAi => bearer_token(
             headers
                 .iter()
                 .filter(|(n, _)| n.eq_ignore_ascii_case(b"authorization"))
-                .map(|(_, v)| v.as_slice()),
+                .map(|(_, v)| *v),
         ),
         Api::Anthropic => anthropic::client_key(headers),
     }
@@ -1315,10 +1315,7 @@ pub fn on_lease_short_circuit(
 }
 
 fn header<'a>(headers: &'a [Header], name: &[u8]) -> Option<&'a [u8]> {
-    headers
-        .iter()
-        .find(|(n, _)| n.as_slice() == name)
-        .map(|(_, v)| v.as_slice())
+    headers.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
 }
 
 /// The request's `content-length`, if it has a valid one.
@@ -1870,22 +1867,19 @@ mod tests {
         Config::parse(json.as_bytes(), &|_| Some("sk-provider".into())).unwrap()
     }
 
-    fn h(pairs: &[(&str, &[u8])]) -> Vec<Header> {
-        pairs
-            .iter()
-            .map(|(n, v)| (n.as_bytes().to_vec(), v.to_vec()))
-            .collect()
+    fn h<'a>(pairs: &[(&'a str, &'a [u8])]) -> Vec<Header<'a>> {
+        pairs.iter().map(|(n, v)| (n.as_bytes(), *v)).collect()
     }
 
     /// A chat completion's pseudo-headers and length, where the test did not set its own.
-    fn chat(mut headers: Vec<Header>) -> Vec<Header> {
+    fn chat(mut headers: Vec<Header<'_>>) -> Vec<Header<'_>> {
         for (name, value) in [
             (":method", "POST"),
             (":path", "/v1/chat/completions"),
             ("content-length", "2"),
         ] {
-            if !headers.iter().any(|(n, _)| n == name.as_bytes()) {
-                headers.push((name.as_bytes().to_vec(), value.as_bytes().to_vec()));
+            if !headers.iter().any(|(n, _)| *n == name.as_bytes()) {
+                headers.push((name.as_bytes(), value.as_bytes()));
             }
         }
         headers
@@ -2218,7 +2212,7 @@ mod tests {
             ("authorization", b"Bearer sk-team-a"),
         ]);
         if let Some(len) = len {
-            headers.push((b"content-length".to_vec(), len.to_vec()));
+            headers.push((b"content-length", len));
         }
         on_request_headers(c, &headers, None, false, NOW, &FakeStore::default())
     }
@@ -2557,7 +2551,7 @@ mod tests {
         assert_eq!(step.outcome, Outcome::Admitted);
         // Endpoints outside the table are refused in this mode too.
         let mut files = headers.clone();
-        files[1].1 = b"/v1/files".to_vec();
+        files[1].1 = b"/v1/files";
         let step = done(on_request_headers(
             &c,
             &files,

@@ -58,7 +58,7 @@ pub fn attempt_count(value: &[u8]) -> Option<usize> {
 pub fn on_attempt_headers(routing: &Routing, headers: &[Header]) -> Attempt {
     let attempt = headers
         .iter()
-        .find(|(n, _)| n.as_slice() == ATTEMPT_HEADER)
+        .find(|(n, _)| *n == ATTEMPT_HEADER)
         .and_then(|(_, v)| attempt_count(v))
         .unwrap_or(1);
     prepare(routing, headers, attempt)
@@ -88,7 +88,7 @@ impl Attempt {
                 .iter()
                 .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
                 .peekable();
-            values.peek().is_none() || values.any(|(_, v)| v.as_slice() != value.as_bytes())
+            values.peek().is_none() || values.any(|(_, v)| *v != value.as_bytes())
         });
     }
 }
@@ -115,7 +115,7 @@ fn prepare(routing: &Routing, headers: &[Header], attempt: usize) -> Attempt {
     for (name, value) in headers {
         if name.eq_ignore_ascii_case(ROUTE_HEADER.as_bytes()) {
             route = Some(value);
-        } else if name.as_slice() == b":path" {
+        } else if *name == b":path" {
             path = Some(value);
         }
     }
@@ -668,7 +668,7 @@ mod tests {
         }
     }
 
-    use crate::fake::pairs as h;
+    use crate::fake::view as h;
 
     #[test]
     fn first_choice_gets_its_key_host_prefix_and_headers() {

@@ -9,7 +9,7 @@
 use std::ptr::{null, null_mut};
 use std::time::Duration;
 
-use tollgate_core::headers::{self, Header};
+use tollgate_core::headers::{self, Header, HeaderMap};
 use tollgate_core::host::{Buffer, Callout, Host, HostError, Map};
 use tollgate_core::host::{CasStore, SetError, StoreError};
 
@@ -309,8 +309,9 @@ fn buffer_window(buffer_type: u32, start: usize, max: usize) -> Result<Vec<u8>, 
     }
 }
 
-/// All headers of a map, values as raw bytes.
-pub fn headers(map: Map) -> Result<Vec<Header>, HostError> {
+/// All headers of a map, values as raw bytes: the host's one buffer, checked, which the pairs
+/// borrow from (no copy per header).
+pub fn headers(map: Map) -> Result<HeaderMap, HostError> {
     let mut data = null_mut();
     let mut size = 0usize;
     // SAFETY: out-pointers are valid; the returned buffer is taken exactly once.
@@ -318,7 +319,7 @@ pub fn headers(map: Map) -> Result<Vec<Header>, HostError> {
         proxy_get_header_map_pairs(map_id(map), &mut data, &mut size)
     })?;
     let bytes = unsafe { take_host_buffer(data, size) };
-    headers::decode(&bytes).map_err(|_| HostError {
+    HeaderMap::new(bytes).map_err(|_| HostError {
         call: "proxy_get_header_map_pairs (malformed map)",
         status: 0,
     })
@@ -518,7 +519,7 @@ impl Host for WasmHost {
         now_ms()
     }
 
-    fn headers(&self, map: Map) -> Result<Vec<Header>, HostError> {
+    fn headers(&self, map: Map) -> Result<HeaderMap, HostError> {
         headers(map)
     }
 

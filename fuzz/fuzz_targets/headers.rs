@@ -54,7 +54,7 @@ fn check_request(pairs: &[Header]) {
     let auth: Vec<&[u8]> = pairs
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case(b"authorization"))
-        .map(|(_, v)| v.as_slice())
+        .map(|(_, v)| *v)
         .collect();
     let got = bearer_token(auth.iter().copied());
     match auth.as_slice() {

@@ -147,7 +147,7 @@ fn cacheability_rule() {
     assert_eq!(check(&s, "/v1/embeddings", &json!({"input":"x"})), Ok(()));
 }
 
-use crate::fake::pairs as h;
+use crate::fake::view as h;
 
 #[test]
 fn cache_control_directives() {

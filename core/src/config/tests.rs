@@ -695,15 +695,16 @@ fn two_keys_of_one_client_spend_one_budget_and_expired_keys_get_their_own_401() 
     let store = FakeStore::default();
     let now = 1_700_000_000_000; // 2023-11-14T22:13:20Z, ten seconds before the expiry
     let status = |key: &str, now: u64| {
-        let headers: Vec<(Vec<u8>, Vec<u8>)> = [
+        let bearer = format!("Bearer {key}");
+        let headers = [
             (":method", "POST"),
             (":path", "/v1/chat/completions"),
             ("content-length", "2"),
-            ("authorization", &format!("Bearer {key}")),
+            ("authorization", bearer.as_str()),
         ]
         .iter()
-        .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-        .collect();
+        .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+        .collect::<Vec<_>>();
         match on_request_headers(&c, &headers, None, false, now, &store) {
             Start::Done(step) => match step.decision {
                 Decision::Reply(r) => (r.status, r.body),
