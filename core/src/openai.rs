@@ -253,11 +253,21 @@ pub fn rate_limit_token_headers(
     remaining: u64,
     reset_ms: u64,
 ) -> Vec<(&'static str, String)> {
-    vec![
-        ("x-ratelimit-limit-tokens", limit.to_string()),
-        ("x-ratelimit-remaining-tokens", remaining.to_string()),
-        ("x-ratelimit-reset-tokens", openai_duration(reset_ms)),
-    ]
+    let mut out = Vec::with_capacity(4);
+    push_rate_limit_token_headers(&mut out, limit, remaining, reset_ms);
+    out
+}
+
+/// [`rate_limit_token_headers`], added to `out`.
+pub fn push_rate_limit_token_headers(
+    out: &mut Vec<(&'static str, String)>,
+    limit: u64,
+    remaining: u64,
+    reset_ms: u64,
+) {
+    out.push(("x-ratelimit-limit-tokens", limit.to_string()));
+    out.push(("x-ratelimit-remaining-tokens", remaining.to_string()));
+    out.push(("x-ratelimit-reset-tokens", openai_duration(reset_ms)));
 }
 
 /// 500 when the filter itself failed.
@@ -442,11 +452,21 @@ pub fn rate_limit_request_headers(
     remaining: u64,
     reset_ms: u64,
 ) -> Vec<(&'static str, String)> {
-    vec![
-        ("x-ratelimit-limit-requests", limit.to_string()),
-        ("x-ratelimit-remaining-requests", remaining.to_string()),
-        ("x-ratelimit-reset-requests", openai_duration(reset_ms)),
-    ]
+    let mut out = Vec::with_capacity(4);
+    push_rate_limit_request_headers(&mut out, limit, remaining, reset_ms);
+    out
+}
+
+/// [`rate_limit_request_headers`], added to `out`.
+pub fn push_rate_limit_request_headers(
+    out: &mut Vec<(&'static str, String)>,
+    limit: u64,
+    remaining: u64,
+    reset_ms: u64,
+) {
+    out.push(("x-ratelimit-limit-requests", limit.to_string()));
+    out.push(("x-ratelimit-remaining-requests", remaining.to_string()));
+    out.push(("x-ratelimit-reset-requests", openai_duration(reset_ms)));
 }
 
 /// `retry-after` in whole seconds, rounded up, at least 1.
@@ -457,27 +477,45 @@ pub fn retry_after_secs(reset_ms: u64) -> u64 {
 /// OpenAI's duration format for reset headers (`17s`, `1m0s`, `250ms`), rounded up to whole
 /// seconds above one second so clients never retry early.
 pub fn openai_duration(ms: u64) -> String {
-    // Built from integer `to_string`s, not `format!`: two of these are written on every
-    // admitted response, and the formatting machinery cost three times as much.
+    // Digits written straight into the one string, not `format!` or temporary `to_string`s:
+    // two of these are written on every admitted response.
+    let mut out = String::with_capacity(16);
     if ms < 1000 {
-        let mut out = ms.to_string();
+        push_decimal(&mut out, ms);
         out.push_str("ms");
         return out;
     }
     let secs = ms.div_ceil(1000);
     let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    let mut out = String::with_capacity(12);
     if h > 0 {
-        out.push_str(&h.to_string());
+        push_decimal(&mut out, h);
         out.push('h');
     }
     if h > 0 || m > 0 {
-        out.push_str(&m.to_string());
+        push_decimal(&mut out, m);
         out.push('m');
     }
-    out.push_str(&s.to_string());
+    push_decimal(&mut out, s);
     out.push('s');
     out
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    while let Some(d) = start.checked_sub(1).and_then(|i| digits.get_mut(i)) {
+        // `n % 10` is below 10: the cast cannot truncate.
+        *d = b'0' + (n % 10) as u8;
+        start -= 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in digits.get(start..).unwrap_or_default() {
+        out.push(char::from(d));
+    }
 }
 
 #[cfg(test)]
@@ -554,6 +592,13 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(openai_duration(0), "0ms");
+        assert_eq!(openai_duration(7), "7ms");
+        let mut s = String::new();
+        for n in [0, 9, 10, 1234567890, u64::MAX] {
+            s.clear();
+            push_decimal(&mut s, n);
+            assert_eq!(s, n.to_string());
+        }
         assert_eq!(openai_duration(999), "999ms");
         assert_eq!(openai_duration(1000), "1s");
         assert_eq!(openai_duration(1001), "2s");

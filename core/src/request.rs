@@ -1794,12 +1794,14 @@ pub fn budget_headers(
 ) -> Vec<(&'static str, String)> {
     match api {
         Api::OpenAi => {
-            let mut set = Vec::new();
+            // Room for the cache header the exchange may add.
+            let mut set = Vec::with_capacity(7);
             if let Some(w) = window {
-                set.extend(response_headers(w));
+                openai::push_rate_limit_request_headers(&mut set, w.limit, w.remaining, w.reset_ms);
             }
             if let Some(t) = tokens {
-                set.extend(token_headers(t));
+                let s = &t.state;
+                openai::push_rate_limit_token_headers(&mut set, s.limit, s.remaining, s.reset_ms);
             }
             set
         }
