@@ -80,17 +80,17 @@ pub struct Gateway {
     attempts: Option<AttemptCounters>,
     /// `tollgate_tokens_total` ids, defined on first use: the label set is bounded by the
     /// configuration, but defining every combination up front would not be.
-    tokens: RefCell<HashMap<TokenSeries, u32>>,
+    tokens: RefCell<HashMap<TokenSeries, u32, FastHash>>,
     /// `tollgate_spend_micros_total` ids by (client, price), defined on first use.
-    spend: RefCell<HashMap<(usize, usize), u32>>,
+    spend: RefCell<HashMap<(usize, usize), u32, FastHash>>,
     /// `tollgate_refusals_total` ids, defined on first use.
     refusals: RefCell<HashMap<RefusalSeries, u32, FastHash>>,
     /// Histogram ids by (rule, first-byte?), defined on first use.
-    timings: RefCell<HashMap<(Option<usize>, bool), u32>>,
+    timings: RefCell<HashMap<(Option<usize>, bool), u32, FastHash>>,
     /// Token adjustments for the Redis limiter, sent on the root tick.
     settlements: RefCell<Settlements>,
     /// `tollgate_cache_*` ids, defined on first use.
-    cache_metrics: RefCell<HashMap<CacheSeries, u32>>,
+    cache_metrics: RefCell<HashMap<CacheSeries, u32, FastHash>>,
     /// Redis stores waiting for the root tick.
     cache_queue: RefCell<VecDeque<QueuedStore>>,
     /// Redis stores sent and not answered yet, by callout token.
@@ -284,12 +284,12 @@ impl Gateway {
             config,
             metrics,
             attempts,
-            tokens: RefCell::new(HashMap::new()),
-            spend: RefCell::new(HashMap::new()),
+            tokens: RefCell::new(HashMap::default()),
+            spend: RefCell::new(HashMap::default()),
             refusals: RefCell::new(HashMap::default()),
-            timings: RefCell::new(HashMap::new()),
+            timings: RefCell::new(HashMap::default()),
             settlements: RefCell::new(Settlements::default()),
-            cache_metrics: RefCell::new(HashMap::new()),
+            cache_metrics: RefCell::new(HashMap::default()),
             cache_queue: RefCell::new(VecDeque::new()),
             cache_in_flight: RefCell::new(HashMap::new()),
             leases,

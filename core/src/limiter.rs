@@ -83,7 +83,8 @@ pub fn window_of(now_ms: u64) -> (u64, u64) {
 
 /// Shared-data key of a client's budget record.
 pub fn budget_key(client: &Client) -> String {
-    format!("{BUDGET_KEY_PREFIX}{}", client.name)
+    // Concatenated, not `format!`: it is built on every request (its check and settlement).
+    [BUDGET_KEY_PREFIX, client.name.as_str()].concat()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

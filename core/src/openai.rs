@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::spend::{format_micros, Measure};
+use crate::types::push_decimal;
 
 /// A response the filter sends itself instead of forwarding the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -498,24 +499,6 @@ pub fn openai_duration(ms: u64) -> String {
     push_decimal(&mut out, s);
     out.push('s');
     out
-}
-
-/// Appends `n` in decimal.
-fn push_decimal(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    while let Some(d) = start.checked_sub(1).and_then(|i| digits.get_mut(i)) {
-        // `n % 10` is below 10: the cast cannot truncate.
-        *d = b'0' + (n % 10) as u8;
-        start -= 1;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for &d in digits.get(start..).unwrap_or_default() {
-        out.push(char::from(d));
-    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::endpoints::Api;
+use crate::types::push_decimal;
 
 /// A model name pattern: an exact name, or a glob where `*` matches any run of characters and
 /// `?` one character (`gpt-4*`, `claude-?-opus`).
@@ -194,7 +195,10 @@ impl Routing {
 
     /// The route id of a rule, as sent in `x-tollgate-route` and matched by Envoy's routes.
     pub fn route_id(rule: usize) -> String {
-        format!("r{rule}")
+        let mut id = String::with_capacity(4);
+        id.push('r');
+        push_decimal(&mut id, rule as u64);
+        id
     }
 
     /// The rule of a route id.

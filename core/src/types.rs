@@ -1,8 +1,28 @@
 //! Small types that several modules share, so that none of them has to depend on another for
 //! a name: the compiled configuration uses them, and so do the cache, the keys and the limiter;
-//! [`Usage`] is read from responses (`usage`) and priced (`spend`).
+//! [`Usage`] is read from responses (`usage`) and priced (`spend`). [`push_decimal`] writes the
+//! numbers of the request path's headers and keys.
 
 use std::fmt;
+
+/// Appends `n` in decimal to `out`: what `n.to_string()` gives, without a string of its own or
+/// the formatting machinery (the request path writes several numbers per request).
+pub fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    while let Some(d) = start.checked_sub(1).and_then(|i| digits.get_mut(i)) {
+        // `n % 10` is below 10: the cast cannot truncate.
+        *d = b'0' + (n % 10) as u8;
+        start -= 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in digits.get(start..).unwrap_or_default() {
+        out.push(char::from(d));
+    }
+}
 
 /// Index of a client in [`crate::Config::clients`]; stable for the life of one compiled config.
 pub type ClientId = usize;

@@ -168,9 +168,9 @@ fn prepare(routing: &Routing, headers: &[Header], attempt: usize) -> Attempt {
                 .find_map(|o| path.strip_prefix(o.path_prefix.as_str()))
                 .filter(|rest| rest.starts_with('/'))
                 .unwrap_or(&path);
-            let wanted = format!("{}{bare}", p.path_prefix);
-            if wanted != path {
-                set.push((":path".to_string(), wanted));
+            // The provider's prefix and the bare path: set only when that is not the path.
+            if path.strip_prefix(p.path_prefix.as_str()) != Some(bare) {
+                set.push((":path".to_string(), [p.path_prefix.as_str(), bare].concat()));
             }
         }
         for other in &routing.providers {
