@@ -255,20 +255,37 @@ pub fn rate_limit_token_headers(
     reset_ms: u64,
 ) -> Vec<(&'static str, String)> {
     let mut out = Vec::with_capacity(4);
-    push_rate_limit_token_headers(&mut out, limit, remaining, reset_ms);
+    push_rate_limit_headers(&mut out, &TOKEN_HEADERS, limit, remaining, reset_ms);
     out
 }
 
-/// [`rate_limit_token_headers`], added to `out`.
-pub fn push_rate_limit_token_headers(
+/// OpenAI's names of a request budget's headers: limit, remaining, reset.
+pub const REQUEST_HEADERS: [&str; 3] = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+];
+
+/// OpenAI's names of a token budget's headers: limit, remaining, reset.
+pub const TOKEN_HEADERS: [&str; 3] = [
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
+
+/// One budget's three `x-ratelimit-*` headers (`names`: [`REQUEST_HEADERS`] or
+/// [`TOKEN_HEADERS`]), added to `out`.
+pub fn push_rate_limit_headers(
     out: &mut Vec<(&'static str, String)>,
+    names: &[&'static str; 3],
     limit: u64,
     remaining: u64,
     reset_ms: u64,
 ) {
-    out.push(("x-ratelimit-limit-tokens", limit.to_string()));
-    out.push(("x-ratelimit-remaining-tokens", remaining.to_string()));
-    out.push(("x-ratelimit-reset-tokens", openai_duration(reset_ms)));
+    let [limit_name, remaining_name, reset_name] = *names;
+    out.push((limit_name, limit.to_string()));
+    out.push((remaining_name, remaining.to_string()));
+    out.push((reset_name, openai_duration(reset_ms)));
 }
 
 /// 500 when the filter itself failed.
@@ -454,20 +471,8 @@ pub fn rate_limit_request_headers(
     reset_ms: u64,
 ) -> Vec<(&'static str, String)> {
     let mut out = Vec::with_capacity(4);
-    push_rate_limit_request_headers(&mut out, limit, remaining, reset_ms);
+    push_rate_limit_headers(&mut out, &REQUEST_HEADERS, limit, remaining, reset_ms);
     out
-}
-
-/// [`rate_limit_request_headers`], added to `out`.
-pub fn push_rate_limit_request_headers(
-    out: &mut Vec<(&'static str, String)>,
-    limit: u64,
-    remaining: u64,
-    reset_ms: u64,
-) {
-    out.push(("x-ratelimit-limit-requests", limit.to_string()));
-    out.push(("x-ratelimit-remaining-requests", remaining.to_string()));
-    out.push(("x-ratelimit-reset-requests", openai_duration(reset_ms)));
 }
 
 /// `retry-after` in whole seconds, rounded up, at least 1.

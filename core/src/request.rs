@@ -1797,11 +1797,13 @@ pub fn budget_headers(
             // Room for the cache header the exchange may add.
             let mut set = Vec::with_capacity(7);
             if let Some(w) = window {
-                openai::push_rate_limit_request_headers(&mut set, w.limit, w.remaining, w.reset_ms);
+                let names = &openai::REQUEST_HEADERS;
+                openai::push_rate_limit_headers(&mut set, names, w.limit, w.remaining, w.reset_ms);
             }
             if let Some(t) = tokens {
                 let s = &t.state;
-                openai::push_rate_limit_token_headers(&mut set, s.limit, s.remaining, s.reset_ms);
+                let names = &openai::TOKEN_HEADERS;
+                openai::push_rate_limit_headers(&mut set, names, s.limit, s.remaining, s.reset_ms);
             }
             set
         }
