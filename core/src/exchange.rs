@@ -795,15 +795,13 @@ impl Exchange {
         }
         // All edits in one host call: the map without what goes or is replaced, plus what is set.
         if !remove.is_empty() || !set.is_empty() {
-            let mut edited: Vec<Header> = headers
-                .into_iter()
-                .filter(|(n, _)| {
-                    !remove.iter().any(|r| n.eq_ignore_ascii_case(r.as_bytes()))
-                        && !set
-                            .iter()
-                            .any(|(s, _)| n.eq_ignore_ascii_case(s.as_bytes()))
-                })
-                .collect();
+            let mut edited: Vec<Header> = Vec::with_capacity(headers.len() + set.len());
+            edited.extend(headers.into_iter().filter(|(n, _)| {
+                !remove.iter().any(|r| n.eq_ignore_ascii_case(r.as_bytes()))
+                    && !set
+                        .iter()
+                        .any(|(s, _)| n.eq_ignore_ascii_case(s.as_bytes()))
+            }));
             edited.extend(set.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
             if let Err(e) = h.set_headers(Map::Response, &edited) {
                 // The provider's account headers could reach the client: do not let them.
@@ -893,7 +891,12 @@ impl Exchange {
                         self.usage = None;
                         return Action::Continue;
                     }
-                    body.extend_from_slice(&chunk);
+                    if body.is_empty() {
+                        // The first chunk (most answers' only one) is kept, not copied.
+                        *body = chunk;
+                    } else {
+                        body.extend_from_slice(&chunk);
+                    }
                 }
             }
         }
@@ -1178,7 +1181,8 @@ fn write_request_headers(
     if let Mode::Routed(routing) = &config.mode {
         if set.iter().any(|(n, _)| *n == ROUTE_HEADER) {
             // The route and the first attempt's credentials: the map as forwarded, in one write.
-            let mut map = headers.to_vec();
+            // Room for the first attempt's key, host, path and an extra header too.
+            let mut map = with_room(headers, set.len() + 4);
             edit(&mut map, &removed, set);
             let mut first = upstream::first_attempt_edits(routing, &map);
             first.retain_needed(&map);
@@ -1193,11 +1197,18 @@ fn write_request_headers(
         ([name], []) => h.remove_header(Map::Request, name),
         ([], [(name, value)]) => h.replace_header(Map::Request, name, value),
         _ => {
-            let mut map = headers.to_vec();
+            let mut map = with_room(headers, set.len());
             edit(&mut map, &removed, set);
             h.set_headers(Map::Request, &map)
         }
     }
+}
+
+/// A copy of the list of `headers` with room for `more` (the slices are not copied).
+fn with_room<'a>(headers: &[Header<'a>], more: usize) -> Vec<Header<'a>> {
+    let mut map = Vec::with_capacity(headers.len() + more);
+    map.extend_from_slice(headers);
+    map
 }
 
 /// Edits a header map in place: the names in `removed` and in `set` go, then `set` is added.
