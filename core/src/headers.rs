@@ -26,7 +26,8 @@ pub struct HeaderMap {
 impl HeaderMap {
     /// Takes a serialized map once it decodes.
     pub fn new(bytes: Vec<u8>) -> Result<Self, MalformedMap> {
-        decode(&bytes)?;
+        // Checked without building the list of pairs: `pairs` builds it where it is read.
+        walk(&bytes, |_, _| ())?;
         Ok(Self { bytes })
     }
 
@@ -44,14 +45,6 @@ impl HeaderMap {
     }
 }
 
-/// The borrowed view of owned pairs.
-pub fn borrowed(pairs: &[OwnedHeader]) -> Vec<Header<'_>> {
-    pairs
-        .iter()
-        .map(|(n, v)| (n.as_slice(), v.as_slice()))
-        .collect()
-}
-
 fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
     let b = bytes.get(at..at.checked_add(4)?)?;
     let arr: [u8; 4] = b.try_into().ok()?;
@@ -60,8 +53,15 @@ fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
 
 /// Decodes a serialized header map; the pairs borrow from `bytes`.
 pub fn decode(bytes: &[u8]) -> Result<Vec<Header<'_>>, MalformedMap> {
+    let mut out = Vec::with_capacity(pair_count(bytes)?);
+    walk(bytes, |name, value| out.push((name, value)))?;
+    Ok(out)
+}
+
+/// The number of pairs a serialized map declares, once the buffer can hold them.
+fn pair_count(bytes: &[u8]) -> Result<usize, MalformedMap> {
     if bytes.is_empty() {
-        return Ok(Vec::new());
+        return Ok(0);
     }
     let count = read_u32(bytes, 0).ok_or(MalformedMap)?;
     // Each pair needs at least 8 size bytes and 2 NULs: reject counts the buffer cannot hold
@@ -69,7 +69,12 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Header<'_>>, MalformedMap> {
     if count.saturating_mul(10) > bytes.len() {
         return Err(MalformedMap);
     }
-    let mut out = Vec::with_capacity(count);
+    Ok(count)
+}
+
+/// Reads a serialized header map pair by pair, handing each to `each`.
+fn walk<'a>(bytes: &'a [u8], mut each: impl FnMut(&'a [u8], &'a [u8])) -> Result<(), MalformedMap> {
+    let count = pair_count(bytes)?;
     let mut data = 4usize
         .checked_add(count.checked_mul(8).ok_or(MalformedMap)?)
         .ok_or(MalformedMap)?;
@@ -79,9 +84,9 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Header<'_>>, MalformedMap> {
         let value_len = read_u32(bytes, sizes + 4).ok_or(MalformedMap)?;
         let name = take(bytes, &mut data, name_len)?;
         let value = take(bytes, &mut data, value_len)?;
-        out.push((name, value));
+        each(name, value);
     }
-    Ok(out)
+    Ok(())
 }
 
 fn take<'a>(bytes: &'a [u8], at: &mut usize, len: usize) -> Result<&'a [u8], MalformedMap> {
@@ -147,6 +152,14 @@ pub fn must_strip(name: &[u8]) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The borrowed view of owned pairs.
+    fn borrowed(pairs: &[OwnedHeader]) -> Vec<Header<'_>> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.as_slice(), v.as_slice()))
+            .collect()
+    }
 
     #[test]
     fn round_trip() {
