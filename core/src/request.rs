@@ -1714,17 +1714,6 @@ fn limited_step(
     }
 }
 
-/// Response headers carrying the client's own request budget; they replace the provider's
-/// `x-ratelimit-*` headers, which describe the shared provider key, not this client.
-pub fn response_headers(window: &Window) -> Vec<(&'static str, String)> {
-    openai::rate_limit_request_headers(window.limit, window.remaining, window.reset_ms)
-}
-
-/// The client's token budget after this request's reservation.
-pub fn token_headers(t: &TokenReservation) -> Vec<(&'static str, String)> {
-    openai::rate_limit_token_headers(t.state.limit, t.state.remaining, t.state.reset_ms)
-}
-
 /// What Tollgate reads from a response's headers (one read of the whole map).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResponseHead {
@@ -1785,7 +1774,9 @@ pub fn api_of(headers: &[Header]) -> Api {
 
 /// The client's budget headers in its API's names: `x-ratelimit-*` for OpenAI's,
 /// `anthropic-ratelimit-*` for Anthropic's (whose resets are times: the window's reset counted
-/// from `admitted_ms`, when the window was read).
+/// from `admitted_ms`, when the window was read). They replace the provider's own, which
+/// describe the shared provider key, not this client: the request budget, then the token budget
+/// after this request's reservation.
 pub fn budget_headers(
     api: Api,
     window: Option<&Window>,
@@ -2822,7 +2813,7 @@ mod tests {
             reset_ms: 30_500,
         };
         assert_eq!(
-            response_headers(&w),
+            budget_headers(Api::OpenAi, Some(&w), None, 0),
             vec![
                 ("x-ratelimit-limit-requests", "60".to_string()),
                 ("x-ratelimit-remaining-requests", "12".to_string()),
